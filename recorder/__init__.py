@@ -1,0 +1,1 @@
+"""recorder: the vfioproxy trace format (writer, reader, tools)."""

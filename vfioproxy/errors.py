@@ -1,0 +1,121 @@
+"""The one exception hierarchy of vfioproxy.
+
+Everything vfioproxy raises on purpose derives from :class:`VfioProxyError`.
+Protocol problems are split the way h11 splits them: :class:`LocalProtocolError`
+means *we* (the caller of this library) tried something the protocol forbids;
+:class:`RemoteProtocolError` means a *peer* sent something that breaks it. A
+proxy needs that split to say which side is at fault.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class Side(enum.Enum):
+    """One end of a vfio-user connection."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+    @property
+    def other(self) -> Side:
+        return Side.SERVER if self is Side.CLIENT else Side.CLIENT
+
+
+class VfioProxyError(Exception):
+    """Base class of every error vfioproxy raises on purpose."""
+
+
+class ProtocolError(VfioProxyError):
+    """A vfio-user protocol rule was broken.
+
+    Carries where: which ``side`` sent the offending message, its ``index``
+    (0-based, per direction), the ``command`` name, the ``field`` and byte
+    ``offset`` (from the first byte of the message) at fault, and what was
+    ``expected`` versus what was ``got``. Any of them may be ``None`` when
+    not known. ``str()`` renders all known parts in one line.
+    """
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        side: Side | None = None,
+        index: int | None = None,
+        command: str | None = None,
+        field: str | None = None,
+        offset: int | None = None,
+        expected: Any = None,
+        got: Any = None,
+    ) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.side = side
+        self.index = index
+        self.command = command
+        self.field = field
+        self.offset = offset
+        self.expected = expected
+        self.got = got
+
+    def located(self, *, side: Side | None = None, index: int | None = None) -> ProtocolError:
+        """Fill in ``side``/``index`` where still unknown; returns ``self``."""
+        if self.side is None:
+            self.side = side
+        if self.index is None:
+            self.index = index
+        return self
+
+    def __str__(self) -> str:
+        where = []
+        if self.side is not None:
+            where.append(f"{self.side.value} message")
+        if self.index is not None:
+            where.append(f"#{self.index}")
+        if self.command is not None:
+            where.append(f"({self.command})")
+        parts = [" ".join(where)] if where else []
+        if self.field is not None:
+            loc = f"field {self.field}"
+            if self.offset is not None:
+                loc += f" at offset {self.offset}"
+            parts.append(loc)
+        elif self.offset is not None:
+            parts.append(f"at offset {self.offset}")
+        text = ": ".join([*parts, self.msg])
+        if self.expected is not None or self.got is not None:
+            text += f" (expected {_show(self.expected)}, got {_show(self.got)})"
+        return text
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 9:
+        return f"{value} ({value:#x})"
+    return repr(value) if isinstance(value, (str, bytes)) else str(value)
+
+
+class LocalProtocolError(ProtocolError):
+    """This program tried to build or send something the protocol forbids."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent something that breaks the protocol."""
+
+
+class TransportError(VfioProxyError):
+    """A socket-level failure that is not a protocol rule (e.g. lost fds)."""
+
+
+class FdsTruncatedError(TransportError):
+    """The kernel reported MSG_CTRUNC: some passed fds were dropped."""
+
+
+class ConnectionClosedError(TransportError):
+    """The peer closed the connection; ``mid_message`` tells if framing was lost."""
+
+    def __init__(self, msg: str, *, mid_message: bool = False, received: int = 0) -> None:
+        super().__init__(msg)
+        self.mid_message = mid_message
+        self.received = received
