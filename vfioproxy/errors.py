@@ -9,20 +9,20 @@ proxy needs that split to say which side is at fault.
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
+from vfioproxy.side import Side
 
-class Side(enum.Enum):
-    """One end of a vfio-user connection."""
-
-    CLIENT = "client"
-    SERVER = "server"
-
-    @property
-    def other(self) -> Side:
-        return Side.SERVER if self is Side.CLIENT else Side.CLIENT
-
+__all__ = [
+    "ConnectionClosedError",
+    "FdsTruncatedError",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Side",
+    "TransportError",
+    "VfioProxyError",
+]
 
 class VfioProxyError(Exception):
     """Base class of every error vfioproxy raises on purpose."""

@@ -123,3 +123,19 @@ class Header:
         if self.no_reply:
             text += " (no_reply)"
         return text
+
+
+#: the largest message libvfio-user and QEMU accept by default: 1 MiB of data + 32
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024 + 32
+
+
+def framed_body_length(size: int, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> int:
+    """How many body bytes a receiver reads after a header announcing ``size``.
+
+    A size that cannot be framed (below 16, or above ``max_size``) is read as
+    a header alone, as libvfio-user does (protocol.md §6 pitfall 20): the
+    receiver answers it and takes the next 16 bytes as the next header.
+    """
+    if size < HEADER_SIZE or size > max_size:
+        return 0
+    return size - HEADER_SIZE
