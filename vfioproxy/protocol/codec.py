@@ -1,0 +1,297 @@
+"""Whole messages: ``decode(bytes, fds) -> Message`` and ``encode(Message) -> (bytes, fds)``.
+
+The two are exact mirror images: ``encode(decode(raw))[0] == raw`` for every
+byte string ``decode`` accepts. Bytes that do not decode (unknown commands,
+bodies too short for their struct, bad VERSION JSON) become a
+:class:`~vfioproxy.protocol.bodies.RawBody` that keeps them, with the reason;
+``strict=True`` raises :class:`~vfioproxy.errors.RemoteProtocolError` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from vfioproxy.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from vfioproxy.protocol.bodies import (
+    Body,
+    BodyContext,
+    DeviceFeatureBody,
+    DeviceInfoBody,
+    DmaAccessBody,
+    DmaLayout,
+    DmaMapBody,
+    DmaUnmapBody,
+    EmptyBody,
+    ErrorBody,
+    IrqInfoBody,
+    IrqSetBody,
+    MigDataBody,
+    RawBody,
+    RegionAccessBody,
+    RegionInfoBody,
+    RegionIoFdsBody,
+    RegionWriteMultiBody,
+    VersionBody,
+    WriteMultiReplyBody,
+)
+from vfioproxy.protocol.header import (
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    HEADER_SIZE,
+    Command,
+    Header,
+    MessageType,
+)
+from vfioproxy.side import Side
+
+Parser = Callable[[bytes, BodyContext], Body]
+
+#: body parser per command number, for commands and for (non-error) replies
+COMMAND_PARSERS: dict[int, Parser] = {
+    Command.VERSION: VersionBody.parse,
+    Command.DMA_MAP: DmaMapBody.parse,
+    Command.DMA_UNMAP: DmaUnmapBody.parse,
+    Command.DEVICE_GET_INFO: DeviceInfoBody.parse,
+    Command.DEVICE_GET_REGION_INFO: RegionInfoBody.parse,
+    Command.DEVICE_GET_REGION_IO_FDS: RegionIoFdsBody.parse,
+    Command.DEVICE_GET_IRQ_INFO: IrqInfoBody.parse,
+    Command.DEVICE_SET_IRQS: IrqSetBody.parse,
+    Command.REGION_READ: RegionAccessBody.parse,
+    Command.REGION_WRITE: RegionAccessBody.parse,
+    Command.DMA_READ: DmaAccessBody.parse,
+    Command.DMA_WRITE: DmaAccessBody.parse,
+    Command.DEVICE_RESET: EmptyBody.parse,
+    Command.REGION_WRITE_MULTI: RegionWriteMultiBody.parse,
+    Command.DEVICE_FEATURE: DeviceFeatureBody.parse,
+    Command.MIG_DATA_READ: MigDataBody.parse,
+    Command.MIG_DATA_WRITE: MigDataBody.parse,
+}
+
+REPLY_PARSERS: dict[int, Parser] = {
+    **COMMAND_PARSERS,
+    Command.DMA_MAP: EmptyBody.parse,
+    Command.DEVICE_SET_IRQS: EmptyBody.parse,
+    Command.REGION_WRITE_MULTI: WriteMultiReplyBody.parse,
+    Command.MIG_DATA_WRITE: EmptyBody.parse,
+}
+
+#: commands whose messages may carry fds: (command, is_reply)
+FD_CARRIERS = frozenset(
+    {
+        (Command.VERSION, True),
+        (Command.DMA_MAP, False),
+        (Command.DEVICE_GET_REGION_INFO, True),
+        (Command.DEVICE_GET_REGION_IO_FDS, True),
+        (Command.DEVICE_SET_IRQS, False),
+    }
+)
+
+
+def may_carry_fds(command: int, is_reply: bool) -> bool:
+    """Whether a message of this kind may legitimately carry fds (protocol.md §1.5)."""
+    return (command, is_reply) in FD_CARRIERS
+
+
+@attrs.frozen
+class Dialects:
+    """The DMA_READ/DMA_WRITE layout each side uses (protocol.md §2.11, §6.11).
+
+    Rule used when not overridden: the client is ``QEMU`` when its VERSION
+    command looks like QEMU's (see :func:`detect_client_dma_layout`), else
+    ``SPEC``; the server is ``SPEC`` (libvfio-user, and QEMU's own server,
+    which is built on libvfio-user).
+    """
+
+    client: DmaLayout = DmaLayout.SPEC
+    server: DmaLayout = DmaLayout.SPEC
+
+    def of(self, side: Side) -> DmaLayout:
+        return self.client if side is Side.CLIENT else self.server
+
+    def describe(self) -> str:
+        return f"client {self.client.value}, server {self.server.value}"
+
+
+DEFAULT_DIALECTS = Dialects()
+
+
+def detect_client_dma_layout(version: VersionBody) -> DmaLayout:
+    """QEMU's VERSION command has a recognisable capability set: max_msg_fds 16,
+    pgsizes and max_dma_maps present, migration with pgsize and max_bitmap_size."""
+    caps = version.capabilities
+    if (
+        caps is not None
+        and caps.max_msg_fds == 16
+        and caps.pgsizes is not None
+        and caps.max_dma_maps is not None
+        and caps.migration is not None
+        and caps.migration.pgsize is not None
+        and caps.migration.max_bitmap_size is not None
+    ):
+        return DmaLayout.QEMU
+    return DmaLayout.SPEC
+
+
+@attrs.frozen
+class Message:
+    """One vfio-user message: header, typed body, and the fds it carries.
+
+    ``fds`` are opaque to the codec (ints, :class:`~vfioproxy.fds.OwnedFd`, or
+    recorded fd metadata): they ride along unchanged.
+    """
+
+    header: Header
+    body: Body
+    fds: tuple[Any, ...] = ()
+
+    @property
+    def command(self) -> int:
+        return self.header.command
+
+    @property
+    def msg_id(self) -> int:
+        return self.header.msg_id
+
+    @property
+    def is_reply(self) -> bool:
+        return self.header.is_reply
+
+    @property
+    def is_error(self) -> bool:
+        return self.header.is_error
+
+    @property
+    def decoded(self) -> bool:
+        """False when the body is a raw fallback."""
+        return not isinstance(self.body, RawBody)
+
+    def describe(self) -> str:
+        """One line: header and decoded body summary."""
+        return f"{self.header.describe()} {self.body.summary()}"
+
+
+def build_command(
+    command: int,
+    msg_id: int,
+    body: Body | None = None,
+    *,
+    fds: Sequence[Any] = (),
+    no_reply: bool = False,
+) -> Message:
+    """A command message with the header's size computed from ``body``."""
+    payload = b"" if body is None else body.serialize()
+    flags = MessageType.COMMAND | (FLAG_NO_REPLY if no_reply else 0)
+    header = Header(msg_id, command, HEADER_SIZE + len(payload), flags, 0)
+    return Message(header, EmptyBody() if body is None else body, tuple(fds))
+
+
+def build_reply(
+    request: Header | Message, body: Body | None = None, *, fds: Sequence[Any] = ()
+) -> Message:
+    """A success reply to ``request`` (same id and command, flags 0x1)."""
+    head = request.header if isinstance(request, Message) else request
+    payload = b"" if body is None else body.serialize()
+    header = Header(head.msg_id, head.command, HEADER_SIZE + len(payload), MessageType.REPLY)
+    return Message(header, EmptyBody() if body is None else body, tuple(fds))
+
+
+def build_error_reply(request: Header | Message, errno: int, payload: bytes = b"") -> Message:
+    """An error reply (flags 0x21) carrying ``errno``; header-only unless ``payload``."""
+    head = request.header if isinstance(request, Message) else request
+    header = Header(
+        head.msg_id, head.command, HEADER_SIZE + len(payload), MessageType.REPLY | FLAG_ERROR,
+        errno,
+    )
+    return Message(header, ErrorBody(payload))
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    fds: Sequence[Any] = (),
+    *,
+    sender: Side | None = None,
+    dialects: Dialects = DEFAULT_DIALECTS,
+    request: Message | None = None,
+    strict: bool = False,
+) -> Message:
+    """Decode one whole message (header + payload) into a :class:`Message`.
+
+    ``sender`` picks the DMA layout from ``dialects`` (the sender's); without
+    it, DMA commands are read as sent by the server and DMA replies as sent by
+    the client. ``request`` is the command a reply answers, when known.
+    A message that does not decode gets a raw body (``strict``: raises).
+    """
+    raw = bytes(data)
+    header = Header.parse(raw)
+    payload = raw[HEADER_SIZE:]
+    fd_tuple = tuple(fds)
+    if header.size != len(raw):
+        # only a header whose size cannot be framed travels alone (pitfall 20)
+        problem = RemoteProtocolError(
+            "header size does not match the message length",
+            command=header.command_name,
+            field="size",
+            offset=4,
+            expected=len(raw),
+            got=header.size,
+        )
+        if strict:
+            raise problem
+        return Message(header, RawBody(payload, str(problem)), fd_tuple)
+    if header.is_error and header.is_reply:
+        return Message(header, ErrorBody(payload), fd_tuple)
+    if header.type not in (MessageType.COMMAND, MessageType.REPLY):
+        problem = RemoteProtocolError(
+            "invalid message type in flags", command=header.command_name, field="flags",
+            offset=8, expected="type 0 or 1", got=header.flags,
+        )
+        if strict:
+            raise problem
+        return Message(header, RawBody(payload, str(problem)), fd_tuple)
+    parsers = REPLY_PARSERS if header.is_reply else COMMAND_PARSERS
+    parser = parsers.get(header.command)
+    if parser is None:
+        problem = RemoteProtocolError(
+            "unknown command", field="command", offset=2, got=header.command
+        )
+        if strict:
+            raise problem
+        return Message(header, RawBody(payload, f"unknown command {header.command}"), fd_tuple)
+    if header.is_reply and not payload:
+        return Message(header, EmptyBody(), fd_tuple)
+    if sender is None:
+        client_sent = header.is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
+        sender = Side.CLIENT if client_sent else Side.SERVER
+    ctx = BodyContext(dialects.of(sender), None if request is None else request.body)
+    try:
+        body = parser(payload, ctx)
+    except ProtocolError as exc:
+        if exc.command is None:
+            exc.command = header.describe()
+        if strict:
+            raise
+        return Message(header, RawBody(payload, str(exc)), fd_tuple)
+    return Message(header, body, fd_tuple)
+
+
+def encode(message: Message) -> tuple[bytes, tuple[Any, ...]]:
+    """The exact bytes of ``message`` and its fds, ready for one ``sendmsg``.
+
+    The header is written as it is (its ``size`` is not recomputed), so a
+    decoded message re-encodes byte for byte. Use :func:`build_command` and
+    friends to make new messages with a correct size.
+    """
+    payload = message.body.serialize()
+    header = message.header
+    if header.size != HEADER_SIZE + len(payload) and not isinstance(message.body, RawBody):
+        raise LocalProtocolError(
+            "header size does not match the body",
+            command=header.command_name,
+            field="size",
+            expected=HEADER_SIZE + len(payload),
+            got=header.size,
+        )
+    return header.pack() + payload, message.fds
