@@ -226,8 +226,8 @@ class DmaMapBody:
     @classmethod
     def parse(cls, payload: bytes, ctx: BodyContext = DEFAULT_CONTEXT) -> Self:
         _need(payload, cls.FIXED.size, "DMA_MAP")
-        fields = cls.FIXED.unpack_from(payload)
-        return cls(*fields, payload[cls.FIXED.size :])
+        argsz, flags, offset, iova, size = cls.FIXED.unpack_from(payload)
+        return cls(argsz, flags, offset, iova, size, payload[cls.FIXED.size :])
 
     def serialize(self) -> bytes:
         fixed = self.FIXED.pack(self.argsz, self.flags, self.offset, self.iova, self.size)
@@ -311,8 +311,8 @@ class DeviceInfoBody:
     @classmethod
     def parse(cls, payload: bytes, ctx: BodyContext = DEFAULT_CONTEXT) -> Self:
         _need(payload, cls.FIXED.size, "DEVICE_GET_INFO")
-        fields = cls.FIXED.unpack_from(payload)
-        return cls(*fields, payload[cls.FIXED.size :])
+        argsz, flags, num_regions, num_irqs = cls.FIXED.unpack_from(payload)
+        return cls(argsz, flags, num_regions, num_irqs, payload[cls.FIXED.size :])
 
     def serialize(self) -> bytes:
         fixed = self.FIXED.pack(self.argsz, self.flags, self.num_regions, self.num_irqs)
@@ -661,8 +661,8 @@ class IrqInfoBody:
     @classmethod
     def parse(cls, payload: bytes, ctx: BodyContext = DEFAULT_CONTEXT) -> Self:
         _need(payload, cls.FIXED.size, "DEVICE_GET_IRQ_INFO")
-        fields = cls.FIXED.unpack_from(payload)
-        return cls(*fields, payload[cls.FIXED.size :])
+        argsz, flags, index, count = cls.FIXED.unpack_from(payload)
+        return cls(argsz, flags, index, count, payload[cls.FIXED.size :])
 
     def serialize(self) -> bytes:
         return self.FIXED.pack(self.argsz, self.flags, self.index, self.count) + self.trailing
@@ -734,8 +734,8 @@ class RegionAccessBody:
     @classmethod
     def parse(cls, payload: bytes, ctx: BodyContext = DEFAULT_CONTEXT) -> Self:
         _need(payload, cls.FIXED.size, "region access")
-        fields = cls.FIXED.unpack_from(payload)
-        return cls(*fields, payload[cls.FIXED.size :])
+        offset, region, count = cls.FIXED.unpack_from(payload)
+        return cls(offset, region, count, payload[cls.FIXED.size :])
 
     def serialize(self) -> bytes:
         return self.FIXED.pack(self.offset, self.region, self.count) + self.data
