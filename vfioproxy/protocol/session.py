@@ -1,0 +1,339 @@
+"""Sans-IO session state: pairs replies with commands and reports violations.
+
+A :class:`SessionState` watches one vfio-user connection, message by message
+in each direction, as a proxy or a recorder sees it. It decodes each message
+(a reply with the command it answers, so layouts that depend on the command
+decode right), follows the VERSION negotiation (fd and size limits, DMA
+layout), and reports every protocol violation as a :class:`Violation` — it
+never drops or changes anything. ``strict=True`` raises the first violation
+as a :class:`~vfioproxy.errors.RemoteProtocolError` instead.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from vfioproxy.errors import RemoteProtocolError
+from vfioproxy.protocol.bodies import (
+    DmaAccessBody,
+    RawBody,
+    RegionAccessBody,
+    VersionBody,
+)
+from vfioproxy.protocol.capabilities import SPEC_MAX_DATA_XFER_SIZE, SPEC_MAX_MSG_FDS, Capabilities
+from vfioproxy.protocol.codec import (
+    Dialects,
+    Message,
+    decode,
+    detect_client_dma_layout,
+    may_carry_fds,
+)
+from vfioproxy.protocol.header import (
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    SERVER_COMMANDS,
+    Command,
+    Header,
+    MessageType,
+)
+from vfioproxy.side import Direction, Side
+
+#: bytes of a message beyond its data count (header + the largest fixed part)
+MESSAGE_OVERHEAD = 32
+#: how many no_reply commands per direction are remembered for late error replies
+POSTED_MEMORY = 64
+
+
+@attrs.frozen
+class Violation:
+    """One protocol violation: what, who sent it, where, expected vs got."""
+
+    kind: str
+    side: Side
+    index: int
+    command: str
+    text: str
+    field: str | None = None
+    offset: int | None = None
+    expected: Any = None
+    got: Any = None
+
+    def as_error(self) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            self.text,
+            side=self.side,
+            index=self.index,
+            command=self.command,
+            field=self.field,
+            offset=self.offset,
+            expected=self.expected,
+            got=self.got,
+        )
+
+    def __str__(self) -> str:
+        return str(self.as_error())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for trace event records."""
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "side": self.side.value,
+            "index": self.index,
+            "command": self.command,
+            "text": self.text,
+        }
+        for key in ("field", "offset", "expected", "got"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value if isinstance(value, (int, str, bytes, bool)) else str(value)
+        return out
+
+
+@attrs.frozen
+class Observation:
+    """What :meth:`SessionState.observe` learned about one message."""
+
+    direction: Direction
+    index: int
+    message: Message
+    request: Message | None = None
+    violations: tuple[Violation, ...] = ()
+
+
+@attrs.frozen
+class _Pending:
+    index: int
+    message: Message
+
+
+class SessionState:
+    """Tracks one connection; feed it every message with :meth:`observe`.
+
+    ``dialects`` fixes the DMA layouts; when ``None`` they are detected from
+    the client's VERSION (:func:`~vfioproxy.protocol.codec.detect_client_dma_layout`).
+    """
+
+    def __init__(self, *, dialects: Dialects | None = None, strict: bool = False) -> None:
+        self.strict = strict
+        self.dialects = dialects or Dialects()
+        self._auto_dialects = dialects is None
+        self.client_caps: Capabilities | None = None
+        self.server_caps: Capabilities | None = None
+        self.version: tuple[int, int] | None = None
+        self._counts = {Direction.C2S: 0, Direction.S2C: 0}
+        # outstanding commands sent in a direction, by id, FIFO for reused ids
+        self._pending: dict[Direction, dict[int, deque[_Pending]]] = {
+            Direction.C2S: {},
+            Direction.S2C: {},
+        }
+        self._posted: dict[Direction, deque[tuple[int, Message]]] = {
+            Direction.C2S: deque(maxlen=POSTED_MEMORY),
+            Direction.S2C: deque(maxlen=POSTED_MEMORY),
+        }
+
+    # ------------------------------------------------------------- limits
+
+    def max_data_xfer_size(self, receiver: Side) -> int:
+        caps = self.client_caps if receiver is Side.CLIENT else self.server_caps
+        return SPEC_MAX_DATA_XFER_SIZE if caps is None else caps.effective_max_data_xfer_size()
+
+    def max_msg_fds(self, receiver: Side) -> int:
+        caps = self.client_caps if receiver is Side.CLIENT else self.server_caps
+        return SPEC_MAX_MSG_FDS if caps is None else caps.effective_max_msg_fds()
+
+    def max_message_size(self) -> int:
+        """The framing limit: 32 bytes plus the largest data size either side
+        offered (at least 1 MiB, the size libvfio-user always accepts)."""
+        return MESSAGE_OVERHEAD + max(
+            SPEC_MAX_DATA_XFER_SIZE,
+            self.max_data_xfer_size(Side.CLIENT),
+            self.max_data_xfer_size(Side.SERVER),
+        )
+
+    def outstanding(self, direction: Direction) -> list[Message]:
+        """Commands sent in ``direction`` that still wait for their reply, oldest first."""
+        waiting = [p for q in self._pending[direction].values() for p in q]
+        return [p.message for p in sorted(waiting, key=lambda p: p.index)]
+
+    def message_count(self, direction: Direction) -> int:
+        return self._counts[direction]
+
+    # ------------------------------------------------------------- observing
+
+    def observe(
+        self, direction: Direction, data: bytes | bytearray | memoryview, fds: Sequence[Any] = ()
+    ) -> Observation:
+        """Account for one whole message (as framed) sent in ``direction``."""
+        index = self._counts[direction]
+        self._counts[direction] = index + 1
+        sender = direction.sender
+        problems: list[Violation] = []
+
+        def violation(kind: str, text: str, command: str, **where: Any) -> None:
+            problems.append(Violation(kind, sender, index, command, text, **where))
+
+        header = Header.parse(data)
+        name = header.describe()
+        self._check_header(header, len(data), violation)
+        request: Message | None = None
+        if header.is_reply:
+            request = self._match_reply(direction, header, violation)
+        message = decode(
+            data,
+            fds,
+            sender=sender,
+            dialects=self.dialects,
+            request=request,
+        )
+        if isinstance(message.body, RawBody) and message.body.reason and header.size == len(data):
+            violation("decode_error", message.body.reason, name)
+        if header.is_command:
+            self._check_command(direction, index, message, violation)
+        self._check_fds(direction, header, len(fds), violation)
+        if header.command == Command.VERSION and isinstance(message.body, VersionBody):
+            self._negotiate(header, message.body)
+        if self.strict and problems:
+            raise problems[0].as_error()
+        return Observation(direction, index, message, request, tuple(problems))
+
+    def _check_header(self, header: Header, length: int, violation: Any) -> None:
+        name = header.describe()
+        if header.size < HEADER_SIZE:
+            violation(
+                "size_too_small", "size below the 16-byte header", name,
+                field="size", offset=4, expected=">= 16", got=header.size,
+            )
+        elif header.size != length:
+            violation(
+                "size_too_large", "size above the negotiated maximum", name,
+                field="size", offset=4, expected=f"<= {self.max_message_size()}",
+                got=header.size,
+            )
+        if header.type not in (MessageType.COMMAND, MessageType.REPLY):
+            violation(
+                "invalid_flags", "invalid message type", name,
+                field="flags", offset=8, expected="type 0 or 1", got=header.flags,
+            )
+        elif header.flags & ~KNOWN_FLAGS:
+            violation(
+                "invalid_flags", "unknown flag bits set", name,
+                field="flags", offset=8, expected=f"bits within {KNOWN_FLAGS:#x}",
+                got=header.flags,
+            )
+        elif header.is_command and header.is_error:
+            violation(
+                "invalid_flags", "error flag on a command", name,
+                field="flags", offset=8, got=header.flags,
+            )
+        elif header.is_reply and header.no_reply:
+            violation(
+                "invalid_flags", "no_reply flag on a reply", name,
+                field="flags", offset=8, got=header.flags,
+            )
+
+    def _check_command(
+        self, direction: Direction, index: int, message: Message, violation: Any
+    ) -> None:
+        header = message.header
+        name = header.describe()
+        from_server = header.command in SERVER_COMMANDS
+        if from_server != (direction is Direction.S2C):
+            violation(
+                "wrong_direction", f"{header.command_name} sent by the {direction.sender.value}",
+                name, field="command", offset=2,
+                expected=f"sent by the {'server' if from_server else 'client'}",
+                got=direction.sender.value,
+            )
+        if direction is Direction.C2S and index == 0 and header.command != Command.VERSION:
+            violation(
+                "version_not_first", "the first client message must be VERSION", name,
+                field="command", offset=2, expected="VERSION", got=header.command_name,
+            )
+        self._check_count(direction, message, violation)
+        if header.no_reply:
+            self._posted[direction].append((header.msg_id, message))
+            return
+        queue = self._pending[direction].setdefault(header.msg_id, deque())
+        if queue:
+            violation(
+                "duplicate_outstanding_id",
+                f"msg_id {header.msg_id} is still outstanding "
+                f"({queue[0].message.header.command_name} #{queue[0].index})",
+                name, field="msg_id", offset=0, got=header.msg_id,
+            )
+        queue.append(_Pending(index, message))
+
+    def _check_count(self, direction: Direction, message: Message, violation: Any) -> None:
+        body = message.body
+        if isinstance(body, (RegionAccessBody, DmaAccessBody)):
+            limit = self.max_data_xfer_size(direction.receiver)
+            if body.count > limit:
+                violation(
+                    "count_too_large",
+                    f"count above the {direction.receiver.value}'s max_data_xfer_size",
+                    message.header.describe(), field="count", offset=28 if isinstance(
+                        body, RegionAccessBody) else 24,
+                    expected=f"<= {limit}", got=body.count,
+                )
+
+    def _match_reply(self, direction: Direction, header: Header, violation: Any) -> Message | None:
+        sent_by = direction.reverse
+        queue = self._pending[sent_by].get(header.msg_id)
+        if queue:
+            pending = queue.popleft()
+            if not queue:
+                del self._pending[sent_by][header.msg_id]
+            if pending.message.command != header.command:
+                violation(
+                    "reply_command_mismatch",
+                    f"reply to msg_id {header.msg_id} names another command",
+                    header.describe(), field="command", offset=2,
+                    expected=pending.message.header.command_name, got=header.command_name,
+                )
+            return pending.message
+        for msg_id, posted in reversed(self._posted[sent_by]):
+            if msg_id == header.msg_id and header.is_error:
+                return posted  # QEMU answers a failed no_reply command with an error
+        violation(
+            "unknown_reply_id",
+            f"reply to msg_id {header.msg_id}, which no outstanding "
+            f"{sent_by.sender.value} command has",
+            header.describe(), field="msg_id", offset=0, got=header.msg_id,
+        )
+        return None
+
+    def _check_fds(self, direction: Direction, header: Header, nfds: int, violation: Any) -> None:
+        if not nfds:
+            return
+        name = header.describe()
+        if not may_carry_fds(header.command, header.is_reply) or header.is_error:
+            violation(
+                "fds_not_allowed", f"{nfds} fd(s) on a message that carries none", name,
+                field="fds", expected=0, got=nfds,
+            )
+            return
+        limit = self.max_msg_fds(direction.receiver)
+        if nfds > limit:
+            violation(
+                "too_many_fds", f"more fds than the {direction.receiver.value}'s max_msg_fds",
+                name, field="fds", expected=f"<= {limit}", got=nfds,
+            )
+
+    def _negotiate(self, header: Header, body: VersionBody) -> None:
+        if header.is_command:
+            self.client_caps = body.capabilities or Capabilities()
+            if self._auto_dialects:
+                self.dialects = attrs.evolve(self.dialects, client=detect_client_dma_layout(body))
+        elif not header.is_error:
+            self.server_caps = body.capabilities or Capabilities()
+            self.version = (body.major, body.minor)
+
+
+def describe_violations(violations: Sequence[Violation]) -> str:
+    """One line per violation, for logs."""
+    return "\n".join(str(v) for v in violations)
+
