@@ -1,0 +1,123 @@
+"""A trace read back with every message decoded, paired and described.
+
+:func:`decoded_records` walks a trace once, keeps one
+:class:`~vfioproxy.protocol.session.SessionState` and one
+:class:`~vfioproxy.pci_view.PciView` per session, and yields each record with
+what the tools need: the decoded message, the command a reply answers, the
+request-to-reply latency, protocol violations, and a PCI-aware description.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+from recorder.records import EventRecord, MessageRecord, Record
+from vfioproxy.pci_view import PciView
+from vfioproxy.protocol.bodies import RegionAccessBody
+from vfioproxy.protocol.codec import Dialects
+from vfioproxy.protocol.header import Command
+from vfioproxy.protocol.pci import Region, region_name
+from vfioproxy.protocol.session import Observation, SessionState
+from vfioproxy.side import Direction
+
+
+@attrs.frozen
+class DecodedMessage:
+    """A message record with its decoding; ``latency_ns`` is set on replies."""
+
+    record: MessageRecord
+    observation: Observation
+    text: str
+    latency_ns: int | None = None
+
+
+@attrs.frozen
+class SessionNegotiated:
+    """Emitted once per session when the VERSION reply has been seen."""
+
+    session: int
+    state: SessionState
+    detected: bool
+
+
+DecodedItem = DecodedMessage | EventRecord | SessionNegotiated
+
+
+class _Session:
+    def __init__(self, dialects: Dialects | None) -> None:
+        self.state = SessionState(dialects=dialects)
+        self.pci = PciView()
+        self.sent_at: dict[int, int] = {}
+        self.announced = False
+
+
+def decoded_records(
+    records: Iterable[Record],
+    *,
+    dialects: Dialects | None = None,
+    session: int | None = None,
+) -> Iterator[DecodedItem]:
+    """Decode ``records`` (from a :class:`~recorder.reader.TraceReader`).
+
+    ``dialects`` overrides the DMA layouts that are otherwise detected per
+    session; ``session`` keeps only that session's records.
+    """
+    sessions: dict[int, _Session] = {}
+    for record in records:
+        if session is not None and record.session != session:
+            continue
+        if isinstance(record, EventRecord):
+            yield record
+            continue
+        state = sessions.get(record.session)
+        if state is None:
+            state = sessions[record.session] = _Session(dialects)
+        obs = state.state.observe(record.direction, record.data, record.fds)
+        message = obs.message
+        latency = None
+        if message.header.is_command and not message.header.no_reply:
+            state.sent_at[id(message)] = record.t_ns
+        elif obs.request is not None:
+            sent = state.sent_at.pop(id(obs.request), None)
+            latency = None if sent is None else record.t_ns - sent
+        yield DecodedMessage(record, obs, describe(obs, state.pci), latency)
+        if (
+            not state.announced
+            and message.command == Command.VERSION
+            and message.is_reply
+            and record.direction is Direction.S2C
+        ):
+            state.announced = True
+            yield SessionNegotiated(record.session, state.state, dialects is None)
+
+
+def describe(obs: Observation, pci: PciView) -> str:
+    """The body summary, in PCI terms for region accesses."""
+    message = obs.message
+    body = message.body
+    if message.is_error or not isinstance(body, RegionAccessBody):
+        return body.summary()
+    if message.command not in (Command.REGION_READ, Command.REGION_WRITE):
+        return body.summary()
+    if body.region != Region.CONFIG:
+        return _describe_region_io(message.command, message.is_reply, body)
+    if message.command == Command.REGION_WRITE:
+        if message.is_reply:
+            return f"cfg WR{body.count} @{body.offset:#x} done"
+        return pci.describe_write(body.offset, body.count, body.data)
+    if message.is_reply:
+        return pci.describe_read_reply(body.offset, body.count, body.data)
+    return pci.describe_read_request(body.offset, body.count)
+
+
+def _describe_region_io(command: int, is_reply: bool, body: RegionAccessBody) -> str:
+    op = "RD" if command == Command.REGION_READ else "WR"
+    where = f"{region_name(body.region)} {op}{body.count} @{body.offset:#x}"
+    if not body.data:
+        return where + (" done" if is_reply else "")
+    if len(body.data) <= 8:
+        value = int.from_bytes(body.data, "little")
+        return f"{where} = {value:#0{2 + 2 * len(body.data)}x}"
+    return f"{where} data {body.data[:16].hex()}… ({len(body.data)}B)"

@@ -1,0 +1,158 @@
+"""``vfioproxy trace stats``: counts, bytes, latencies and fds of a trace."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+from recorder.decoded import DecodedItem, DecodedMessage
+from recorder.records import EventRecord
+
+
+def percentile(sorted_values: Sequence[int], fraction: float) -> int:
+    """Nearest-rank percentile of an ascending, non-empty sequence."""
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@attrs.frozen
+class LatencyStats:
+    count: int
+    p50_ns: int
+    p90_ns: int
+    p99_ns: int
+    max_ns: int
+
+    @classmethod
+    def of(cls, values: Sequence[int]) -> LatencyStats:
+        ordered = sorted(values)
+        return cls(
+            len(ordered),
+            percentile(ordered, 0.50),
+            percentile(ordered, 0.90),
+            percentile(ordered, 0.99),
+            ordered[-1],
+        )
+
+
+@attrs.define
+class TraceStats:
+    """Everything ``trace stats`` reports, also as plain data (``to_dict``)."""
+
+    sessions: set[int] = attrs.field(factory=set)
+    messages: int = 0
+    bytes: int = 0
+    first_ns: int | None = None
+    last_ns: int | None = None
+    #: (command, direction, kind) -> [messages, bytes]; kind: command/reply/error/posted
+    traffic: dict[tuple[str, str, str], list[int]] = attrs.field(factory=dict)
+    latencies: dict[str, list[int]] = attrs.field(factory=lambda: defaultdict(list))
+    fds: Counter[tuple[str, str]] = attrs.field(factory=Counter)
+    violations: Counter[str] = attrs.field(factory=Counter)
+    events: Counter[str] = attrs.field(factory=Counter)
+    undecoded: int = 0
+
+    def add(self, item: DecodedItem) -> None:
+        if isinstance(item, EventRecord):
+            self.events[item.kind] += 1
+            return
+        if not isinstance(item, DecodedMessage):
+            return
+        record = item.record
+        header = item.observation.message.header
+        self.sessions.add(record.session)
+        self.messages += 1
+        self.bytes += len(record.data)
+        self.first_ns = record.t_ns if self.first_ns is None else min(self.first_ns, record.t_ns)
+        self.last_ns = record.t_ns if self.last_ns is None else max(self.last_ns, record.t_ns)
+        if header.is_reply:
+            kind = "error" if header.is_error else "reply"
+        else:
+            kind = "posted" if header.no_reply else "command"
+        key = (header.command_name, record.direction.value, kind)
+        row = self.traffic.setdefault(key, [0, 0])
+        row[0] += 1
+        row[1] += len(record.data)
+        if item.latency_ns is not None:
+            self.latencies[header.command_name].append(item.latency_ns)
+        for fd in record.fds:
+            self.fds[(fd.kind.value, record.direction.value)] += 1
+        for violation in item.observation.violations:
+            self.violations[violation.kind] += 1
+        if not item.observation.message.decoded:
+            self.undecoded += 1
+
+    def latency_table(self) -> dict[str, LatencyStats]:
+        return {name: LatencyStats.of(v) for name, v in sorted(self.latencies.items()) if v}
+
+    def to_dict(self) -> dict[str, Any]:
+        span = 0 if self.first_ns is None or self.last_ns is None else self.last_ns - self.first_ns
+        return {
+            "sessions": sorted(self.sessions),
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "duration_ns": span,
+            "undecoded": self.undecoded,
+            "traffic": [
+                {"command": c, "dir": d, "kind": k, "messages": n, "bytes": b}
+                for (c, d, k), (n, b) in sorted(self.traffic.items())
+            ],
+            "latency": {name: attrs.asdict(stats) for name, stats in self.latency_table().items()},
+            "fds": [
+                {"kind": kind, "dir": d, "count": n} for (kind, d), n in sorted(self.fds.items())
+            ],
+            "violations": dict(sorted(self.violations.items())),
+            "events": dict(sorted(self.events.items())),
+        }
+
+
+def collect(items: Iterable[DecodedItem]) -> TraceStats:
+    stats = TraceStats()
+    for item in items:
+        stats.add(item)
+    return stats
+
+
+def _us(ns: int) -> str:
+    return f"{ns / 1000:.1f}"
+
+
+def text_report(stats: TraceStats) -> list[str]:
+    span = 0 if stats.first_ns is None or stats.last_ns is None else stats.last_ns - stats.first_ns
+    lines = [
+        f"sessions: {len(stats.sessions)}  messages: {stats.messages}  bytes: {stats.bytes}  "
+        f"span: {span / 1e6:.3f} ms  undecoded: {stats.undecoded}",
+        "",
+        f"{'command':<26} {'dir':<4} {'kind':<8} {'msgs':>6} {'bytes':>10}",
+    ]
+    for (command, direction, kind), (n, size) in sorted(stats.traffic.items()):
+        lines.append(f"{command:<26} {direction:<4} {kind:<8} {n:>6} {size:>10}")
+    table = stats.latency_table()
+    if table:
+        lines += [
+            "",
+            "request -> reply latency (us)",
+            f"{'command':<26} {'n':>6} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}",
+        ]
+        for name, s in table.items():
+            lines.append(
+                f"{name:<26} {s.count:>6} {_us(s.p50_ns):>9} {_us(s.p90_ns):>9} "
+                f"{_us(s.p99_ns):>9} {_us(s.max_ns):>9}"
+            )
+    lines += ["", "fds passed"]
+    if stats.fds:
+        for (kind, direction), n in sorted(stats.fds.items()):
+            lines.append(f"  {kind:<8} {direction:<4} {n:>6}")
+    else:
+        lines.append("  none")
+    if stats.violations:
+        lines += ["", "protocol violations"]
+        lines += [f"  {kind:<26} {n:>6}" for kind, n in sorted(stats.violations.items())]
+    if stats.events:
+        lines += ["", "events"]
+        lines += [f"  {kind:<26} {n:>6}" for kind, n in sorted(stats.events.items())]
+    return lines

@@ -1,0 +1,5 @@
+import sys
+
+from vfioproxy.cli import main
+
+sys.exit(main())
