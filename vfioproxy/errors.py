@@ -85,15 +85,18 @@ class ProtocolError(VfioProxyError):
         elif self.offset is not None:
             parts.append(f"at offset {self.offset}")
         text = ": ".join([*parts, self.msg])
-        if self.expected is not None or self.got is not None:
+        if self.expected is not None:
             text += f" (expected {_show(self.expected)}, got {_show(self.got)})"
+        elif self.got is not None:
+            text += f" (got {_show(self.got)})"
         return text
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 9:
+    if isinstance(value, int) and not isinstance(value, bool) and 9 < value < 1 << 64:
         return f"{value} ({value:#x})"
-    return repr(value) if isinstance(value, (str, bytes)) else str(value)
+    text = repr(value) if isinstance(value, (str, bytes)) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class LocalProtocolError(ProtocolError):

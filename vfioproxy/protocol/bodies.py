@@ -16,7 +16,7 @@ from typing import ClassVar, Protocol, Self
 
 import attrs
 
-from vfioproxy.errors import RemoteProtocolError
+from vfioproxy.errors import LocalProtocolError, RemoteProtocolError
 from vfioproxy.protocol.capabilities import (
     Capabilities,
     VersionJson,
@@ -81,12 +81,16 @@ class Body(Protocol):
     def summary(self) -> str: ...
 
 
-def _need(payload: bytes, size: int, what: str) -> None:
+def _need(
+    payload: bytes, size: int, what: str, *, field: str = "size", offset: int = 4
+) -> None:
+    """Raise unless ``payload`` has ``size`` bytes; ``field``/``offset`` name the
+    field whose value demanded them (by default the header's size)."""
     if len(payload) < size:
         raise RemoteProtocolError(
             f"payload too short for {what}",
-            field="size",
-            offset=4,
+            field=field,
+            offset=offset,
             expected=f">= {HEADER_SIZE + size} bytes",
             got=HEADER_SIZE + len(payload),
         )
@@ -395,10 +399,19 @@ def _parse_region_caps(payload: bytes, first: int) -> tuple[RegionCap, ...]:
     caps: list[RegionCap] = []
     seen: set[int] = set()
     pos = first
+    link = HEADER_SIZE + 12  # where the pointer to ``pos`` sits: cap_offset, then cap.next
     while pos:
         if pos in seen:
             raise RemoteProtocolError(
-                "region-info capability chain loops", field="cap.next", offset=HEADER_SIZE + pos
+                "region-info capability chain loops", field="cap.next", offset=link, got=pos
+            )
+        if pos < RegionInfoBody.FIXED.size:
+            raise RemoteProtocolError(
+                "region-info capability points into the fixed structure",
+                field="cap.next" if caps else "cap_offset",
+                offset=link,
+                expected=">= 32",
+                got=pos,
             )
         seen.add(pos)
         if pos + _CAP_HEADER.size > len(payload):
@@ -418,7 +431,10 @@ def _parse_region_caps(payload: bytes, first: int) -> tuple[RegionCap, ...]:
             _need(payload, body + _SPARSE_HEAD.size, "sparse-mmap capability")
             nr, reserved = _SPARSE_HEAD.unpack_from(payload, body)
             start = body + _SPARSE_HEAD.size
-            _need(payload, start + nr * _AREA.size, f"sparse-mmap capability with {nr} areas")
+            _need(
+                payload, start + nr * _AREA.size, f"sparse-mmap capability with {nr} areas",
+                field="cap.nr_areas", offset=HEADER_SIZE + body,
+            )
             areas = tuple(
                 SparseMmapArea(*_AREA.unpack_from(payload, start + i * _AREA.size))
                 for i in range(nr)
@@ -434,6 +450,7 @@ def _parse_region_caps(payload: bytes, first: int) -> tuple[RegionCap, ...]:
             end = nxt if nxt > pos else len(payload)
             cap = UnknownRegionCap(cap_id, version, payload[body:end])
         caps.append(cap)
+        link = HEADER_SIZE + pos + 4
         pos = nxt
     return tuple(caps)
 
@@ -504,7 +521,7 @@ class RegionInfoBody:
         cap_offset = fixed if caps else 0
         flags = flags | RegionFlags.CAPS if caps else flags
         if argsz is not None and argsz < need:
-            return cls(need, flags & ~RegionFlags.CAPS, index, 0, size, offset, b"", ())
+            return cls(need, flags & ~int(RegionFlags.CAPS), index, 0, size, offset, b"", ())
         return cls(need, flags, index, cap_offset, size, offset, extra, caps)
 
     @classmethod
@@ -804,6 +821,7 @@ class MultiWrite:
     data: bytes = bytes(8)
 
 
+_MULTI_DATA = 8
 _MULTI = struct.Struct("<QII8s")
 
 
@@ -827,6 +845,12 @@ class RegionWriteMultiBody:
         return cls(wr_cnt, writes, payload[U64.size + n * _MULTI.size :])
 
     def serialize(self) -> bytes:
+        for i, w in enumerate(self.writes):
+            if len(w.data) != _MULTI_DATA:
+                raise LocalProtocolError(
+                    f"REGION_WRITE_MULTI write {i} carries {len(w.data)} data bytes",
+                    field=f"writes[{i}].data", expected=_MULTI_DATA, got=len(w.data),
+                )
         out = U64.pack(self.wr_cnt) + b"".join(
             _MULTI.pack(w.offset, w.region, w.count, w.data) for w in self.writes
         )

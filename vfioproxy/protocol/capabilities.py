@@ -13,6 +13,8 @@ import attrs
 
 from vfioproxy.errors import RemoteProtocolError
 
+#: message offset where VERSION JSON starts (errors inside it point here)
+JSON_OFFSET = 20
 #: defaults the spec gives for absent keys
 SPEC_MAX_MSG_FDS = 1
 SPEC_MAX_DATA_XFER_SIZE = 1024 * 1024
@@ -89,6 +91,7 @@ def _want(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
         raise RemoteProtocolError(
             "capability has the wrong type",
             field=f"{where}.{key}",
+            offset=JSON_OFFSET,
             expected="non-negative integer" if kind is int else kind.__name__,
             got=value,
         )
@@ -98,7 +101,11 @@ def _want(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
 def _object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RemoteProtocolError(
-            "capability must be a JSON object", field=where, expected="object", got=value
+            "capability must be a JSON object",
+            field=where,
+            offset=JSON_OFFSET,
+            expected="object",
+            got=value,
         )
     return value
 
@@ -143,11 +150,11 @@ class VersionJson:
     extra: dict[str, Any] = attrs.field(factory=dict)
 
 
-def parse_version_json(text: bytes, *, offset: int = 20) -> VersionJson:
+def parse_version_json(text: bytes, *, offset: int = JSON_OFFSET) -> VersionJson:
     """Decode VERSION JSON text (without its NUL); ``offset`` locates errors."""
     try:
         doc = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, Unicode, int digits
         raise RemoteProtocolError(
             f"VERSION JSON does not parse: {exc}", field="json", offset=offset, got=text[:80]
         ) from None

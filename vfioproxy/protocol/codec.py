@@ -9,6 +9,7 @@ bodies too short for their struct, bad VERSION JSON) become a
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -173,6 +174,16 @@ class Message:
         return f"{self.header.describe()} {self.body.summary()}"
 
 
+def serialize_body(body: Body) -> bytes:
+    """``body.serialize()``, with out-of-range fields reported as LocalProtocolError."""
+    try:
+        return body.serialize()
+    except struct.error as exc:
+        raise LocalProtocolError(
+            f"{type(body).__name__} has a field out of range: {exc}"
+        ) from None
+
+
 def build_command(
     command: int,
     msg_id: int,
@@ -182,8 +193,8 @@ def build_command(
     no_reply: bool = False,
 ) -> Message:
     """A command message with the header's size computed from ``body``."""
-    payload = b"" if body is None else body.serialize()
-    flags = MessageType.COMMAND | (FLAG_NO_REPLY if no_reply else 0)
+    payload = b"" if body is None else serialize_body(body)
+    flags = FLAG_NO_REPLY if no_reply else int(MessageType.COMMAND)
     header = Header(msg_id, command, HEADER_SIZE + len(payload), flags, 0)
     return Message(header, EmptyBody() if body is None else body, tuple(fds))
 
@@ -193,8 +204,8 @@ def build_reply(
 ) -> Message:
     """A success reply to ``request`` (same id and command, flags 0x1)."""
     head = request.header if isinstance(request, Message) else request
-    payload = b"" if body is None else body.serialize()
-    header = Header(head.msg_id, head.command, HEADER_SIZE + len(payload), MessageType.REPLY)
+    payload = b"" if body is None else serialize_body(body)
+    header = Header(head.msg_id, head.command, HEADER_SIZE + len(payload), int(MessageType.REPLY))
     return Message(header, EmptyBody() if body is None else body, tuple(fds))
 
 
@@ -202,7 +213,7 @@ def build_error_reply(request: Header | Message, errno: int, payload: bytes = b"
     """An error reply (flags 0x21) carrying ``errno``; header-only unless ``payload``."""
     head = request.header if isinstance(request, Message) else request
     header = Header(
-        head.msg_id, head.command, HEADER_SIZE + len(payload), MessageType.REPLY | FLAG_ERROR,
+        head.msg_id, head.command, HEADER_SIZE + len(payload), int(MessageType.REPLY) | FLAG_ERROR,
         errno,
     )
     return Message(header, ErrorBody(payload))
@@ -255,11 +266,12 @@ def decode(
     parser = parsers.get(header.command)
     if parser is None:
         problem = RemoteProtocolError(
-            "unknown command", field="command", offset=2, got=header.command
+            "unknown command", command=header.describe(), field="command", offset=2,
+            got=header.command,
         )
         if strict:
             raise problem
-        return Message(header, RawBody(payload, f"unknown command {header.command}"), fd_tuple)
+        return Message(header, RawBody(payload, str(problem)), fd_tuple)
     if header.is_reply and not payload:
         return Message(header, EmptyBody(), fd_tuple)
     if sender is None:
@@ -284,7 +296,7 @@ def encode(message: Message) -> tuple[bytes, tuple[Any, ...]]:
     decoded message re-encodes byte for byte. Use :func:`build_command` and
     friends to make new messages with a correct size.
     """
-    payload = message.body.serialize()
+    payload = serialize_body(message.body)
     header = message.header
     if header.size != HEADER_SIZE + len(payload) and not isinstance(message.body, RawBody):
         raise LocalProtocolError(
