@@ -1,0 +1,501 @@
+"""The trace records (header, message, event) and their wire form.
+
+Each record class validates its fields when constructed, so a record object
+is always a valid one, and converts to and from the plain dict that msgpack
+stores: ``to_wire()`` and ``from_wire()`` (which turns a bad field into a
+:class:`TraceFormatError` naming it). FORMAT.md is the reference for the keys.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
+
+import attrs
+
+import vfioproxy
+from recorder.errors import TraceFormatError, TraceLimitError
+from recorder.limits import DEFAULT_LIMITS, ReaderLimits
+from vfioproxy.side import Direction
+
+__all__ = [
+    "FORMAT_MAGIC",
+    "FORMAT_VERSION",
+    "EventKind",
+    "EventRecord",
+    "FdKind",
+    "FdRecord",
+    "InvalidField",
+    "MessageRecord",
+    "Record",
+    "TraceHeader",
+]
+
+FORMAT_MAGIC = "vfioproxy-trace"
+#: (major, minor) of the format this code writes
+FORMAT_VERSION = (1, 0)
+
+SHA256_BYTES = 32
+
+
+class InvalidField(ValueError):
+    """A record was built with a bad value; ``field`` names the attribute."""
+
+    def __init__(self, field: str, msg: str) -> None:
+        super().__init__(f"{field}: {msg}")
+        self.field = field
+        self.msg = msg
+
+
+class FdKind(enum.Enum):
+    """What an fd passed with a message was, as seen by the recorder."""
+
+    MEMFD = "memfd"
+    EVENTFD = "eventfd"
+    SOCKET = "socket"
+    FILE = "file"
+    OTHER = "other"
+
+
+class EventKind(enum.StrEnum):
+    """The event kinds vfioproxy writes; readers accept any other string too."""
+
+    SESSION_OPEN = "session_open"
+    SESSION_CLOSE = "session_close"
+    VIOLATION = "violation"
+    DECODE_ERROR = "decode_error"
+    INJECT = "inject"
+    ERROR = "error"
+    NOTE = "note"
+
+
+# --- field validators (attrs signature: instance, attribute, value) ---------
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return f"{type(value).__name__} of length {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _uint(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) is not int or value < 0:
+        raise InvalidField(attribute.name, f"expected a non-negative integer, got {_show(value)}")
+
+
+def _opt_uint(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _uint(instance, attribute, value)
+
+
+def _text(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidField(attribute.name, f"expected a non-empty string, got {_show(value)}")
+
+
+def _opt_text(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _text(instance, attribute, value)
+
+
+def _bytes(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) is not bytes:
+        raise InvalidField(attribute.name, f"expected bytes, got {_show(value)}")
+
+
+def _member(enum_type: type[enum.Enum]) -> Callable[[object, attrs.Attribute[Any], Any], None]:
+    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if type(value) is not enum_type:
+            raise InvalidField(attribute.name, f"expected a {enum_type.__name__}, got {value!r}")
+
+    return check
+
+
+def _data(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A free-form map (event data, header info) must be storable as it is.
+
+    Allowed: maps with string keys, lists and tuples (read back as lists),
+    strings, bytes, integers, floats, booleans and None. Sizes and nesting
+    are the reader's limits, which the writer checks on the packed record.
+    """
+    if not isinstance(value, dict):
+        raise InvalidField(attribute.name, f"expected a map, got {_show(value)}")
+    _check_value(value, attribute.name)
+
+
+def _check_value(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidField(where, f"map keys must be strings, got {_show(key)}")
+            _check_value(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_value(item, f"{where}[{i}]")
+    elif value is not None and type(value) not in (bool, int, float, str, bytes):
+        raise InvalidField(where, f"cannot store a {type(value).__name__} in a trace")
+
+
+# --- from_wire helpers -------------------------------------------------------
+
+
+def _as_map(wire: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(wire, dict):
+        raise TraceFormatError(f"{what} is a {type(wire).__name__}, expected a map")
+    return wire
+
+
+def _field_name(key: str, name: str) -> str:
+    return key if key == name else f"{key} ({name})"
+
+
+def _required(wire: Mapping[str, Any], key: str, name: str) -> Any:
+    try:
+        return wire[key]
+    except KeyError:
+        raise TraceFormatError("missing", field=_field_name(key, name)) from None
+
+
+@contextmanager
+def _fields(keys: Mapping[str, str]) -> Iterator[None]:
+    """Turn an :class:`InvalidField` of a record being built into a format error."""
+    try:
+        yield
+    except InvalidField as exc:
+        top = exc.field.split(".", 1)[0].split("[", 1)[0]
+        field = _field_name(keys[top], exc.field) if top in keys else exc.field
+        raise TraceFormatError(exc.msg, field=field) from None
+
+
+def _lookup(table: Mapping[str, Any], value: Any, key: str, name: str) -> Any:
+    if type(value) is not str or value not in table:
+        choices = " or ".join(repr(k) for k in table)
+        raise TraceFormatError(
+            f"expected {choices}, got {_show(value)}", field=_field_name(key, name)
+        )
+    return table[value]
+
+
+# --- records -------------------------------------------------------------------
+
+
+def _contents(instance: FdRecord, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    _bytes(instance, attribute, value)
+    if instance.size is not None and len(value) != instance.size:
+        raise InvalidField(
+            attribute.name, f"holds {len(value)} bytes but the fd's size is {instance.size}"
+        )
+
+
+def _sha256(instance: FdRecord, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    _bytes(instance, attribute, value)
+    if len(value) != SHA256_BYTES:
+        raise InvalidField(attribute.name, f"expected {SHA256_BYTES} bytes, got {len(value)}")
+
+
+_FD_KINDS = {kind.value: kind for kind in FdKind}
+_FD_KEYS = {
+    "position": "i",
+    "kind": "k",
+    "size": "z",
+    "flags": "f",
+    "seals": "s",
+    "inode": "n",
+    "contents": "c",
+    "sha256": "h",
+}
+
+
+@attrs.frozen
+class FdRecord:
+    """One fd a message carried. ``None`` means "not known" or "not recorded".
+
+    ``position`` is its index in the message's SCM_RIGHTS array; ``size`` is
+    ``st_size`` (memfds and files); ``flags`` is ``fcntl(F_GETFL)``; ``seals``
+    is ``fcntl(F_GET_SEALS)`` (memfds); ``inode`` is ``st_ino``; ``contents``
+    are the whole contents (small memfds only, so ``len(contents) == size``);
+    ``sha256`` is the SHA-256 of the whole contents.
+    """
+
+    position: int = attrs.field(validator=_uint)
+    kind: FdKind = attrs.field(validator=_member(FdKind))
+    size: int | None = attrs.field(default=None, validator=_opt_uint)
+    flags: int | None = attrs.field(default=None, validator=_opt_uint)
+    seals: int | None = attrs.field(default=None, validator=_opt_uint)
+    inode: int | None = attrs.field(default=None, validator=_opt_uint)
+    contents: bytes | None = attrs.field(default=None, validator=_contents)
+    sha256: bytes | None = attrs.field(default=None, validator=_sha256)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"i": self.position, "k": self.kind.value}
+        for name in ("size", "flags", "seals", "inode", "contents", "sha256"):
+            value = getattr(self, name)
+            if value is not None:
+                wire[_FD_KEYS[name]] = value
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> FdRecord:
+        w = _as_map(wire, "fd entry")
+        kind = _lookup(_FD_KINDS, _required(w, "k", "kind"), "k", "kind")
+        with _fields(_FD_KEYS):
+            return cls(
+                position=_required(w, "i", "position"),
+                kind=kind,
+                size=w.get("z"),
+                flags=w.get("f"),
+                seals=w.get("s"),
+                inode=w.get("n"),
+                contents=w.get("c"),
+                sha256=w.get("h"),
+            )
+
+
+def _fd_tuple(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) is not tuple:
+        raise InvalidField(attribute.name, f"expected a tuple of FdRecord, got {_show(value)}")
+    previous = -1
+    for i, fd in enumerate(value):
+        if type(fd) is not FdRecord:
+            raise InvalidField(f"{attribute.name}[{i}]", f"expected an FdRecord, got {_show(fd)}")
+        if fd.position <= previous:
+            raise InvalidField(
+                f"{attribute.name}[{i}].position",
+                f"positions must increase, got {fd.position} after {previous}",
+            )
+        previous = fd.position
+
+
+_DIRECTIONS = {direction.value: direction for direction in Direction}
+_MESSAGE_KEYS = {
+    "seq": "q",
+    "session": "s",
+    "direction": "d",
+    "t_ns": "t",
+    "fds": "f",
+    "data": "b",
+}
+
+
+@attrs.frozen
+class MessageRecord:
+    """One vfio-user message exactly as it crossed the proxy.
+
+    ``seq`` numbers the records of the file; ``t_ns`` is CLOCK_MONOTONIC on
+    the recording host (the header's ``mono_ns`` anchors it to wall time).
+    """
+
+    seq: int = attrs.field(validator=_uint)
+    session: int = attrs.field(validator=_uint)
+    direction: Direction = attrs.field(validator=_member(Direction))
+    t_ns: int = attrs.field(validator=_uint)
+    data: bytes = attrs.field(validator=_bytes)
+    fds: tuple[FdRecord, ...] = attrs.field(default=(), validator=_fd_tuple)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "k": "m",
+            "q": self.seq,
+            "s": self.session,
+            "d": self.direction.value,
+            "t": self.t_ns,
+            "f": [fd.to_wire() for fd in self.fds],
+            "b": self.data,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Any, *, limits: ReaderLimits = DEFAULT_LIMITS) -> MessageRecord:
+        w = _as_map(wire, "message record")
+        direction = _lookup(_DIRECTIONS, _required(w, "d", "direction"), "d", "direction")
+        wire_fds = _required(w, "f", "fds")
+        if not isinstance(wire_fds, list):
+            raise TraceFormatError(f"expected an array, got {_show(wire_fds)}", field="f (fds)")
+        if len(wire_fds) > limits.max_fds:
+            raise TraceLimitError(
+                f"{len(wire_fds)} fds exceed max_fds ({limits.max_fds})",
+                limit="max_fds",
+                field="f (fds)",
+            )
+        fds = []
+        for i, fd in enumerate(wire_fds):
+            try:
+                fds.append(FdRecord.from_wire(fd))
+            except TraceFormatError as exc:
+                exc.field = f"f[{i}]" if exc.field is None else f"f[{i}].{exc.field}"
+                raise
+        with _fields(_MESSAGE_KEYS):
+            return cls(
+                seq=_required(w, "q", "seq"),
+                session=_required(w, "s", "session"),
+                direction=direction,
+                t_ns=_required(w, "t", "t_ns"),
+                data=_required(w, "b", "data"),
+                fds=tuple(fds),
+            )
+
+
+_EVENT_KEYS = {"seq": "q", "session": "s", "t_ns": "t", "kind": "e", "data": "a"}
+
+
+@attrs.frozen
+class EventRecord:
+    """Something that happened besides a message: see :class:`EventKind`.
+
+    ``session`` is ``None`` for proxy-wide events. ``data`` is a free-form map
+    with string keys; FORMAT.md lists the keys of the known kinds.
+    """
+
+    seq: int = attrs.field(validator=_uint)
+    session: int | None = attrs.field(validator=_opt_uint)
+    t_ns: int = attrs.field(validator=_uint)
+    kind: str = attrs.field(validator=_text)
+    data: dict[str, Any] = attrs.field(factory=dict, validator=_data)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "k": "e",
+            "q": self.seq,
+            "s": self.session,
+            "t": self.t_ns,
+            "e": self.kind,
+            "a": self.data,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> EventRecord:
+        w = _as_map(wire, "event record")
+        with _fields(_EVENT_KEYS):
+            return cls(
+                seq=_required(w, "q", "seq"),
+                session=_required(w, "s", "session"),
+                t_ns=_required(w, "t", "t_ns"),
+                kind=_required(w, "e", "kind"),
+                data=_required(w, "a", "data"),
+            )
+
+
+Record: TypeAlias = MessageRecord | EventRecord
+
+
+def _version(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (
+        type(value) is not tuple
+        or len(value) != 2
+        or any(type(part) is not int or part < 0 for part in value)
+    ):
+        raise InvalidField(attribute.name, f"expected (major, minor), got {_show(value)}")
+
+
+def _utc(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, datetime) or value.utcoffset() != timedelta(0):
+        raise InvalidField(attribute.name, f"expected a UTC datetime, got {_show(value)}")
+
+
+def _byte_order(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in ("little", "big"):
+        raise InvalidField(attribute.name, f"expected 'little' or 'big', got {_show(value)}")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HEADER_KEYS = {
+    "version": "version",
+    "tool": "tool",
+    "tool_version": "tool_version",
+    "created": "created",
+    "mono_ns": "mono_ns",
+    "host": "host",
+    "byte_order": "byte_order",
+    "source": "source",
+    "info": "info",
+}
+
+
+@attrs.frozen
+class TraceHeader:
+    """The first record: what the file is and where and when it was recorded.
+
+    ``created`` (UTC wall clock) and ``mono_ns`` (CLOCK_MONOTONIC) were read
+    at the same moment, so a record's wall time is ``created + (t_ns -
+    mono_ns)``; with ``host`` this lets traces of several hosts merge
+    deterministically. ``info`` holds what the user told the recorder
+    (socket paths, client/server descriptions, options).
+    """
+
+    created: datetime = attrs.field(validator=_utc)
+    mono_ns: int = attrs.field(validator=_uint)
+    source: str = attrs.field(validator=_text)
+    host: str | None = attrs.field(default=None, validator=_opt_text)
+    info: dict[str, Any] = attrs.field(factory=dict, validator=_data)
+    tool: str = attrs.field(default="vfioproxy", validator=_text)
+    tool_version: str = attrs.field(default=vfioproxy.__version__, validator=_text)
+    byte_order: str = attrs.field(default=sys.byteorder, validator=_byte_order)
+    version: tuple[int, int] = attrs.field(default=FORMAT_VERSION, validator=_version)
+
+    @classmethod
+    def now(cls, source: str, info: dict[str, Any] | None = None) -> TraceHeader:
+        """A header for a recording starting now on this host."""
+        before = time.monotonic_ns()
+        wall_ns = time.time_ns()
+        after = time.monotonic_ns()
+        return cls(
+            created=_EPOCH + timedelta(microseconds=wall_ns // 1000),
+            mono_ns=(before + after) // 2,
+            source=source,
+            host=socket.gethostname(),
+            info={} if info is None else info,
+        )
+
+    def wall_time(self, t_ns: int) -> datetime:
+        """The UTC wall-clock time of a record's monotonic ``t_ns``."""
+        return self.created + timedelta(microseconds=(t_ns - self.mono_ns) // 1000)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "magic": FORMAT_MAGIC,
+            "version": list(self.version),
+            "tool": self.tool,
+            "tool_version": self.tool_version,
+            "created": self.created.isoformat(),
+            "mono_ns": self.mono_ns,
+            "host": self.host,
+            "byte_order": self.byte_order,
+            "source": self.source,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> TraceHeader:
+        w = _as_map(wire, "header")
+        if w.get("magic") != FORMAT_MAGIC:
+            raise TraceFormatError(f"not a vfioproxy trace (magic is {_show(w.get('magic'))})")
+        version = _required(w, "version", "version")
+        created = _required(w, "created", "created")
+        try:
+            created = datetime.fromisoformat(created)
+        except (TypeError, ValueError):
+            raise TraceFormatError(
+                f"expected an ISO-8601 UTC time, got {_show(created)}", field="created"
+            ) from None
+        with _fields(_HEADER_KEYS):
+            return cls(
+                created=created,
+                mono_ns=_required(w, "mono_ns", "mono_ns"),
+                source=_required(w, "source", "source"),
+                host=_required(w, "host", "host"),
+                info=_required(w, "info", "info"),
+                tool=_required(w, "tool", "tool"),
+                tool_version=_required(w, "tool_version", "tool_version"),
+                byte_order=_required(w, "byte_order", "byte_order"),
+                version=tuple(version) if isinstance(version, list) else version,
+            )
