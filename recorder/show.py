@@ -95,9 +95,25 @@ def _field_lines(item: DecodedMessage) -> Iterator[str]:
         f"flags={h.flags:#x} error={h.error}"
     )
     for name, value in body_fields(message.body).items():
-        yield f"{'':>19}{name}: {value}"
+        if name == "json_text":
+            value = bytes.fromhex(value).decode("utf-8", "replace")
+        yield f"{'':>19}{name}: {_verbose(value)}"
     for fd in item.record.fds:
         yield f"{'':>19}fd[{fd.position}]: {fd_fields(fd)}"
+
+
+def _verbose(value: Any) -> str:
+    """Integers in hex (and decimal when large), recursively."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:#x}" if value < 10 else f"{value:#x} ({value})"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}={_verbose(v)}" for k, v in value.items() if k != "type")
+        return f"{value['type']}({inner})" if "type" in value else "{" + inner + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_verbose(v) for v in value) + "]"
+    return str(value)
 
 
 def _jsonable(value: Any) -> Any:
