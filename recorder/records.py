@@ -22,6 +22,7 @@ import attrs
 import vfioproxy
 from recorder.errors import TraceFormatError, TraceLimitError
 from recorder.limits import DEFAULT_LIMITS, ReaderLimits
+from vfioproxy.fds import FdKind
 from vfioproxy.side import Direction
 
 __all__ = [
@@ -51,16 +52,6 @@ class InvalidField(ValueError):
         super().__init__(f"{field}: {msg}")
         self.field = field
         self.msg = msg
-
-
-class FdKind(enum.Enum):
-    """What an fd passed with a message was, as seen by the recorder."""
-
-    MEMFD = "memfd"
-    EVENTFD = "eventfd"
-    SOCKET = "socket"
-    FILE = "file"
-    OTHER = "other"
 
 
 class EventKind(enum.StrEnum):

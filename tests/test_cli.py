@@ -19,7 +19,10 @@ def run(capsys, *argv):
 
 
 def message_lines(out):
-    return [line for line in out.splitlines() if line[:1] == " " and " s1 " in line and "---" not in line]
+    return [
+        line for line in out.splitlines()
+        if line[:1] == " " and " s1 " in line and "---" not in line
+    ]
 
 
 def test_trace_show_lists_every_message_of_a_real_qemu_realize(capsys):

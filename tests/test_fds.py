@@ -6,11 +6,11 @@ import fcntl
 import gc
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import FD_HYGIENE
 from vfioproxy.fds import (
     FdInfo,
     FdKind,
@@ -22,12 +22,7 @@ from vfioproxy.fds import (
     read_fd_contents,
 )
 
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks() -> Iterator[None]:
-    before = count_open_fds()
-    yield
-    assert count_open_fds() == before, "the test leaked file descriptors"
+pytestmark = FD_HYGIENE
 
 
 def _is_open(fd: int) -> bool:

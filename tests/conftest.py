@@ -1,0 +1,21 @@
+from collections.abc import Iterator
+
+import pytest
+
+from vfioproxy.fds import count_open_fds
+
+#: module marks for tests that pass real fds: leaks and unclosed fds fail the test
+FD_HYGIENE = [
+    pytest.mark.usefixtures("no_fd_leaks"),
+    pytest.mark.filterwarnings(
+        "error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+
+@pytest.fixture
+def no_fd_leaks() -> Iterator[None]:
+    """Fail the test if it leaves more (or fewer) fds open than it found."""
+    before = count_open_fds()
+    yield
+    assert count_open_fds() == before, "the test leaked file descriptors"
