@@ -1,4 +1,4 @@
-"""The codec against real vfio-user traffic (``/work/shared/traces/real``).
+"""The codec against real vfio-user traffic (the captures bundled in ``traces/``).
 
 Every captured message must decode without a raw fallback and re-encode to
 the very bytes that crossed the wire; the facts the captures' README states
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.realdata import TRACES, capture_files, capture_records
 from vfioproxy.protocol.bodies import (
     DeviceFeatureBody,
     DeviceStateData,
@@ -45,9 +45,7 @@ from vfioproxy.protocol.constants import (
 from vfioproxy.protocol.header import Command
 from vfioproxy.side import Side
 
-#: the rawcap captures, beside the repository: /work/shared/traces/real
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces" / "real"
-CAPTURES = sorted(TRACES.glob("*.jsonl"))
+CAPTURES = capture_files()
 QEMU_CAPTURES = [p for p in CAPTURES if p.name.startswith("qemu-")]
 QEMU_REALIZE_CAPTURES = [p for p in CAPTURES if p.name.startswith("qemu-realize-")]
 QEMU_SERVER_CAPTURES = [p for p in QEMU_CAPTURES if "-qemu-server-" in p.name]
@@ -93,10 +91,7 @@ class Record:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines()
-    header = json.loads(lines[0])
-    assert header["format"] == "vfio-user-rawcap"
-    return [json.loads(line) for line in lines[1:]]
+    return capture_records(path)
 
 
 def sender_of(direction: str) -> Side:
@@ -146,7 +141,7 @@ def reply_to(path: Path, command: Record) -> Record:
 
 
 def by_name(stem: str) -> Path:
-    path = TRACES / f"{stem}.jsonl"
+    path = TRACES / f"{stem}.trace"
     assert path.exists(), path
     return path
 

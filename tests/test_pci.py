@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.realdata import TRACES, capture_messages
 from vfioproxy.pci_view import PciView
 from vfioproxy.protocol.pci import (
     BarKind,
@@ -40,12 +40,12 @@ from vfioproxy.protocol.pci import (
     walk_capabilities,
 )
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "traces" / "real"
-E1K = REAL / "qemu-realize-qemu-server-e1000e-001.jsonl"
-NVME = REAL / "qemu-realize-qemu-server-nvme-001.jsonl"
-E1K_BOOT = REAL / "qemu-boot-qemu-server-e1000e-001.jsonl"
-NVME_BOOT = REAL / "qemu-boot-qemu-server-nvme-001.jsonl"
-GPIO = REAL / "qemu-realize-gpio-001.jsonl"
+REAL = TRACES
+E1K = REAL / "qemu-realize-qemu-server-e1000e-001.trace"
+NVME = REAL / "qemu-realize-qemu-server-nvme-001.trace"
+E1K_BOOT = REAL / "qemu-boot-qemu-server-e1000e-001.trace"
+NVME_BOOT = REAL / "qemu-boot-qemu-server-nvme-001.trace"
+GPIO = REAL / "qemu-realize-gpio-001.trace"
 
 REGION_READ, REGION_WRITE, CONFIG_REGION = 9, 10, 7
 
@@ -100,21 +100,19 @@ CHAIN = config_space(
 
 def region7_traffic(path: Path) -> Iterator[tuple[str, int, int, bytes]]:
     """(kind, offset, count, data) of each region-7 message: kind is read/reply/write."""
-    with path.open() as f:
-        next(f)
-        for line in f:
-            message = bytes.fromhex(json.loads(line)["hex"])
-            _, command, _, flags, _ = struct.unpack_from("<HHIII", message)
-            if command not in (REGION_READ, REGION_WRITE) or len(message) < 32:
-                continue
-            offset, region, count = struct.unpack_from("<QII", message, 16)
-            if region != CONFIG_REGION:
-                continue
-            is_reply = flags & 0xF == 1
-            if command == REGION_WRITE and not is_reply:
-                yield "write", offset, count, message[32:]
-            elif command == REGION_READ:
-                yield ("reply" if is_reply else "read"), offset, count, message[32:]
+    for record in capture_messages(path):
+        message = record.data
+        _, command, _, flags, _ = struct.unpack_from("<HHIII", message)
+        if command not in (REGION_READ, REGION_WRITE) or len(message) < 32:
+            continue
+        offset, region, count = struct.unpack_from("<QII", message, 16)
+        if region != CONFIG_REGION:
+            continue
+        is_reply = flags & 0xF == 1
+        if command == REGION_WRITE and not is_reply:
+            yield "write", offset, count, message[32:]
+        elif command == REGION_READ:
+            yield ("reply" if is_reply else "read"), offset, count, message[32:]
 
 
 def feed(view: PciView, path: Path) -> list[str]:
@@ -723,7 +721,7 @@ def test_nvme_boot_sizes_both_halves_of_its_64_bit_bar0():
     assert "cfg WR4 @0x10 BAR0 = 0xfebf8000 (mem64)" in lines
 
 
-@pytest.mark.parametrize("path", sorted(REAL.glob("*.jsonl")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(REAL.glob("*.trace")), ids=lambda p: p.name)
 def test_every_real_region7_message_gets_a_cfg_line(path):
     view = PciView()
     for kind, offset, count, data in region7_traffic(path):

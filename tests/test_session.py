@@ -2,7 +2,7 @@ import struct
 
 import pytest
 
-from tests.realdata import rawcap_files, rawcap_messages
+from tests.realdata import capture_files, wire_messages
 from vfioproxy.errors import RemoteProtocolError
 from vfioproxy.protocol.bodies import (
     DeviceFeatureBody,
@@ -36,10 +36,10 @@ def region_read(msg_id, count=4, region=7):
     return build_command(Command.REGION_READ, msg_id, RegionAccessBody(0, region, count))
 
 
-@pytest.mark.parametrize("path", rawcap_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", capture_files(), ids=lambda p: p.name)
 def test_real_sessions_have_no_violations_and_leave_nothing_outstanding(path):
     state = SessionState()
-    for direction, data, nfds in rawcap_messages(path):
+    for direction, data, nfds in wire_messages(path):
         obs = state.observe(direction, data, ["fd"] * nfds)
         assert obs.violations == ()
         assert obs.message.decoded
