@@ -1,0 +1,64 @@
+"""UNIX-socket listeners that replace only stale sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+
+import trio
+
+from vfioproxy.errors import VfioProxyError
+
+
+class SocketPathError(VfioProxyError):
+    """The listening path cannot be used (in use, or not a socket)."""
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: nothing listens on it
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+    finally:
+        probe.close()
+    raise SocketPathError(f"{path} is in use: something is listening on it")
+
+
+async def open_unix_listener(
+    path: str | os.PathLike[str], *, mode: int = 0o600, backlog: int = 16
+) -> trio.SocketListener:
+    """Listen on ``path``, created with permissions ``mode``.
+
+    An existing socket at ``path`` is replaced only when nothing listens on it;
+    any other existing file is left alone and :class:`SocketPathError` raised.
+    """
+    target = os.fspath(path)
+    _remove_stale(target)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            await sock.bind(target)
+        finally:
+            os.umask(old_umask)
+        os.chmod(target, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
