@@ -167,6 +167,7 @@ class FdStream(trio.abc.AsyncResource):
         except BaseException as exc:
             if sent:
                 self._break("sending a message", sent, total, exc)
+            self._raise_if_closed(exc)
             raise
         finally:
             self._sending = False
@@ -305,6 +306,7 @@ class FdStream(trio.abc.AsyncResource):
             ) from exc
         except BaseException as exc:
             self._fail_receive("receiving a header", fds, len(header), HEADER_SIZE, exc)
+            self._raise_if_closed(exc)
             raise
 
     async def _read_body(self, n: int, before: int) -> tuple[bytes, bytearray | None]:
@@ -352,6 +354,7 @@ class FdStream(trio.abc.AsyncResource):
             ) from exc
         except BaseException as exc:
             self._fail_receive("receiving a message", [], before + got, before + n, exc)
+            self._raise_if_closed(exc)
             raise
         return first, rest
 
@@ -362,6 +365,12 @@ class FdStream(trio.abc.AsyncResource):
             mid_message=True,
             received=before + got,
         )
+
+    def _raise_if_closed(self, exc: BaseException) -> None:
+        """A syscall that lost the race with :meth:`aclose` from another task
+        fails with EBADF; report it the way trio reports a close under a waiter."""
+        if self._closed and isinstance(exc, OSError):
+            raise trio.ClosedResourceError("another task closed this stream") from exc
 
     def _fail_receive(
         self, what: str, fds: list[OwnedFd], done: int, total: int, exc: BaseException
