@@ -113,7 +113,7 @@ async def test_a_missing_reply_times_out_and_a_late_reply_is_dropped(mock_clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         start = trio.current_time()
-        with pytest.raises(ReplyTimeoutError, match="within 5.0 s"):
+        with pytest.raises(ReplyTimeoutError, match=r"within 5\.0 s"):
             await client.request(Command.DEVICE_RESET)
         assert trio.current_time() - start == pytest.approx(5.0)
         # the server finally answers: nobody waits any more
