@@ -257,7 +257,10 @@ class Endpoint:
         async for message in self._commands_out:
             reply = await handler(message)
             if reply is not None and not message.header.no_reply:
-                await self.send(reply)
+                try:
+                    await self.send(reply)
+                except (ConnectionClosedError, trio.ClosedResourceError):
+                    return  # the peer left; the reader ends the endpoint
 
     def _fail_waiting(self, exc: BaseException) -> None:
         for queue in self._waiting.values():

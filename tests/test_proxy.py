@@ -1,0 +1,253 @@
+import errno
+import os
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from recorder.reader import TraceReader
+from recorder.records import EventRecord, MessageRecord
+from recorder.sink import TraceSink
+from tests.conftest import FD_HYGIENE
+from vfioproxy.fds import FdKind, make_eventfd, make_memfd
+from vfioproxy.peers.endpoint import Endpoint
+from vfioproxy.protocol.bodies import DmaMapBody, IrqSetBody, RegionAccessBody, VersionBody
+from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, encode
+from vfioproxy.protocol.header import Command, Header
+from vfioproxy.proxy import ProxyOptions, open_proxy
+from vfioproxy.side import Direction, Side
+from vfioproxy.transport import FdStream, open_unix_fd_stream
+from vfioproxy.unix import open_unix_listener
+
+pytestmark = FD_HYGIENE
+
+
+async def echo_handler(message):
+    for fd in message.fds:
+        # a device reads through the fd it got, then keeps nothing
+        os.fstat(fd.fileno())
+        fd.close()
+    if not message.decoded:
+        return build_error_reply(message, errno.EINVAL)
+    if message.command == Command.VERSION:
+        return build_reply(message, VersionBody.build(0, 0, None))
+    if message.command == Command.REGION_READ:
+        body = message.body
+        if body.region == 9:
+            return build_error_reply(message, errno.EINVAL)
+        return build_reply(message, RegionAccessBody(body.offset, body.region, body.count,
+                                                     b"\xab" * body.count))
+    return build_reply(message)
+
+
+class Server:
+    """A listening fake device server: every connection gets an echo Endpoint."""
+
+    def __init__(self, path):
+        self.path = path
+        self.endpoints = []
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        listener = await open_unix_listener(self.path)
+        async with listener, trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                endpoint = Endpoint(FdStream(stream.socket), Side.SERVER, handler=echo_handler)
+                self.endpoints.append(endpoint)
+                nursery.start_soon(self._run, endpoint)
+
+    async def _run(self, endpoint):
+        try:
+            await endpoint.run()
+        finally:
+            await endpoint.aclose()
+
+
+@pytest.fixture
+async def server(nursery, tmp_path):
+    srv = Server(tmp_path / "server.sock")
+    await nursery.start(srv.serve)
+    return srv
+
+
+def records(path):
+    with TraceReader(path) as reader:
+        return list(reader)
+
+
+async def test_proxy_forwards_and_records_every_message_byte_exact(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace, info={"test": "forwarding"})
+    async with open_proxy(tmp_path / "proxy.sock", server.path, sink=sink) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "proxy.sock")
+        client = Endpoint(stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
+            reply = await client.request(Command.REGION_READ, RegionAccessBody(0, 7, 4))
+            assert reply.body.data == b"\xab" * 4
+            await stream.aclose()
+        with trio.fail_after(5):
+            await proxy.wait_sessions()
+        stats = proxy.statistics()
+    sink.close()
+    assert (stats.sessions_total, stats.sessions_active) == (1, 0)
+    assert stats.c2s.messages == 2 and stats.s2c.messages == 2
+    recs = records(trace)
+    messages = [r for r in recs if isinstance(r, MessageRecord)]
+    assert [m.direction for m in messages] == [Direction.C2S, Direction.S2C] * 2
+    assert messages[2].data == encode(build_command(
+        Command.REGION_READ, 1, RegionAccessBody(0, 7, 4)))[0]
+    kinds = [r.kind for r in recs if isinstance(r, EventRecord)]
+    assert kinds == ["session_open", "session_close"]
+    close = [r for r in recs if isinstance(r, EventRecord)][-1]
+    assert close.data == {"closed_by": "client", "reason": "EOF"}
+
+
+async def test_proxy_forwards_fds_records_their_kind_and_closes_its_copies(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink,
+                          options=ProxyOptions(capture_fd_contents=4096)) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        client = Endpoint(stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
+            with make_memfd("ram", data=b"guest memory") as ram, make_eventfd() as irq:
+                await client.request(Command.DMA_MAP, DmaMapBody(32, 3, 0, 0, 4096), fds=[ram])
+                await client.request(Command.DEVICE_SET_IRQS,
+                                     IrqSetBody(20, 0x24, 0, 0, 1), fds=[irq])
+            await stream.aclose()
+        with trio.fail_after(5):
+            await proxy.wait_sessions()
+    sink.close()
+    messages = [r for r in records(trace) if isinstance(r, MessageRecord)]
+    (ram_fd,) = messages[2].fds
+    (irq_fd,) = messages[4].fds
+    assert ram_fd.kind is FdKind.MEMFD and ram_fd.size == 12
+    assert ram_fd.contents == b"guest memory" and ram_fd.sha256 is not None
+    assert irq_fd.kind is FdKind.EVENTFD
+
+
+async def test_a_header_with_an_unframable_size_travels_alone_and_is_a_violation(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        bad = Header(5, Command.REGION_READ, 8, 0, 0).pack()
+        await stream.send_message(bad)
+        good = encode(build_command(Command.VERSION, 6, VersionBody.build(0, 0, None)))[0]
+        await stream.send_message(good)
+        with trio.fail_after(5):
+            # the server reads the bad header alone and answers it, then the VERSION
+            first, _ = await stream.receive_message()
+            second, _ = await stream.receive_message()
+        assert Header.parse(first).msg_id == 5 and Header.parse(first).is_error
+        assert Header.parse(second).msg_id == 6
+        await stream.aclose()
+        with trio.fail_after(5):
+            await proxy.wait_sessions()
+    sink.close()
+    recs = records(trace)
+    messages = [r for r in recs if isinstance(r, MessageRecord)]
+    assert messages[0].data == bad
+    violations = [r.data for r in recs if isinstance(r, EventRecord) and r.kind == "violation"]
+    assert {"size_too_small", "version_not_first"} <= {v["kind"] for v in violations}
+
+
+async def test_eof_in_the_middle_of_a_message_ends_the_session_as_framing_lost(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        data = encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))[0]
+        await stream.send_message(data[:20])
+        await stream.aclose()
+        with trio.fail_after(5):
+            await proxy.wait_sessions()
+    sink.close()
+    events = [r for r in records(trace) if isinstance(r, EventRecord)]
+    assert events[-1].kind == "session_close"
+    assert events[-1].data["closed_by"] == "client"
+    assert "EOF mid-message" in events[-1].data["reason"]
+    assert any(e.kind == "error" and "framing lost" in e.data["text"] for e in events)
+
+
+async def test_strict_mode_closes_a_session_at_its_first_violation(server, tmp_path):
+    async with open_proxy(tmp_path / "p.sock", server.path,
+                          options=ProxyOptions(strict=True)) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        client = Endpoint(stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
+            with make_memfd("x", 16) as fd:
+                # fds on a command that carries none: forwarded, then the session is closed
+                await client.send_command(Command.REGION_READ, RegionAccessBody(0, 7, 4),
+                                          fds=[fd])
+            with trio.fail_after(5):
+                await proxy.wait_sessions()
+            await stream.aclose()
+    assert proxy.statistics().violations == 1
+
+
+async def test_an_unreachable_server_closes_the_client_and_says_why(tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with open_proxy(tmp_path / "p.sock", tmp_path / "nobody.sock", sink=sink) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        with trio.fail_after(5):
+            with pytest.raises(Exception):  # noqa: B017 - EOF or reset, both mean closed
+                await stream.receive_message()
+            await proxy.wait_sessions()
+        await stream.aclose()
+    sink.close()
+    events = [r for r in records(trace) if isinstance(r, EventRecord)]
+    assert [e.kind for e in events] == ["session_open", "error", "session_close"]
+    assert "nobody.sock" in events[1].data["text"]
+
+
+async def test_sessions_run_concurrently_and_per_session_files_are_written(server, tmp_path):
+    out = tmp_path / "traces"
+    sink = TraceSink(str(out) + "/")
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
+        streams = [await open_unix_fd_stream(tmp_path / "p.sock") for _ in range(3)]
+        clients = [Endpoint(s, Side.CLIENT) for s in streams]
+        async with trio.open_nursery() as nursery:
+            for c in clients:
+                await nursery.start(c.run)
+            for i, c in enumerate(clients):
+                await c.request(Command.VERSION, VersionBody.build(0, 0, None))
+                await c.request(Command.REGION_READ, RegionAccessBody(i, 7, 1))
+            assert proxy.statistics().sessions_active == 3
+            for s in streams:
+                await s.aclose()
+        with trio.fail_after(5):
+            await proxy.wait_sessions()
+    sink.close()
+    files = sink.files()
+    assert len(files) == 3
+    for f in files:
+        assert sum(isinstance(r, MessageRecord) for r in records(f)) == 4
+
+
+async def test_a_server_that_leaves_closes_the_client(server, tmp_path):
+    async with open_proxy(tmp_path / "p.sock", server.path) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        client = Endpoint(stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
+            await trio.testing.wait_all_tasks_blocked()
+            await server.endpoints[0].aclose()
+            with trio.fail_after(5):
+                await proxy.wait_sessions()
+        assert client.closed is not None
+        await stream.aclose()
+
+
+def test_struct_sizes_used_here_are_what_the_protocol_says():
+    assert struct.calcsize("<HHIII") == 16
