@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import trio
 
 import vfioproxy
 from recorder import show, stats
@@ -14,9 +20,13 @@ from recorder.decoded import decoded_records
 from recorder.errors import TraceError
 from recorder.rawcap import import_rawcap
 from recorder.reader import TraceReader
+from recorder.sink import TraceSink
 from vfioproxy.errors import VfioProxyError
+from vfioproxy.live import MessageLog, run_status_line
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.codec import Dialects
+from vfioproxy.proxy import DEFAULT_GRACE, Proxy, ProxyOptions
+from vfioproxy.unix import open_unix_listener
 
 LAYOUTS = [layout.value for layout in DmaLayout]
 
@@ -72,6 +82,76 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None:
+    options = ProxyOptions(
+        strict=args.strict,
+        capture_fd_contents=getattr(args, "capture_fd_contents", 0),
+        dialects=_dialects(args),
+        decode=not args.no_decode,
+        mode=int(args.mode, 8),
+    )
+    proxy = Proxy(args.server, sink=sink, options=options,
+                  observer=MessageLog() if args.verbose else None)
+    listener = await open_unix_listener(args.listen, mode=options.mode)
+    print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
+          + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve, listener)
+                if sys.stderr.isatty() and not args.verbose:
+                    nursery.start_soon(run_status_line, proxy)
+                async for signum in signals:
+                    print(f"\nvfioproxy: {signal.Signals(signum).name}: stopping "
+                          f"(grace {args.grace} s)", file=sys.stderr)
+                    break
+                await proxy.shutdown(args.grace)
+                nursery.cancel_scope.cancel()
+    finally:
+        _remove_socket(args.listen)
+    stats = proxy.statistics()
+    print(f"vfioproxy: {stats.sessions_total} session(s), "
+          f"{stats.c2s.messages} c2s and {stats.s2c.messages} s2c messages, "
+          f"{stats.violations} violation(s)", file=sys.stderr)
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    trio.run(_serve_proxy, args, None)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    info = {
+        "listen_path": os.path.abspath(args.listen),
+        "server_path": os.path.abspath(args.server),
+        "client": args.client_desc,
+        "server": args.server_desc,
+        "options": {"strict": args.strict, "capture_fd_contents": args.capture_fd_contents},
+    }
+    with TraceSink(args.output, info=info, fsync=args.fsync, overwrite=args.force) as sink:
+        trio.run(_serve_proxy, args, sink)
+        files = sink.files()
+    for path in files:
+        print(f"vfioproxy: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfioproxy",
@@ -79,6 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vfioproxy {vfioproxy.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add_proxy_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--listen", required=True, metavar="CLIENT_SOCK",
+                       help="UNIX socket the client (QEMU) connects to")
+        p.add_argument("--server", required=True, metavar="SERVER_SOCK",
+                       help="UNIX socket of the device server")
+        p.add_argument("--mode", default="0600", help="permissions of CLIENT_SOCK (octal)")
+        p.add_argument("--strict", action="store_true",
+                       help="close a session at its first protocol violation")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="one decoded line per forwarded message")
+        p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                       help="seconds in-flight sessions get after SIGINT/SIGTERM")
+        p.add_argument("--no-decode", action="store_true",
+                       help="relay only: no decoding, no violation checks")
+        p.add_argument("--client-dma", choices=LAYOUTS, help="client DMA layout (else detected)")
+        p.add_argument("--server-dma", choices=LAYOUTS, help="server DMA layout (spec)")
+
+    p_proxy = commands.add_parser("proxy", help="relay vfio-user sessions without recording")
+    add_proxy_options(p_proxy)
+    p_proxy.set_defaults(func=cmd_proxy)
+
+    p_record = commands.add_parser("record", help="relay and record vfio-user sessions")
+    add_proxy_options(p_record)
+    p_record.add_argument("-o", "--output", required=True, metavar="TRACE",
+                          help="trace file, or DIR/ for one file per session")
+    p_record.add_argument("--capture-fd-contents", type=_size, default=0, metavar="SIZE",
+                          help="record the contents of memfds up to SIZE bytes (e.g. 64k)")
+    p_record.add_argument("--fsync", action="store_true", help="fsync every record")
+    p_record.add_argument("--force", action="store_true", help="replace an existing trace")
+    p_record.add_argument("--client-desc", default="", help="what the client is, for the trace")
+    p_record.add_argument("--server-desc", default="", help="what the server is, for the trace")
+    p_record.set_defaults(func=cmd_record)
 
     trace = commands.add_parser("trace", help="inspect and convert trace files")
     trace_commands = trace.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
@@ -120,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="vfioproxy: %(message)s",
+    )
     try:
         code: int = args.func(args)
     except (VfioProxyError, OSError) as exc:
