@@ -10,6 +10,7 @@ from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
+from vfioproxy.errors import ConnectionClosedError
 from vfioproxy.fds import FdKind, make_eventfd, make_memfd
 from vfioproxy.peers.endpoint import Endpoint
 from vfioproxy.protocol.bodies import DmaMapBody, IrqSetBody, RegionAccessBody, VersionBody
@@ -72,6 +73,14 @@ async def server(nursery, tmp_path):
     return srv
 
 
+async def settle(proxy, sessions=1):
+    """Wait until ``sessions`` clients were accepted and every session has ended."""
+    with trio.fail_after(5):
+        while proxy.statistics().sessions_total < sessions:
+            await trio.sleep(0.001)
+        await proxy.wait_sessions()
+
+
 def records(path):
     with TraceReader(path) as reader:
         return list(reader)
@@ -89,8 +98,7 @@ async def test_proxy_forwards_and_records_every_message_byte_exact(server, tmp_p
             reply = await client.request(Command.REGION_READ, RegionAccessBody(0, 7, 4))
             assert reply.body.data == b"\xab" * 4
             await stream.aclose()
-        with trio.fail_after(5):
-            await proxy.wait_sessions()
+        await settle(proxy)
         stats = proxy.statistics()
     sink.close()
     assert (stats.sessions_total, stats.sessions_active) == (1, 0)
@@ -121,8 +129,7 @@ async def test_proxy_forwards_fds_records_their_kind_and_closes_its_copies(serve
                 await client.request(Command.DEVICE_SET_IRQS,
                                      IrqSetBody(20, 0x24, 0, 0, 1), fds=[irq])
             await stream.aclose()
-        with trio.fail_after(5):
-            await proxy.wait_sessions()
+        await settle(proxy)
     sink.close()
     messages = [r for r in records(trace) if isinstance(r, MessageRecord)]
     (ram_fd,) = messages[2].fds
@@ -148,8 +155,7 @@ async def test_a_header_with_an_unframable_size_travels_alone_and_is_a_violation
         assert Header.parse(first).msg_id == 5 and Header.parse(first).is_error
         assert Header.parse(second).msg_id == 6
         await stream.aclose()
-        with trio.fail_after(5):
-            await proxy.wait_sessions()
+        await settle(proxy)
     sink.close()
     recs = records(trace)
     messages = [r for r in recs if isinstance(r, MessageRecord)]
@@ -166,12 +172,11 @@ async def test_eof_in_the_middle_of_a_message_ends_the_session_as_framing_lost(s
         data = encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))[0]
         await stream.send_message(data[:20])
         await stream.aclose()
-        with trio.fail_after(5):
-            await proxy.wait_sessions()
+        await settle(proxy)
     sink.close()
     events = [r for r in records(trace) if isinstance(r, EventRecord)]
     assert events[-1].kind == "session_close"
-    assert events[-1].data["closed_by"] == "client"
+    assert events[-1].data["closed_by"] == "client", events[-1].data
     assert "EOF mid-message" in events[-1].data["reason"]
     assert any(e.kind == "error" and "framing lost" in e.data["text"] for e in events)
 
@@ -188,8 +193,7 @@ async def test_strict_mode_closes_a_session_at_its_first_violation(server, tmp_p
                 # fds on a command that carries none: forwarded, then the session is closed
                 await client.send_command(Command.REGION_READ, RegionAccessBody(0, 7, 4),
                                           fds=[fd])
-            with trio.fail_after(5):
-                await proxy.wait_sessions()
+            await settle(proxy)
             await stream.aclose()
     assert proxy.statistics().violations == 1
 
@@ -200,7 +204,7 @@ async def test_an_unreachable_server_closes_the_client_and_says_why(tmp_path):
     async with open_proxy(tmp_path / "p.sock", tmp_path / "nobody.sock", sink=sink) as proxy:
         stream = await open_unix_fd_stream(tmp_path / "p.sock")
         with trio.fail_after(5):
-            with pytest.raises(Exception):  # noqa: B017 - EOF or reset, both mean closed
+            with pytest.raises(ConnectionClosedError):
                 await stream.receive_message()
             await proxy.wait_sessions()
         await stream.aclose()
@@ -225,8 +229,7 @@ async def test_sessions_run_concurrently_and_per_session_files_are_written(serve
             assert proxy.statistics().sessions_active == 3
             for s in streams:
                 await s.aclose()
-        with trio.fail_after(5):
-            await proxy.wait_sessions()
+        await settle(proxy)
     sink.close()
     files = sink.files()
     assert len(files) == 3
@@ -243,11 +246,76 @@ async def test_a_server_that_leaves_closes_the_client(server, tmp_path):
             await client.request(Command.VERSION, VersionBody.build(0, 0, None))
             await trio.testing.wait_all_tasks_blocked()
             await server.endpoints[0].aclose()
-            with trio.fail_after(5):
-                await proxy.wait_sessions()
+            await settle(proxy)
         assert client.closed is not None
         await stream.aclose()
 
 
 def test_struct_sizes_used_here_are_what_the_protocol_says():
     assert struct.calcsize("<HHIII") == 16
+
+
+async def test_a_twin_socket_is_replaced_by_a_proxy_owned_one_and_relayed(tmp_path):
+    """The server offers twin_socket: its DMA_READ on the twin channel and the
+    client's reply cross the proxy and are recorded as a session of their own."""
+    import socket as pysocket
+
+    from vfioproxy.fds import OwnedFd
+    from vfioproxy.protocol.bodies import DmaAccessBody
+    from vfioproxy.protocol.capabilities import Capabilities, TwinSocketCapability
+    from vfioproxy.protocol.codec import decode
+
+    server_path = tmp_path / "server.sock"
+    trace = tmp_path / "t.trace"
+    got_reply = trio.Event()
+
+    async def server_side(*, task_status=trio.TASK_STATUS_IGNORED):
+        listener = await open_unix_listener(server_path)
+        async with listener:
+            task_status.started()
+            conn = FdStream((await listener.accept()).socket)
+            async with conn:
+                data, _ = await conn.receive_message()
+                mine, theirs = pysocket.socketpair(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+                caps = Capabilities(twin_socket=TwinSocketCapability(True, 0))
+                reply = build_reply(decode(data), VersionBody.build(0, 0, caps))
+                with OwnedFd(theirs.detach()) as fd:
+                    await conn.send_message(encode(reply)[0], [fd])
+                twin = FdStream(trio.socket.from_stdlib_socket(mine))
+                async with twin:
+                    dma = build_command(Command.DMA_READ, 1, DmaAccessBody(0x1000, 4))
+                    await twin.send_message(encode(dma)[0])
+                    answer, _ = await twin.receive_message()
+                    assert decode(answer).body.data == b"data"
+                    got_reply.set()
+                    with pytest.raises(ConnectionClosedError):
+                        await conn.receive_message()  # until the client leaves
+
+    sink = TraceSink(trace)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server_side)
+        async with open_proxy(tmp_path / "p.sock", server_path, sink=sink) as proxy:
+            stream = await open_unix_fd_stream(tmp_path / "p.sock")
+            caps = Capabilities(twin_socket=TwinSocketCapability(supported=True))
+            await stream.send_message(
+                encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, caps)))[0]
+            )
+            data, fds = await stream.receive_message()
+            assert decode(data).body.capabilities.twin_socket.fd_index == 0
+            (fd,) = fds
+            twin = FdStream(trio.socket.from_stdlib_socket(pysocket.socket(fileno=fd.detach())))
+            async with twin:
+                with trio.fail_after(5):
+                    cmd, _ = await twin.receive_message()
+                    request = decode(cmd)
+                    await twin.send_message(encode(build_reply(
+                        request, DmaAccessBody(0x1000, 4, b"data")))[0])
+                    await got_reply.wait()
+            await stream.aclose()
+            await settle(proxy)
+    sink.close()
+    recs = records(trace)
+    opens = [r for r in recs if isinstance(r, EventRecord) and r.kind == "session_open"]
+    assert [o.data.get("twin_of") for o in opens] == [None, 1]
+    twin_messages = [r for r in recs if isinstance(r, MessageRecord) and r.session == 2]
+    assert [m.direction for m in twin_messages] == [Direction.S2C, Direction.C2S]

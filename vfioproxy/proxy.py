@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,8 +26,10 @@ import trio
 from recorder.fdmeta import fd_record
 from recorder.sink import TraceSink
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.fds import OwnedFd
-from vfioproxy.protocol.codec import Dialects
+from vfioproxy.fds import FdKind, OwnedFd, inspect_fd
+from vfioproxy.protocol.bodies import VersionBody
+from vfioproxy.protocol.codec import Dialects, decode
+from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.session import Observation, SessionState
 from vfioproxy.side import Direction
 from vfioproxy.transport import FdStream, open_unix_fd_stream
@@ -132,6 +135,7 @@ class Proxy:
         self._counters = {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
         self._violations = 0
         self._accepting: trio.CancelScope | None = None
+        self._starting = 0  # accepted, not yet in self.sessions or ended
         self._sessions_done = trio.Event()
         self._sessions_done.set()
 
@@ -161,6 +165,8 @@ class Proxy:
                     task_status.started()
                     while True:
                         stream = await listener.accept()
+                        self._starting += 1
+                        self._sessions_done = trio.Event()
                         nursery.start_soon(self._run_session, stream.socket)
             finally:
                 await listener.aclose()
@@ -171,7 +177,7 @@ class Proxy:
             self._accepting.cancel()
 
     async def wait_sessions(self) -> None:
-        """Return once no session is running."""
+        """Return once no session is running (accepted clients count as running)."""
         await self._sessions_done.wait()
 
     async def shutdown(self, grace: float = DEFAULT_GRACE) -> None:
@@ -186,6 +192,7 @@ class Proxy:
         client = FdStream(sock)
         sid = self._next_session
         self._next_session += 1
+        self._starting -= 1
         t_open = time.monotonic_ns()
         try:
             server = await open_unix_fd_stream(self.server_path)
@@ -201,7 +208,6 @@ class Proxy:
         session = ProxySession(sid, client, server, SessionState(
             dialects=self.options.dialects, strict=self.options.strict))
         self.sessions[sid] = session
-        self._sessions_done = trio.Event()
         self._event(sid, "session_open", t_open, self._open_info())
         log.info("session %d: opened", sid)
         try:
@@ -211,7 +217,7 @@ class Proxy:
                     (Direction.S2C, server, client),
                 ):
                     nursery.start_soon(self._pump_until_end, session, direction, src, dst,
-                                       nursery.cancel_scope)
+                                       nursery)
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
@@ -227,7 +233,7 @@ class Proxy:
     def _session_done(self, sid: int) -> None:
         if self.sink is not None:
             self.sink.session_done(sid)
-        if not self.sessions:
+        if not self.sessions and not self._starting:
             self._sessions_done.set()
 
     def _open_info(self) -> dict[str, Any]:
@@ -239,17 +245,22 @@ class Proxy:
         direction: Direction,
         src: FdStream,
         dst: FdStream,
-        scope: trio.CancelScope,
+        nursery: trio.Nursery,
     ) -> None:
         try:
-            await self._pump(session, direction, src, dst)
+            await self._pump(session, direction, src, dst, nursery)
         except _SessionEnd as end:
             if session.closed_by is None:
                 session.closed_by, session.reason = end.closed_by, end.reason
-            scope.cancel()
+            nursery.cancel_scope.cancel()
 
     async def _pump(
-        self, session: ProxySession, direction: Direction, src: FdStream, dst: FdStream
+        self,
+        session: ProxySession,
+        direction: Direction,
+        src: FdStream,
+        dst: FdStream,
+        nursery: trio.Nursery,
     ) -> None:
         """Forward ``src`` to ``dst`` message by message until the session ends."""
         counters = self._counters[direction]
@@ -271,6 +282,8 @@ class Proxy:
                 raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
             t_ns = time.monotonic_ns()
             try:
+                if fds and direction is Direction.S2C and data[2] == Command.VERSION:
+                    self._substitute_twin_socket(session, data, fds, nursery)
                 try:
                     await dst.send_message(data, fds)
                 except ConnectionClosedError as exc:
@@ -287,6 +300,64 @@ class Proxy:
             finally:
                 for fd in fds:
                     fd.close()
+
+    def _substitute_twin_socket(
+        self, session: ProxySession, data: bytes, fds: list[OwnedFd], nursery: trio.Nursery
+    ) -> None:
+        """Give the client a proxy-owned twin socket and relay it to the server's.
+
+        A VERSION reply that enables ``twin_socket`` carries the client's end
+        of a socketpair to the server at ``fd_index``. The proxy keeps that fd,
+        sends the client one end of a socketpair of its own in its place (same
+        position, so the bytes stay unchanged) and relays between the two as a
+        session of its own (``twin_of`` in its session_open event).
+        """
+        reply = decode(data, fds)
+        body = reply.body
+        caps = body.capabilities if isinstance(body, VersionBody) else None
+        twin = None if caps is None else caps.twin_socket
+        if twin is None or not twin.supported or twin.fd_index is None:
+            return
+        index = twin.fd_index
+        if not 0 <= index < len(fds) or inspect_fd(fds[index]).kind is not FdKind.SOCKET:
+            return  # inconsistent: forwarded as it is, the client will refuse it
+        server_end = FdStream(trio.socket.from_stdlib_socket(
+            socket.socket(fileno=fds[index].detach())))
+        client_end, proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds[index] = OwnedFd(client_end.detach())
+        twin_stream = FdStream(trio.socket.from_stdlib_socket(proxy_end))
+        twin_id = self._next_session
+        self._next_session += 1
+        twin_session = ProxySession(twin_id, twin_stream, server_end, SessionState(
+            dialects=session.state.dialects, strict=self.options.strict))
+        self.sessions[twin_id] = twin_session
+        now = time.monotonic_ns()
+        self._event(session.id, "note", now, {"text": f"twin socket relayed as session {twin_id}"})
+        self._event(twin_id, "session_open", now, {**self._open_info(), "twin_of": session.id})
+        nursery.start_soon(self._run_twin, session, twin_session, nursery)
+
+    async def _run_twin(
+        self, main: ProxySession, twin: ProxySession, nursery: trio.Nursery
+    ) -> None:
+        try:
+            async with trio.open_nursery() as twin_nursery:
+                for direction, src, dst in (
+                    (Direction.C2S, twin.client, twin.server),
+                    (Direction.S2C, twin.server, twin.client),
+                ):
+                    twin_nursery.start_soon(self._pump_until_end, twin, direction, src, dst,
+                                            twin_nursery)
+        finally:
+            with trio.CancelScope(shield=True):
+                await twin.client.aclose()
+                await twin.server.aclose()
+            if twin.closed_by is None:
+                twin.closed_by, twin.reason = "proxy", f"session {main.id} ended"
+            self._event(twin.id, "session_close", time.monotonic_ns(),
+                        {"closed_by": twin.closed_by, "reason": twin.reason})
+            del self.sessions[twin.id]
+            if self.sink is not None:
+                self.sink.session_done(twin.id)
 
     def _after_forward(
         self,
