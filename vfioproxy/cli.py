@@ -23,6 +23,7 @@ from recorder.reader import TraceReader
 from recorder.sink import TraceSink
 from vfioproxy.errors import VfioProxyError
 from vfioproxy.live import MessageLog, run_status_line
+from vfioproxy.peers.client import RealizeError, RealizeOptions, realize
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.proxy import DEFAULT_GRACE, Proxy, ProxyOptions
@@ -144,6 +145,29 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_realize(args: argparse.Namespace) -> int:
+    options = RealizeOptions(
+        workload=args.workload,
+        irq=args.irq,
+        reset=not args.no_reset,
+        ram_fd=not args.no_ram_fd,
+        rombar=not args.no_rombar,
+        reply_timeout=args.timeout,
+        dma_layout=DmaLayout(args.dma_layout),
+        posted_writes=not args.no_posted_writes,
+    )
+    try:
+        result = trio.run(realize, args.socket, options)
+    except RealizeError as exc:
+        print(f"vfioproxy: realize failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result.summary())
+    return 0
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     text = text.strip().lower().removesuffix("ib").removesuffix("b")
@@ -192,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     p_record.add_argument("--client-desc", default="", help="what the client is, for the trace")
     p_record.add_argument("--server-desc", default="", help="what the server is, for the trace")
     p_record.set_defaults(func=cmd_record)
+
+    p_realize = commands.add_parser(
+        "realize", help="realize a device the way QEMU's vfio-user-pci does"
+    )
+    p_realize.add_argument("--socket", required=True, help="the device server's UNIX socket")
+    p_realize.add_argument("--workload", type=int, default=0, metavar="N",
+                           help="after realize, ring the reference device's doorbell N times")
+    p_realize.add_argument("--irq", choices=["intx", "msix"], default="intx",
+                           help="interrupt the workload waits for")
+    p_realize.add_argument("--no-reset", action="store_true", help="skip the machine reset")
+    p_realize.add_argument("--no-ram-fd", action="store_true",
+                           help="map guest RAM without its memfd (device DMA goes by message)")
+    p_realize.add_argument("--no-rombar", action="store_true", help="skip the ROM probe")
+    p_realize.add_argument("--no-posted-writes", action="store_true",
+                           help="never post BAR writes (QEMU's x-no-posted-writes=on)")
+    p_realize.add_argument("--timeout", type=float, default=5.0,
+                           help="seconds to wait for each reply (QEMU's x-msg-timeout)")
+    p_realize.add_argument("--dma-layout", choices=LAYOUTS, default="qemu",
+                           help="layout of this client's DMA_READ/DMA_WRITE replies")
+    p_realize.add_argument("--json", action="store_true", help="the result as JSON")
+    p_realize.set_defaults(func=cmd_realize)
 
     trace = commands.add_parser("trace", help="inspect and convert trace files")
     trace_commands = trace.add_subparsers(dest="trace_command", metavar="ACTION", required=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from vfioproxy.errors import ConnectionClosedError, VfioProxyError
+from vfioproxy.errors import ConnectionClosedError, TransportError, VfioProxyError
 from vfioproxy.fds import OwnedFd
 from vfioproxy.protocol.bodies import Body
 from vfioproxy.protocol.codec import (
@@ -97,7 +97,11 @@ class PendingReply:
         """
         limit = self._endpoint.reply_timeout if timeout is None else timeout
         with trio.move_on_after(math.inf if limit is None else limit) as scope:
-            await self._event.wait()
+            try:
+                await self._event.wait()
+            except BaseException:
+                self._endpoint._forget(self)
+                raise
         if scope.cancelled_caught or not self._event.is_set():
             self._endpoint._forget(self)
             raise ReplyTimeoutError(
@@ -207,8 +211,8 @@ class Endpoint:
         """Read and dispatch messages until the peer closes the connection.
 
         Returns normally when the peer closes (or the stream is closed under
-        it); commands still queued are dropped (their fds closed) and waiting
-        commands fail with ConnectionClosedError.
+        it, or breaks: :attr:`closed` says why); commands still queued are
+        dropped (their fds closed) and waiting commands fail with that error.
         Cancellation stops reading at once.
         """
         async with trio.open_nursery() as nursery:
@@ -220,6 +224,8 @@ class Endpoint:
                     self._dispatch(data, fds)
             except (ConnectionClosedError, trio.ClosedResourceError) as exc:
                 self.closed = exc  # the peer left, or our side closed the stream
+            except TransportError as exc:
+                self.closed = exc  # e.g. fds truncated: the stream cannot be framed any more
             finally:
                 self._fail_waiting(self.closed or ConnectionClosedError("endpoint stopped"))
                 nursery.cancel_scope.cancel()
