@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -21,9 +22,11 @@ from recorder.errors import TraceError
 from recorder.rawcap import import_rawcap
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
+from vfioproxy.demo import run_demo
 from vfioproxy.errors import VfioProxyError
 from vfioproxy.live import MessageLog, run_status_line
 from vfioproxy.peers.client import RealizeError, RealizeOptions, realize
+from vfioproxy.peers.server import DeviceOptions, serve_device
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.proxy import DEFAULT_GRACE, Proxy, ProxyOptions
@@ -168,6 +171,43 @@ def cmd_realize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_device(args: argparse.Namespace) -> int:
+    options = DeviceOptions(
+        vendor_id=int(args.vendor_id, 0),
+        device_id=int(args.device_id, 0),
+        write_multiple=args.write_multiple,
+        client_dma_layout=None if args.dma_layout == "auto" else DmaLayout(args.dma_layout),
+    )
+
+    async def serve() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(serve_device, args.socket, options=options))
+                print(f"vfioproxy: serving the reference device {options.vendor_id:04x}:"
+                      f"{options.device_id:04x} on {args.socket}", file=sys.stderr)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+    trio.run(serve)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    result = trio.run(functools.partial(
+        run_demo, args.output, workload=args.workload, irq=args.irq,
+        capture_fd_contents=args.capture_fd_contents,
+    ))
+    print(result.realize.summary())
+    print()
+    print(f"recorded {result.proxy.c2s.messages + result.proxy.s2c.messages} messages "
+          f"to {result.trace}; `vfioproxy trace show {result.trace}` lists them")
+    print()
+    with TraceReader(result.trace) as reader:
+        show.write_lines(stats.text_report(stats.collect(decoded_records(reader))), sys.stdout)
+    return 0
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     text = text.strip().lower().removesuffix("ib").removesuffix("b")
@@ -216,6 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
     p_record.add_argument("--client-desc", default="", help="what the client is, for the trace")
     p_record.add_argument("--server-desc", default="", help="what the server is, for the trace")
     p_record.set_defaults(func=cmd_record)
+
+    p_demo = commands.add_parser(
+        "demo", help="reference device <-> recording proxy <-> realize client, then trace stats"
+    )
+    p_demo.add_argument("-o", "--output", default="demo.trace", help="trace to write")
+    p_demo.add_argument("--workload", type=int, default=8, metavar="N", help="doorbells to ring")
+    p_demo.add_argument("--irq", choices=["intx", "msix"], default="intx")
+    p_demo.add_argument("--capture-fd-contents", type=_size, default=0, metavar="SIZE")
+    p_demo.set_defaults(func=cmd_demo)
+
+    p_serve = commands.add_parser("serve-device", help="serve the reference PCI device")
+    p_serve.add_argument("--socket", required=True, help="UNIX socket to listen on")
+    p_serve.add_argument("--vendor-id", default=hex(DeviceOptions().vendor_id))
+    p_serve.add_argument("--device-id", default=hex(DeviceOptions().device_id))
+    p_serve.add_argument("--write-multiple", action="store_true",
+                         help="offer REGION_WRITE_MULTI in the VERSION reply")
+    p_serve.add_argument("--dma-layout", choices=["auto", *LAYOUTS], default="auto",
+                         help="layout of the client's DMA replies (auto: from its VERSION)")
+    p_serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p_serve.set_defaults(func=cmd_serve_device)
 
     p_realize = commands.add_parser(
         "realize", help="realize a device the way QEMU's vfio-user-pci does"
