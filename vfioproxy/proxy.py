@@ -16,7 +16,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,6 +25,7 @@ import attrs
 import trio
 
 from recorder.fdmeta import fd_record
+from recorder.records import FdRecord
 from recorder.sink import TraceSink
 from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.fds import FdKind, OwnedFd, inspect_fd
@@ -96,9 +98,22 @@ class _SessionEnd(Exception):
         self.reason = reason
 
 
+#: forwarded messages waiting to be decoded and recorded, per session, before a
+#: pump stops to catch up itself (keeps memory bounded when peers outrun us)
+BACKLOG_LIMIT = 256
+
+#: (direction, t_ns, bytes, fd records or the number of fds)
+_Forwarded = tuple[Direction, int, bytes, list[FdRecord] | int]
+
+
 @attrs.define
 class ProxySession:
-    """One client connection and its server connection."""
+    """One client connection and its server connection.
+
+    ``backlog`` holds forwarded messages not yet decoded and recorded: the
+    pumps forward first and leave that work to the session's digest task,
+    which runs while the peers think.
+    """
 
     id: int
     client: FdStream
@@ -106,6 +121,8 @@ class ProxySession:
     state: SessionState
     closed_by: str | None = None
     reason: str | None = None
+    backlog: deque[_Forwarded] = attrs.field(factory=deque)
+    has_backlog: trio.Event = attrs.field(factory=trio.Event)
 
 
 MessageObserver = Callable[[ProxySession, Observation, int], None]
@@ -218,10 +235,12 @@ class Proxy:
                 ):
                     nursery.start_soon(self._pump_until_end, session, direction, src, dst,
                                        nursery)
+                nursery.start_soon(self._digest_until_end, session, nursery)
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
                 await server.aclose()
+            self._digest_backlog(session)
             if session.closed_by is None:
                 session.closed_by, session.reason = "proxy", "proxy shut down"
             self._event(sid, "session_close", time.monotonic_ns(),
@@ -296,7 +315,7 @@ class Proxy:
                 counters.bytes += len(data)
                 counters.fds += len(fds)
                 if decode:
-                    self._after_forward(session, direction, t_ns, data, fds)
+                    self._queue_forwarded(session, direction, t_ns, data, fds)
             finally:
                 for fd in fds:
                     fd.close()
@@ -347,10 +366,12 @@ class Proxy:
                 ):
                     twin_nursery.start_soon(self._pump_until_end, twin, direction, src, dst,
                                             twin_nursery)
+                twin_nursery.start_soon(self._digest_until_end, twin, twin_nursery)
         finally:
             with trio.CancelScope(shield=True):
                 await twin.client.aclose()
                 await twin.server.aclose()
+            self._digest_backlog(twin)
             if twin.closed_by is None:
                 twin.closed_by, twin.reason = "proxy", f"session {main.id} ended"
             self._event(twin.id, "session_close", time.monotonic_ns(),
@@ -359,7 +380,7 @@ class Proxy:
             if self.sink is not None:
                 self.sink.session_done(twin.id)
 
-    def _after_forward(
+    def _queue_forwarded(
         self,
         session: ProxySession,
         direction: Direction,
@@ -367,7 +388,56 @@ class Proxy:
         data: bytes,
         fds: list[OwnedFd],
     ) -> None:
-        """Decode, record and check one forwarded message (fds still open)."""
+        """Leave a forwarded message to the digest task (fd metadata is taken
+        now, while the fds are still open)."""
+        fd_info: list[FdRecord] | int = len(fds)
+        if fds and self.sink is not None:
+            limit = self.options.capture_fd_contents
+            fd_info = [fd_record(fd, i, contents_limit=limit) for i, fd in enumerate(fds)]
+        session.backlog.append((direction, t_ns, data, fd_info))
+        session.has_backlog.set()
+        if len(session.backlog) > BACKLOG_LIMIT:
+            self._digest_backlog(session, raise_strict=True)
+
+    async def _digest_until_end(self, session: ProxySession, nursery: trio.Nursery) -> None:
+        """Decode and record forwarded messages one at a time, yielding to the
+        pumps between them, until the session ends."""
+        try:
+            while True:
+                await session.has_backlog.wait()
+                while session.backlog:
+                    self._digest(session, *session.backlog.popleft())
+                    await trio.lowlevel.checkpoint()
+                session.has_backlog = trio.Event()
+        except _SessionEnd as end:
+            if session.closed_by is None:
+                session.closed_by, session.reason = end.closed_by, end.reason
+            nursery.cancel_scope.cancel()
+
+    def _digest_backlog(self, session: ProxySession, *, raise_strict: bool = False) -> None:
+        """Digest everything queued now (at session end, or to catch up)."""
+        while session.backlog:
+            try:
+                self._digest(session, *session.backlog.popleft())
+            except _SessionEnd:
+                if raise_strict:
+                    raise
+
+    def _digest(
+        self,
+        session: ProxySession,
+        direction: Direction,
+        t_ns: int,
+        data: bytes,
+        fd_info: list[FdRecord] | int,
+    ) -> None:
+        """Decode, record and check one forwarded message."""
+        # the session state only counts fds: records, or placeholders when not recording
+        if isinstance(fd_info, list):
+            fd_records: list[FdRecord] = fd_info
+            fds: Sequence[object] = fd_info
+        else:
+            fd_records, fds = [], range(fd_info)
         state = session.state
         strict, state.strict = state.strict, False  # record first, then enforce
         try:
@@ -375,10 +445,8 @@ class Proxy:
         finally:
             state.strict = strict
         if self.sink is not None:
-            limit = self.options.capture_fd_contents
-            records = [fd_record(fd, i, contents_limit=limit) for i, fd in enumerate(fds)]
             self.sink.writer_for(session.id).write_message(
-                session.id, direction, t_ns, data, records
+                session.id, direction, t_ns, data, fd_records
             )
         for violation in obs.violations:
             self._violations += 1
