@@ -319,3 +319,127 @@ async def test_a_twin_socket_is_replaced_by_a_proxy_owned_one_and_relayed(tmp_pa
     assert [o.data.get("twin_of") for o in opens] == [None, 1]
     twin_messages = [r for r in recs if isinstance(r, MessageRecord) and r.session == 2]
     assert [m.direction for m in twin_messages] == [Direction.S2C, Direction.C2S]
+
+
+async def test_a_body_cut_short_by_eof_is_recorded_and_forwarded_as_it_arrived(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        version = encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))[0]
+        await stream.send_message(version)
+        await stream.receive_message()
+        torn = encode(build_command(Command.REGION_WRITE, 1,
+                                    RegionAccessBody(0, 0, 64, bytes(range(64)))))[0][:50]
+        await stream.send_message(torn)
+        await stream.aclose()
+        await settle(proxy)
+    sink.close()
+    errors = [r for r in records(trace) if isinstance(r, EventRecord) and r.kind == "error"]
+    (error,) = errors
+    assert error.data["partial"] == torn and error.data["received"] == 50
+    assert error.data["side"] == "client"
+
+
+async def test_a_size_above_the_maximum_is_forwarded_as_a_header_alone(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        client = Endpoint(stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
+            huge = Header(9, Command.REGION_WRITE, 64 << 20, 0, 0).pack()
+            await stream.send_message(huge)
+            # the server reads it as a header alone and goes on with the next message
+            reply = await client.request(Command.REGION_READ, RegionAccessBody(0, 7, 2))
+            assert reply.body.data == b"\xab\xab"
+            await stream.aclose()
+        await settle(proxy)
+    sink.close()
+    recs = records(trace)
+    assert any(isinstance(r, MessageRecord) and r.data == huge for r in recs)
+    kinds = [r.data["kind"] for r in recs if isinstance(r, EventRecord) and r.kind == "violation"]
+    assert "size_too_large" in kinds
+
+
+async def test_more_fds_than_the_server_allows_are_forwarded_and_recorded(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        client = Endpoint(stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
+            fds = [make_memfd(f"m{i}", 4096) for i in range(3)]
+            await client.request(Command.DMA_MAP, DmaMapBody(32, 3, 0, 0, 4096), fds=fds)
+            for fd in fds:
+                fd.close()
+            await stream.aclose()
+        await settle(proxy)
+    sink.close()
+    recs = records(trace)
+    dma_map = next(r for r in recs if isinstance(r, MessageRecord) and r.data[2] == 2)
+    assert len(dma_map.fds) == 3
+    violations = [r.data for r in recs if isinstance(r, EventRecord) and r.kind == "violation"]
+    assert [v["kind"] for v in violations] == ["too_many_fds"]
+    assert violations[0]["side"] == "client"
+
+
+async def test_garbage_from_one_client_ends_only_its_session(server, tmp_path):
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    garbage = bytes((i * 37 + 11) % 256 for i in range(300))
+    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
+        good_stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        good = Endpoint(good_stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(good.run)
+            await good.request(Command.VERSION, VersionBody.build(0, 0, None))
+            bad = await open_unix_fd_stream(tmp_path / "p.sock")
+            await bad.send_message(garbage)
+            await bad.aclose()
+            with trio.fail_after(5):
+                while proxy.statistics().sessions_active != 1 or \
+                        proxy.statistics().sessions_total != 2:
+                    await trio.sleep(0.001)
+            reply = await good.request(Command.REGION_READ, RegionAccessBody(0, 7, 1))
+            assert reply.body.data == b"\xab"
+            await good_stream.aclose()
+        await settle(proxy, 2)
+    sink.close()
+    recs = records(trace)
+    bad_bytes = b"".join(r.data for r in recs if isinstance(r, MessageRecord) and r.session == 2)
+    partial = b"".join(r.data["partial"] for r in recs
+                       if isinstance(r, EventRecord) and r.kind == "error" and r.session == 2)
+    assert bad_bytes + partial == garbage  # every byte that arrived is in the trace
+
+
+async def test_hundreds_of_sessions_leave_no_fd_behind(server, tmp_path):
+    async with open_proxy(tmp_path / "p.sock", server.path) as proxy:
+        for _ in range(200):
+            stream = await open_unix_fd_stream(tmp_path / "p.sock")
+            await stream.send_message(
+                encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))[0]
+            )
+            await stream.receive_message()
+            await stream.aclose()
+        await settle(proxy, 200)
+        assert proxy.statistics().sessions_total == 200
+
+
+async def test_serve_proxy_reports_its_proxy_through_task_status(server, tmp_path, nursery):
+    from vfioproxy.proxy import serve_proxy
+
+    proxy = await nursery.start(serve_proxy, tmp_path / "p.sock", server.path)
+    stream = await open_unix_fd_stream(tmp_path / "p.sock")
+    await stream.send_message(
+        encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))[0]
+    )
+    await stream.receive_message()
+    assert proxy.statistics().c2s.messages == 1
+    await stream.aclose()
+    await settle(proxy)
+    nursery.cancel_scope.cancel()

@@ -116,9 +116,16 @@ class FdsTruncatedError(TransportError):
 
 
 class ConnectionClosedError(TransportError):
-    """The peer closed the connection; ``mid_message`` tells if framing was lost."""
+    """The peer closed the connection; ``mid_message`` tells if framing was lost.
 
-    def __init__(self, msg: str, *, mid_message: bool = False, received: int = 0) -> None:
+    ``received`` counts the bytes of the torn message that did arrive and
+    ``partial`` holds them (when the receiver kept them), so nothing is lost.
+    """
+
+    def __init__(
+        self, msg: str, *, mid_message: bool = False, received: int = 0, partial: bytes = b""
+    ) -> None:
         super().__init__(msg)
         self.mid_message = mid_message
         self.received = received
+        self.partial = partial

@@ -12,6 +12,7 @@ is really lost (EOF mid-message), when one side leaves, or with ``strict``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: how long in-flight messages may finish after a shutdown request (seconds)
 DEFAULT_GRACE = 1.0
+#: how long a session whose peer vanished keeps reading that peer's last messages
+DRAIN_TIME = 1.0
 
 
 @attrs.frozen
@@ -90,12 +93,18 @@ class _Counters:
 
 
 class _SessionEnd(Exception):
-    """Internal: ends a session, saying who closed it and why."""
+    """Internal: ends a session, saying who closed it and why.
 
-    def __init__(self, closed_by: str, reason: str) -> None:
+    ``drain``: the peer this pump writes to is gone; the pump reading from
+    that peer may still have its last messages to read (and record) before
+    it meets EOF, so the session ends after a short drain instead of at once.
+    """
+
+    def __init__(self, closed_by: str, reason: str, *, drain: bool = False) -> None:
         super().__init__(reason)
         self.closed_by = closed_by
         self.reason = reason
+        self.drain = drain
 
 
 #: forwarded messages waiting to be decoded and recorded, per session, before a
@@ -214,6 +223,8 @@ class Proxy:
         try:
             server = await open_unix_fd_stream(self.server_path)
         except OSError as exc:
+            log.error("session %d: cannot connect to the server %s: %s", sid,
+                      self.server_path, exc)
             self._event(sid, "session_open", t_open, self._open_info())
             self._event(sid, "error", time.monotonic_ns(),
                         {"text": f"cannot connect to the server {self.server_path}: {exc}"})
@@ -271,7 +282,11 @@ class Proxy:
         except _SessionEnd as end:
             if session.closed_by is None:
                 session.closed_by, session.reason = end.closed_by, end.reason
-            nursery.cancel_scope.cancel()
+            if end.drain:
+                scope = nursery.cancel_scope
+                scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_TIME)
+            else:
+                nursery.cancel_scope.cancel()
 
     async def _pump(
         self,
@@ -291,10 +306,7 @@ class Proxy:
                 data, fds = await src.receive_message(session.state.max_message_size())
             except ConnectionClosedError as exc:
                 if exc.mid_message:
-                    self._event(session.id, "error", time.monotonic_ns(), {
-                        "text": f"{sender} closed in the middle of a message: framing lost",
-                        "side": sender, "received": exc.received,
-                    })
+                    await self._forward_torn(session, direction, dst, exc)
                     raise _SessionEnd(sender, f"EOF mid-message ({exc})") from exc
                 raise _SessionEnd(sender, "EOF") from exc
             except TransportError as exc:
@@ -306,7 +318,9 @@ class Proxy:
                 try:
                     await dst.send_message(data, fds)
                 except ConnectionClosedError as exc:
-                    raise _SessionEnd(receiver, f"EOF while forwarding ({exc})") from exc
+                    raise _SessionEnd(
+                        receiver, f"EOF while forwarding ({exc})", drain=True
+                    ) from exc
                 except (TransportError, OSError) as exc:
                     raise _SessionEnd(
                         "proxy", f"forwarding to the {receiver} failed: {exc}"
@@ -319,6 +333,31 @@ class Proxy:
             finally:
                 for fd in fds:
                     fd.close()
+
+    async def _forward_torn(
+        self,
+        session: ProxySession,
+        direction: Direction,
+        dst: FdStream,
+        exc: ConnectionClosedError,
+    ) -> None:
+        """The sender left in the middle of a message: hand the receiver the
+        bytes that did arrive (it then sees the same torn stream it would have
+        seen directly) and record them, before the session ends."""
+        sender = direction.sender.value
+        self._digest_backlog(session)
+        self._event(session.id, "error", time.monotonic_ns(), {
+            "text": f"{sender} closed in the middle of a message: framing lost",
+            "side": sender,
+            "direction": direction.value,
+            "received": exc.received,
+            "partial": exc.partial,
+        })
+        log.warning("session %d: %s closed after %d bytes of a message", session.id, sender,
+                    exc.received)
+        if exc.partial:
+            with contextlib.suppress(TransportError, OSError):
+                await dst.send_message(exc.partial)
 
     def _substitute_twin_socket(
         self, session: ProxySession, data: bytes, fds: list[OwnedFd], nursery: trio.Nursery

@@ -250,9 +250,11 @@ class FdStream(trio.abc.AsyncResource):
             if body_len:
                 try:
                     first, rest = await self._read_body(body_len, HEADER_SIZE)
-                except BaseException:
+                except BaseException as exc:
                     for fd in fds:
                         fd.close()
+                    if isinstance(exc, ConnectionClosedError):
+                        exc.partial = message + exc.partial
                     raise
                 # one copy of the body, however many pieces it arrived in
                 message = message + first if rest is None else b"".join((message, first, rest))
@@ -293,6 +295,7 @@ class FdStream(trio.abc.AsyncResource):
                         f"{HEADER_SIZE} header bytes",
                         mid_message=True,
                         received=len(header),
+                        partial=bytes(header),
                     )
                 header += chunk
                 if len(header) == HEADER_SIZE:
@@ -332,7 +335,7 @@ class FdStream(trio.abc.AsyncResource):
                 if len(first) == n:
                     return first, None
                 if not first:
-                    raise self._eof(before, 0, n)
+                    raise self._eof(before, 0, n, b"")
                 got = len(first)
             rest = bytearray(n - got)
             view = memoryview(rest)
@@ -343,7 +346,7 @@ class FdStream(trio.abc.AsyncResource):
                     await trio.lowlevel.wait_readable(raw)
                     continue
                 if not k:
-                    raise self._eof(before, got, n)
+                    raise self._eof(before, got, n, first + bytes(rest[: got - len(first)]))
                 got += k
         except ConnectionResetError as exc:
             self._fail_receive("receiving a message", [], before + got, before + n, exc)
@@ -359,11 +362,12 @@ class FdStream(trio.abc.AsyncResource):
         return first, rest
 
     @staticmethod
-    def _eof(before: int, got: int, n: int) -> ConnectionClosedError:
+    def _eof(before: int, got: int, n: int, partial: bytes) -> ConnectionClosedError:
         return ConnectionClosedError(
             f"peer closed the connection after {before + got} of {before + n} message bytes",
             mid_message=True,
             received=before + got,
+            partial=partial,
         )
 
     def _raise_if_closed(self, exc: BaseException) -> None:
