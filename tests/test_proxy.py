@@ -1,6 +1,7 @@
 import errno
 import os
 import struct
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -81,6 +82,21 @@ async def settle(proxy, sessions=1):
         await proxy.wait_sessions()
 
 
+@asynccontextmanager
+async def proxied_client(server, tmp_path, **proxy_kwargs):
+    """A proxy to ``server`` and a client Endpoint through it, after VERSION;
+    on exit the client leaves and every session has ended."""
+    async with open_proxy(tmp_path / "p.sock", server.path, **proxy_kwargs) as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        client = Endpoint(stream, Side.CLIENT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
+            yield proxy, client, stream
+            await stream.aclose()
+        await settle(proxy)
+
+
 def records(path):
     with TraceReader(path) as reader:
         return list(reader)
@@ -117,19 +133,12 @@ async def test_proxy_forwards_and_records_every_message_byte_exact(server, tmp_p
 async def test_proxy_forwards_fds_records_their_kind_and_closes_its_copies(server, tmp_path):
     trace = tmp_path / "t.trace"
     sink = TraceSink(trace)
-    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink,
-                          options=ProxyOptions(capture_fd_contents=4096)) as proxy:
-        stream = await open_unix_fd_stream(tmp_path / "p.sock")
-        client = Endpoint(stream, Side.CLIENT)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
-            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
-            with make_memfd("ram", data=b"guest memory") as ram, make_eventfd() as irq:
-                await client.request(Command.DMA_MAP, DmaMapBody(32, 3, 0, 0, 4096), fds=[ram])
-                await client.request(Command.DEVICE_SET_IRQS,
-                                     IrqSetBody(20, 0x24, 0, 0, 1), fds=[irq])
-            await stream.aclose()
-        await settle(proxy)
+    options = ProxyOptions(capture_fd_contents=4096)
+    async with proxied_client(server, tmp_path, sink=sink, options=options) as (_, client, _):
+        with make_memfd("ram", data=b"guest memory") as ram, make_eventfd() as irq:
+            await client.request(Command.DMA_MAP, DmaMapBody(32, 3, 0, 0, 4096), fds=[ram])
+            await client.request(Command.DEVICE_SET_IRQS,
+                                 IrqSetBody(20, 0x24, 0, 0, 1), fds=[irq])
     sink.close()
     messages = [r for r in records(trace) if isinstance(r, MessageRecord)]
     (ram_fd,) = messages[2].fds
@@ -344,19 +353,12 @@ async def test_a_body_cut_short_by_eof_is_recorded_and_forwarded_as_it_arrived(s
 async def test_a_size_above_the_maximum_is_forwarded_as_a_header_alone(server, tmp_path):
     trace = tmp_path / "t.trace"
     sink = TraceSink(trace)
-    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
-        stream = await open_unix_fd_stream(tmp_path / "p.sock")
-        client = Endpoint(stream, Side.CLIENT)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
-            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
-            huge = Header(9, Command.REGION_WRITE, 64 << 20, 0, 0).pack()
-            await stream.send_message(huge)
-            # the server reads it as a header alone and goes on with the next message
-            reply = await client.request(Command.REGION_READ, RegionAccessBody(0, 7, 2))
-            assert reply.body.data == b"\xab\xab"
-            await stream.aclose()
-        await settle(proxy)
+    huge = Header(9, Command.REGION_WRITE, 64 << 20, 0, 0).pack()
+    async with proxied_client(server, tmp_path, sink=sink) as (_, client, stream):
+        await stream.send_message(huge)
+        # the server reads it as a header alone and goes on with the next message
+        reply = await client.request(Command.REGION_READ, RegionAccessBody(0, 7, 2))
+        assert reply.body.data == b"\xab\xab"
     sink.close()
     recs = records(trace)
     assert any(isinstance(r, MessageRecord) and r.data == huge for r in recs)
@@ -367,18 +369,11 @@ async def test_a_size_above_the_maximum_is_forwarded_as_a_header_alone(server, t
 async def test_more_fds_than_the_server_allows_are_forwarded_and_recorded(server, tmp_path):
     trace = tmp_path / "t.trace"
     sink = TraceSink(trace)
-    async with open_proxy(tmp_path / "p.sock", server.path, sink=sink) as proxy:
-        stream = await open_unix_fd_stream(tmp_path / "p.sock")
-        client = Endpoint(stream, Side.CLIENT)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
-            await client.request(Command.VERSION, VersionBody.build(0, 0, None))
-            fds = [make_memfd(f"m{i}", 4096) for i in range(3)]
-            await client.request(Command.DMA_MAP, DmaMapBody(32, 3, 0, 0, 4096), fds=fds)
-            for fd in fds:
-                fd.close()
-            await stream.aclose()
-        await settle(proxy)
+    async with proxied_client(server, tmp_path, sink=sink) as (_, client, _):
+        fds = [make_memfd(f"m{i}", 4096) for i in range(3)]
+        await client.request(Command.DMA_MAP, DmaMapBody(32, 3, 0, 0, 4096), fds=fds)
+        for fd in fds:
+            fd.close()
     sink.close()
     recs = records(trace)
     dma_map = next(r for r in recs if isinstance(r, MessageRecord) and r.data[2] == 2)
