@@ -1,0 +1,1 @@
+"""Interop suite: vfioproxy against real vfio-user peers (libvfio-user, QEMU); see README."""
