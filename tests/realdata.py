@@ -21,8 +21,8 @@ RAWCAP = ROOT.parent / "shared" / "traces" / "real"
 
 
 def capture_files() -> list[Path]:
-    """Every bundled real capture."""
-    return sorted(TRACES.glob("*.trace"))
+    """Every bundled real capture (``reference-*`` traces are this project's own)."""
+    return sorted(p for p in TRACES.glob("*.trace") if not p.name.startswith("reference-"))
 
 
 def capture_messages(path: Path) -> Iterator[MessageRecord]:

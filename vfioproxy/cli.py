@@ -30,6 +30,7 @@ from vfioproxy.peers.server import DeviceOptions, serve_device
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.proxy import DEFAULT_GRACE, Proxy, ProxyOptions
+from vfioproxy.replay.cli import add_replay_commands
 from vfioproxy.unix import open_unix_listener
 
 LAYOUTS = [layout.value for layout in DmaLayout]
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="layout of this client's DMA_READ/DMA_WRITE replies")
     p_realize.add_argument("--json", action="store_true", help="the result as JSON")
     p_realize.set_defaults(func=cmd_realize)
+
+    add_replay_commands(commands)
 
     trace = commands.add_parser("trace", help="inspect and convert trace files")
     trace_commands = trace.add_subparsers(dest="trace_command", metavar="ACTION", required=True)

@@ -1,0 +1,339 @@
+"""Replay as client: play a recorded client against a live device server.
+
+:func:`replay_client` connects to the server and sends the recorded
+client's messages in recorded order, byte for byte: message ids are kept
+(the client numbers its own commands, so the recorded ids are valid ones;
+replies are matched by id, FIFO for reused ids) and only the fds change —
+fresh ones of the recorded kind and size (:mod:`.fdrebuild`).
+
+Causality, not timing, decides when a message goes out: a client message
+recorded after some server message is sent only once that server message's
+live counterpart has arrived (the reply to the same command, or the n-th
+server command for the n-th recorded one). Messages the recorded client
+sent without waiting (a DMA_MAP burst, posted writes) go out without
+waiting again. ``timing="recorded"`` also keeps the recorded gaps (divided
+by ``speed``); either way the bytes sent are the same on every run.
+
+The server's own DMA_READ/DMA_WRITE are answered at the point the recorded
+client answered them, from the guest memory the replay rebuilt from its
+DMA_MAPs (:mod:`.memory`), in the recorded client's layout. Guest memory
+serves a DMA_READ when it knows every byte (written by the live server during
+the replay, or restored from recorded fd contents); bytes the recorded
+guest's CPU wrote are in no trace, so a DMA_READ of others that is identical
+to the recorded one gets the recorded reply. An identical DMA_WRITE is
+applied to guest memory and acknowledged with the recorded reply. A server
+command with no recorded counterpart is answered from guest memory at once
+and reported.
+
+Every live reply and server command is compared with its recorded
+counterpart field by field (:mod:`.match`); the result is a
+:class:`~vfioproxy.replay.report.ReplayReport`. Waiting is bounded: no live
+counterpart within ``timeout`` seconds, or the server closing the
+connection, ends the replay with a divergence saying what was awaited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from collections.abc import Sequence
+from typing import Literal, NoReturn
+
+import attrs
+import trio
+
+from vfioproxy.errors import ConnectionClosedError, TransportError
+from vfioproxy.fds import OwnedFd
+from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, DmaUnmapBody
+from vfioproxy.protocol.codec import Message, decode, encode
+from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
+from vfioproxy.replay.fdrebuild import FdRebuilder
+from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
+from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, compare
+from vfioproxy.replay.memory import ReplayMemory
+from vfioproxy.replay.report import Divergence, DivergenceKind, ReplayReport
+from vfioproxy.replay.script import ReplayError, Script, Step, load_script
+from vfioproxy.side import Direction, Side
+from vfioproxy.transport import FdStream, open_unix_fd_stream
+
+__all__ = ["ClientReplayOptions", "replay_client", "replay_client_on"]
+
+
+@attrs.frozen
+class ClientReplayOptions:
+    """How to replay: which ``session``; ``timing`` ``"asap"`` (causality only)
+    or ``"recorded"`` (recorded gaps divided by ``speed``); ``timeout``: seconds
+    to wait for each live message; ``ignore``: what may differ."""
+
+    session: int | None = None
+    timing: Literal["asap", "recorded"] = attrs.field(
+        default="asap", validator=attrs.validators.in_(("asap", "recorded")))
+    speed: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    ignore: tuple[IgnoreRule, ...] = DEFAULT_IGNORES
+
+
+async def replay_client(
+    trace: str | os.PathLike[str] | Script,
+    server: str | os.PathLike[str],
+    options: ClientReplayOptions = ClientReplayOptions(),
+) -> ReplayReport:
+    """Replay the recorded client of ``trace`` against the server listening at ``server``.
+
+    Raises :class:`~vfioproxy.replay.script.ReplayError` when the server
+    cannot be reached or the trace has nothing to replay (and the
+    recorder's ``TraceError`` for a file that is not a readable trace);
+    everything the live server does differently is in the report.
+    Cancellation closes the connection and releases every fd.
+    """
+    script = trace if isinstance(trace, Script) else load_script(trace, options.session)
+    try:
+        stream = await open_unix_fd_stream(server)
+    except OSError as exc:
+        raise ReplayError(f"cannot connect to the server at {os.fspath(server)}: {exc}") from exc
+    return await replay_client_on(script, stream, options, peer=os.fspath(server))
+
+
+async def replay_client_on(
+    script: Script, stream: FdStream, options: ClientReplayOptions, *, peer: str = "stream"
+) -> ReplayReport:
+    """:func:`replay_client` over a connected stream (closed when done)."""
+    return await _ClientReplay(script, stream, options, peer).run()
+
+
+class _Stop(Exception):
+    """Ends the replay early; the reason is already recorded."""
+
+
+class _ClientReplay:
+    def __init__(
+        self, script: Script, stream: FdStream, options: ClientReplayOptions, peer: str
+    ) -> None:
+        self.script = script
+        self.steps = script.steps
+        self.stream = stream
+        self.options = options
+        self.peer = peer
+        self.fds = FdRebuilder()
+        self.memory = ReplayMemory()
+        self.send_lock = trio.Lock()
+        s2c = script.of_direction(Direction.S2C)
+        #: recorded server messages, each set once its live counterpart arrived
+        self.satisfied = {s.position: trio.Event() for s in s2c}
+        self.order = [s.position for s in s2c]
+        self.waited = 0  # how many of them (in order) the player has seen arrive
+        self.arrived: set[int] = set()
+        #: sent commands waiting for their reply, by msg_id (FIFO for reused ids)
+        self.expect: dict[int, deque[int]] = {}
+        #: recorded server commands not yet met live, in order
+        self.server_commands = deque(s.position for s in s2c if s.is_command)
+        #: live server commands the replay answers at their recorded reply's place
+        self.live_commands: dict[int, Message] = {}
+        self.divergences: list[Divergence] = []
+        self.notes = list(script.notes)
+        self.sent = self.received = self.compared = self.matched = self.replayed = 0
+        self.stopped: str | None = None
+        self.closed: str | None = None
+        for step in s2c:
+            if step.is_reply and step.answers is None:
+                self._arrive(step.position)  # a reply to nothing: nothing to wait for
+
+    # ------------------------------------------------------------- running
+
+    async def run(self) -> ReplayReport:
+        start = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read)
+                with contextlib.suppress(_Stop):
+                    await self._play()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.memory.close()
+            self.fds.close()
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+        self.stopped = self.stopped or self.script.end()
+        return ReplayReport(
+            mode="client", trace=self.script.path, session=self.script.session, peer=self.peer,
+            recorded=len(self.steps), replayed=self.replayed, sent=self.sent,
+            received=self.received, compared=self.compared, matched=self.matched,
+            elapsed=trio.current_time() - start, divergences=tuple(self.divergences),
+            stopped=self.stopped, notes=tuple(self.notes),
+        )
+
+    async def _play(self) -> None:
+        origin: tuple[float, int] | None = None
+        for step in self.steps:
+            if step.direction is Direction.S2C:
+                continue
+            await self._await_server_before(step.position)
+            if self.options.timing == "recorded":
+                if origin is None:
+                    origin = (trio.current_time(), step.t_ns)
+                else:
+                    gap = (step.t_ns - origin[1]) / 1e9 / self.options.speed
+                    await trio.sleep_until(origin[0] + max(gap, 0.0))
+            if step.is_reply:
+                await self._answer_recorded(step)
+            else:
+                await self._send_command(step)
+        await self._await_server_before(len(self.steps))
+
+    async def _await_server_before(self, position: int) -> None:
+        """Wait until every recorded server message before ``position`` was met live."""
+        while self.waited < len(self.order) and self.order[self.waited] < position:
+            pos = self.order[self.waited]
+            with trio.move_on_after(self.options.timeout):
+                await self.satisfied[pos].wait()
+            if pos in self.arrived:
+                self.waited += 1
+                continue
+            step = self.steps[pos]
+            if self.closed is not None:
+                self._stop("closed", step, f"the server closed the connection ({self.closed}) "
+                           f"before sending it")
+            self._stop("timeout", step,
+                       f"no live counterpart within {self.options.timeout:g} s "
+                       "(the server hangs or never sends it)")
+
+    def _stop(self, kind: DivergenceKind, step: Step, detail: str) -> NoReturn:
+        self.divergences.append(Divergence(kind, step.label, step.seq,
+                                           where(step.message, self.script.pci), detail=detail))
+        self.stopped = f"waiting for message {step.describe()}: {detail}"
+        raise _Stop
+
+    # ------------------------------------------------------------- sending
+
+    async def _send(self, data: bytes, fds: Sequence[OwnedFd], step: Step | None) -> None:
+        try:
+            async with self.send_lock:
+                await self.stream.send_message(data, fds)
+        except (ConnectionClosedError, TransportError, trio.ClosedResourceError) as exc:
+            if step is None:
+                return
+            self._stop("closed", step, f"the server closed the connection ({exc})")
+        finally:
+            for fd in fds:
+                fd.close()
+        self.sent += 1
+
+    async def _send_command(self, step: Step) -> None:
+        body = step.message.body
+        if isinstance(body, DmaMapBody):
+            fd = self.fds.original(Direction.C2S, step.fds[0]) if step.fds else None
+            self.memory.map(body, fd, known=bool(step.fds) and step.fds[0].contents is not None)
+        elif isinstance(body, DmaUnmapBody):
+            self.memory.unmap(body)
+        if not step.no_reply or step.reply is not None:  # a posted write may get an error
+            self.expect.setdefault(step.message.msg_id, deque()).append(step.position)
+        await self._send(step.data, self.fds.fresh(Direction.C2S, step.fds), step)
+        self.replayed += 1
+
+    async def _answer_recorded(self, step: Step) -> None:
+        """Send the client's reply to a server command where the recording has it."""
+        if step.answers is None:
+            self.notes.append(f"{step.describe()} answers no recorded command: not sent")
+            return
+        live = self.live_commands.pop(step.answers)
+        recorded = self.steps[step.answers].message
+        body = live.body
+        identical = (live.header.command, live.header.flags, body) == (
+            recorded.header.command, recorded.header.flags, recorded.body)
+        if identical and live.command == Command.DMA_WRITE:
+            self.memory.apply(live)  # the recorded reply acknowledges the same write
+        elif not identical or (isinstance(body, DmaAccessBody)
+                               and self.memory.knows(body.address, body.count)):
+            await self._answer_from_memory(live, step)
+            self.replayed += 1
+            return
+        await self._send(step.with_id(live.msg_id), self.fds.fresh(Direction.C2S, step.fds),
+                         step)
+        self.replayed += 1
+
+    async def _answer_from_memory(self, command: Message, step: Step | None = None) -> None:
+        reply = self.memory.answer(command, layout=self.script.dialects.client,
+                                   max_data_xfer_size=self._server_xfer())
+        if reply is not None:
+            await self._send(encode(reply)[0], (), step)
+
+    def _server_xfer(self) -> int:
+        return self.script.server_caps.effective_max_data_xfer_size()
+
+    # ------------------------------------------------------------- receiving
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                data, fds = await self.stream.receive_message(DEFAULT_MAX_MESSAGE_SIZE)
+            except (ConnectionClosedError, TransportError, trio.ClosedResourceError) as exc:
+                self.closed = str(exc)
+                for event in self.satisfied.values():
+                    event.set()  # wake the player: it sees what did not arrive
+                return
+            self.received += 1
+            try:
+                if Header.parse(data).is_reply:
+                    self._on_reply(data, fds)
+                else:
+                    await self._on_server_command(data, fds)
+            finally:
+                for fd in fds:
+                    fd.close()
+
+    def _arrive(self, position: int) -> None:
+        self.arrived.add(position)
+        self.satisfied[position].set()
+
+    def _on_reply(self, data: bytes, fds: list[OwnedFd]) -> None:
+        header = Header.parse(data)
+        waiting = self.expect.get(header.msg_id)
+        if not waiting:
+            self.divergences.append(Divergence(
+                "unexpected", f"{header.command_name} reply #{header.msg_id}",
+                detail="a reply to no command the replay is waiting for"))
+            return
+        command = self.steps[waiting.popleft()]
+        live = decode(data, fds, sender=Side.SERVER, dialects=self.script.dialects,
+                      request=command.message)
+        if command.reply is None:
+            return  # the recording ends before this reply: nothing to compare with
+        self._compare(live, fds, self.steps[command.reply], command)
+        self._arrive(command.reply)
+
+    async def _on_server_command(self, data: bytes, fds: list[OwnedFd]) -> None:
+        live = decode(data, fds, sender=Side.SERVER, dialects=self.script.dialects)
+        if not self.server_commands:
+            self.divergences.append(Divergence(
+                "unexpected", f"{live.header.command_name} cmd #{live.msg_id} from the server",
+                detail="the recording has no further server command; answered from guest "
+                       "memory"))
+            await self._answer_from_memory(live)
+            return
+        position = self.server_commands.popleft()
+        step = self.steps[position]
+        self._compare(live, fds, step, step)
+        if step.reply is None:
+            await self._answer_from_memory(live)  # the recording lacks the client's answer
+        else:
+            self.live_commands[position] = live
+        self._arrive(position)
+
+    def _compare(self, live: Message, fds: list[OwnedFd], recorded: Step, request: Step) -> None:
+        recorded_facts = recorded_fd_facts(recorded.fds)
+        diffs = compare(
+            flatten(live, live_fd_facts(fds, recorded_facts)),
+            flatten(recorded.message, recorded_facts),
+            label=recorded.label, message=recorded.message, pci=self.script.pci,
+            rules=self.options.ignore,
+        )
+        self.compared += 1
+        self.replayed += 1
+        if not diffs:
+            self.matched += 1
+            return
+        self.divergences.append(Divergence(
+            "mismatch", recorded.label, recorded.seq, where(request.message, self.script.pci),
+            tuple(diffs)))
+

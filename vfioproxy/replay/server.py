@@ -1,0 +1,505 @@
+"""Replay as server: play a recorded device server towards a live client.
+
+:func:`serve_replay` listens on a UNIX socket and, for the first client that
+connects, answers each live request with the recorded reply of the recorded
+request it matches. Matching is in order: the earliest recorded request not
+yet used whose fields agree with the live one on what the
+:class:`~vfioproxy.replay.match.Matcher` looks at (by default the command,
+the header flags, every body field and the fds' kinds and sizes; the
+command number must always agree), ignore rules applied. So repeated
+identical requests (QEMU reads the interrupt pin twice, the ROM BAR before
+and after sizing) get their recorded replies in recorded order. The reply is
+the recorded bytes with the live request's msg_id, and fresh fds of the
+recorded kinds and sizes (a memfd or file for a sparse-mmap region).
+
+Server-initiated commands (DMA_READ/DMA_WRITE) are sent at the same points
+of the exchange as recorded: those recorded between a request and its reply
+before that reply, those recorded right after a reply right after it; each
+waits for the live client's reply, which is compared with the recorded one.
+The recorded server's ids are kept for them.
+
+A live request that matches nothing is reported with the nearest recorded
+requests and their field-level differences, then, per ``on_mismatch``:
+``error`` answers it with EINVAL (nothing for a no_reply request), ``close``
+closes the connection, ``passthrough`` forwards it to a live server (which
+first gets the client's VERSION; its own DMA commands go to the client) and
+relays the reply. When the client closes, recorded requests it never sent
+are reported as missing. Waiting is bounded by ``timeout`` while recorded
+requests remain: a client that goes quiet ends the replay, reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import math
+import os
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Literal, NoReturn
+
+import attrs
+import trio
+
+from vfioproxy.errors import ConnectionClosedError, TransportError
+from vfioproxy.fds import OwnedFd
+from vfioproxy.protocol.codec import Message, build_error_reply, decode, encode
+from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
+from vfioproxy.replay.fdrebuild import FdRebuilder
+from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
+from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
+from vfioproxy.replay.report import Divergence, FieldDiff, Nearest, ReplayReport
+from vfioproxy.replay.script import ReplayError, Script, Step, load_script
+from vfioproxy.side import Direction, Side
+from vfioproxy.transport import FdStream, open_unix_fd_stream
+from vfioproxy.unix import open_unix_listener
+
+__all__ = ["ServerReplayOptions", "replay_server_on", "serve_replay"]
+
+#: nearest recorded requests shown for an unmatched live one
+NEAREST = 3
+
+OnMismatch = Literal["error", "close", "passthrough"]
+
+
+def _check_passthrough(instance: ServerReplayOptions, _: Any, value: str | None) -> None:
+    if instance.on_mismatch == "passthrough" and not value:
+        raise ValueError("on_mismatch='passthrough' needs a passthrough server socket")
+
+
+@attrs.frozen
+class ServerReplayOptions:
+    """How to serve a replay: which ``session``; ``match_on`` (what makes a live
+    request match a recorded one); ``ignore`` (what may differ); ``on_mismatch``
+    and the ``passthrough`` server's socket; ``timeout``: seconds to wait for
+    the client while recorded requests remain, and for each of its replies."""
+
+    session: int | None = None
+    match_on: Matcher = attrs.field(factory=Matcher)
+    ignore: tuple[IgnoreRule, ...] = DEFAULT_IGNORES
+    on_mismatch: OnMismatch = attrs.field(
+        default="error", validator=attrs.validators.in_(("error", "close", "passthrough")))
+    passthrough: str | None = attrs.field(default=None, validator=_check_passthrough)
+    timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+
+
+async def serve_replay(
+    trace: str | os.PathLike[str] | Script,
+    listen: str | os.PathLike[str],
+    options: ServerReplayOptions = ServerReplayOptions(),
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> ReplayReport:
+    """Listen on ``listen``, replay the recorded server towards the first client, return the report.
+
+    ``task_status.started()`` once the socket listens; the socket is removed
+    when the client is accepted. Raises
+    :class:`~vfioproxy.replay.script.ReplayError` (or a ``TraceError``) when
+    the trace has nothing to replay. Cancellation closes everything.
+    """
+    script = trace if isinstance(trace, Script) else load_script(trace, options.session)
+    path = os.fspath(listen)
+    listener = await open_unix_listener(path)
+    try:
+        task_status.started()
+        accepted = await listener.accept()
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return await replay_server_on(script, FdStream(accepted.socket), options, peer=path)
+
+
+async def replay_server_on(
+    script: Script, stream: FdStream, options: ServerReplayOptions, *, peer: str = "stream"
+) -> ReplayReport:
+    """:func:`serve_replay` over a connected client stream (closed when done)."""
+    return await _ServerReplay(script, stream, options, peer).run()
+
+
+class _Stop(Exception):
+    """Ends the replay early; the reason is already recorded."""
+
+
+Live = tuple[bytes, list[OwnedFd]]
+
+
+class _ServerReplay:
+    def __init__(
+        self, script: Script, stream: FdStream, options: ServerReplayOptions, peer: str
+    ) -> None:
+        self.script = script
+        self.steps = script.steps
+        self.stream = stream
+        self.options = options
+        self.peer = peer
+        self.fds = FdRebuilder()
+        self.requests = [s.position for s in self.steps
+                         if s.direction is Direction.C2S and s.is_command]
+        self.used: set[int] = set()
+        self.cursor = 0  # self.requests[:cursor] are all used
+        self.sent_steps: set[int] = set()
+        self.flat: dict[int, dict[str, Any]] = {}
+        self.inbox_in, self.inbox = trio.open_memory_channel[Live](math.inf)
+        self.deferred: deque[Live] = deque()
+        self.client_version: bytes | None = None
+        self.passthrough: FdStream | None = None
+        self.divergences: list[Divergence] = []
+        self.notes = list(script.notes)
+        self.sent = self.received = self.compared = self.matched = self.replayed = 0
+        self.stopped: str | None = None
+        self.closed: str | None = None
+
+    # ------------------------------------------------------------- running
+
+    async def run(self) -> ReplayReport:
+        start = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read)
+                with contextlib.suppress(_Stop):
+                    await self._serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.fds.close()
+            for data_fds in [*self.deferred, *self._drain_inbox()]:
+                _close(data_fds[1])
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+                if self.passthrough is not None:
+                    await self.passthrough.aclose()
+        return ReplayReport(
+            mode="server", trace=self.script.path, session=self.script.session, peer=self.peer,
+            recorded=len(self.steps), replayed=self.replayed, sent=self.sent,
+            received=self.received, compared=self.compared, matched=self.matched,
+            elapsed=trio.current_time() - start, divergences=tuple(self.divergences),
+            stopped=self.stopped, notes=tuple(self.notes),
+        )
+
+    def _drain_inbox(self) -> list[Live]:
+        items = []
+        while True:
+            try:
+                items.append(self.inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return items
+
+    async def _read(self) -> None:
+        async with self.inbox_in:
+            while True:
+                try:
+                    item = await self.stream.receive_message(DEFAULT_MAX_MESSAGE_SIZE)
+                except (ConnectionClosedError, TransportError, trio.ClosedResourceError) as exc:
+                    self.closed = str(exc)
+                    return
+                self.received += 1
+                self.inbox_in.send_nowait(item)
+
+    async def _serve(self) -> None:
+        await self._server_commands_after(-1)
+        while True:
+            item = await self._next()
+            if item is None:
+                break
+            data, fds = item
+            if Header.parse(data).is_reply:
+                self._unexpected_reply(data)
+                _close(fds)
+                continue
+            await self._request(data, fds)
+        self._report_missing()
+        self.stopped = self.stopped or self.script.end()
+
+    async def _next(self) -> Live | None:
+        """The next live message, None once the client closed."""
+        if self.deferred:
+            return self.deferred.popleft()
+        waiting = self._next_request()
+        limit = self.options.timeout if waiting is not None else math.inf
+        with trio.move_on_after(limit):
+            try:
+                return await self.inbox.receive()
+            except trio.EndOfChannel:
+                return None
+        assert waiting is not None
+        self._stop("timeout", waiting,
+                   f"the client sent nothing for {self.options.timeout:g} s; "
+                   "the recording continues with this request")
+
+    def _unused(self) -> list[int]:
+        """Positions of the recorded requests not matched yet, in order."""
+        while self.cursor < len(self.requests) and self.requests[self.cursor] in self.used:
+            self.cursor += 1
+        return [p for p in self.requests[self.cursor :] if p not in self.used]
+
+    def _next_request(self) -> Step | None:
+        for position in itertools.islice(self.requests, self.cursor, None):
+            if position not in self.used:
+                return self.steps[position]
+        return None
+
+    def _stop(self, kind: Literal["timeout", "closed"], step: Step, detail: str) -> NoReturn:
+        self.divergences.append(Divergence(kind, step.label, step.seq,
+                                           where(step.message, self.script.pci), detail=detail))
+        self.stopped = f"at message {step.describe()}: {detail}"
+        raise _Stop
+
+    def _report_missing(self) -> None:
+        missing = [self.steps[p] for p in self._unused()]
+        missing += [s for s in self.steps if s.direction is Direction.S2C and s.is_command
+                    and s.position not in self.sent_steps]
+        missing.sort(key=lambda s: s.position)
+        for step in missing:
+            detail = ("the client never sent it" if step.direction is Direction.C2S
+                      else "the replay never got to send it")
+            self.divergences.append(Divergence("missing", step.label, step.seq,
+                                               where(step.message, self.script.pci),
+                                               detail=detail))
+        if missing:
+            self.stopped = (f"the client closed the connection with {len(missing)} recorded "
+                            f"message(s) still to come, the first {missing[0].describe()}")
+
+    # ------------------------------------------------------------- requests
+
+    def _recorded_flat(self, position: int) -> dict[str, Any]:
+        flat = self.flat.get(position)
+        if flat is None:
+            step = self.steps[position]
+            flat = self.flat[position] = flatten(step.message, recorded_fd_facts(step.fds))
+        return flat
+
+    def _diffs(self, live: dict[str, Any], step: Step, *, matching: bool) -> list[FieldDiff]:
+        return compare(live, self._recorded_flat(step.position), label=step.label,
+                       message=step.message, pci=self.script.pci, rules=self.options.ignore,
+                       only=self.options.match_on.selects if matching else None)
+
+    async def _request(self, data: bytes, fds: list[OwnedFd]) -> None:
+        live = decode(data, fds, sender=Side.CLIENT, dialects=self.script.dialects)
+        if live.command == Command.VERSION:
+            self.client_version = data
+        flat = flatten(live, live_fd_facts(fds))
+        match = next(
+            (self.steps[p] for p in self._unused()
+             if self.steps[p].message.command == live.command
+             and not self._diffs(flat, self.steps[p], matching=True)),
+            None,
+        )
+        if match is None:
+            await self._unmatched(live, flat, data, fds)
+            return
+        _close(fds)
+        self.used.add(match.position)
+        self.compared += 1
+        self.replayed += 1
+        diffs = self._diffs(flat, match, matching=False)
+        if diffs:
+            self.divergences.append(Divergence("mismatch", match.label, match.seq,
+                                               where(match.message, self.script.pci),
+                                               tuple(diffs)))
+        else:
+            self.matched += 1
+        end = match.reply if match.reply is not None else match.position
+        await self._server_commands_between(match.position, end)
+        if match.reply is None:
+            if not live.header.no_reply:
+                self.stopped = (f"the recording ends before the reply to {match.describe()}: "
+                                "the replay stops there")
+                raise _Stop
+        else:  # a no_reply command's recorded reply is an error reply: sent too
+            reply = self.steps[match.reply]
+            await self._send(reply.with_id(live.msg_id),
+                             self.fds.fresh(Direction.S2C, reply.fds))
+            self.sent_steps.add(reply.position)
+            self.replayed += 1
+        await self._server_commands_after(end)
+
+    async def _unmatched(
+        self, live: Message, flat: dict[str, Any], data: bytes, fds: list[OwnedFd]
+    ) -> None:
+        detail = "no recorded request matches it"
+        if self._next_request() is None:
+            detail = (f"the recording has no more requests (it ends at "
+                      f"{self.steps[-1].describe()})")
+        self.divergences.append(Divergence(
+            "unmatched", f"live {live.header.describe()}", None, where(live, self.script.pci),
+            detail=detail, nearest=self._nearest(live, flat)))
+        mode = self.options.on_mismatch
+        if mode == "passthrough":
+            await self._pass_through(live, data, fds)
+            return
+        _close(fds)
+        if mode == "close":
+            self.stopped = (f"closed the connection at the unmatched {live.header.describe()} "
+                            "(on_mismatch close)")
+            raise _Stop
+        if not live.header.no_reply:
+            await self._send(encode(build_error_reply(live, errno.EINVAL))[0], [])
+
+    def _nearest(self, live: Message, flat: dict[str, Any]) -> tuple[Nearest, ...]:
+        unused = self._unused()
+        same = [p for p in unused if self.steps[p].message.command == live.command]
+        ranked = sorted(
+            ((len(diffs), i, p, diffs)
+             for i, p in enumerate(same)
+             for diffs in [self._diffs(flat, self.steps[p], matching=False)]),
+            key=lambda item: (item[0], item[1]),
+        )
+        if ranked:
+            picks = [(p, diffs) for _, _, p, diffs in ranked[:NEAREST]]
+        else:
+            picks = [(p, self._diffs(flat, self.steps[p], matching=False))
+                     for p in unused[:NEAREST]]
+        return tuple(Nearest(self.steps[p].seq, self.steps[p].label, tuple(diffs))
+                     for p, diffs in picks)
+
+    # ------------------------------------------------------------- server commands
+
+    async def _server_commands_between(self, start: int, end: int) -> None:
+        for step in itertools.islice(self.steps, start + 1, end):
+            if step.direction is Direction.S2C and step.is_command:
+                await self._server_command(step)
+
+    async def _server_commands_after(self, position: int) -> None:
+        """Send the server commands recorded right after ``position`` (before the
+        client's next request), each with its awaited reply."""
+        for step in itertools.islice(self.steps, position + 1, None):
+            if step.direction is Direction.S2C and step.is_command:
+                await self._server_command(step)
+            elif not (step.direction is Direction.C2S and step.is_reply):
+                return
+
+    async def _server_command(self, step: Step) -> None:
+        if step.position in self.sent_steps:
+            return
+        self.sent_steps.add(step.position)
+        await self._send(step.data, self.fds.fresh(Direction.S2C, step.fds))
+        self.replayed += 1
+        if step.no_reply:
+            return
+        data, fds = await self._await_reply(step.message.msg_id, step)
+        try:
+            if step.reply is None:
+                return
+            recorded = self.steps[step.reply]
+            live = decode(data, fds, sender=Side.CLIENT, dialects=self.script.dialects,
+                          request=step.message)
+            diffs = self._diffs(flatten(live, live_fd_facts(fds)), recorded, matching=False)
+            self.compared += 1
+            self.replayed += 1
+            if diffs:
+                self.divergences.append(Divergence(
+                    "mismatch", recorded.label, recorded.seq,
+                    where(step.message, self.script.pci), tuple(diffs)))
+            else:
+                self.matched += 1
+        finally:
+            _close(fds)
+
+    async def _await_reply(self, msg_id: int, step: Step) -> Live:
+        """The client's reply to our command ``msg_id``; its requests meanwhile wait."""
+        with trio.move_on_after(self.options.timeout):
+            while True:
+                try:
+                    data, fds = await self.inbox.receive()
+                except trio.EndOfChannel:
+                    break
+                header = Header.parse(data)
+                if header.is_reply and header.msg_id == msg_id:
+                    return data, fds
+                if header.is_reply:
+                    self._unexpected_reply(data)
+                    _close(fds)
+                else:
+                    self.deferred.append((data, fds))
+        if self.closed is not None:
+            self._stop("closed", step, f"the client closed the connection ({self.closed}) "
+                       "before replying")
+        self._stop("timeout", step, f"no reply within {self.options.timeout:g} s")
+
+    def _unexpected_reply(self, data: bytes) -> None:
+        header = Header.parse(data)
+        self.divergences.append(Divergence(
+            "unexpected", f"live {header.describe()}",
+            detail="a reply to no command the replay sent"))
+
+    # ------------------------------------------------------------- passthrough
+
+    async def _pass_through(self, live: Message, data: bytes, fds: list[OwnedFd]) -> None:
+        """Forward an unmatched request to the live server and relay its answer."""
+        try:
+            server = await self._passthrough_server(live)
+            await server.send_message(data, fds)
+            _close(fds)
+            if live.header.no_reply:
+                return
+            reply, reply_fds = await self._passthrough_reply(server, live.msg_id)
+        except (OSError, TransportError, ReplayError, trio.TooSlowError) as exc:
+            self.notes.append(f"passthrough of {live.header.describe()} failed "
+                              f"({exc or 'timeout'}); answered EINVAL instead")
+            if not live.header.no_reply:
+                await self._send(encode(build_error_reply(live, errno.EINVAL))[0], [])
+            return
+        finally:
+            _close(fds)
+        await self._send(reply, reply_fds)
+
+    async def _passthrough_server(self, live: Message) -> FdStream:
+        if self.passthrough is not None:
+            return self.passthrough
+        assert self.options.passthrough is not None
+        server = self.passthrough = await open_unix_fd_stream(self.options.passthrough)
+        if self.client_version is not None and live.command != Command.VERSION:
+            await server.send_message(self.client_version)
+            _, fds = await self._passthrough_reply(server, Header.parse(self.client_version).msg_id)
+            _close(fds)
+        return server
+
+    async def _passthrough_reply(self, server: FdStream, msg_id: int) -> Live:
+        """The passthrough server's reply to ``msg_id``; its DMA commands go to the client."""
+        with trio.fail_after(self.options.timeout):
+            while True:
+                data, fds = await server.receive_message(DEFAULT_MAX_MESSAGE_SIZE)
+                header = Header.parse(data)
+                if header.is_reply and header.msg_id == msg_id:
+                    return data, fds
+                if header.is_reply:
+                    _close(fds)
+                    continue
+                await self._send(data, fds)
+                if not header.no_reply:
+                    reply, reply_fds = await self._relay_reply(header)
+                    await server.send_message(reply, reply_fds)
+                    _close(reply_fds)
+
+    async def _relay_reply(self, header: Header) -> Live:
+        with trio.move_on_after(self.options.timeout):
+            while True:
+                try:
+                    data, fds = await self.inbox.receive()
+                except trio.EndOfChannel:
+                    break
+                got = Header.parse(data)
+                if got.is_reply and got.msg_id == header.msg_id:
+                    return data, fds
+                self.deferred.append((data, fds))
+        raise ReplayError(f"the client did not answer the passthrough server's "
+                          f"{header.describe()}")
+
+    # ------------------------------------------------------------- sending
+
+    async def _send(self, data: bytes, fds: Sequence[OwnedFd]) -> None:
+        try:
+            await self.stream.send_message(data, fds)
+        except (ConnectionClosedError, TransportError, trio.ClosedResourceError) as exc:
+            self.stopped = f"the client closed the connection ({exc})"
+            raise _Stop from exc
+        finally:
+            _close(fds)
+        self.sent += 1
+
+
+def _close(fds: Sequence[OwnedFd]) -> None:
+    for fd in fds:
+        fd.close()
