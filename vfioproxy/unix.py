@@ -49,24 +49,16 @@ async def open_unix_listener(
     """
     target = os.fspath(path)
     _remove_stale(target)
-    # bind under a temporary name and rename once listening: a client that
-    # polls for the path never finds a socket that refuses connections
-    staging = f"{target}.{os.getpid()}.tmp"
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
         old_umask = os.umask(0o777 & ~mode)
         try:
-            await sock.bind(staging)
+            await sock.bind(target)
         finally:
             os.umask(old_umask)
-        os.chmod(staging, mode)
+        os.chmod(target, mode)
         sock.listen(backlog)
-        os.rename(staging, target)
     except BaseException:
         sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
         raise
     return trio.SocketListener(sock)
