@@ -265,8 +265,8 @@ class Endpoint:
             if reply is not None and not message.header.no_reply:
                 try:
                     await self.send(reply)
-                except (ConnectionClosedError, trio.ClosedResourceError):
-                    return  # the peer left; the reader ends the endpoint
+                except (TransportError, trio.ClosedResourceError):
+                    return  # the peer left or the stream broke; the reader ends the endpoint
 
     def _fail_waiting(self, exc: BaseException) -> None:
         for queue in self._waiting.values():
