@@ -11,13 +11,7 @@ import attrs
 from recorder.decoded import DecodedItem, DecodedMessage, SessionNegotiated
 from recorder.records import EventRecord, FdRecord, TraceHeader
 from vfioproxy.protocol.bodies import DmaLayout
-
-
-def format_size(size: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {unit}"
-    return f"{size} B"
+from vfioproxy.protocol.pci import format_size
 
 
 def describe_fd(fd: FdRecord) -> str:

@@ -52,7 +52,7 @@ from vfioproxy.replay.fdrebuild import FdRebuilder
 from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, compare
 from vfioproxy.replay.memory import ReplayMemory
-from vfioproxy.replay.report import Divergence, DivergenceKind, ReplayReport
+from vfioproxy.replay.report import Divergence, DivergenceKind, ReplayReport, StopReplay
 from vfioproxy.replay.script import ReplayError, Script, Step, load_script
 from vfioproxy.side import Direction, Side
 from vfioproxy.transport import FdStream, open_unix_fd_stream
@@ -102,10 +102,6 @@ async def replay_client_on(
     return await _ClientReplay(script, stream, options, peer).run()
 
 
-class _Stop(Exception):
-    """Ends the replay early; the reason is already recorded."""
-
-
 class _ClientReplay:
     def __init__(
         self, script: Script, stream: FdStream, options: ClientReplayOptions, peer: str
@@ -146,7 +142,7 @@ class _ClientReplay:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read)
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(StopReplay):
                     await self._play()
                 nursery.cancel_scope.cancel()
         finally:
@@ -202,7 +198,7 @@ class _ClientReplay:
         self.divergences.append(Divergence(kind, step.label, step.seq,
                                            where(step.message, self.script.pci), detail=detail))
         self.stopped = f"waiting for message {step.describe()}: {detail}"
-        raise _Stop
+        raise StopReplay
 
     # ------------------------------------------------------------- sending
 

@@ -57,6 +57,10 @@ def _json_value(value: Any) -> Any:
     return value.hex() if isinstance(value, bytes) else value
 
 
+class StopReplay(Exception):
+    """Ends a replay early; the reason is already in its report."""
+
+
 @attrs.frozen
 class FieldDiff:
     """One field that differs: ``live`` is what the peer sent, ``recorded`` the trace.

@@ -49,7 +49,7 @@ from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
 from vfioproxy.replay.fdrebuild import FdRebuilder
 from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
-from vfioproxy.replay.report import Divergence, FieldDiff, Nearest, ReplayReport
+from vfioproxy.replay.report import Divergence, FieldDiff, Nearest, ReplayReport, StopReplay
 from vfioproxy.replay.script import ReplayError, Script, Step, load_script
 from vfioproxy.side import Direction, Side
 from vfioproxy.transport import FdStream, open_unix_fd_stream
@@ -119,10 +119,6 @@ async def replay_server_on(
     return await _ServerReplay(script, stream, options, peer).run()
 
 
-class _Stop(Exception):
-    """Ends the replay early; the reason is already recorded."""
-
-
 Live = tuple[bytes, list[OwnedFd]]
 
 
@@ -159,7 +155,7 @@ class _ServerReplay:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read)
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(StopReplay):
                     await self._serve()
                 nursery.cancel_scope.cancel()
         finally:
@@ -244,7 +240,7 @@ class _ServerReplay:
         self.divergences.append(Divergence(kind, step.label, step.seq,
                                            where(step.message, self.script.pci), detail=detail))
         self.stopped = f"at message {step.describe()}: {detail}"
-        raise _Stop
+        raise StopReplay
 
     def _report_missing(self) -> None:
         missing = [self.steps[p] for p in self._unused()]
@@ -306,7 +302,7 @@ class _ServerReplay:
             if not live.header.no_reply:
                 self.stopped = (f"the recording ends before the reply to {match.describe()}: "
                                 "the replay stops there")
-                raise _Stop
+                raise StopReplay
         else:  # a no_reply command's recorded reply is an error reply: sent too
             reply = self.steps[match.reply]
             await self._send(reply.with_id(live.msg_id),
@@ -333,7 +329,7 @@ class _ServerReplay:
         if mode == "close":
             self.stopped = (f"closed the connection at the unmatched {live.header.describe()} "
                             "(on_mismatch close)")
-            raise _Stop
+            raise StopReplay
         if not live.header.no_reply:
             await self._send(encode(build_error_reply(live, errno.EINVAL))[0], [])
 
@@ -494,7 +490,7 @@ class _ServerReplay:
             await self.stream.send_message(data, fds)
         except (ConnectionClosedError, TransportError, trio.ClosedResourceError) as exc:
             self.stopped = f"the client closed the connection ({exc})"
-            raise _Stop from exc
+            raise StopReplay from exc
         finally:
             _close(fds)
         self.sent += 1
