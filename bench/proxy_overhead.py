@@ -255,6 +255,8 @@ class Processes:
             return [VFIOPROXY, "proxy", *ends]
         if name == "record":
             return [VFIOPROXY, "record", *ends, "-o", trace]
+        if name.startswith("script="):  # a prototype relay: script=PATH.py
+            return [PYTHON, name.removeprefix("script="), *ends]
         # experiments: "record+patch1+patch2" or "proxy+patch1"
         base, *patches = name.split("+")
         extra = ["-o", trace] if base == "record" else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class TraceSink:
         self.path = Path(text)
         self._writers: dict[int, TraceWriter] = {}
         self._shared: TraceWriter | None = None
+        self._lock = threading.Lock()  # writers are asked for from forwarding threads
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
         if self.per_session:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -53,10 +55,13 @@ class TraceSink:
             return self._shared
         writer = self._writers.get(session)
         if writer is None:
-            target = self.path / f"{self._stamp}-s{session}.trace"
-            info = {**self.info, "session": session}
-            writer = TraceWriter(target, TraceHeader.now(SOURCE, info), fsync=self.fsync)
-            self._writers[session] = writer
+            with self._lock:
+                writer = self._writers.get(session)
+                if writer is None:
+                    target = self.path / f"{self._stamp}-s{session}.trace"
+                    info = {**self.info, "session": session}
+                    writer = TraceWriter(target, TraceHeader.now(SOURCE, info), fsync=self.fsync)
+                    self._writers[session] = writer
         return writer
 
     def files(self) -> list[Path]:

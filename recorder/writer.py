@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -30,7 +31,8 @@ class TraceWriter:
     round trip per record. Nothing is kept in memory between records. A
     failed write is cut off the file again, so the file stays a sequence of
     whole records. The writer refuses a record that a reader with the
-    default limits would refuse (:class:`TraceLimitError`). Not thread-safe.
+    default limits would refuse (:class:`TraceLimitError`). Thread-safe: records
+    from several threads are appended whole, one after the other.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class TraceWriter:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._seq = 0
         self._size = 0
+        self._lock = threading.Lock()
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         self._fd = os.open(path, flags | (os.O_TRUNC if overwrite else os.O_EXCL), 0o666)
         try:
@@ -80,29 +83,50 @@ class TraceWriter:
         fds: Sequence[FdRecord] = (),
     ) -> MessageRecord:
         """Append one message with the fds it carried; returns the record written."""
+        seq = self.append_message(session, direction, t_ns, data, fds)
+        return MessageRecord(seq, session, direction, t_ns, data, tuple(fds))
+
+    def append_message(
+        self,
+        session: int,
+        direction: Direction,
+        t_ns: int,
+        data: bytes,
+        fds: Sequence[FdRecord] = (),
+    ) -> int:
+        """:meth:`write_message` without building the record (the proxy's fast
+        path); returns its ``seq``."""
         if len(fds) > DEFAULT_LIMITS.max_fds:
             raise TraceLimitError(
                 f"{len(fds)} fds exceed max_fds ({DEFAULT_LIMITS.max_fds})", limit="max_fds"
             )
-        record = MessageRecord(self._seq + 1, session, direction, t_ns, data, tuple(fds))
-        self._append(record.to_wire(), "max_record_bytes")
-        self._seq = record.seq
-        return record
+        with self._lock:
+            seq = self._seq + 1
+            self._append(
+                # the wire form of MessageRecord (records.py), built directly
+                {"k": "m", "q": seq, "s": session, "d": direction.value, "t": t_ns,
+                 "f": [fd.to_wire() for fd in fds], "b": data},
+                "max_record_bytes",
+            )
+            self._seq = seq
+        return seq
 
     def write_event(
         self, session: int | None, kind: str, t_ns: int, data: dict[str, Any] | None = None
     ) -> EventRecord:
         """Append one event (``session`` None: proxy-wide); returns the record written."""
-        record = EventRecord(self._seq + 1, session, t_ns, kind, {} if data is None else data)
-        self._append(record.to_wire(), "max_event_bytes", check=True)
-        self._seq = record.seq
+        with self._lock:
+            record = EventRecord(self._seq + 1, session, t_ns, kind, {} if data is None else data)
+            self._append(record.to_wire(), "max_event_bytes", check=True)
+            self._seq = record.seq
         return record
 
     def close(self) -> None:
         """Close the file; records already written stay. Closing twice is harmless."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)
 
     def __enter__(self) -> TraceWriter:
         return self

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,6 +30,7 @@ import trio
 from recorder.fdmeta import fd_record
 from recorder.records import FdRecord
 from recorder.sink import TraceSink
+from vfioproxy.blocking_transport import BlockingFdSocket
 from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.fds import FdKind, OwnedFd, inspect_fd
 from vfioproxy.protocol.bodies import VersionBody
@@ -54,7 +57,9 @@ class ProxyOptions:
     ``capture_fd_contents`` records the contents of memfds up to that many
     bytes; ``dialects`` fixes the DMA layouts used for decoding (else
     detected per session); ``decode`` may be turned off for a pure relay that
-    neither records nor checks.
+    neither records nor checks. ``threads`` forwards each direction on a
+    thread of its own blocked in ``recvmsg`` (the fast path); without it the
+    pumps are trio tasks (needed where forwarding must follow trio's clock).
     """
 
     strict: bool = False
@@ -62,6 +67,7 @@ class ProxyOptions:
     dialects: Dialects | None = None
     decode: bool = True
     mode: int = 0o600
+    threads: bool = True
 
 
 @attrs.frozen
@@ -91,6 +97,11 @@ class _Counters:
     def freeze(self) -> DirectionStatistics:
         return DirectionStatistics(self.messages, self.bytes, self.fds)
 
+    def add(self, other: _Counters) -> None:
+        self.messages += other.messages
+        self.bytes += other.bytes
+        self.fds += other.fds
+
 
 class _SessionEnd(Exception):
     """Internal: ends a session, saying who closed it and why.
@@ -107,31 +118,41 @@ class _SessionEnd(Exception):
         self.drain = drain
 
 
-#: forwarded messages waiting to be decoded and recorded, per session, before a
-#: pump stops to catch up itself (keeps memory bounded when peers outrun us)
-BACKLOG_LIMIT = 256
-
 #: (direction, t_ns, bytes, fd records or the number of fds)
-_Forwarded = tuple[Direction, int, bytes, list[FdRecord] | int]
+_Received = tuple[Direction, int, bytes, list[FdRecord] | int]
+
+#: one end of a session: a trio stream, or a blocking socket for a forwarding thread
+Endpoint = FdStream | BlockingFdSocket
 
 
-@attrs.define
+@attrs.define(eq=False)
 class ProxySession:
     """One client connection and its server connection.
 
-    ``backlog`` holds forwarded messages not yet decoded and recorded: the
-    pumps forward first and leave that work to the session's digest task,
-    which runs while the peers think.
+    ``backlog`` holds received messages not yet decoded and recorded, in the
+    order they were forwarded; whichever pump finishes a send digests it
+    (under ``digest_lock``), so the work follows the forward instead of
+    delaying it.
     """
 
     id: int
-    client: FdStream
-    server: FdStream
+    client: Endpoint
+    server: Endpoint
     state: SessionState
     closed_by: str | None = None
     reason: str | None = None
-    backlog: deque[_Forwarded] = attrs.field(factory=deque)
-    has_backlog: trio.Event = attrs.field(factory=trio.Event)
+    stopping: bool = False
+    counters: dict[Direction, _Counters] = attrs.field(
+        factory=lambda: {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
+    )
+    violations: int = 0
+    backlog: deque[_Received] = attrs.field(factory=deque)
+    digest_lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    def end(self, closed_by: str, reason: str) -> None:
+        """Say who ended the session and why (the first to say it wins)."""
+        if self.closed_by is None:
+            self.closed_by, self.reason = closed_by, reason
 
 
 MessageObserver = Callable[[ProxySession, Observation, int], None]
@@ -141,7 +162,8 @@ class Proxy:
     """Relays sessions from clients on a listener to ``server_path``.
 
     ``sink`` records every session (None: record nothing); ``observer`` is
-    called after each forwarded message with its decoding (the live view).
+    called after each forwarded message with its decoding (the live view;
+    with threaded forwarding it is called from a forwarding thread).
     """
 
     def __init__(
@@ -158,20 +180,28 @@ class Proxy:
         self.observer = observer
         self.sessions: dict[int, ProxySession] = {}
         self._next_session = 1
-        self._counters = {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
-        self._violations = 0
+        self._ended = {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
+        self._ended_violations = 0
         self._accepting: trio.CancelScope | None = None
         self._starting = 0  # accepted, not yet in self.sessions or ended
         self._sessions_done = trio.Event()
         self._sessions_done.set()
+        self._threads = trio.CapacityLimiter(math.inf)
 
     def statistics(self) -> ProxyStatistics:
+        sessions = list(self.sessions.values())
+        totals = {}
+        for direction, ended in self._ended.items():
+            total = _Counters(ended.messages, ended.bytes, ended.fds)
+            for session in sessions:
+                total.add(session.counters[direction])
+            totals[direction] = total.freeze()
         return ProxyStatistics(
-            sessions_active=len(self.sessions),
+            sessions_active=len(sessions),
             sessions_total=self._next_session - 1,
-            c2s=self._counters[Direction.C2S].freeze(),
-            s2c=self._counters[Direction.S2C].freeze(),
-            violations=self._violations,
+            c2s=totals[Direction.C2S],
+            s2c=totals[Direction.S2C],
+            violations=self._ended_violations + sum(s.violations for s in sessions),
         )
 
     # ------------------------------------------------------------- serving
@@ -214,14 +244,23 @@ class Proxy:
 
     # ------------------------------------------------------------- one session
 
+    def _endpoint(self, sock: trio.socket.SocketType | socket.socket) -> Endpoint:
+        """Wrap a connected socket for the way this proxy forwards."""
+        if self.options.threads:
+            if isinstance(sock, socket.socket):
+                return BlockingFdSocket(sock)
+            return BlockingFdSocket(socket.socket(fileno=sock.detach()))
+        if isinstance(sock, socket.socket):
+            sock = trio.socket.from_stdlib_socket(sock)
+        return FdStream(sock)
+
     async def _run_session(self, sock: trio.socket.SocketType) -> None:
-        client = FdStream(sock)
         sid = self._next_session
         self._next_session += 1
         self._starting -= 1
         t_open = time.monotonic_ns()
         try:
-            server = await open_unix_fd_stream(self.server_path)
+            server_stream = await open_unix_fd_stream(self.server_path)
         except OSError as exc:
             log.error("session %d: cannot connect to the server %s: %s", sid,
                       self.server_path, exc)
@@ -230,35 +269,53 @@ class Proxy:
                         {"text": f"cannot connect to the server {self.server_path}: {exc}"})
             self._event(sid, "session_close", time.monotonic_ns(),
                         {"closed_by": "proxy", "reason": f"server unreachable: {exc}"})
-            await client.aclose()
+            sock.close()
             self._session_done(sid)
             return
-        session = ProxySession(sid, client, server, SessionState(
-            dialects=self.options.dialects, strict=self.options.strict))
+        session = ProxySession(
+            sid, self._endpoint(sock), self._endpoint(server_stream.socket),
+            SessionState(dialects=self.options.dialects, strict=self.options.strict),
+        )
         self.sessions[sid] = session
         self._event(sid, "session_open", t_open, self._open_info())
         log.info("session %d: opened", sid)
         try:
+            await self._relay(session)
+        finally:
+            self._end_session(session, "proxy shut down")
+            log.info("session %d: closed by %s (%s)", sid, session.closed_by, session.reason)
+            self._session_done(sid)
+
+    async def _relay(self, session: ProxySession) -> None:
+        """Run both directions of ``session`` until it ends, then close its sockets."""
+        try:
             async with trio.open_nursery() as nursery:
                 for direction, src, dst in (
-                    (Direction.C2S, client, server),
-                    (Direction.S2C, server, client),
+                    (Direction.C2S, session.client, session.server),
+                    (Direction.S2C, session.server, session.client),
                 ):
                     nursery.start_soon(self._pump_until_end, session, direction, src, dst,
                                        nursery)
-                nursery.start_soon(self._digest_until_end, session, nursery)
+                if self.options.threads:
+                    nursery.start_soon(self._stop_threads_on_cancel, session)
         finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-                await server.aclose()
-            self._digest_backlog(session)
-            if session.closed_by is None:
-                session.closed_by, session.reason = "proxy", "proxy shut down"
-            self._event(sid, "session_close", time.monotonic_ns(),
-                        {"closed_by": session.closed_by, "reason": session.reason})
-            log.info("session %d: closed by %s (%s)", sid, session.closed_by, session.reason)
-            del self.sessions[sid]
-            self._session_done(sid)
+            for end in (session.client, session.server):
+                if isinstance(end, FdStream):
+                    with trio.CancelScope(shield=True):
+                        await end.aclose()
+                else:
+                    end.close()
+
+    def _end_session(self, session: ProxySession, default_reason: str) -> None:
+        """Digest what is left, record the close and fold the session's counters in."""
+        self._drain_all(session)
+        session.end("proxy", default_reason)
+        self._event(session.id, "session_close", time.monotonic_ns(),
+                    {"closed_by": session.closed_by, "reason": session.reason})
+        del self.sessions[session.id]
+        for direction, ended in self._ended.items():
+            ended.add(session.counters[direction])
+        self._ended_violations += session.violations
 
     def _session_done(self, sid: int) -> None:
         if self.sink is not None:
@@ -269,24 +326,47 @@ class Proxy:
     def _open_info(self) -> dict[str, Any]:
         return {"server_path": self.server_path, "wall": time.time()}
 
+    @staticmethod
+    async def _stop_threads_on_cancel(session: ProxySession) -> None:
+        """The cancel scope of a threaded session: when the session's nursery is
+        cancelled, shut both sockets down so the blocked threads return."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            session.stopping = True
+            for end in (session.client, session.server):
+                if isinstance(end, BlockingFdSocket):
+                    end.shutdown()
+
     async def _pump_until_end(
         self,
         session: ProxySession,
         direction: Direction,
-        src: FdStream,
-        dst: FdStream,
+        src: Endpoint,
+        dst: Endpoint,
         nursery: trio.Nursery,
     ) -> None:
         try:
-            await self._pump(session, direction, src, dst, nursery)
+            if isinstance(src, BlockingFdSocket) and isinstance(dst, BlockingFdSocket):
+                await trio.to_thread.run_sync(
+                    self._pump_thread, session, direction, src, dst, nursery,
+                    trio.lowlevel.current_trio_token(), limiter=self._threads,
+                )
+            elif isinstance(src, FdStream) and isinstance(dst, FdStream):
+                await self._pump(session, direction, src, dst, nursery)
+            else:  # pragma: no cover - both ends are wrapped by _endpoint
+                raise TypeError(f"mixed endpoints {src!r} and {dst!r}")
         except _SessionEnd as end:
-            if session.closed_by is None:
-                session.closed_by, session.reason = end.closed_by, end.reason
+            if session.stopping:
+                return  # the proxy shut the sockets down: not the peer's doing
+            session.end(end.closed_by, end.reason)
             if end.drain:
                 scope = nursery.cancel_scope
                 scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_TIME)
             else:
                 nursery.cancel_scope.cancel()
+
+    # --------------------------------------------------------------- pumps
 
     async def _pump(
         self,
@@ -297,55 +377,123 @@ class Proxy:
         nursery: trio.Nursery,
     ) -> None:
         """Forward ``src`` to ``dst`` message by message until the session ends."""
-        counters = self._counters[direction]
         sender = direction.sender.value
-        receiver = direction.receiver.value
-        decode = self.options.decode
         while True:
             try:
                 data, fds = await src.receive_message(session.state.max_message_size())
             except ConnectionClosedError as exc:
                 if exc.mid_message:
-                    await self._forward_torn(session, direction, dst, exc)
+                    if self._record_torn(session, direction, exc):
+                        with contextlib.suppress(TransportError, OSError):
+                            await dst.send_message(exc.partial)
                     raise _SessionEnd(sender, f"EOF mid-message ({exc})") from exc
                 raise _SessionEnd(sender, "EOF") from exc
             except TransportError as exc:
                 raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
-            t_ns = time.monotonic_ns()
             try:
                 if fds and direction is Direction.S2C and data[2] == Command.VERSION:
                     self._substitute_twin_socket(session, data, fds, nursery)
+                self._received(session, direction, data, fds)
                 try:
                     await dst.send_message(data, fds)
-                except ConnectionClosedError as exc:
-                    raise _SessionEnd(
-                        receiver, f"EOF while forwarding ({exc})", drain=True
-                    ) from exc
                 except (TransportError, OSError) as exc:
-                    raise _SessionEnd(
-                        "proxy", f"forwarding to the {receiver} failed: {exc}"
-                    ) from exc
-                counters.messages += 1
-                counters.bytes += len(data)
-                counters.fds += len(fds)
-                if decode:
-                    self._queue_forwarded(session, direction, t_ns, data, fds)
+                    raise self._send_failed(direction, exc) from exc
             finally:
                 for fd in fds:
                     fd.close()
+            self._forwarded(session, direction, data, fds)
 
-    async def _forward_torn(
+    def _pump_thread(
         self,
         session: ProxySession,
         direction: Direction,
-        dst: FdStream,
-        exc: ConnectionClosedError,
+        src: BlockingFdSocket,
+        dst: BlockingFdSocket,
+        nursery: trio.Nursery,
+        token: trio.lowlevel.TrioToken,
     ) -> None:
-        """The sender left in the middle of a message: hand the receiver the
-        bytes that did arrive (it then sees the same torn stream it would have
-        seen directly) and record them, before the session ends."""
+        """:meth:`_pump` on a forwarding thread, with blocking sockets."""
         sender = direction.sender.value
-        self._digest_backlog(session)
+        max_message_size = session.state.max_message_size
+        while True:
+            try:
+                data, fds = src.receive_message(max_message_size())
+            except ConnectionClosedError as exc:
+                if exc.mid_message:
+                    if self._record_torn(session, direction, exc):
+                        with contextlib.suppress(TransportError, OSError):
+                            dst.send_message(exc.partial)
+                    raise _SessionEnd(sender, f"EOF mid-message ({exc})") from exc
+                raise _SessionEnd(sender, "EOF") from exc
+            except (TransportError, OSError) as exc:
+                raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
+            try:
+                if fds and direction is Direction.S2C and data[2] == Command.VERSION:
+                    trio.from_thread.run_sync(self._substitute_twin_socket, session, data, fds,
+                                              nursery, trio_token=token)
+                self._received(session, direction, data, fds)
+                try:
+                    dst.send_message(data, fds)
+                except (TransportError, OSError) as exc:
+                    raise self._send_failed(direction, exc) from exc
+            finally:
+                for fd in fds:
+                    fd.close()
+            self._forwarded(session, direction, data, fds)
+
+    def _send_failed(self, direction: Direction, exc: BaseException) -> _SessionEnd:
+        receiver = direction.receiver.value
+        if isinstance(exc, ConnectionClosedError):
+            return _SessionEnd(receiver, f"EOF while forwarding ({exc})", drain=True)
+        return _SessionEnd("proxy", f"forwarding to the {receiver} failed: {exc}")
+
+    def _received(
+        self, session: ProxySession, direction: Direction, data: bytes, fds: list[OwnedFd]
+    ) -> None:
+        """Queue a message for decoding and recording, before it is sent: a
+        reply cannot be received before its request was sent, so the backlog
+        is in forwarding order. Fd metadata is taken now, while the fds are open."""
+        if not self.options.decode:
+            return
+        fd_info: list[FdRecord] | int = len(fds)
+        if fds and self.sink is not None:
+            limit = self.options.capture_fd_contents
+            fd_info = [fd_record(fd, i, contents_limit=limit) for i, fd in enumerate(fds)]
+        session.backlog.append((direction, time.monotonic_ns(), data, fd_info))
+
+    def _forwarded(
+        self, session: ProxySession, direction: Direction, data: bytes, fds: list[OwnedFd]
+    ) -> None:
+        """Count a forwarded message, then decode and record the backlog."""
+        counters = session.counters[direction]
+        counters.messages += 1
+        counters.bytes += len(data)
+        counters.fds += len(fds)
+        backlog, lock = session.backlog, session.digest_lock
+        # whoever holds the lock digests; an append seen after the holder's
+        # last look is taken by this loop once the holder lets go
+        while backlog and lock.acquire(blocking=False):
+            try:
+                while backlog:
+                    self._digest(session, *backlog.popleft())
+            finally:
+                lock.release()
+
+    def _drain_all(self, session: ProxySession) -> None:
+        """Digest everything still queued (the session is ending; strict is moot)."""
+        with session.digest_lock:
+            while session.backlog:
+                with contextlib.suppress(_SessionEnd):
+                    self._digest(session, *session.backlog.popleft())
+
+    def _record_torn(
+        self, session: ProxySession, direction: Direction, exc: ConnectionClosedError
+    ) -> bool:
+        """The sender left in the middle of a message: record the bytes that did
+        arrive; the pump then hands them on (the receiver sees the same torn
+        stream it would have seen directly). True if there are bytes to hand on."""
+        sender = direction.sender.value
+        self._drain_all(session)
         self._event(session.id, "error", time.monotonic_ns(), {
             "text": f"{sender} closed in the middle of a message: framing lost",
             "side": sender,
@@ -355,9 +503,7 @@ class Proxy:
         })
         log.warning("session %d: %s closed after %d bytes of a message", session.id, sender,
                     exc.received)
-        if exc.partial:
-            with contextlib.suppress(TransportError, OSError):
-                await dst.send_message(exc.partial)
+        return bool(exc.partial)
 
     def _substitute_twin_socket(
         self, session: ProxySession, data: bytes, fds: list[OwnedFd], nursery: trio.Nursery
@@ -379,88 +525,28 @@ class Proxy:
         index = twin.fd_index
         if not 0 <= index < len(fds) or inspect_fd(fds[index]).kind is not FdKind.SOCKET:
             return  # inconsistent: forwarded as it is, the client will refuse it
-        server_end = FdStream(trio.socket.from_stdlib_socket(
-            socket.socket(fileno=fds[index].detach())))
+        server_end = socket.socket(fileno=fds[index].detach())
         client_end, proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds[index] = OwnedFd(client_end.detach())
-        twin_stream = FdStream(trio.socket.from_stdlib_socket(proxy_end))
         twin_id = self._next_session
         self._next_session += 1
-        twin_session = ProxySession(twin_id, twin_stream, server_end, SessionState(
-            dialects=session.state.dialects, strict=self.options.strict))
+        twin_session = ProxySession(
+            twin_id, self._endpoint(proxy_end), self._endpoint(server_end),
+            SessionState(dialects=session.state.dialects, strict=self.options.strict),
+        )
         self.sessions[twin_id] = twin_session
         now = time.monotonic_ns()
         self._event(session.id, "note", now, {"text": f"twin socket relayed as session {twin_id}"})
         self._event(twin_id, "session_open", now, {**self._open_info(), "twin_of": session.id})
-        nursery.start_soon(self._run_twin, session, twin_session, nursery)
+        nursery.start_soon(self._run_twin, session, twin_session)
 
-    async def _run_twin(
-        self, main: ProxySession, twin: ProxySession, nursery: trio.Nursery
-    ) -> None:
+    async def _run_twin(self, main: ProxySession, twin: ProxySession) -> None:
         try:
-            async with trio.open_nursery() as twin_nursery:
-                for direction, src, dst in (
-                    (Direction.C2S, twin.client, twin.server),
-                    (Direction.S2C, twin.server, twin.client),
-                ):
-                    twin_nursery.start_soon(self._pump_until_end, twin, direction, src, dst,
-                                            twin_nursery)
-                twin_nursery.start_soon(self._digest_until_end, twin, twin_nursery)
+            await self._relay(twin)
         finally:
-            with trio.CancelScope(shield=True):
-                await twin.client.aclose()
-                await twin.server.aclose()
-            self._digest_backlog(twin)
-            if twin.closed_by is None:
-                twin.closed_by, twin.reason = "proxy", f"session {main.id} ended"
-            self._event(twin.id, "session_close", time.monotonic_ns(),
-                        {"closed_by": twin.closed_by, "reason": twin.reason})
-            del self.sessions[twin.id]
+            self._end_session(twin, f"session {main.id} ended")
             if self.sink is not None:
                 self.sink.session_done(twin.id)
-
-    def _queue_forwarded(
-        self,
-        session: ProxySession,
-        direction: Direction,
-        t_ns: int,
-        data: bytes,
-        fds: list[OwnedFd],
-    ) -> None:
-        """Leave a forwarded message to the digest task (fd metadata is taken
-        now, while the fds are still open)."""
-        fd_info: list[FdRecord] | int = len(fds)
-        if fds and self.sink is not None:
-            limit = self.options.capture_fd_contents
-            fd_info = [fd_record(fd, i, contents_limit=limit) for i, fd in enumerate(fds)]
-        session.backlog.append((direction, t_ns, data, fd_info))
-        session.has_backlog.set()
-        if len(session.backlog) > BACKLOG_LIMIT:
-            self._digest_backlog(session, raise_strict=True)
-
-    async def _digest_until_end(self, session: ProxySession, nursery: trio.Nursery) -> None:
-        """Decode and record forwarded messages one at a time, yielding to the
-        pumps between them, until the session ends."""
-        try:
-            while True:
-                await session.has_backlog.wait()
-                while session.backlog:
-                    self._digest(session, *session.backlog.popleft())
-                    await trio.lowlevel.checkpoint()
-                session.has_backlog = trio.Event()
-        except _SessionEnd as end:
-            if session.closed_by is None:
-                session.closed_by, session.reason = end.closed_by, end.reason
-            nursery.cancel_scope.cancel()
-
-    def _digest_backlog(self, session: ProxySession, *, raise_strict: bool = False) -> None:
-        """Digest everything queued now (at session end, or to catch up)."""
-        while session.backlog:
-            try:
-                self._digest(session, *session.backlog.popleft())
-            except _SessionEnd:
-                if raise_strict:
-                    raise
 
     def _digest(
         self,
@@ -484,11 +570,11 @@ class Proxy:
         finally:
             state.strict = strict
         if self.sink is not None:
-            self.sink.writer_for(session.id).write_message(
+            self.sink.writer_for(session.id).append_message(
                 session.id, direction, t_ns, data, fd_records
             )
         for violation in obs.violations:
-            self._violations += 1
+            session.violations += 1
             log.warning("session %d: %s", session.id, violation)
             self._event(session.id, "violation", t_ns, violation.to_dict())
         if self.observer is not None:

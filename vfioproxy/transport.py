@@ -28,7 +28,7 @@ from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, Transport
 from vfioproxy.fds import OwnedFd, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 
-__all__ = ["SCM_MAX_FD", "FdStream", "fd_stream_pair", "open_unix_fd_stream"]
+__all__ = ["SCM_MAX_FD", "FdStream", "fd_stream_pair", "open_unix_fd_stream", "take_fds"]
 
 #: Linux's limit on fds in one ``sendmsg`` (include/net/scm.h)
 SCM_MAX_FD = 253
@@ -44,7 +44,7 @@ def _check_max_fds(max_fds: int) -> None:
         raise ValueError(f"max_fds must be in 0..{SCM_MAX_FD}, got {max_fds}")
 
 
-def _take_fds(ancdata: list[tuple[int, int, bytes]], into: list[OwnedFd]) -> None:
+def take_fds(ancdata: list[tuple[int, int, bytes]], into: list[OwnedFd]) -> None:
     """Wrap the fds of every SCM_RIGHTS cmsg in ``ancdata`` (the kernel installed them)."""
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -277,7 +277,7 @@ class FdStream(trio.abc.AsyncResource):
                     await trio.lowlevel.wait_readable(raw)
                     continue
                 if ancdata:
-                    _take_fds(ancdata, fds)
+                    take_fds(ancdata, fds)
                 if flags & socket.MSG_CTRUNC:
                     header += chunk
                     raise FdsTruncatedError(

@@ -197,10 +197,3 @@ def test_realize_through_record_is_what_qemu_does(
         f"{1e3 * (view['timings']['realize'] + view['timings']['reset']):.1f} ms proxied, "
         f"{1e3 * (direct['timings']['realize'] + direct['timings']['reset']):.1f} ms direct"
     )
-
-
-def test_realize_recording_replays() -> None:
-    pytest.skip("issue 6 (replay) has not landed: a realize recorded against samples/server "
-                "should replay as client against a fresh samples/server with zero divergence, "
-                "against gpio-pci-idio-16 with a divergence report, and as server towards "
-                "`vfioproxy realize`")

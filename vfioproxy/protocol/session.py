@@ -173,11 +173,11 @@ class SessionState:
         sender = direction.sender
         problems: list[Violation] = []
 
-        def violation(kind: str, text: str, command: str, **where: Any) -> None:
-            problems.append(Violation(kind, sender, index, command, text, **where))
+        def violation(kind: str, text: str, header: Header, **where: Any) -> None:
+            # describing the header is a good part of observing a message: only on a violation
+            problems.append(Violation(kind, sender, index, header.describe(), text, **where))
 
         header = Header.parse(data)
-        name = header.describe()
         self._check_header(header, len(data), violation)
         request: Message | None = None
         if header.is_reply:
@@ -190,7 +190,7 @@ class SessionState:
             request=request,
         )
         if isinstance(message.body, RawBody) and message.body.reason and header.size == len(data):
-            violation("decode_error", message.body.reason, name)
+            violation("decode_error", message.body.reason, header)
         if header.is_command:
             self._check_command(direction, index, message, violation)
         self._check_fds(direction, header, len(fds), violation)
@@ -201,37 +201,36 @@ class SessionState:
         return Observation(direction, index, message, request, tuple(problems))
 
     def _check_header(self, header: Header, length: int, violation: Any) -> None:
-        name = header.describe()
         if header.size < HEADER_SIZE:
             violation(
-                "size_too_small", "size below the 16-byte header", name,
+                "size_too_small", "size below the 16-byte header", header,
                 field="size", offset=4, expected=">= 16", got=header.size,
             )
         elif header.size != length:
             violation(
-                "size_too_large", "size above the negotiated maximum", name,
+                "size_too_large", "size above the negotiated maximum", header,
                 field="size", offset=4, expected=f"<= {self.max_message_size()}",
                 got=header.size,
             )
         if header.type not in (MessageType.COMMAND, MessageType.REPLY):
             violation(
-                "invalid_flags", "invalid message type", name,
+                "invalid_flags", "invalid message type", header,
                 field="flags", offset=8, expected="type 0 or 1", got=header.flags,
             )
         elif header.flags & ~KNOWN_FLAGS:
             violation(
-                "invalid_flags", "unknown flag bits set", name,
+                "invalid_flags", "unknown flag bits set", header,
                 field="flags", offset=8, expected=f"bits within {KNOWN_FLAGS:#x}",
                 got=header.flags,
             )
         elif header.is_command and header.is_error:
             violation(
-                "invalid_flags", "error flag on a command", name,
+                "invalid_flags", "error flag on a command", header,
                 field="flags", offset=8, got=header.flags,
             )
         elif header.is_reply and header.no_reply:
             violation(
-                "invalid_flags", "no_reply flag on a reply", name,
+                "invalid_flags", "no_reply flag on a reply", header,
                 field="flags", offset=8, got=header.flags,
             )
 
@@ -239,18 +238,17 @@ class SessionState:
         self, direction: Direction, index: int, message: Message, violation: Any
     ) -> None:
         header = message.header
-        name = header.describe()
         from_server = header.command in SERVER_COMMANDS
         if from_server != (direction is Direction.S2C):
             violation(
                 "wrong_direction", f"{header.command_name} sent by the {direction.sender.value}",
-                name, field="command", offset=2,
+                header, field="command", offset=2,
                 expected=f"sent by the {'server' if from_server else 'client'}",
                 got=direction.sender.value,
             )
         if direction is Direction.C2S and index == 0 and header.command != Command.VERSION:
             violation(
-                "version_not_first", "the first client message must be VERSION", name,
+                "version_not_first", "the first client message must be VERSION", header,
                 field="command", offset=2, expected="VERSION", got=header.command_name,
             )
         self._check_count(direction, message, violation)
@@ -263,7 +261,7 @@ class SessionState:
                 "duplicate_outstanding_id",
                 f"msg_id {header.msg_id} is still outstanding "
                 f"({queue[0].message.header.command_name} #{queue[0].index})",
-                name, field="msg_id", offset=0, got=header.msg_id,
+                header, field="msg_id", offset=0, got=header.msg_id,
             )
         queue.append(_Pending(index, message))
 
@@ -275,7 +273,7 @@ class SessionState:
                 violation(
                     "count_too_large",
                     f"count above the {direction.receiver.value}'s max_data_xfer_size",
-                    message.header.describe(), field="count", offset=28 if isinstance(
+                    message.header, field="count", offset=28 if isinstance(
                         body, RegionAccessBody) else 24,
                     expected=f"<= {limit}", got=body.count,
                 )
@@ -291,7 +289,7 @@ class SessionState:
                 violation(
                     "reply_command_mismatch",
                     f"reply to msg_id {header.msg_id} names another command",
-                    header.describe(), field="command", offset=2,
+                    header, field="command", offset=2,
                     expected=pending.message.header.command_name, got=header.command_name,
                 )
             return pending.message
@@ -302,17 +300,16 @@ class SessionState:
             "unknown_reply_id",
             f"reply to msg_id {header.msg_id}, which no outstanding "
             f"{sent_by.sender.value} command has",
-            header.describe(), field="msg_id", offset=0, got=header.msg_id,
+            header, field="msg_id", offset=0, got=header.msg_id,
         )
         return None
 
     def _check_fds(self, direction: Direction, header: Header, nfds: int, violation: Any) -> None:
         if not nfds:
             return
-        name = header.describe()
         if not may_carry_fds(header.command, header.is_reply) or header.is_error:
             violation(
-                "fds_not_allowed", f"{nfds} fd(s) on a message that carries none", name,
+                "fds_not_allowed", f"{nfds} fd(s) on a message that carries none", header,
                 field="fds", expected=0, got=nfds,
             )
             return
@@ -320,7 +317,7 @@ class SessionState:
         if nfds > limit:
             violation(
                 "too_many_fds", f"more fds than the {direction.receiver.value}'s max_msg_fds",
-                name, field="fds", expected=f"<= {limit}", got=nfds,
+                header, field="fds", expected=f"<= {limit}", got=nfds,
             )
 
     def _negotiate(self, header: Header, body: VersionBody) -> None:
