@@ -22,8 +22,10 @@ from recorder.errors import TraceError
 from recorder.rawcap import import_rawcap
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
+from vfioproxy.control import control_request, serve_control
 from vfioproxy.demo import run_demo
 from vfioproxy.errors import VfioProxyError
+from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
 from vfioproxy.live import MessageLog, run_status_line
 from vfioproxy.peers.client import RealizeError, RealizeOptions, realize
 from vfioproxy.peers.server import DeviceOptions, serve_device
@@ -87,7 +89,19 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _injector(args: argparse.Namespace) -> Injector | None:
+    """The rules of ``--rules`` files then ``--rule``s; None when injection is off."""
+    rules: list[Rule] = []
+    for path in args.rules:
+        rules.extend(load_rules(path))
+    rules.extend(parse_rule(text) for text in args.rule)
+    if not rules and args.control is None and args.seed is None:
+        return None
+    return Injector(rules, seed=args.seed or 0)
+
+
 async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None:
+    injector = _injector(args)
     options = ProxyOptions(
         strict=args.strict,
         capture_fd_contents=getattr(args, "capture_fd_contents", 0),
@@ -96,14 +110,22 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None
         mode=int(args.mode, 8),
     )
     proxy = Proxy(args.server, sink=sink, options=options,
-                  observer=MessageLog() if args.verbose else None)
+                  observer=MessageLog() if args.verbose else None, injector=injector)
     listener = await open_unix_listener(args.listen, mode=options.mode)
     print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
           + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
+    if injector is not None:
+        for rule in injector.rules:
+            print(f"vfioproxy: rule {rule.id}: {rule.text}", file=sys.stderr)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(proxy.serve, listener)
+                if args.control is not None:
+                    assert injector is not None
+                    await nursery.start(functools.partial(
+                        serve_control, args.control, proxy, injector, mode=options.mode))
+                    print(f"vfioproxy: control socket {args.control}", file=sys.stderr)
                 if sys.stderr.isatty() and not args.verbose:
                     nursery.start_soon(run_status_line, proxy)
                 async for signum in signals:
@@ -146,6 +168,33 @@ def cmd_record(args: argparse.Namespace) -> int:
         files = sink.files()
     for path in files:
         print(f"vfioproxy: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    request: dict[str, object] = {"op": args.op}
+    if args.op == "add":
+        request["rule"] = args.rule
+    elif args.op == "remove":
+        request["id"] = args.id
+    answer = control_request(args.control, request)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.op == "list":
+        print(f"seed {answer['seed']}")
+        for rule in answer["rules"]:
+            print(f"{rule['id']:>4}  {rule['text']}")
+    elif args.op in ("add", "remove"):
+        verb = "added" if args.op == "add" else "removed"
+        print(f"{verb} rule {answer['rule']['id']}: {answer['rule']['text']}")
+    else:
+        proxy, inject = answer["proxy"], answer["inject"]
+        print(f"sessions {proxy['sessions_active']} active / {proxy['sessions_total']} total, "
+              f"c2s {proxy['c2s']['messages']} s2c {proxy['s2c']['messages']} messages, "
+              f"{proxy['violations']} violation(s)")
+        for rule in inject["rules"]:
+            print(f"{rule['rule_id']:>4}  matched {rule['matched']:>7}  applied "
+                  f"{rule['applied']:>7}  delay {rule['injected_delay']:.6f} s  {rule['text']}")
     return 0
 
 
@@ -241,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="relay only: no decoding, no violation checks")
         p.add_argument("--client-dma", choices=LAYOUTS, help="client DMA layout (else detected)")
         p.add_argument("--server-dma", choices=LAYOUTS, help="server DMA layout (spec)")
+        inject = p.add_argument_group(
+            "fault injection", "rules: DIRECTION COMMANDS [FILTERS] ACTION, e.g. "
+            "'c2s REGION_READ delay normal(200us,50us)' (see README)")
+        inject.add_argument("--rule", action="append", default=[], metavar="RULE",
+                            help="an injection rule (repeatable)")
+        inject.add_argument("--rules", action="append", default=[], metavar="FILE.toml",
+                            help="injection rules from a TOML file (repeatable)")
+        inject.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+        inject.add_argument("--control", metavar="CTL_SOCK",
+                            help="control socket: change rules while running (vfioproxy ctl)")
 
     p_proxy = commands.add_parser("proxy", help="relay vfio-user sessions without recording")
     add_proxy_options(p_proxy)
@@ -257,6 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_record.add_argument("--client-desc", default="", help="what the client is, for the trace")
     p_record.add_argument("--server-desc", default="", help="what the server is, for the trace")
     p_record.set_defaults(func=cmd_record)
+
+    p_ctl = commands.add_parser("ctl", help="talk to a running proxy's control socket")
+    p_ctl.add_argument("--control", required=True, metavar="CTL_SOCK")
+    p_ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    ctl = p_ctl.add_subparsers(dest="op", metavar="OP", required=True)
+    ctl.add_parser("list", help="the rules in force")
+    ctl_add = ctl.add_parser("add", help="add a rule")
+    ctl_add.add_argument("rule", help="rule text, e.g. 'c2s * delay 100us'")
+    ctl_remove = ctl.add_parser("remove", help="remove a rule")
+    ctl_remove.add_argument("id", type=int, help="rule id (see list)")
+    ctl.add_parser("stats", help="proxy and per-rule counters")
+    p_ctl.set_defaults(func=cmd_ctl)
 
     p_demo = commands.add_parser(
         "demo", help="reference device <-> recording proxy <-> realize client, then trace stats"

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +33,7 @@ from recorder.sink import TraceSink
 from vfioproxy.blocking_transport import BlockingFdSocket
 from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.fds import FdKind, OwnedFd, inspect_fd
+from vfioproxy.inject import Injector
 from vfioproxy.protocol.bodies import VersionBody
 from vfioproxy.protocol.codec import Dialects, decode
 from vfioproxy.protocol.header import Command
@@ -125,6 +126,22 @@ _Received = tuple[Direction, int, bytes, list[FdRecord] | int]
 Endpoint = FdStream | BlockingFdSocket
 
 
+@attrs.frozen
+class _Release:
+    """A message waiting in a direction's release queue (fault injection).
+
+    ``forwarded``: the sender's message (counted and digested once sent);
+    otherwise an error reply the proxy makes up in place of the receiver.
+    ``close_after``: the reason to end the session once it is sent.
+    """
+
+    at: float
+    data: bytes
+    fds: list[OwnedFd]
+    forwarded: bool = True
+    close_after: str | None = None
+
+
 @attrs.define(eq=False)
 class ProxySession:
     """One client connection and its server connection.
@@ -148,6 +165,8 @@ class ProxySession:
     violations: int = 0
     backlog: deque[_Received] = attrs.field(factory=deque)
     digest_lock: threading.Lock = attrs.field(factory=threading.Lock)
+    #: per direction, the release queue of an injecting proxy
+    releases: dict[Direction, trio.MemorySendChannel[_Release]] = attrs.field(factory=dict)
 
     def end(self, closed_by: str, reason: str) -> None:
         """Say who ended the session and why (the first to say it wins)."""
@@ -164,6 +183,9 @@ class Proxy:
     ``sink`` records every session (None: record nothing); ``observer`` is
     called after each forwarded message with its decoding (the live view;
     with threaded forwarding it is called from a forwarding thread).
+    ``injector`` injects faults (delays, errors, drops...); an injecting
+    proxy forwards on trio tasks, whatever ``options.threads`` says, so that
+    delays follow trio's clock.
     """
 
     def __init__(
@@ -173,11 +195,14 @@ class Proxy:
         sink: TraceSink | None = None,
         options: ProxyOptions = ProxyOptions(),
         observer: MessageObserver | None = None,
+        injector: Injector | None = None,
     ) -> None:
         self.server_path = os.fspath(server_path)
         self.sink = sink
         self.options = options
         self.observer = observer
+        self.injector = injector
+        self._threaded = options.threads and injector is None
         self.sessions: dict[int, ProxySession] = {}
         self._next_session = 1
         self._ended = {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
@@ -246,7 +271,7 @@ class Proxy:
 
     def _endpoint(self, sock: trio.socket.SocketType | socket.socket) -> Endpoint:
         """Wrap a connected socket for the way this proxy forwards."""
-        if self.options.threads:
+        if self._threaded:
             if isinstance(sock, socket.socket):
                 return BlockingFdSocket(sock)
             return BlockingFdSocket(socket.socket(fileno=sock.detach()))
@@ -288,17 +313,32 @@ class Proxy:
 
     async def _relay(self, session: ProxySession) -> None:
         """Run both directions of ``session`` until it ends, then close its sockets."""
+        queues = []
         try:
             async with trio.open_nursery() as nursery:
                 for direction, src, dst in (
                     (Direction.C2S, session.client, session.server),
                     (Direction.S2C, session.server, session.client),
                 ):
-                    nursery.start_soon(self._pump_until_end, session, direction, src, dst,
-                                       nursery)
-                if self.options.threads:
+                    if self.injector is not None:
+                        send, receive = trio.open_memory_channel[_Release](math.inf)
+                        session.releases[direction] = send
+                        queues.append(receive)
+                        nursery.start_soon(self._until_end, session, nursery, self._release,
+                                           session, direction, dst, receive)
+                    nursery.start_soon(self._until_end, session, nursery, self._pump_any,
+                                       session, direction, src, dst, nursery)
+                if self._threaded:
                     nursery.start_soon(self._stop_threads_on_cancel, session)
         finally:
+            for queue in queues:  # what was still held back is not sent: its fds go
+                while True:
+                    try:
+                        held = queue.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    for fd in held.fds:
+                        fd.close()
             for end in (session.client, session.server):
                 if isinstance(end, FdStream):
                     with trio.CancelScope(shield=True):
@@ -309,6 +349,8 @@ class Proxy:
     def _end_session(self, session: ProxySession, default_reason: str) -> None:
         """Digest what is left, record the close and fold the session's counters in."""
         self._drain_all(session)
+        if self.injector is not None:
+            self.injector.forget(session.id)
         session.end("proxy", default_reason)
         self._event(session.id, "session_close", time.monotonic_ns(),
                     {"closed_by": session.closed_by, "reason": session.reason})
@@ -324,7 +366,13 @@ class Proxy:
             self._sessions_done.set()
 
     def _open_info(self) -> dict[str, Any]:
-        return {"server_path": self.server_path, "wall": time.time()}
+        info: dict[str, Any] = {"server_path": self.server_path, "wall": time.time()}
+        if self.injector is not None:  # enough to reconstruct the experiment from the trace
+            info["inject"] = {
+                "seed": self.injector.seed,
+                "rules": [rule.to_dict() for rule in self.injector.rules],
+            }
+        return info
 
     @staticmethod
     async def _stop_threads_on_cancel(session: ProxySession) -> None:
@@ -338,7 +386,7 @@ class Proxy:
                 if isinstance(end, BlockingFdSocket):
                     end.shutdown()
 
-    async def _pump_until_end(
+    async def _pump_any(
         self,
         session: ProxySession,
         direction: Direction,
@@ -346,16 +394,26 @@ class Proxy:
         dst: Endpoint,
         nursery: trio.Nursery,
     ) -> None:
+        if isinstance(src, BlockingFdSocket) and isinstance(dst, BlockingFdSocket):
+            await trio.to_thread.run_sync(
+                self._pump_thread, session, direction, src, dst, nursery,
+                trio.lowlevel.current_trio_token(), limiter=self._threads,
+            )
+        elif isinstance(src, FdStream) and isinstance(dst, FdStream):
+            await self._pump(session, direction, src, dst, nursery)
+        else:  # pragma: no cover - both ends are wrapped by _endpoint
+            raise TypeError(f"mixed endpoints {src!r} and {dst!r}")
+
+    async def _until_end(
+        self,
+        session: ProxySession,
+        nursery: trio.Nursery,
+        run: Callable[..., Awaitable[None]],
+        *args: Any,
+    ) -> None:
+        """Run one of the session's tasks; its :class:`_SessionEnd` ends the session."""
         try:
-            if isinstance(src, BlockingFdSocket) and isinstance(dst, BlockingFdSocket):
-                await trio.to_thread.run_sync(
-                    self._pump_thread, session, direction, src, dst, nursery,
-                    trio.lowlevel.current_trio_token(), limiter=self._threads,
-                )
-            elif isinstance(src, FdStream) and isinstance(dst, FdStream):
-                await self._pump(session, direction, src, dst, nursery)
-            else:  # pragma: no cover - both ends are wrapped by _endpoint
-                raise TypeError(f"mixed endpoints {src!r} and {dst!r}")
+            await run(*args)
         except _SessionEnd as end:
             if session.stopping:
                 return  # the proxy shut the sockets down: not the peer's doing
@@ -390,6 +448,9 @@ class Proxy:
                 raise _SessionEnd(sender, "EOF") from exc
             except TransportError as exc:
                 raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
+            if self.injector is not None:
+                self._inject(session, direction, data, fds, nursery)
+                continue
             try:
                 if fds and direction is Direction.S2C and data[2] == Command.VERSION:
                     self._substitute_twin_socket(session, data, fds, nursery)
@@ -402,6 +463,75 @@ class Proxy:
                 for fd in fds:
                     fd.close()
             self._forwarded(session, direction, data, fds)
+
+    def _inject(
+        self,
+        session: ProxySession,
+        direction: Direction,
+        data: bytes,
+        fds: list[OwnedFd],
+        nursery: trio.Nursery,
+    ) -> None:
+        """Ask the injector what becomes of a received message and queue it for
+        release (the direction's release task sends it at the decided time)."""
+        assert self.injector is not None
+        decision = self.injector.decide(session.id, direction, data, trio.current_time())
+        try:
+            if fds and direction is Direction.S2C and data[2] == Command.VERSION:
+                self._substitute_twin_socket(session, data, fds, nursery)
+            self._received(session, direction, data, fds)
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            raise
+        where = f"{direction.sender.value} message #{decision.index}"
+        if decision.applied:
+            self._event(session.id, "inject", time.monotonic_ns(), {
+                "direction": direction.value,
+                "index": decision.index,
+                "applied": [applied.to_dict() for applied in decision.applied],
+            })
+        if decision.close_before or not decision.forward:
+            for fd in fds:
+                fd.close()
+            self._digest_backlog(session)
+        if decision.close_before:
+            raise _SessionEnd("proxy", f"injected close before {where}")
+        if decision.forward:
+            session.releases[direction].send_nowait(_Release(
+                decision.release_at, decision.data, fds,
+                close_after=f"injected close after {where}" if decision.close_after else None,
+            ))
+        if decision.reply is not None:  # in place of the receiver, after what it already sent
+            session.releases[direction.reverse].send_nowait(
+                _Release(decision.release_at, decision.reply, [], forwarded=False)
+            )
+        elif decision.close_after and not decision.forward:
+            raise _SessionEnd("proxy", f"injected close after {where}")
+
+    async def _release(
+        self,
+        session: ProxySession,
+        direction: Direction,
+        dst: Endpoint,
+        queue: trio.MemoryReceiveChannel[_Release],
+    ) -> None:
+        """Send what the injector let through, in order, each at its release time."""
+        assert isinstance(dst, FdStream)
+        async for item in queue:
+            try:
+                await trio.sleep_until(item.at)
+                try:
+                    await dst.send_message(item.data, item.fds)
+                except (TransportError, OSError) as exc:
+                    raise self._send_failed(direction, exc) from exc
+            finally:
+                for fd in item.fds:
+                    fd.close()
+            if item.forwarded:
+                self._forwarded(session, direction, item.data, item.fds)
+            if item.close_after is not None:
+                raise _SessionEnd("proxy", item.close_after)
 
     def _pump_thread(
         self,
@@ -469,6 +599,10 @@ class Proxy:
         counters.messages += 1
         counters.bytes += len(data)
         counters.fds += len(fds)
+        self._digest_backlog(session)
+
+    def _digest_backlog(self, session: ProxySession) -> None:
+        """Decode and record what is queued, unless another thread is at it."""
         backlog, lock = session.backlog, session.digest_lock
         # whoever holds the lock digests; an append seen after the holder's
         # last look is taken by this loop once the holder lets go
@@ -582,6 +716,18 @@ class Proxy:
         if strict and obs.violations:
             raise _SessionEnd("proxy", f"strict: {obs.violations[0]}")
 
+    def record_event(self, kind: str, data: dict[str, Any]) -> None:
+        """Record a proxy-wide event (e.g. a rule change): once in a single
+        trace, or in every running session's file of a per-session sink."""
+        if self.sink is None:
+            return
+        now = time.monotonic_ns()
+        if self.sink.shared_writer() is not None:
+            self._event(None, kind, now, data)
+        else:
+            for sid in list(self.sessions):
+                self._event(sid, kind, now, data)
+
     def _event(self, sid: int | None, kind: str, t_ns: int, data: dict[str, Any]) -> None:
         if self.sink is not None:
             target = self.sink.writer_for(sid) if sid is not None else self.sink.shared_writer()
@@ -597,12 +743,13 @@ async def open_proxy(
     sink: TraceSink | None = None,
     options: ProxyOptions = ProxyOptions(),
     observer: MessageObserver | None = None,
+    injector: Injector | None = None,
 ) -> AsyncIterator[Proxy]:
     """A running proxy on ``listen_path`` for the body of the ``async with``.
 
     On exit it stops accepting and cancels the sessions still running.
     """
-    proxy = Proxy(server_path, sink=sink, options=options, observer=observer)
+    proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector)
     listener = await open_unix_listener(listen_path, mode=options.mode)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve, listener)
@@ -619,10 +766,11 @@ async def serve_proxy(
     sink: TraceSink | None = None,
     options: ProxyOptions = ProxyOptions(),
     observer: MessageObserver | None = None,
+    injector: Injector | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a proxy on ``listen_path`` until cancelled (``task_status`` gets the Proxy)."""
-    proxy = Proxy(server_path, sink=sink, options=options, observer=observer)
+    proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector)
     listener = await open_unix_listener(listen_path, mode=options.mode)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve, listener)
