@@ -108,6 +108,7 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None
         dialects=_dialects(args),
         decode=not args.no_decode,
         mode=int(args.mode, 8),
+        threads=args.forwarding == "threads",
     )
     proxy = Proxy(args.server, sink=sink, options=options,
                   observer=MessageLog() if args.verbose else None, injector=injector)
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight sessions get after SIGINT/SIGTERM")
         p.add_argument("--no-decode", action="store_true",
                        help="relay only: no decoding, no violation checks")
+        p.add_argument("--forwarding", choices=("threads", "trio"), default="threads",
+                       help="forward on a blocking thread per direction (default, fastest) "
+                       "or on trio tasks (always so with fault injection)")
         p.add_argument("--client-dma", choices=LAYOUTS, help="client DMA layout (else detected)")
         p.add_argument("--server-dma", choices=LAYOUTS, help="server DMA layout (spec)")
         inject = p.add_argument_group(
