@@ -25,6 +25,7 @@ from recorder.sink import TraceSink
 from vfioproxy.control import control_request, serve_control
 from vfioproxy.demo import run_demo
 from vfioproxy.errors import VfioProxyError
+from vfioproxy.experiment.cli import add_experiment_command
 from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
 from vfioproxy.live import MessageLog, run_status_line
 from vfioproxy.peers.client import RealizeError, RealizeOptions, realize
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_record.add_argument("--client-desc", default="", help="what the client is, for the trace")
     p_record.add_argument("--server-desc", default="", help="what the server is, for the trace")
     p_record.set_defaults(func=cmd_record)
+
+    add_experiment_command(commands)
 
     p_ctl = commands.add_parser("ctl", help="talk to a running proxy's control socket")
     p_ctl.add_argument("--control", required=True, metavar="CTL_SOCK")

@@ -1,0 +1,126 @@
+"""What a run's trace says: per-command latency, injected actions, expected delay."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+from recorder import stats
+from recorder.decoded import decoded_records
+from recorder.reader import TraceReader
+from recorder.records import EventRecord
+from vfioproxy.experiment.model import CommandLatency
+from vfioproxy.inject import Delay, Rule
+
+__all__ = ["TraceFacts", "analyse_trace", "expected_delay", "inject_items"]
+
+#: actions whose value is seconds added to the message
+_TIMED = ("delay", "bandwidth", "stall")
+
+
+@attrs.frozen
+class TraceFacts:
+    """What one run's trace holds (see :func:`analyse_trace`)."""
+
+    messages: int
+    latency: dict[str, CommandLatency]
+    #: messages per direction ("c2s", "s2c")
+    per_direction: dict[str, int]
+    #: None when the trace has no inject events at all
+    applied: tuple[dict[str, Any], ...] | None
+    actions: dict[str, int]
+    injected_delay_s: float
+
+
+def inject_items(events: Iterable[EventRecord]) -> list[dict[str, Any]]:
+    """The applied actions of ``inject`` events, tolerant of their shape.
+
+    An event's ``applied`` list gives one item each (``rule``, ``action``,
+    ``text``, ``value`` in seconds for delays); an event without it is one
+    item itself (the older FORMAT.md shape, delay values in ns).
+    """
+    items: list[dict[str, Any]] = []
+    for event in events:
+        if event.kind != "inject":
+            continue
+        applied = event.data.get("applied")
+        if isinstance(applied, list):
+            items.extend(item for item in applied if isinstance(item, dict))
+        elif "action" in event.data:
+            item = dict(event.data)
+            value = item.get("value")
+            if item.get("action") in _TIMED and isinstance(value, int):
+                item["value"] = value / 1e9
+            items.append(item)
+    return items
+
+
+def analyse_trace(path: str | os.PathLike[str]) -> TraceFacts:
+    """Counts, request -> reply latency per command (as the proxy saw it), injections."""
+    events: list[EventRecord] = []
+
+    def keep(items: Iterable[Any]) -> Iterable[Any]:
+        for item in items:
+            if isinstance(item, EventRecord):
+                events.append(item)
+            yield item
+
+    with TraceReader(path) as reader:
+        collected = stats.collect(keep(decoded_records(reader)))
+    latency = {}
+    for name, values in sorted(collected.latencies.items()):
+        if values:
+            table = stats.LatencyStats.of(values)
+            latency[name] = CommandLatency(
+                table.count, table.p50_ns / 1e9, table.p99_ns / 1e9, sum(values) / 1e9
+            )
+    per_direction: Counter[str] = Counter()
+    for (_, direction, _), (count, _) in collected.traffic.items():
+        per_direction[direction] += count
+    has_inject = any(event.kind == "inject" for event in events)
+    items = inject_items(events)
+    delay = sum(
+        float(item["value"])
+        for item in items
+        if item.get("action") in _TIMED and isinstance(item.get("value"), (int, float))
+    )
+    return TraceFacts(
+        messages=collected.messages,
+        latency=latency,
+        per_direction=dict(per_direction),
+        applied=tuple(items) if has_inject else None,
+        actions=dict(Counter(str(item.get("action")) for item in items)),
+        injected_delay_s=delay,
+    )
+
+
+def expected_delay(rules: Sequence[Rule], facts: TraceFacts) -> float | None:
+    """Messages matched x mean delay, summed over the delay rules on ``*`` commands
+    (None when there is no such rule).
+
+    Matched messages are counted from the inject events when the trace has
+    them, else as every message of the rule's direction (index, session and
+    probability filters are then not taken into account).
+    """
+    total: float | None = None
+    for rule in rules:
+        if not isinstance(rule.action, Delay) or rule.match.command is not None:
+            continue
+        total = total or 0.0
+        if facts.applied is not None:
+            matched = sum(
+                1
+                for item in facts.applied
+                if item.get("rule") == rule.id and item.get("action") == "delay"
+            )
+        elif rule.match.direction is None:
+            matched = sum(facts.per_direction.values())
+        else:
+            matched = facts.per_direction.get(rule.match.direction.value, 0)
+        if matched:
+            total += matched * rule.action.distribution.mean()
+    return total

@@ -1,0 +1,145 @@
+"""Terminal output of ``vfioproxy experiment``: progress while running, the summary table."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+from vfioproxy.experiment.model import ExperimentResults, SummaryRow
+from vfioproxy.experiment.runner import Progress
+
+__all__ = ["print_summary", "progress_display", "summary_cells", "summary_lines"]
+
+#: column headers (times in ms); the plain table joins the two lines
+HEADERS = (
+    ("", "setting"), ("realize", "ms"), ("total", "ms"), ("total", "min..max"),
+    ("added", "ms"), ("expected", "ms"), ("", "ratio"), ("", "msgs"), ("", "status"),
+)
+
+
+def _rich(module: str) -> Any:
+    """A module of ``rich`` (untyped here: rich is optional), or None without rich."""
+    try:
+        return importlib.import_module(f"rich.{module}")
+    except ImportError:
+        return None
+
+
+def _ms(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:+.2f}" if signed else f"{value * 1000:.2f}"
+
+
+def _status(row: SummaryRow) -> str:
+    return ", ".join(f"{status}×{n}" for status, n in sorted(row.statuses.items()))
+
+
+def summary_cells(row: SummaryRow) -> list[str]:
+    """The cells of one summary line, as text."""
+    spread = "-"
+    if row.total_min_s is not None and row.total_max_s is not None:
+        spread = f"{row.total_min_s * 1000:.1f}..{row.total_max_s * 1000:.1f}"
+    return [
+        row.setting,
+        _ms(row.realize_s),
+        _ms(row.total_s),
+        spread,
+        _ms(row.added_s, signed=True),
+        _ms(row.expected_added_s, signed=True),
+        "-" if row.ratio is None else f"{row.ratio:.2f}",
+        "-" if row.messages is None else f"{row.messages:g}",
+        _status(row),
+    ]
+
+
+def _notes(results: ExperimentResults) -> list[str]:
+    """What the columns mean, then the first error of each setting that had one."""
+    base = next((s.label for s in results.settings if s.proxy), "-")
+    lines = [
+        f"realize, total: medians over the runs (ms); added: total against setting {base!r}; "
+        "expected: messages x mean injected delay (delay rules on '*' commands) against "
+        "the same setting; ratio: added / expected",
+    ]
+    errors = [row for row in results.summary if row.error]
+    if errors:
+        lines.append("errors (first of each setting):")
+        lines += [f"  {row.setting}: {row.error}" for row in errors]
+    return lines
+
+
+def summary_lines(results: ExperimentResults) -> list[str]:
+    """The summary as plain aligned text."""
+    headers = [" ".join(part for part in header if part) for header in HEADERS]
+    table = [headers] + [summary_cells(row) for row in results.summary]
+    widths = [max(len(line[i]) for line in table[:]) for i in range(len(HEADERS) - 1)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1]
+        for line in table
+    ]
+    return [*lines, "", *_notes(results)]
+
+
+def print_summary(results: ExperimentResults, file: TextIO | None = None) -> None:
+    """The summary table (on stdout by default), with ``rich`` when it is installed."""
+    file = sys.stdout if file is None else file
+    console, tables = _rich("console"), _rich("table")
+    if console is None or tables is None:
+        print("\n".join(summary_lines(results)), file=file)
+        return
+    title = results.config.sweep or "; ".join(results.config.rules) or "proxy"
+    box = importlib.import_module("rich.box")
+    table = tables.Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                         collapse_padding=True)
+    last = len(HEADERS) - 1
+    for number, header in enumerate(HEADERS):
+        table.add_column("\n".join(header), justify="left" if number in (0, last) else "right",
+                         no_wrap=number not in (0, last))
+    for row in results.summary:
+        style = None if row.ok == row.runs else "yellow"
+        table.add_row(*summary_cells(row), style=style)
+    out = console.Console(file=file, width=None if file.isatty() else 160)
+    out.print(table)
+    for line in _notes(results):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def progress_display(stream: TextIO | None = None) -> Iterator[Progress | None]:
+    """A progress callback for :func:`run_experiment`: a rich progress bar, else a
+    one-line counter when ``stream`` (stderr) is a terminal, else None (no display)."""
+    stream = sys.stderr if stream is None else stream
+    if not stream.isatty():
+        yield None
+        return
+    console, rp = _rich("console"), _rich("progress")
+    if console is not None and rp is not None:
+        with rp.Progress(
+            rp.TextColumn("{task.description}"),
+            rp.BarColumn(),
+            rp.MofNCompleteColumn(),
+            rp.TimeElapsedColumn(),
+            console=console.Console(file=stream),
+            transient=True,
+        ) as bar:
+            task = bar.add_task("experiment", total=None)
+
+            def update(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what)
+
+            yield update
+        return
+
+    def line(done: int, total: int, what: str) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<30}")
+        if done == total:
+            stream.write("\r" + " " * (width + 45) + "\r")
+        stream.flush()
+
+    yield line
+
