@@ -39,6 +39,7 @@ from vfioproxy.protocol.codec import Dialects, decode
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.session import Observation, SessionState
 from vfioproxy.side import Direction
+from vfioproxy.timer import PreciseSleeper
 from vfioproxy.transport import FdStream, open_unix_fd_stream
 from vfioproxy.unix import open_unix_listener
 
@@ -165,8 +166,15 @@ class ProxySession:
     violations: int = 0
     backlog: deque[_Received] = attrs.field(factory=deque)
     digest_lock: threading.Lock = attrs.field(factory=threading.Lock)
-    #: per direction, the release queue of an injecting proxy
+    #: per direction, the release queue of an injecting proxy, how many
+    #: messages it holds, and the lock of sending in that direction
     releases: dict[Direction, trio.MemorySendChannel[_Release]] = attrs.field(factory=dict)
+    held: dict[Direction, int] = attrs.field(
+        factory=lambda: {Direction.C2S: 0, Direction.S2C: 0}
+    )
+    sending: dict[Direction, trio.Lock] = attrs.field(
+        factory=lambda: {Direction.C2S: trio.Lock(), Direction.S2C: trio.Lock()}
+    )
 
     def end(self, closed_by: str, reason: str) -> None:
         """Say who ended the session and why (the first to say it wins)."""
@@ -449,7 +457,7 @@ class Proxy:
             except TransportError as exc:
                 raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
             if self.injector is not None:
-                self._inject(session, direction, data, fds, nursery)
+                await self._inject(session, direction, data, fds, dst, nursery)
                 continue
             try:
                 if fds and direction is Direction.S2C and data[2] == Command.VERSION:
@@ -464,16 +472,18 @@ class Proxy:
                     fd.close()
             self._forwarded(session, direction, data, fds)
 
-    def _inject(
+    async def _inject(
         self,
         session: ProxySession,
         direction: Direction,
         data: bytes,
         fds: list[OwnedFd],
+        dst: FdStream,
         nursery: trio.Nursery,
     ) -> None:
         """Ask the injector what becomes of a received message and queue it for
-        release (the direction's release task sends it at the decided time)."""
+        release (the direction's release task sends it at the decided time);
+        one that is due now, with nothing held before it, is sent at once."""
         assert self.injector is not None
         decision = self.injector.decide(session.id, direction, data, trio.current_time())
         try:
@@ -497,17 +507,44 @@ class Proxy:
             self._digest_backlog(session)
         if decision.close_before:
             raise _SessionEnd("proxy", f"injected close before {where}")
+        if decision.reply is not None:  # in place of the receiver, after what it already sent
+            self._hold(session, direction.reverse,
+                       _Release(decision.release_at, decision.reply, [], forwarded=False))
         if decision.forward:
-            session.releases[direction].send_nowait(_Release(
+            item = _Release(
                 decision.release_at, decision.data, fds,
                 close_after=f"injected close after {where}" if decision.close_after else None,
-            ))
-        if decision.reply is not None:  # in place of the receiver, after what it already sent
-            session.releases[direction.reverse].send_nowait(
-                _Release(decision.release_at, decision.reply, [], forwarded=False)
             )
-        elif decision.close_after and not decision.forward:
+            lock = session.sending[direction]
+            if session.held[direction] or decision.release_at > trio.current_time() \
+                    or lock.locked():
+                self._hold(session, direction, item)
+            else:
+                async with lock:
+                    await self._send_release(session, direction, dst, item)
+        elif decision.close_after:
             raise _SessionEnd("proxy", f"injected close after {where}")
+
+    @staticmethod
+    def _hold(session: ProxySession, direction: Direction, item: _Release) -> None:
+        session.held[direction] += 1
+        session.releases[direction].send_nowait(item)
+
+    async def _send_release(
+        self, session: ProxySession, direction: Direction, dst: FdStream, item: _Release
+    ) -> None:
+        try:
+            try:
+                await dst.send_message(item.data, item.fds)
+            except (TransportError, OSError) as exc:
+                raise self._send_failed(direction, exc) from exc
+        finally:
+            for fd in item.fds:
+                fd.close()
+        if item.forwarded:
+            self._forwarded(session, direction, item.data, item.fds)
+        if item.close_after is not None:
+            raise _SessionEnd("proxy", item.close_after)
 
     async def _release(
         self,
@@ -516,22 +553,23 @@ class Proxy:
         dst: Endpoint,
         queue: trio.MemoryReceiveChannel[_Release],
     ) -> None:
-        """Send what the injector let through, in order, each at its release time."""
+        """Send what the injector held back, in order, each at its release time."""
         assert isinstance(dst, FdStream)
-        async for item in queue:
-            try:
-                await trio.sleep_until(item.at)
+        sleeper = PreciseSleeper()
+        try:
+            async for item in queue:
                 try:
-                    await dst.send_message(item.data, item.fds)
-                except (TransportError, OSError) as exc:
-                    raise self._send_failed(direction, exc) from exc
-            finally:
-                for fd in item.fds:
-                    fd.close()
-            if item.forwarded:
-                self._forwarded(session, direction, item.data, item.fds)
-            if item.close_after is not None:
-                raise _SessionEnd("proxy", item.close_after)
+                    await sleeper.sleep_until(item.at)
+                    async with session.sending[direction]:
+                        await self._send_release(session, direction, dst, item)
+                except BaseException:
+                    for fd in item.fds:
+                        fd.close()
+                    raise
+                finally:
+                    session.held[direction] -= 1
+        finally:
+            sleeper.close()
 
     def _pump_thread(
         self,

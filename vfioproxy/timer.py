@@ -1,0 +1,117 @@
+"""Sleeping until a deadline with microsecond precision, in trio.
+
+trio waits for its deadlines in ``epoll_wait``, whose timeout is in whole
+milliseconds (CPython rounds up), so ``trio.sleep(50e-6)`` sleeps about a
+millisecond. Injected delays of tens of microseconds need better: a
+``timerfd`` armed for the rest of the delay wakes ``epoll_wait`` when it
+expires. Waking up takes a while itself (20-30 us on a VM), so the timer
+is armed that much early (a running estimate) and the last microseconds are
+spent in checkpoints. Under a clock that is not trio's system clock
+(``trio.testing.MockClock`` in tests) the deadline is the clock's own and
+:func:`trio.sleep_until` is exact already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+
+import trio
+import trio.testing
+
+__all__ = ["PreciseSleeper"]
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK = os.O_NONBLOCK
+_TFD_CLOEXEC = os.O_CLOEXEC
+#: above this, sleep with trio first (epoll's millisecond timeout may be a
+#: millisecond late) and leave the last _COARSE_MARGIN to the timerfd
+_COARSE = 0.004
+_COARSE_MARGIN = 0.003
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.timerfd_create.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.timerfd_settime.argtypes = [
+            ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p,
+        ]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+class PreciseSleeper:
+    """Sleeps of one task until deadlines on trio's clock, precise to microseconds.
+
+    Owns a timerfd (made on first use); :meth:`close` it when done. Without
+    timerfd (not Linux) it falls back to :func:`trio.sleep_until`.
+    """
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._wake_latency = 0.0  # running estimate: how late a timerfd wakes us
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Return at ``deadline`` (trio time); always a checkpoint."""
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if _LIBC is None or isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            await trio.sleep_until(deadline)
+            return
+        if remaining > _COARSE:
+            await trio.sleep_until(deadline - _COARSE_MARGIN)
+            remaining = deadline - trio.current_time()
+        arm = remaining - self._wake_latency
+        if arm > 0:
+            await self._wait_timerfd(arm)
+            late = trio.current_time() - (deadline - self._wake_latency)
+            self._wake_latency = max(0.0, 0.8 * self._wake_latency + 0.2 * late)
+        while trio.current_time() < deadline:
+            await trio.lowlevel.checkpoint()
+
+    async def _wait_timerfd(self, seconds: float) -> None:
+        fd = self._timerfd()
+        whole = int(seconds)
+        spec = _Itimerspec(_Timespec(0, 0),
+                           _Timespec(whole, max(1, int((seconds - whole) * 1e9))))
+        assert _LIBC is not None
+        if _LIBC.timerfd_settime(fd, 0, ctypes.byref(spec), None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 8)
+
+    def _timerfd(self) -> int:
+        if self._fd < 0:
+            assert _LIBC is not None
+            fd = _LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+            if fd < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"timerfd_create: {os.strerror(err)}")
+            self._fd = fd
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
