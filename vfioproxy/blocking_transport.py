@@ -29,9 +29,12 @@ from vfioproxy.transport import SCM_MAX_FD, take_fds
 __all__ = ["BlockingFdSocket"]
 
 _SIZE_FIELD = struct.Struct("<I")
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
-_WAITALL = socket.MSG_WAITALL
-_SEND_FLAGS = socket.MSG_NOSIGNAL
+# plain ints: the socket module's flags are IntFlag members, and every
+# operation on those builds a new enum member (a microsecond on each message)
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_WAITALL = int(socket.MSG_WAITALL)
+_SEND_FLAGS = int(socket.MSG_NOSIGNAL)
+_CTRUNC = int(socket.MSG_CTRUNC)
 _SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 
 
@@ -86,35 +89,34 @@ class BlockingFdSocket:
         body_len = framed_body_length(_SIZE_FIELD.unpack_from(header, 4)[0], max_size)
         if not body_len:
             return header, fds
-        message = bytearray(HEADER_SIZE + body_len)
-        message[:HEADER_SIZE] = header
-        view = memoryview(message)
+        total = HEADER_SIZE + body_len
+        pieces = [header]
         got = HEADER_SIZE
         try:
-            while got < len(message):
-                n = self.socket.recv_into(view[got:], 0, _WAITALL)
-                if not n:
+            # usually one recv: the whole body, one syscall and one copy
+            while got < total:
+                piece = self.socket.recv(total - got, _WAITALL)
+                if not piece:
                     raise ConnectionClosedError(
-                        f"peer closed the connection after {got} of {len(message)} message bytes",
+                        f"peer closed the connection after {got} of {total} message bytes",
                         mid_message=True,
                         received=got,
-                        partial=bytes(view[:got]),
+                        partial=b"".join(pieces),
                     )
-                got += n
+                pieces.append(piece)
+                got += len(piece)
         except BaseException as exc:
             for fd in fds:
                 fd.close()
             if isinstance(exc, ConnectionResetError):
                 raise ConnectionClosedError(
-                    f"peer reset the connection after {got} of {len(message)} message bytes",
+                    f"peer reset the connection after {got} of {total} message bytes",
                     mid_message=True,
                     received=got,
-                    partial=bytes(view[:got]),
+                    partial=b"".join(pieces),
                 ) from exc
             raise
-        finally:
-            view.release()
-        return bytes(message), fds
+        return header + pieces[1] if len(pieces) == 2 else b"".join(pieces), fds
 
     def _read_header(self) -> tuple[bytes, list[OwnedFd]]:
         sock = self.socket
@@ -127,7 +129,7 @@ class BlockingFdSocket:
                 )
                 if ancdata:
                     take_fds(ancdata, fds)
-                if flags & socket.MSG_CTRUNC:
+                if flags & _CTRUNC:
                     raise FdsTruncatedError(
                         f"a message header arrived with more fds than fit (max_fds="
                         f"{self.max_fds}) or than this process may open; the kernel "
