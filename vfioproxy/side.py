@@ -11,6 +11,10 @@ class Side(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    # members are singletons compared by identity: hash them so too (Enum's
+    # own __hash__ is Python code hashing the name, run on every dict lookup)
+    __hash__ = object.__hash__
+
     @property
     def other(self) -> Side:
         return Side.SERVER if self is Side.CLIENT else Side.CLIENT
@@ -21,6 +25,8 @@ class Direction(enum.Enum):
 
     C2S = "c2s"
     S2C = "s2c"
+
+    __hash__ = object.__hash__  # see Side
 
     @property
     def sender(self) -> Side:

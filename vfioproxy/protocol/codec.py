@@ -227,6 +227,7 @@ def decode(
     dialects: Dialects = DEFAULT_DIALECTS,
     request: Message | None = None,
     strict: bool = False,
+    header: Header | None = None,
 ) -> Message:
     """Decode one whole message (header + payload) into a :class:`Message`.
 
@@ -234,9 +235,11 @@ def decode(
     it, DMA commands are read as sent by the server and DMA replies as sent by
     the client. ``request`` is the command a reply answers, when known.
     A message that does not decode gets a raw body (``strict``: raises).
+    ``header``: the header of ``data`` when the caller has parsed it already.
     """
     raw = bytes(data)
-    header = Header.parse(raw)
+    if header is None:
+        header = Header.parse(raw)
     payload = raw[HEADER_SIZE:]
     fd_tuple = tuple(fds)
     if header.size != len(raw):

@@ -60,6 +60,10 @@ def command_name(command: int) -> str:
         return "DIRTY_PAGES(retired)" if command == 14 else f"CMD_{command}"
 
 
+_REPLY = int(MessageType.REPLY)
+_COMMAND = int(MessageType.COMMAND)
+
+
 @attrs.frozen
 class Header:
     """A decoded header. ``size`` is the whole message length, header included."""
@@ -92,11 +96,11 @@ class Header:
 
     @property
     def is_reply(self) -> bool:
-        return self.type == MessageType.REPLY
+        return self.flags & TYPE_MASK == _REPLY
 
     @property
     def is_command(self) -> bool:
-        return self.type == MessageType.COMMAND
+        return self.flags & TYPE_MASK == _COMMAND
 
     @property
     def no_reply(self) -> bool:

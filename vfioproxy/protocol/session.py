@@ -188,6 +188,7 @@ class SessionState:
             sender=sender,
             dialects=self.dialects,
             request=request,
+            header=header,
         )
         if isinstance(message.body, RawBody) and message.body.reason and header.size == len(data):
             violation("decode_error", message.body.reason, header)
