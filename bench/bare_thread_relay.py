@@ -2,19 +2,18 @@
 
     .venv/bin/python bench/bare_thread_relay.py --listen CLIENT_SOCK --server SERVER_SOCK
 
-For every client, connect to the server and run one OS thread per direction
-that receives a whole message with
-:class:`vfioproxy.blocking_transport.BlockingFdSocket` (blocking ``recvmsg``
-of the header with an ancillary buffer, then ``recv_into`` of the body),
-sends it in one ``sendmsg`` with its fds and closes its copies of the fds.
+For every client, connect to the server and run one OS thread that polls
+both sockets and, for each that is readable, receives a whole message with
+:class:`vfioproxy.blocking_transport.BlockingFdSocket` (``recvmsg`` of the
+header with an ancillary buffer, then ``recv`` of the body), sends it in one
+``sendmsg`` with its fds and closes its copies of the fds.
 Nothing else: no decoding, no counters, no session state, no recording, no
 event loop. The proxy forwards the same way (``--forwarding threads``, its
 default), so what ``vfioproxy proxy`` costs on top of this is what its
 digest (decoding, checks, recording) and bookkeeping add;
 ``bare_relay.py`` is the same baseline for trio forwarding.
 
-A direction that ends (EOF, reset, error) shuts both sockets down, which
-ends the other direction too; SIGINT or SIGTERM ends the process and
+A side that leaves (EOF, reset, error) ends the session; SIGINT or SIGTERM ends the process and
 removes CLIENT_SOCK.
 """
 
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import sys
@@ -32,25 +32,28 @@ from vfioproxy.blocking_transport import BlockingFdSocket
 from vfioproxy.errors import TransportError
 
 
-def pump(src: BlockingFdSocket, dst: BlockingFdSocket) -> None:
-    """Forward messages from ``src`` to ``dst`` until either side goes away."""
+def relay(client: BlockingFdSocket, server: BlockingFdSocket) -> None:
+    """Forward whichever side has a message until either side goes away."""
+    routes = {client.fileno(): (client, server), server.fileno(): (server, client)}
+    poller = select.poll()
+    for fd in routes:
+        poller.register(fd, select.POLLIN)
     try:
         while True:
-            data, fds = src.receive_message()
-            try:
-                dst.send_message(data, fds)
-            finally:
-                for fd in fds:
-                    fd.close()
+            for fd, _ in poller.poll():
+                src, dst = routes[fd]
+                data, fds = src.receive_message()
+                try:
+                    dst.send_message(data, fds)
+                finally:
+                    for owned in fds:
+                        owned.close()
     except (TransportError, OSError):  # EOF, reset, too many fds: the session is over
         pass
-    finally:
-        src.shutdown()
-        dst.shutdown()
 
 
 def session(sock: socket.socket, server_path: str) -> None:
-    """One client session: a thread per direction until one side closes."""
+    """One client session on one thread until one side closes."""
     client = BlockingFdSocket(sock)
     server_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -61,12 +64,11 @@ def session(sock: socket.socket, server_path: str) -> None:
         client.close()
         return
     server = BlockingFdSocket(server_sock)
-    s2c = threading.Thread(target=pump, args=(server, client), daemon=True)
-    s2c.start()
-    pump(client, server)
-    s2c.join()
-    client.close()
-    server.close()
+    try:
+        relay(client, server)
+    finally:
+        client.close()
+        server.close()
 
 
 def serve(listen_path: str, server_path: str) -> None:
