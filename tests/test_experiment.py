@@ -125,6 +125,9 @@ async def test_a_delay_sweep_with_the_built_in_peers(tmp_path: Path) -> None:
     for row in results.rows:
         assert row.realize_s and row.reset_s and row.total_s
         assert row.total_s >= row.realize_s + row.reset_s
+        # the session as the proxy saw it: from VERSION to the reset's reply
+        assert (row.session_s is None) == (not row.proxy)
+        assert row.session_s is None or 0 < row.session_s < row.total_s
     c2s = slow.actions["delay"]  # every client message got its delay, 0 included
     assert base.actions == {"delay": c2s} and c2s * 2 == slow.messages
     assert slow.expected_delay_s == pytest.approx(c2s * 1e-3)

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 from recorder import stats
-from recorder.decoded import decoded_records
+from recorder.decoded import DecodedMessage, decoded_records
 from recorder.reader import TraceReader
 from recorder.records import EventRecord
 from vfioproxy.experiment.model import CommandLatency
@@ -34,6 +34,8 @@ class TraceFacts:
     applied: tuple[dict[str, Any], ...] | None
     actions: dict[str, int]
     injected_delay_s: float
+    #: first to last message, as the proxy saw them (None without messages)
+    span_s: float | None = None
 
 
 def inject_items(events: Iterable[EventRecord]) -> list[dict[str, Any]]:
@@ -62,11 +64,14 @@ def inject_items(events: Iterable[EventRecord]) -> list[dict[str, Any]]:
 def analyse_trace(path: str | os.PathLike[str]) -> TraceFacts:
     """Counts, request -> reply latency per command (as the proxy saw it), injections."""
     events: list[EventRecord] = []
+    times: list[int] = []
 
     def keep(items: Iterable[Any]) -> Iterable[Any]:
         for item in items:
             if isinstance(item, EventRecord):
                 events.append(item)
+            elif isinstance(item, DecodedMessage):
+                times.append(item.record.t_ns)
             yield item
 
     with TraceReader(path) as reader:
@@ -95,6 +100,7 @@ def analyse_trace(path: str | os.PathLike[str]) -> TraceFacts:
         applied=tuple(items) if has_inject else None,
         actions=dict(Counter(str(item.get("action")) for item in items)),
         injected_delay_s=delay,
+        span_s=(max(times) - min(times)) / 1e9 if times else None,
     )
 
 

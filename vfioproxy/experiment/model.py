@@ -134,6 +134,7 @@ class ResultRow:
     realize_s: float | None = None
     reset_s: float | None = None
     total_s: float | None = None
+    session_s: float | None = None
     messages: int | None = None
     injected: int = 0
     actions: dict[str, int] = attrs.field(factory=dict)
@@ -165,6 +166,7 @@ class SummaryRow:
     statuses: dict[str, int]
     realize_s: float | None
     total_s: float | None
+    session_s: float | None
     total_min_s: float | None
     total_max_s: float | None
     added_s: float | None
@@ -187,20 +189,28 @@ def summarize(settings: Sequence[Setting], rows: Sequence[ResultRow]) -> tuple[S
     by_setting = {s.index: [r for r in rows if r.setting_index == s.index] for s in settings}
     base = next((s for s in settings if s.proxy), None)
 
-    def medians(index: int) -> tuple[float | None, float | None]:
+    def medians(index: int) -> tuple[float | None, float | None, float | None]:
         runs = by_setting.get(index, [])
         return (
             _median([r.total_s for r in runs]),
+            _median([r.session_s for r in runs]),
             _median([r.expected_delay_s for r in runs]),
         )
 
-    base_total, base_expected = medians(base.index) if base is not None else (None, None)
+    base_total, base_session, base_expected = (
+        medians(base.index) if base is not None else (None, None, None)
+    )
     summary = []
     for setting in settings:
         runs = by_setting[setting.index]
-        total, expected = medians(setting.index)
+        total, session, expected = medians(setting.index)
         totals = [r.total_s for r in runs if r.total_s is not None]
-        added = None if total is None or base_total is None else total - base_total
+        # the session's span at the proxy leaves out what a client does before it
+        # connects and after it leaves (a QEMU process starting and exiting)
+        if setting.proxy and session is not None and base_session is not None:
+            added: float | None = session - base_session
+        else:
+            added = None if total is None or base_total is None else total - base_total
         expected_added = None
         if expected is not None and base_expected is not None:
             expected_added = expected - base_expected
@@ -217,6 +227,7 @@ def summarize(settings: Sequence[Setting], rows: Sequence[ResultRow]) -> tuple[S
                 statuses=dict(Counter(r.status for r in runs)),
                 realize_s=_median([r.realize_s for r in runs]),
                 total_s=total,
+                session_s=session,
                 total_min_s=min(totals) if totals else None,
                 total_max_s=max(totals) if totals else None,
                 added_s=added,
@@ -231,7 +242,7 @@ def summarize(settings: Sequence[Setting], rows: Sequence[ResultRow]) -> tuple[S
 
 _CSV_FIELDS = [
     "setting", "setting_index", "rule", "value", "value_s", "run", "seed", "proxy",
-    "status", "exit_code", "error", "realize_s", "reset_s", "total_s", "messages",
+    "status", "exit_code", "error", "realize_s", "reset_s", "total_s", "session_s", "messages",
     "injected", "actions", "injected_delay_s", "expected_delay_s", "trace",
 ]
 

@@ -16,7 +16,8 @@ __all__ = ["print_summary", "progress_display", "summary_cells", "summary_lines"
 #: column headers (times in ms); the plain table joins the two lines
 HEADERS = (
     ("", "setting"), ("realize", "ms"), ("total", "ms"), ("total", "min..max"),
-    ("added", "ms"), ("expected", "ms"), ("", "ratio"), ("", "msgs"), ("", "status"),
+    ("session", "ms"), ("added", "ms"), ("expected", "ms"), ("", "ratio"), ("", "msgs"),
+    ("", "status"),
 )
 
 
@@ -48,6 +49,7 @@ def summary_cells(row: SummaryRow) -> list[str]:
         _ms(row.realize_s),
         _ms(row.total_s),
         spread,
+        _ms(row.session_s),
         _ms(row.added_s, signed=True),
         _ms(row.expected_added_s, signed=True),
         "-" if row.ratio is None else f"{row.ratio:.2f}",
@@ -60,7 +62,8 @@ def _notes(results: ExperimentResults) -> list[str]:
     """What the columns mean, then the first error of each setting that had one."""
     base = next((s.label for s in results.settings if s.proxy), "-")
     lines = [
-        f"realize, total: medians over the runs (ms); added: total against setting {base!r}; "
+        "realize, total: medians over the runs (ms); session: first to last message at the "
+        f"proxy; added: session (direct: total) against setting {base!r}; "
         "expected: messages x mean injected delay (delay rules on '*' commands) against "
         "the same setting; ratio: added / expected",
     ]

@@ -234,6 +234,7 @@ class _Runner:
         return attrs.evolve(
             row,
             messages=facts.messages,
+            session_s=facts.span_s,
             injected=sum(facts.actions.values()),
             actions=facts.actions,
             injected_delay_s=facts.injected_delay_s,
