@@ -125,8 +125,9 @@ class _SessionEnd(Exception):
 #: forwarding thread stops to catch up (when the peers never leave it idle)
 BACKLOG_LIMIT = 256
 
-#: (direction, t_ns, bytes, fd records or the number of fds)
-_Received = tuple[Direction, int, bytes, list[FdRecord] | int]
+#: [direction, t_ns, bytes, fd records or the number of fds]: a list, so that
+#: the forwarding thread can fill in the fd records after the send
+_Received = list[Any]
 
 #: one end of a session: a trio stream, or a blocking socket for a forwarding thread
 Endpoint = FdStream | BlockingFdSocket
@@ -640,16 +641,22 @@ class Proxy:
             raise _SessionEnd(sender, "EOF") from exc
         except (TransportError, OSError) as exc:
             raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
+        entry: _Received | None = None
         try:
             if fds and direction is Direction.S2C and data[2] == Command.VERSION:
                 trio.from_thread.run_sync(self._substitute_twin_socket, session, data, fds,
                                           nursery, trio_token=token)
-            self._received(session, direction, data, fds)
+            # fd metadata after the send, unless contents are captured: those
+            # must be read as they passed, before the receiver can write to them
+            entry = self._received(session, direction, data, fds,
+                                   inspect_fds=self.options.capture_fd_contents > 0)
             try:
                 dst.send_message(data, fds)
             except (TransportError, OSError) as exc:
                 raise self._send_failed(direction, exc) from exc
         finally:
+            if fds and entry is not None and isinstance(entry[3], int):
+                entry[3] = self._fd_records(fds)  # syscalls: after the send, before the close
             for fd in fds:
                 fd.close()
         counters = session.counters[direction]
@@ -664,18 +671,34 @@ class Proxy:
         return _SessionEnd("proxy", f"forwarding to the {receiver} failed: {exc}")
 
     def _received(
-        self, session: ProxySession, direction: Direction, data: bytes, fds: list[OwnedFd]
-    ) -> None:
+        self,
+        session: ProxySession,
+        direction: Direction,
+        data: bytes,
+        fds: list[OwnedFd],
+        *,
+        inspect_fds: bool = True,
+    ) -> _Received | None:
         """Queue a message for decoding and recording, before it is sent: a
         reply cannot be received before its request was sent, so the backlog
-        is in forwarding order. Fd metadata is taken now, while the fds are open."""
+        is in forwarding order. Fd metadata is taken now, while the fds are
+        open; with ``inspect_fds`` false the caller fills it in (entry[3])
+        before anything digests the entry. Returns the entry (None: not queued)."""
         if not self.options.decode:
-            return
+            return None
         fd_info: list[FdRecord] | int = len(fds)
-        if fds and self.sink is not None:
-            limit = self.options.capture_fd_contents
-            fd_info = [fd_record(fd, i, contents_limit=limit) for i, fd in enumerate(fds)]
-        session.backlog.append((direction, time.monotonic_ns(), data, fd_info))
+        if inspect_fds and fds:
+            fd_info = self._fd_records(fds)
+        entry = [direction, time.monotonic_ns(), data, fd_info]
+        session.backlog.append(entry)
+        return entry
+
+    def _fd_records(self, fds: list[OwnedFd]) -> list[FdRecord] | int:
+        """What the trace keeps of ``fds`` (only their number when not recording)."""
+        if self.sink is None:
+            return len(fds)
+        limit = self.options.capture_fd_contents
+        return [fd_record(fd, i, contents_limit=limit) for i, fd in enumerate(fds)]
 
     def _forwarded(
         self, session: ProxySession, direction: Direction, data: bytes, fds: list[OwnedFd]
