@@ -21,10 +21,10 @@ import struct
 from array import array
 from collections.abc import Sequence
 
-from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, TransportError
+from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.fds import OwnedFd, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
-from vfioproxy.transport import SCM_MAX_FD, take_fds
+from vfioproxy.transport import SCM_MAX_FD, fds_truncated, take_fds
 
 __all__ = ["BlockingFdSocket"]
 
@@ -130,11 +130,7 @@ class BlockingFdSocket:
                 if ancdata:
                     take_fds(ancdata, fds)
                 if flags & _CTRUNC:
-                    raise FdsTruncatedError(
-                        f"a message header arrived with more fds than fit (max_fds="
-                        f"{self.max_fds}) or than this process may open; the kernel "
-                        f"dropped the rest and the {len(fds)} that arrived were closed"
-                    )
+                    raise fds_truncated(self.max_fds, len(fds))
                 if not chunk:
                     if not header:
                         raise ConnectionClosedError("peer closed the connection", mid_message=False)

@@ -28,7 +28,9 @@ from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, Transport
 from vfioproxy.fds import OwnedFd, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 
-__all__ = ["SCM_MAX_FD", "FdStream", "fd_stream_pair", "open_unix_fd_stream", "take_fds"]
+__all__ = [
+    "SCM_MAX_FD", "FdStream", "fd_stream_pair", "fds_truncated", "open_unix_fd_stream", "take_fds",
+]
 
 #: Linux's limit on fds in one ``sendmsg`` (include/net/scm.h)
 SCM_MAX_FD = 253
@@ -51,6 +53,15 @@ def take_fds(ancdata: list[tuple[int, int, bytes]], into: list[OwnedFd]) -> None
             numbers = array("i")
             numbers.frombytes(data[: len(data) - len(data) % _FD_SIZE])
             into.extend(map(OwnedFd, numbers))
+
+
+def fds_truncated(max_fds: int, arrived: int) -> FdsTruncatedError:
+    """The error for a header whose fds did not all fit (``MSG_CTRUNC``)."""
+    return FdsTruncatedError(
+        f"a message header arrived with more fds than fit (max_fds={max_fds}) or than "
+        f"this process may open; the kernel dropped the rest and the {arrived} that "
+        f"arrived were closed"
+    )
 
 
 class FdStream(trio.abc.AsyncResource):
@@ -280,11 +291,7 @@ class FdStream(trio.abc.AsyncResource):
                     take_fds(ancdata, fds)
                 if flags & socket.MSG_CTRUNC:
                     header += chunk
-                    raise FdsTruncatedError(
-                        f"a message header arrived with more fds than fit (max_fds="
-                        f"{self.max_fds}) or than this process may open; the kernel "
-                        f"dropped the rest and the {len(fds)} that arrived were closed"
-                    )
+                    raise fds_truncated(self.max_fds, len(fds))
                 if len(chunk) == HEADER_SIZE:
                     return chunk, fds
                 if not chunk:

@@ -46,7 +46,6 @@ take about 1 s instead of 11.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
@@ -73,11 +72,9 @@ from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
 from vfioproxy.replay.client import ClientReplayOptions, replay_client
 from vfioproxy.replay.match import Matcher
 from vfioproxy.replay.report import ReplayReport
-from vfioproxy.replay.script import load_script
-from vfioproxy.replay.server import ServerReplayOptions, replay_server_on
+from vfioproxy.replay.server import ServerReplayOptions, serve_replay
 from vfioproxy.side import Direction
 from vfioproxy.transport import FdStream
-from vfioproxy.unix import open_unix_listener
 
 #: a REGION_WRITE of the fake guest thread: 16 KiB to BAR1 (header 16 + access 16 + data)
 FAKE_GUEST_WRITE = ("REGION_WRITE", "c2s", "cmd", 16 + 16 + 0x4000, ())
@@ -380,18 +377,15 @@ async def serve_leg(trace: Path, listen: Path, options: ServerReplayOptions,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """:func:`serve_replay` with an :class:`IntxLine` stream: listen, replay towards the
     first client, append (report, stream) to ``out``."""
-    script = load_script(trace, None)
-    listener = await open_unix_listener(listen)
-    try:
-        task_status.started()
-        accepted = await listener.accept()
-    finally:
-        with trio.CancelScope(shield=True):
-            await listener.aclose()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen)
-    stream = IntxLine(accepted.socket)
-    out.append((await replay_server_on(script, stream, options, peer=str(listen)), stream))
+    streams: list[IntxLine] = []
+
+    def line(sock: trio.socket.SocketType) -> IntxLine:
+        streams.append(IntxLine(sock))
+        return streams[-1]
+
+    report = await serve_replay(trace, listen, options, stream_factory=line,
+                                task_status=task_status)
+    out.append((report, streams[0]))
 
 
 def client_lines(out: str) -> list[str]:
@@ -406,7 +400,7 @@ async def test_sample_client_recording_replays(
     """The recorded session, replayed as server, runs a fresh real samples/client through
     its whole source leg and its migration, up to the one check no replay can pass.
 
-    Both legs the module recorded are served by :func:`replay_server_on` (the source on
+    Both legs the module recorded are served by :func:`serve_replay` (the source on
     ``SOCK``, the migrated one on ``SOCK_migrated``); a fresh ``samples/client SOCK``
     connects, and the destination "server" its original process exec()s at migration is a
     script that does nothing (the replayed destination already listens). Three things a

@@ -36,7 +36,7 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NoReturn
 
 import attrs
@@ -89,12 +89,15 @@ async def serve_replay(
     listen: str | os.PathLike[str],
     options: ServerReplayOptions = ServerReplayOptions(),
     *,
+    stream_factory: Callable[[trio.socket.SocketType], FdStream] = FdStream,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> ReplayReport:
     """Listen on ``listen``, replay the recorded server towards the first client, return the report.
 
     ``task_status.started()`` once the socket listens; the socket is removed
-    when the client is accepted. Raises
+    when the client is accepted. ``stream_factory`` wraps the accepted
+    socket (a subclass of FdStream can act beside the replay, e.g. raise the
+    interrupts a real server signals through eventfds, which no trace holds). Raises
     :class:`~vfioproxy.replay.script.ReplayError` (or a ``TraceError``) when
     the trace has nothing to replay. Cancellation closes everything.
     """
@@ -109,7 +112,7 @@ async def serve_replay(
             await listener.aclose()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    return await replay_server_on(script, FdStream(accepted.socket), options, peer=path)
+    return await replay_server_on(script, stream_factory(accepted.socket), options, peer=path)
 
 
 async def replay_server_on(
