@@ -22,6 +22,7 @@ import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.transport import FdStream, open_unix_fd_stream
+from vfioproxy.tuning import tune_allocator
 
 
 async def pump(src: FdStream, dst: FdStream, done: trio.CancelScope) -> None:
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--listen", required=True, metavar="CLIENT_SOCK")
     parser.add_argument("--server", required=True, metavar="SERVER_SOCK")
     args = parser.parse_args()
+    tune_allocator()  # as the proxy does (vfioproxy/tuning.py)
     try:
         trio.run(serve, args.listen, args.server)
     finally:

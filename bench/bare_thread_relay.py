@@ -30,6 +30,7 @@ from types import FrameType
 
 from vfioproxy.blocking_transport import BlockingFdSocket
 from vfioproxy.errors import TransportError
+from vfioproxy.tuning import tune_allocator
 
 
 def relay(client: BlockingFdSocket, server: BlockingFdSocket) -> None:
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--listen", required=True, metavar="CLIENT_SOCK")
     parser.add_argument("--server", required=True, metavar="SERVER_SOCK")
     args = parser.parse_args()
+    tune_allocator()  # as the proxy does (vfioproxy/tuning.py)
     signal.signal(signal.SIGINT, _exit_on_signal)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:

@@ -34,6 +34,7 @@ from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.proxy import DEFAULT_GRACE, Proxy, ProxyOptions
 from vfioproxy.replay.cli import add_replay_commands
+from vfioproxy.tuning import tune_allocator
 from vfioproxy.unix import open_unix_listener
 
 LAYOUTS = [layout.value for layout in DmaLayout]
@@ -102,6 +103,7 @@ def _injector(args: argparse.Namespace) -> Injector | None:
 
 
 async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None:
+    tune_allocator()
     injector = _injector(args)
     options = ProxyOptions(
         strict=args.strict,
