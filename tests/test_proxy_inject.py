@@ -1,7 +1,10 @@
-"""Fault injection in the proxy: real sockets and fds, trio's MockClock for time."""
+"""Fault injection on trio tasks (``threads=False``): real sockets and fds,
+trio's MockClock for time, so every delay is exact. The same on the session
+threads, against the real clock: test_proxy_inject_threads.py."""
 
 import errno
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -17,7 +20,8 @@ from vfioproxy.protocol.bodies import DmaMapBody, RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, build_reply, decode
 from vfioproxy.protocol.codec import encode as encode_with_fds
 from vfioproxy.protocol.header import Command, Header
-from vfioproxy.proxy import ProxyOptions, open_proxy
+from vfioproxy.proxy import ProxyOptions
+from vfioproxy.proxy import open_proxy as _open_proxy
 from vfioproxy.side import Direction
 from vfioproxy.transport import FdStream, open_unix_fd_stream
 from vfioproxy.unix import open_unix_listener
@@ -82,6 +86,12 @@ async def raw_server(nursery, tmp_path):
     server = RawServer(tmp_path / "server.sock")
     await nursery.start(server.serve)
     return server
+
+
+def open_proxy(*args, options=None, **kwargs):
+    """An injecting proxy that forwards on trio tasks (and so follows the MockClock)."""
+    options = attrs.evolve(options or ProxyOptions(), threads=False)
+    return _open_proxy(*args, options=options, **kwargs)
 
 
 def encode(message):

@@ -47,7 +47,7 @@ async def test_cancelling_a_wait_leaves_the_timer_usable():
         deadline = trio.current_time() + 100e-6
         await sleeper.sleep_until(deadline)
         assert trio.current_time() >= deadline
-        fd = sleeper._fd
+        fd = sleeper._timer.fd
         assert fd >= 0
     finally:
         sleeper.close()

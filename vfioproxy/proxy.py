@@ -40,7 +40,7 @@ from vfioproxy.protocol.codec import Dialects, decode
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.session import Observation, SessionState
 from vfioproxy.side import Direction
-from vfioproxy.timer import PreciseSleeper
+from vfioproxy.timer import PreciseSleeper, TimerFd
 from vfioproxy.transport import FdStream, open_unix_fd_stream
 from vfioproxy.unix import open_unix_listener
 
@@ -149,6 +149,16 @@ class _Release:
     close_after: str | None = None
 
 
+@attrs.frozen
+class _Injected:
+    """What an injector's decision leaves to send: the message (None: not
+    forwarded), an error reply for its sender, and why to close at once."""
+
+    message: _Release | None
+    reply: _Release | None
+    close: str | None
+
+
 @attrs.define(eq=False)
 class ProxySession:
     """One client connection and its server connection.
@@ -191,15 +201,76 @@ class ProxySession:
 MessageObserver = Callable[[ProxySession, Observation, int], None]
 
 
+class _Held:
+    """What an injecting session thread holds back: a queue per direction, in
+    order, and a timerfd armed for the first message due.
+
+    The timer is armed a little early (by a running estimate of how late a
+    timerfd wakes the thread) and the last microseconds are spun, so that
+    delays of tens of microseconds come out right.
+    """
+
+    #: the longest the thread spins for a message instead of sleeping
+    SPIN = 100e-6
+
+    def __init__(self, session: ProxySession, ends: dict[Direction, BlockingFdSocket]) -> None:
+        self.session = session
+        self.ends = ends
+        self.queues: dict[Direction, deque[_Release]] = {
+            Direction.C2S: deque(), Direction.S2C: deque()
+        }
+        self.timer = TimerFd()
+        self._wake_latency = 30e-6
+        self._armed_for: float | None = None
+
+    def hold(self, direction: Direction, item: _Release) -> None:
+        self.queues[direction].append(item)
+
+    def release_due(self, proxy: Proxy) -> None:
+        """Send every held message whose time has come; arm the timer for the next."""
+        while True:
+            now = time.monotonic()
+            if self._armed_for is not None and now >= self._armed_for:
+                late = now - self._armed_for
+                self._wake_latency = 0.8 * self._wake_latency + 0.2 * min(late, self.SPIN)
+                self._armed_for = None
+            first: float | None = None
+            for direction, queue in self.queues.items():
+                while queue and queue[0].at <= now:
+                    proxy._release_blocking(self.session, direction, self.ends[direction],
+                                            queue.popleft())
+                if queue and (first is None or queue[0].at < first):
+                    first = queue[0].at
+            if first is None:
+                self.timer.disarm()
+                self._armed_for = None
+                return
+            wait = first - now
+            if wait > self._wake_latency + self.SPIN / 2:
+                self._armed_for = first - self._wake_latency
+                self.timer.arm(wait - self._wake_latency)
+                return
+            while time.monotonic() < first:  # the last few microseconds
+                pass
+
+    def close(self) -> None:
+        """Drop what is still held (its fds are closed) and the timer."""
+        for queue in self.queues.values():
+            while queue:
+                for fd in queue.popleft().fds:
+                    fd.close()
+        self.timer.close()
+
+
 class Proxy:
     """Relays sessions from clients on a listener to ``server_path``.
 
     ``sink`` records every session (None: record nothing); ``observer`` is
     called after each forwarded message with its decoding (the live view;
     with threaded forwarding it is called from a forwarding thread).
-    ``injector`` injects faults (delays, errors, drops...); an injecting
-    proxy forwards on trio tasks, whatever ``options.threads`` says, so that
-    delays follow trio's clock.
+    ``injector`` injects faults (delays, errors, drops...): on the session
+    threads against the monotonic clock, or, with ``options.threads`` off,
+    on trio tasks against trio's clock (a ``MockClock`` in tests).
     """
 
     def __init__(
@@ -216,7 +287,7 @@ class Proxy:
         self.options = options
         self.observer = observer
         self.injector = injector
-        self._threaded = options.threads and injector is None
+        self._threaded = options.threads
         self.sessions: dict[int, ProxySession] = {}
         self._next_session = 1
         self._ended = {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
@@ -483,12 +554,48 @@ class Proxy:
         """Ask the injector what becomes of a received message and queue it for
         release (the direction's release task sends it at the decided time);
         one that is due now, with nothing held before it, is sent at once."""
-        assert self.injector is not None
-        decision = self.injector.decide(session.id, direction, data, trio.current_time())
         try:
             if fds and direction is Direction.S2C and data[2] == Command.VERSION:
                 self._substitute_twin_socket(session, data, fds, nursery)
-            self._received(session, direction, data, fds)
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            raise
+        t_ns = time.monotonic_ns()
+        now = trio.current_time()
+        injected = self._decide(session, direction, data, fds, now, t_ns)
+        if injected.reply is not None:
+            self._hold(session, direction.reverse, injected.reply)
+        item = injected.message
+        if item is not None:
+            lock = session.sending[direction]
+            if session.held[direction] or item.at > now or lock.locked():
+                self._hold(session, direction, item)
+            else:
+                async with lock:
+                    await self._send_release(session, direction, dst, item)
+        if injected.close is not None:
+            raise _SessionEnd("proxy", injected.close)
+
+    def _decide(
+        self,
+        session: ProxySession,
+        direction: Direction,
+        data: bytes,
+        fds: list[OwnedFd],
+        now: float,
+        t_ns: int,
+    ) -> _Injected:
+        """The injector's decision on a received message, recorded, as what to release.
+
+        The message is queued for the digest and the applied actions go into
+        the trace; a message that is not forwarded loses its fds here.
+        ``now`` is the arrival on the injector's clock, ``t_ns`` the same for the trace.
+        """
+        assert self.injector is not None
+        decision = self.injector.decide(session.id, direction, data, now)
+        try:
+            self._received(session, direction, data, fds, t_ns=t_ns)
         except BaseException:
             for fd in fds:
                 fd.close()
@@ -505,24 +612,18 @@ class Proxy:
                 fd.close()
             self._digest_backlog(session)
         if decision.close_before:
-            raise _SessionEnd("proxy", f"injected close before {where}")
+            return _Injected(None, None, f"injected close before {where}")
+        reply = None
         if decision.reply is not None:  # in place of the receiver, after what it already sent
-            self._hold(session, direction.reverse,
-                       _Release(decision.release_at, decision.reply, [], forwarded=False))
-        if decision.forward:
-            item = _Release(
-                decision.release_at, decision.data, fds,
-                close_after=f"injected close after {where}" if decision.close_after else None,
-            )
-            lock = session.sending[direction]
-            if session.held[direction] or decision.release_at > trio.current_time() \
-                    or lock.locked():
-                self._hold(session, direction, item)
-            else:
-                async with lock:
-                    await self._send_release(session, direction, dst, item)
-        elif decision.close_after:
-            raise _SessionEnd("proxy", f"injected close after {where}")
+            reply = _Release(decision.release_at, decision.reply, [], forwarded=False)
+        if not decision.forward:
+            close = f"injected close after {where}" if decision.close_after else None
+            return _Injected(None, reply, close)
+        message = _Release(
+            decision.release_at, decision.data, fds,
+            close_after=f"injected close after {where}" if decision.close_after else None,
+        )
+        return _Injected(message, reply, None)
 
     @staticmethod
     def _hold(session: ProxySession, direction: Direction, item: _Release) -> None:
@@ -579,7 +680,9 @@ class Proxy:
         decode and record the backlog only while nothing waits to be
         forwarded. One thread per session, unlike a thread per direction,
         never hands the GIL from one direction to the other, which on a VM
-        costs a cross-CPU wake-up each time.
+        costs a cross-CPU wake-up each time. With an injector, messages held
+        back wait in a queue per direction and a timerfd in the poll set
+        wakes the thread when the first of them is due.
         """
         client, server = session.client, session.server
         assert isinstance(client, BlockingFdSocket) and isinstance(server, BlockingFdSocket)
@@ -590,34 +693,71 @@ class Proxy:
         poller = select.poll()
         for fd in routes:
             poller.register(fd, select.POLLIN)
+        held: _Held | None = None
+        if self.injector is not None:
+            held = _Held(session, {Direction.C2S: server, Direction.S2C: client})
+            poller.register(held.timer.fd, select.POLLIN)
         backlog = session.backlog
         drain_until: float | None = None
-        while True:
-            if drain_until is not None:
-                timeout = drain_until - time.monotonic()
-                if timeout <= 0:
-                    raise _SessionEnd("proxy", "drain time over")
-                ready = poller.poll(timeout * 1000)
-            elif backlog:
-                ready = poller.poll(0)
-                if not ready:
+        try:
+            while True:
+                if held is not None:
+                    held.release_due(self)
+                if drain_until is not None:
+                    timeout = drain_until - time.monotonic()
+                    if timeout <= 0:
+                        raise _SessionEnd("proxy", "drain time over")
+                    ready = poller.poll(timeout * 1000)
+                elif backlog:
+                    ready = poller.poll(0)
+                    if not ready:
+                        self._digest_one(session)
+                        continue
+                else:
+                    ready = poller.poll()
+                for fd, _ in ready:
+                    if held is not None and fd == held.timer.fd:
+                        held.timer.clear()
+                        continue
+                    direction, src, dst = routes[fd]
+                    try:
+                        if held is None:
+                            self._forward_blocking(session, direction, src, dst, nursery, token)
+                        else:
+                            self._inject_blocking(session, direction, src, held, nursery, token)
+                    except _SessionEnd as end:
+                        if not end.drain:
+                            raise
+                        # the receiver left: stop reading for it, read its last messages
+                        session.end(end.closed_by, end.reason)
+                        poller.unregister(fd)
+                        drain_until = time.monotonic() + DRAIN_TIME
+                if len(backlog) > BACKLOG_LIMIT:  # never idle: keep up, a message at a time
                     self._digest_one(session)
-                    continue
-            else:
-                ready = poller.poll()
-            for fd, _ in ready:
-                direction, src, dst = routes[fd]
-                try:
-                    self._forward_blocking(session, direction, src, dst, nursery, token)
-                except _SessionEnd as end:
-                    if not end.drain:
-                        raise
-                    # the receiver left: stop reading for it, read its last messages
-                    session.end(end.closed_by, end.reason)
-                    poller.unregister(fd)
-                    drain_until = time.monotonic() + DRAIN_TIME
-            if len(backlog) > BACKLOG_LIMIT:  # never idle: keep up, a message at a time
-                self._digest_one(session)
+        finally:
+            if held is not None:
+                held.close()
+
+    def _receive_blocking(
+        self,
+        session: ProxySession,
+        direction: Direction,
+        src: BlockingFdSocket,
+        dst: BlockingFdSocket,
+    ) -> tuple[bytes, list[OwnedFd]]:
+        """Receive the message ``src`` has ready; its end ends the session."""
+        sender = direction.sender.value
+        try:
+            return src.receive_message(session.state.max_message_size())
+        except ConnectionClosedError as exc:
+            if exc.mid_message:
+                if self._record_torn(session, direction, exc):
+                    with contextlib.suppress(TransportError, OSError):
+                        dst.send_message(exc.partial)
+                raise _SessionEnd(sender, f"EOF mid-message ({exc})") from exc
+            raise _SessionEnd(sender, "EOF") from exc
+        except (TransportError, OSError) as exc:
+            raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
 
     def _forward_blocking(
         self,
@@ -629,18 +769,7 @@ class Proxy:
         token: trio.lowlevel.TrioToken,
     ) -> None:
         """Forward the one message that ``src`` has ready (see :meth:`_pump`)."""
-        sender = direction.sender.value
-        try:
-            data, fds = src.receive_message(session.state.max_message_size())
-        except ConnectionClosedError as exc:
-            if exc.mid_message:
-                if self._record_torn(session, direction, exc):
-                    with contextlib.suppress(TransportError, OSError):
-                        dst.send_message(exc.partial)
-                raise _SessionEnd(sender, f"EOF mid-message ({exc})") from exc
-            raise _SessionEnd(sender, "EOF") from exc
-        except (TransportError, OSError) as exc:
-            raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
+        data, fds = self._receive_blocking(session, direction, src, dst)
         entry: _Received | None = None
         try:
             if fds and direction is Direction.S2C and data[2] == Command.VERSION:
@@ -664,6 +793,58 @@ class Proxy:
         counters.bytes += len(data)
         counters.fds += len(fds)
 
+    def _inject_blocking(
+        self,
+        session: ProxySession,
+        direction: Direction,
+        src: BlockingFdSocket,
+        held: _Held,
+        nursery: trio.Nursery,
+        token: trio.lowlevel.TrioToken,
+    ) -> None:
+        """:meth:`_inject` on the session's thread: hold or send what the injector decided."""
+        data, fds = self._receive_blocking(session, direction, src, held.ends[direction])
+        try:
+            if fds and direction is Direction.S2C and data[2] == Command.VERSION:
+                trio.from_thread.run_sync(self._substitute_twin_socket, session, data, fds,
+                                          nursery, trio_token=token)
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            raise
+        t_ns = time.monotonic_ns()
+        now = t_ns / 1e9
+        injected = self._decide(session, direction, data, fds, now, t_ns)
+        if injected.reply is not None:
+            held.hold(direction.reverse, injected.reply)
+        if injected.message is not None:
+            if held.queues[direction] or injected.message.at > now:
+                held.hold(direction, injected.message)
+            else:
+                self._release_blocking(session, direction, held.ends[direction], injected.message)
+        if injected.close is not None:
+            raise _SessionEnd("proxy", injected.close)
+
+    def _release_blocking(
+        self, session: ProxySession, direction: Direction, dst: BlockingFdSocket, item: _Release
+    ) -> None:
+        """Send a message the injector let through (or its error reply) now."""
+        try:
+            try:
+                dst.send_message(item.data, item.fds)
+            except (TransportError, OSError) as exc:
+                raise self._send_failed(direction, exc) from exc
+        finally:
+            for fd in item.fds:
+                fd.close()
+        if item.forwarded:
+            counters = session.counters[direction]
+            counters.messages += 1
+            counters.bytes += len(item.data)
+            counters.fds += len(item.fds)
+        if item.close_after is not None:
+            raise _SessionEnd("proxy", item.close_after)
+
     def _send_failed(self, direction: Direction, exc: BaseException) -> _SessionEnd:
         receiver = direction.receiver.value
         if isinstance(exc, ConnectionClosedError):
@@ -678,6 +859,7 @@ class Proxy:
         fds: list[OwnedFd],
         *,
         inspect_fds: bool = True,
+        t_ns: int | None = None,
     ) -> _Received | None:
         """Queue a message for decoding and recording, before it is sent: a
         reply cannot be received before its request was sent, so the backlog
@@ -689,7 +871,7 @@ class Proxy:
         fd_info: list[FdRecord] | int = len(fds)
         if inspect_fds and fds:
             fd_info = self._fd_records(fds)
-        entry = [direction, time.monotonic_ns(), data, fd_info]
+        entry = [direction, time.monotonic_ns() if t_ns is None else t_ns, data, fd_info]
         session.backlog.append(entry)
         return entry
 

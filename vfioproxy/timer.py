@@ -20,7 +20,7 @@ import os
 import trio
 import trio.testing
 
-__all__ = ["PreciseSleeper"]
+__all__ = ["PreciseSleeper", "TimerFd"]
 
 _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
@@ -54,6 +54,51 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
+class TimerFd:
+    """A Linux timerfd: readable once the time it was armed for has passed.
+
+    Usable from trio (wait for it to be readable) or in a thread's ``poll``
+    set. Raises :class:`OSError` where timerfd does not exist.
+    """
+
+    def __init__(self) -> None:
+        if _LIBC is None:
+            raise OSError("timerfd is not available here")
+        fd = _LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_create: {os.strerror(err)}")
+        self.fd: int = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def arm(self, seconds: float) -> None:
+        """Expire ``seconds`` from now (at least a nanosecond); re-arming replaces."""
+        self._set(max(seconds, 1e-9))
+
+    def disarm(self) -> None:
+        self._set(0.0)
+
+    def clear(self) -> None:
+        """Take the expiry (the fd is not readable until it expires again)."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 8)
+
+    def _set(self, seconds: float) -> None:
+        assert _LIBC is not None
+        whole = int(seconds)
+        spec = _Itimerspec(_Timespec(0, 0), _Timespec(whole, int((seconds - whole) * 1e9)))
+        if _LIBC.timerfd_settime(self.fd, 0, ctypes.byref(spec), None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
 class PreciseSleeper:
     """Sleeps of one task until deadlines on trio's clock, precise to microseconds.
 
@@ -62,7 +107,7 @@ class PreciseSleeper:
     """
 
     def __init__(self) -> None:
-        self._fd = -1
+        self._timer: TimerFd | None = None
         self._wake_latency = 0.0  # running estimate: how late a timerfd wakes us
 
     async def sleep_until(self, deadline: float) -> None:
@@ -86,32 +131,16 @@ class PreciseSleeper:
             await trio.lowlevel.checkpoint()
 
     async def _wait_timerfd(self, seconds: float) -> None:
-        fd = self._timerfd()
-        whole = int(seconds)
-        spec = _Itimerspec(_Timespec(0, 0),
-                           _Timespec(whole, max(1, int((seconds - whole) * 1e9))))
-        assert _LIBC is not None
-        if _LIBC.timerfd_settime(fd, 0, ctypes.byref(spec), None) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+        if self._timer is None:
+            self._timer = TimerFd()
+        self._timer.arm(seconds)
         try:
-            await trio.lowlevel.wait_readable(fd)
+            await trio.lowlevel.wait_readable(self._timer.fd)
         finally:
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 8)
-
-    def _timerfd(self) -> int:
-        if self._fd < 0:
-            assert _LIBC is not None
-            fd = _LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"timerfd_create: {os.strerror(err)}")
-            self._fd = fd
-        return self._fd
+            self._timer.clear()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
+        if self._timer is not None:
+            trio.lowlevel.notify_closing(self._timer.fd)
+            self._timer.close()
+            self._timer = None

@@ -56,10 +56,12 @@ reply comes back (at most 64 per id).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import random
-from collections.abc import Iterable
-from typing import Any
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -180,6 +182,20 @@ class _Pending:
     offset: int | None
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run ``method`` under the injector's lock."""
+
+    @functools.wraps(method)
+    def locked(self: Injector, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_F, locked)
+
+
 class Injector:
     """Decides, message by message, which faults to inject (sans-IO, no clock).
 
@@ -189,6 +205,8 @@ class Injector:
 
     def __init__(self, rules: Iterable[Rule | str] = (), seed: int = 0) -> None:
         self.seed = seed
+        # forwarding threads decide while the control socket adds and removes rules
+        self._lock = threading.RLock()
         self._rules: list[Rule] = []
         self._counts: dict[int, _Counts] = {}
         self._next_id = 1
@@ -205,10 +223,12 @@ class Injector:
     # ----------------------------------------------------------------- rules
 
     @property
+    @_locked
     def rules(self) -> tuple[Rule, ...]:
         """The current rules, in the order they are applied."""
         return tuple(self._rules)
 
+    @_locked
     def add(self, rule: Rule | str) -> Rule:
         """Append a rule (or rule text); returns it with its id.
 
@@ -226,6 +246,7 @@ class Injector:
         self._counts[rule.id] = _Counts()
         return rule
 
+    @_locked
     def remove(self, rule_id: int) -> Rule:
         """Take a rule out (with its counters and random streams); returns it."""
         for position, rule in enumerate(self._rules):
@@ -238,6 +259,7 @@ class Injector:
                 return rule
         raise InjectError(f"no rule with id {rule_id}")
 
+    @_locked
     def statistics(self) -> InjectorStatistics:
         """Counters per current rule (see :class:`RuleStatistics`)."""
         return InjectorStatistics(
@@ -254,6 +276,7 @@ class Injector:
             ),
         )
 
+    @_locked
     def forget(self, session: int) -> None:
         """Drop the per-session state of a finished session (indexes, queues, streams)."""
         for table in (self._index, self._last_release, self._stalled_until):
@@ -267,6 +290,7 @@ class Injector:
 
     # ----------------------------------------------------------------- deciding
 
+    @_locked
     def decide(self, session: int, direction: Direction, data: bytes, now: float) -> Decision:
         """Decide the fate of one message arriving at ``now``; never raises on bad bytes."""
         data = bytes(data)
