@@ -131,6 +131,9 @@ async def test_a_delay_sweep_with_the_built_in_peers(tmp_path: Path) -> None:
     c2s = slow.actions["delay"]  # every client message got its delay, 0 included
     assert base.actions == {"delay": c2s} and c2s * 2 == slow.messages
     assert slow.expected_delay_s == pytest.approx(c2s * 1e-3)
+    # the client waits for every reply but pipelines a few maps: fewer turns than messages
+    assert slow.expected_turns_delay_s is not None
+    assert 0 < slow.expected_turns_delay_s <= slow.expected_delay_s
     assert slow.injected_delay_s == pytest.approx(c2s * 1e-3)
     assert base.expected_delay_s == 0 and direct.expected_delay_s is None
     assert {"VERSION", "DEVICE_GET_REGION_INFO", "REGION_READ"} <= set(slow.latency)
@@ -277,3 +280,19 @@ def test_the_cli_refuses_a_bad_sweep_before_starting(tmp_path: Path) -> None:
     args = _parse(["experiment", "--command", "qemu 'unclosed", "-o", str(tmp_path)])
     with pytest.raises(ExperimentError, match="--command"):
         args.func(args)
+
+
+def test_turns_count_the_messages_whose_sender_had_waited(tmp_path: Path) -> None:
+    from recorder.records import TraceHeader
+    from recorder.writer import TraceWriter
+    from vfioproxy.experiment import analyse_trace
+    from vfioproxy.side import Direction
+
+    trace = tmp_path / "t.trace"
+    message = bytes(16)
+    with TraceWriter(trace, TraceHeader.now("test", {})) as writer:
+        for t, direction in enumerate(["c", "c", "s", "s", "c", "s"]):
+            writer.write_message(1, Direction.C2S if direction == "c" else Direction.S2C,
+                                 t, message)
+    facts = analyse_trace(trace)
+    assert facts.turns == {"c2s": 2, "s2c": 2} and facts.span_s == 5e-9

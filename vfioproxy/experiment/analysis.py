@@ -36,6 +36,11 @@ class TraceFacts:
     injected_delay_s: float
     #: first to last message, as the proxy saw them (None without messages)
     span_s: float | None = None
+    #: per direction, the messages that begin a turn: their sender had waited
+    #: for the other side (the message before them went the other way). A delay
+    #: on such a message adds to the session; one on a message sent right
+    #: behind another of its direction mostly overlaps with that one's
+    turns: dict[str, int] = attrs.field(factory=dict)
 
 
 def inject_items(events: Iterable[EventRecord]) -> list[dict[str, Any]]:
@@ -65,13 +70,20 @@ def analyse_trace(path: str | os.PathLike[str]) -> TraceFacts:
     """Counts, request -> reply latency per command (as the proxy saw it), injections."""
     events: list[EventRecord] = []
     times: list[int] = []
+    turns: Counter[str] = Counter()
+    last: dict[int, str] = {}
 
     def keep(items: Iterable[Any]) -> Iterable[Any]:
         for item in items:
             if isinstance(item, EventRecord):
                 events.append(item)
             elif isinstance(item, DecodedMessage):
-                times.append(item.record.t_ns)
+                record = item.record
+                times.append(record.t_ns)
+                direction = record.direction.value
+                if last.get(record.session) != direction:
+                    turns[direction] += 1
+                last[record.session] = direction
             yield item
 
     with TraceReader(path) as reader:
@@ -101,23 +113,33 @@ def analyse_trace(path: str | os.PathLike[str]) -> TraceFacts:
         actions=dict(Counter(str(item.get("action")) for item in items)),
         injected_delay_s=delay,
         span_s=(max(times) - min(times)) / 1e9 if times else None,
+        turns=dict(turns),
     )
 
 
-def expected_delay(rules: Sequence[Rule], facts: TraceFacts) -> float | None:
+def expected_delay(
+    rules: Sequence[Rule], facts: TraceFacts, *, turns: bool = False
+) -> float | None:
     """Messages matched x mean delay, summed over the delay rules on ``*`` commands
     (None when there is no such rule).
 
     Matched messages are counted from the inject events when the trace has
     them, else as every message of the rule's direction (index, session and
-    probability filters are then not taken into account).
+    probability filters are then not taken into account). With ``turns``,
+    only the messages that begin a turn count (see :attr:`TraceFacts.turns`;
+    the rule's other filters are then not taken into account).
     """
     total: float | None = None
     for rule in rules:
         if not isinstance(rule.action, Delay) or rule.match.command is not None:
             continue
         total = total or 0.0
-        if facts.applied is not None:
+        if turns:
+            if rule.match.direction is None:
+                matched = sum(facts.turns.values())
+            else:
+                matched = facts.turns.get(rule.match.direction.value, 0)
+        elif facts.applied is not None:
             matched = sum(
                 1
                 for item in facts.applied

@@ -140,6 +140,7 @@ class ResultRow:
     actions: dict[str, int] = attrs.field(factory=dict)
     injected_delay_s: float = 0.0
     expected_delay_s: float | None = None
+    expected_turns_delay_s: float | None = None
     latency: dict[str, CommandLatency] = attrs.field(factory=dict)
     trace: str | None = None
 
@@ -156,7 +157,9 @@ class SummaryRow:
     """One setting over its runs (medians; ``added_s`` against the first proxied setting).
 
     ``expected_added_s`` is the expected delay against that setting's;
-    ``ratio`` measured / expected added time (None when nothing is expected).
+    ``ratio`` measured / expected added time (None when nothing is expected);
+    ``expected_turns_added_s`` and ``turns_ratio`` the same counting only
+    the delayed messages that begin a turn (their sender waited for them).
     """
 
     setting: str
@@ -172,6 +175,8 @@ class SummaryRow:
     added_s: float | None
     expected_added_s: float | None
     ratio: float | None
+    expected_turns_added_s: float | None
+    turns_ratio: float | None
     messages: float | None
     error: str
 
@@ -189,21 +194,30 @@ def summarize(settings: Sequence[Setting], rows: Sequence[ResultRow]) -> tuple[S
     by_setting = {s.index: [r for r in rows if r.setting_index == s.index] for s in settings}
     base = next((s for s in settings if s.proxy), None)
 
-    def medians(index: int) -> tuple[float | None, float | None, float | None]:
+    def medians(index: int) -> tuple[float | None, ...]:
         runs = by_setting.get(index, [])
         return (
             _median([r.total_s for r in runs]),
             _median([r.session_s for r in runs]),
             _median([r.expected_delay_s for r in runs]),
+            _median([r.expected_turns_delay_s for r in runs]),
         )
 
-    base_total, base_session, base_expected = (
-        medians(base.index) if base is not None else (None, None, None)
+    def against_base(value: float | None, base_value: float | None) -> float | None:
+        return None if value is None or base_value is None else value - base_value
+
+    def ratio_of(added: float | None, expected: float | None) -> float | None:
+        if added is None or expected is None or expected <= 0:
+            return None
+        return added / expected
+
+    base_total, base_session, base_expected, base_turns = (
+        medians(base.index) if base is not None else (None, None, None, None)
     )
     summary = []
     for setting in settings:
         runs = by_setting[setting.index]
-        total, session, expected = medians(setting.index)
+        total, session, expected, turns = medians(setting.index)
         totals = [r.total_s for r in runs if r.total_s is not None]
         # the session's span at the proxy leaves out what a client does before it
         # connects and after it leaves (a QEMU process starting and exiting)
@@ -211,12 +225,8 @@ def summarize(settings: Sequence[Setting], rows: Sequence[ResultRow]) -> tuple[S
             added: float | None = session - base_session
         else:
             added = None if total is None or base_total is None else total - base_total
-        expected_added = None
-        if expected is not None and base_expected is not None:
-            expected_added = expected - base_expected
-        ratio = None
-        if added is not None and expected_added is not None and expected_added > 0:
-            ratio = added / expected_added
+        expected_added = against_base(expected, base_expected)
+        turns_added = against_base(turns, base_turns)
         errors = [r.error for r in runs if r.error]
         summary.append(
             SummaryRow(
@@ -232,7 +242,9 @@ def summarize(settings: Sequence[Setting], rows: Sequence[ResultRow]) -> tuple[S
                 total_max_s=max(totals) if totals else None,
                 added_s=added,
                 expected_added_s=expected_added,
-                ratio=ratio,
+                ratio=ratio_of(added, expected_added),
+                expected_turns_added_s=turns_added,
+                turns_ratio=ratio_of(added, turns_added),
                 messages=_median([r.messages for r in runs]),
                 error=errors[0] if errors else "",
             )
@@ -243,7 +255,8 @@ def summarize(settings: Sequence[Setting], rows: Sequence[ResultRow]) -> tuple[S
 _CSV_FIELDS = [
     "setting", "setting_index", "rule", "value", "value_s", "run", "seed", "proxy",
     "status", "exit_code", "error", "realize_s", "reset_s", "total_s", "session_s", "messages",
-    "injected", "actions", "injected_delay_s", "expected_delay_s", "trace",
+    "injected", "actions", "injected_delay_s", "expected_delay_s", "expected_turns_delay_s",
+    "trace",
 ]
 
 

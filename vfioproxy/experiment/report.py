@@ -16,8 +16,8 @@ __all__ = ["print_summary", "progress_display", "summary_cells", "summary_lines"
 #: column headers (times in ms); the plain table joins the two lines
 HEADERS = (
     ("", "setting"), ("realize", "ms"), ("total", "ms"), ("total", "min..max"),
-    ("session", "ms"), ("added", "ms"), ("expected", "ms"), ("", "ratio"), ("", "msgs"),
-    ("", "status"),
+    ("session", "ms"), ("added", "ms"), ("expected", "ms"), ("", "ratio"),
+    ("per turn", "ms"), ("", "ratio"), ("", "msgs"), ("", "status"),
 )
 
 
@@ -53,6 +53,8 @@ def summary_cells(row: SummaryRow) -> list[str]:
         _ms(row.added_s, signed=True),
         _ms(row.expected_added_s, signed=True),
         "-" if row.ratio is None else f"{row.ratio:.2f}",
+        _ms(row.expected_turns_added_s, signed=True),
+        "-" if row.turns_ratio is None else f"{row.turns_ratio:.2f}",
         "-" if row.messages is None else f"{row.messages:g}",
         _status(row),
     ]
@@ -65,7 +67,8 @@ def _notes(results: ExperimentResults) -> list[str]:
         "realize, total: medians over the runs (ms); session: first to last message at the "
         f"proxy; added: session (direct: total) against setting {base!r}; "
         "expected: messages x mean injected delay (delay rules on '*' commands) against "
-        "the same setting; ratio: added / expected",
+        "the same setting; per turn: the same counting only the delayed messages whose "
+        "sender had waited for the other side (those that begin a turn); ratio: added / it",
     ]
     errors = [row for row in results.summary if row.error]
     if errors:

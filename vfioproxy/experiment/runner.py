@@ -32,7 +32,7 @@ from vfioproxy.inject import Injector
 from vfioproxy.peers.client import RealizeError, RealizeOptions, Timings, open_realize_client
 from vfioproxy.peers.endpoint import ReplyTimeoutError
 from vfioproxy.peers.server import serve_device
-from vfioproxy.proxy import open_proxy
+from vfioproxy.proxy import ProxyOptions, open_proxy
 
 __all__ = ["Progress", "command_argv", "run_experiment"]
 
@@ -164,6 +164,13 @@ class _Runner:
         self.realize = attrs.evolve(config.realize, reply_timeout=config.client_timeout)
         self._sockets = 0
 
+    def _proxy_options(self) -> ProxyOptions:
+        """The proxy forwards on trio tasks when a peer runs in this process (the
+        built-in server or client): a forwarding thread would trade the GIL with
+        them at every message. With both peers outside, on its threads."""
+        in_process = self.config.server is None or self.config.command is None
+        return attrs.evolve(self.config.proxy_options, threads=not in_process)
+
     async def client(self, socket: str) -> _Outcome:
         if self.config.command is None:
             return await _run_builtin(socket, self.realize)
@@ -193,7 +200,7 @@ class _Runner:
                     socket,
                     self.server,
                     sink=sink,
-                    options=self.config.proxy_options,
+                    options=self._proxy_options(),
                     injector=injector,
                 ) as proxy:
                     outcome = await self.client(socket)
@@ -239,6 +246,7 @@ class _Runner:
             actions=facts.actions,
             injected_delay_s=facts.injected_delay_s,
             expected_delay_s=expected_delay(setting.rules, facts),
+            expected_turns_delay_s=expected_delay(setting.rules, facts, turns=True),
             latency=facts.latency,
         )
 
