@@ -62,6 +62,15 @@ def test_demo_records_a_realize_and_prints_its_stats(tmp_path, capsys):
     )
 
 
+def test_demo_captures_fd_contents_when_asked(tmp_path, capsys):
+    trace = tmp_path / "demo.trace"
+    assert main(["demo", "-o", str(trace), "--capture-fd-contents", "64k"]) == 0
+    capsys.readouterr()
+    recs, _ = messages(trace)
+    memfds = [fd for r in recs for fd in r.fds if fd.kind.value == "memfd"]
+    assert memfds and any(fd.sha256 is not None for fd in memfds)
+
+
 def test_serve_device_and_realize_complete_a_realize_with_a_workload(tmp_path, spawn):
     sock = tmp_path / "dev.sock"
     server = spawn("serve-device", "--socket", sock)

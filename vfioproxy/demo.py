@@ -12,7 +12,7 @@ import trio
 from recorder.sink import TraceSink
 from vfioproxy.peers.client import IrqMode, RealizeOptions, RealizeResult, realize
 from vfioproxy.peers.server import DeviceOptions, serve_device
-from vfioproxy.proxy import Proxy, ProxyStatistics, open_proxy
+from vfioproxy.proxy import Proxy, ProxyOptions, ProxyStatistics, open_proxy
 
 
 @attrs.frozen
@@ -46,7 +46,11 @@ async def run_demo(
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_device, device_sock)
                 proxy: Proxy
-                async with open_proxy(proxy_sock, device_sock, sink=sink) as proxy:
+                # the peers run in this process: trio tasks beside them, not a
+                # forwarding thread trading the GIL with them at every message
+                options = ProxyOptions(capture_fd_contents=capture_fd_contents, threads=False)
+                async with open_proxy(proxy_sock, device_sock, sink=sink,
+                                      options=options) as proxy:
                     result = await realize(
                         proxy_sock, RealizeOptions(workload=workload, irq=irq)
                     )
