@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.fds import OwnedFd, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
-from vfioproxy.transport import SCM_MAX_FD, fds_truncated, take_fds
+from vfioproxy.transport import SCM_MAX_FD, eof_in_header, fds_truncated, take_fds
 
 __all__ = ["BlockingFdSocket"]
 
@@ -132,15 +132,7 @@ class BlockingFdSocket:
                 if flags & _CTRUNC:
                     raise fds_truncated(self.max_fds, len(fds))
                 if not chunk:
-                    if not header:
-                        raise ConnectionClosedError("peer closed the connection", mid_message=False)
-                    raise ConnectionClosedError(
-                        f"peer closed the connection after {len(header)} of "
-                        f"{HEADER_SIZE} header bytes",
-                        mid_message=True,
-                        received=len(header),
-                        partial=header,
-                    )
+                    raise eof_in_header(header)
                 header += chunk
                 if len(header) == HEADER_SIZE:
                     return header, fds

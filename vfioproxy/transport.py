@@ -29,7 +29,13 @@ from vfioproxy.fds import OwnedFd, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 
 __all__ = [
-    "SCM_MAX_FD", "FdStream", "fd_stream_pair", "fds_truncated", "open_unix_fd_stream", "take_fds",
+    "SCM_MAX_FD",
+    "FdStream",
+    "eof_in_header",
+    "fd_stream_pair",
+    "fds_truncated",
+    "open_unix_fd_stream",
+    "take_fds",
 ]
 
 #: Linux's limit on fds in one ``sendmsg`` (include/net/scm.h)
@@ -53,6 +59,18 @@ def take_fds(ancdata: list[tuple[int, int, bytes]], into: list[OwnedFd]) -> None
             numbers = array("i")
             numbers.frombytes(data[: len(data) - len(data) % _FD_SIZE])
             into.extend(map(OwnedFd, numbers))
+
+
+def eof_in_header(received: bytes) -> ConnectionClosedError:
+    """The error for EOF before a header was whole (``received``: its bytes so far)."""
+    if not received:
+        return ConnectionClosedError("peer closed the connection", mid_message=False)
+    return ConnectionClosedError(
+        f"peer closed the connection after {len(received)} of {HEADER_SIZE} header bytes",
+        mid_message=True,
+        received=len(received),
+        partial=received,
+    )
 
 
 def fds_truncated(max_fds: int, arrived: int) -> FdsTruncatedError:
@@ -295,15 +313,7 @@ class FdStream(trio.abc.AsyncResource):
                 if len(chunk) == HEADER_SIZE:
                     return chunk, fds
                 if not chunk:
-                    if not header:
-                        raise ConnectionClosedError("peer closed the connection", mid_message=False)
-                    raise ConnectionClosedError(
-                        f"peer closed the connection after {len(header)} of "
-                        f"{HEADER_SIZE} header bytes",
-                        mid_message=True,
-                        received=len(header),
-                        partial=bytes(header),
-                    )
+                    raise eof_in_header(bytes(header))
                 header += chunk
                 if len(header) == HEADER_SIZE:
                     return bytes(header), fds
