@@ -42,6 +42,7 @@ from vfioproxy.protocol.header import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
     HEADER_SIZE,
+    TYPE_MASK,
     Command,
     Header,
     MessageType,
@@ -219,6 +220,11 @@ def build_error_reply(request: Header | Message, errno: int, payload: bytes = b"
     return Message(header, ErrorBody(payload))
 
 
+_REPLY = int(MessageType.REPLY)
+#: the contexts of commands (no request), one per layout
+_CONTEXTS = {layout: BodyContext(layout) for layout in DmaLayout}
+
+
 def decode(
     data: bytes | bytearray | memoryview,
     fds: Sequence[Any] = (),
@@ -255,9 +261,11 @@ def decode(
         if strict:
             raise problem
         return Message(header, RawBody(payload, str(problem)), fd_tuple)
-    if header.is_error and header.is_reply:
+    kind = header.flags & TYPE_MASK
+    is_reply = kind == _REPLY
+    if is_reply and header.flags & FLAG_ERROR:
         return Message(header, ErrorBody(payload), fd_tuple)
-    if header.type not in (MessageType.COMMAND, MessageType.REPLY):
+    if kind > _REPLY:
         problem = RemoteProtocolError(
             "invalid message type in flags", command=header.command_name, field="flags",
             offset=8, expected="type 0 or 1", got=header.flags,
@@ -265,7 +273,7 @@ def decode(
         if strict:
             raise problem
         return Message(header, RawBody(payload, str(problem)), fd_tuple)
-    parsers = REPLY_PARSERS if header.is_reply else COMMAND_PARSERS
+    parsers = REPLY_PARSERS if is_reply else COMMAND_PARSERS
     parser = parsers.get(header.command)
     if parser is None:
         problem = RemoteProtocolError(
@@ -275,12 +283,13 @@ def decode(
         if strict:
             raise problem
         return Message(header, RawBody(payload, str(problem)), fd_tuple)
-    if header.is_reply and not payload:
+    if is_reply and not payload:
         return Message(header, EmptyBody(), fd_tuple)
     if sender is None:
-        client_sent = header.is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
+        client_sent = is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
         sender = Side.CLIENT if client_sent else Side.SERVER
-    ctx = BodyContext(dialects.of(sender), None if request is None else request.body)
+    layout = dialects.client if sender is Side.CLIENT else dialects.server
+    ctx = _CONTEXTS[layout] if request is None else BodyContext(layout, request.body)
     try:
         body = parser(payload, ctx)
     except ProtocolError as exc:

@@ -38,6 +38,7 @@ from vfioproxy.protocol.header import (
     HEADER_SIZE,
     KNOWN_FLAGS,
     SERVER_COMMANDS,
+    TYPE_MASK,
     Command,
     Header,
     MessageType,
@@ -112,6 +113,11 @@ class _Pending:
     message: Message
 
 
+_SENDERS = {direction: direction.sender for direction in Direction}
+_RECEIVERS = {direction: direction.receiver for direction in Direction}
+_REPLY = int(MessageType.REPLY)
+_COMMAND = int(MessageType.COMMAND)
+
 #: every valid flags word: a command (perhaps no_reply), a reply (perhaps an error)
 _VALID_FLAGS = frozenset({
     int(MessageType.COMMAND), int(MessageType.COMMAND) | FLAG_NO_REPLY,
@@ -179,7 +185,7 @@ class SessionState:
         """Account for one whole message (as framed) sent in ``direction``."""
         index = self._counts[direction]
         self._counts[direction] = index + 1
-        sender = direction.sender
+        sender = _SENDERS[direction]
         problems: list[Violation] = []
 
         def violation(kind: str, text: str, header: Header, **where: Any) -> None:
@@ -188,8 +194,9 @@ class SessionState:
 
         header = Header.parse(data)
         self._check_header(header, len(data), violation)
+        kind = header.flags & TYPE_MASK
         request: Message | None = None
-        if header.is_reply:
+        if kind == _REPLY:
             request = self._match_reply(direction, header, violation)
         message = decode(
             data,
@@ -201,9 +208,10 @@ class SessionState:
         )
         if isinstance(message.body, RawBody) and message.body.reason and header.size == len(data):
             violation("decode_error", message.body.reason, header)
-        if header.is_command:
+        if kind == _COMMAND:
             self._check_command(direction, index, message, violation)
-        self._check_fds(direction, header, len(fds), violation)
+        if fds:
+            self._check_fds(direction, header, len(fds), violation)
         if header.command == Command.VERSION and isinstance(message.body, VersionBody):
             self._negotiate(header, message.body)
         if self.strict and problems:
@@ -264,11 +272,14 @@ class SessionState:
                 field="command", offset=2, expected="VERSION", got=header.command_name,
             )
         self._check_count(direction, message, violation)
-        if header.no_reply:
+        if header.flags & FLAG_NO_REPLY:
             self._posted[direction].append((header.msg_id, message))
             return
-        queue = self._pending[direction].setdefault(header.msg_id, deque())
-        if queue:
+        pending = self._pending[direction]
+        queue = pending.get(header.msg_id)
+        if queue is None:
+            queue = pending[header.msg_id] = deque()
+        elif queue:
             violation(
                 "duplicate_outstanding_id",
                 f"msg_id {header.msg_id} is still outstanding "
@@ -280,7 +291,7 @@ class SessionState:
     def _check_count(self, direction: Direction, message: Message, violation: Any) -> None:
         body = message.body
         if isinstance(body, (RegionAccessBody, DmaAccessBody)):
-            limit = self.max_data_xfer_size(direction.receiver)
+            limit = self.max_data_xfer_size(_RECEIVERS[direction])
             if body.count > limit:
                 violation(
                     "count_too_large",
