@@ -41,7 +41,7 @@ from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.session import Observation, SessionState
 from vfioproxy.side import Direction
 from vfioproxy.timer import PreciseSleeper, TimerFd
-from vfioproxy.transport import FdStream, open_unix_fd_stream
+from vfioproxy.transport import FdStream
 from vfioproxy.unix import open_unix_listener
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ class Proxy:
         self._starting -= 1
         t_open = time.monotonic_ns()
         try:
-            server_stream = await open_unix_fd_stream(self.server_path)
+            server_sock = await self._connect_server()
         except OSError as exc:
             log.error("session %d: cannot connect to the server %s: %s", sid,
                       self.server_path, exc)
@@ -383,7 +383,7 @@ class Proxy:
             self._session_done(sid)
             return
         session = ProxySession(
-            sid, self._endpoint(sock), self._endpoint(server_stream.socket),
+            sid, self._endpoint(sock), self._endpoint(server_sock),
             SessionState(dialects=self.options.dialects, strict=self.options.strict),
         )
         self.sessions[sid] = session
@@ -396,15 +396,35 @@ class Proxy:
             log.info("session %d: closed by %s (%s)", sid, session.closed_by, session.reason)
             self._session_done(sid)
 
+    async def _connect_server(self) -> socket.socket:
+        """A socket connected to the server. An AF_UNIX connect to a listening
+        socket completes at once unless its backlog is full: try that without
+        yielding to trio (each yield is a pass of its run loop before the first
+        message can move), wait only if the kernel says so."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.connect(self.server_path)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err)) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     async def _relay(self, session: ProxySession) -> None:
         """Run both directions of ``session`` until it ends, then close its sockets."""
         queues = []
         try:
             async with trio.open_nursery() as nursery:
                 if self._threaded:
-                    nursery.start_soon(self._until_end, session, nursery, self._run_thread,
-                                       session, nursery)
                     nursery.start_soon(self._stop_threads_on_cancel, session)
+                    # in this task: a task of its own would start a run-loop pass later
+                    await self._until_end(session, nursery, self._run_thread, session, nursery)
                 for direction, src, dst in (
                     (Direction.C2S, session.client, session.server),
                     (Direction.S2C, session.server, session.client),
