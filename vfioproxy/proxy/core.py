@@ -1,13 +1,14 @@
 """The proxy: forward every vfio-user message between a client and a server.
 
 For each client that connects to the listening socket, the proxy connects
-to the server and runs a session: one task per direction, each reading one
-whole message with its fds, forwarding it byte-exact in one ``sendmsg``, and
-only then decoding and recording it (the peers' own think time hides that
-work) and closing the proxy's copies of the fds. Messages are never
-reordered, merged or split. Bad input is forwarded the way the receiver will
-frame it and recorded as a violation; a session is closed only when framing
-is really lost (EOF mid-message), when one side leaves, or with ``strict``.
+to the server and runs a session: by default on one thread of its own
+(:mod:`vfioproxy.proxy.session_thread`), or on trio tasks, one per
+direction. A message is read whole with its fds, forwarded byte-exact in
+one ``sendmsg``, and only then decoded and recorded (while the peers think)
+and the proxy's copies of the fds closed. Messages are never reordered,
+merged or split. Bad input is forwarded the way the receiver will frame it
+and recorded as a violation; a session is closed only when framing is
+really lost (EOF mid-message), when one side leaves, or with ``strict``.
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ import contextlib
 import logging
 import math
 import os
-import select
 import socket
-import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import trio
 
 from recorder.fdmeta import fd_record
@@ -36,231 +33,32 @@ from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.fds import FdKind, OwnedFd, inspect_fd
 from vfioproxy.inject import Injector
 from vfioproxy.protocol.bodies import VersionBody
-from vfioproxy.protocol.codec import Dialects, decode
+from vfioproxy.protocol.codec import decode
 from vfioproxy.protocol.header import Command
-from vfioproxy.protocol.session import Observation, SessionState
+from vfioproxy.protocol.session import SessionState
+from vfioproxy.proxy.model import (
+    DEFAULT_GRACE,
+    DRAIN_TIME,
+    Counters,
+    Endpoint,
+    Injected,
+    MessageObserver,
+    ProxyOptions,
+    ProxySession,
+    ProxyStatistics,
+    Received,
+    Release,
+    SessionEnd,
+)
+from vfioproxy.proxy.session_thread import SessionThread
 from vfioproxy.side import Direction
-from vfioproxy.timer import PreciseSleeper, TimerFd
+from vfioproxy.timer import PreciseSleeper
 from vfioproxy.transport import FdStream
 from vfioproxy.unix import open_unix_listener
 
 log = logging.getLogger(__name__)
 
-#: how long in-flight messages may finish after a shutdown request (seconds)
-DEFAULT_GRACE = 1.0
-#: how long a session whose peer vanished keeps reading that peer's last messages
-DRAIN_TIME = 1.0
-
-
-@attrs.frozen
-class ProxyOptions:
-    """How the proxy treats what passes through it.
-
-    ``strict`` closes a session at its first protocol violation;
-    ``capture_fd_contents`` records the contents of memfds up to that many
-    bytes; ``dialects`` fixes the DMA layouts used for decoding (else
-    detected per session); ``decode`` may be turned off for a pure relay that
-    neither records nor checks. ``threads`` forwards each direction on a
-    thread of its own blocked in ``recvmsg`` (the fast path); without it the
-    pumps are trio tasks (needed where forwarding must follow trio's clock).
-    """
-
-    strict: bool = False
-    capture_fd_contents: int = 0
-    dialects: Dialects | None = None
-    decode: bool = True
-    mode: int = 0o600
-    threads: bool = True
-
-
-@attrs.frozen
-class DirectionStatistics:
-    messages: int = 0
-    bytes: int = 0
-    fds: int = 0
-
-
-@attrs.frozen
-class ProxyStatistics:
-    """A snapshot of what the proxy has done (see :meth:`Proxy.statistics`)."""
-
-    sessions_active: int
-    sessions_total: int
-    c2s: DirectionStatistics
-    s2c: DirectionStatistics
-    violations: int
-
-
-@attrs.define
-class _Counters:
-    messages: int = 0
-    bytes: int = 0
-    fds: int = 0
-
-    def freeze(self) -> DirectionStatistics:
-        return DirectionStatistics(self.messages, self.bytes, self.fds)
-
-    def add(self, other: _Counters) -> None:
-        self.messages += other.messages
-        self.bytes += other.bytes
-        self.fds += other.fds
-
-
-class _SessionEnd(Exception):
-    """Internal: ends a session, saying who closed it and why.
-
-    ``drain``: the peer this pump writes to is gone; the pump reading from
-    that peer may still have its last messages to read (and record) before
-    it meets EOF, so the session ends after a short drain instead of at once.
-    """
-
-    def __init__(self, closed_by: str, reason: str, *, drain: bool = False) -> None:
-        super().__init__(reason)
-        self.closed_by = closed_by
-        self.reason = reason
-        self.drain = drain
-
-
-#: received messages not yet decoded and recorded, per session, beyond which the
-#: forwarding thread stops to catch up (when the peers never leave it idle)
-BACKLOG_LIMIT = 256
-
-#: [direction, t_ns, bytes, fd records or the number of fds]: a list, so that
-#: the forwarding thread can fill in the fd records after the send
-_Received = list[Any]
-
-#: one end of a session: a trio stream, or a blocking socket for a forwarding thread
-Endpoint = FdStream | BlockingFdSocket
-
-
-@attrs.frozen
-class _Release:
-    """A message waiting in a direction's release queue (fault injection).
-
-    ``forwarded``: the sender's message (counted and digested once sent);
-    otherwise an error reply the proxy makes up in place of the receiver.
-    ``close_after``: the reason to end the session once it is sent.
-    """
-
-    at: float
-    data: bytes
-    fds: list[OwnedFd]
-    forwarded: bool = True
-    close_after: str | None = None
-
-
-@attrs.frozen
-class _Injected:
-    """What an injector's decision leaves to send: the message (None: not
-    forwarded), an error reply for its sender, and why to close at once."""
-
-    message: _Release | None
-    reply: _Release | None
-    close: str | None
-
-
-@attrs.define(eq=False)
-class ProxySession:
-    """One client connection and its server connection.
-
-    ``backlog`` holds received messages not yet decoded and recorded, in the
-    order they were forwarded; whichever pump finishes a send digests it
-    (under ``digest_lock``), so the work follows the forward instead of
-    delaying it.
-    """
-
-    id: int
-    client: Endpoint
-    server: Endpoint
-    state: SessionState
-    closed_by: str | None = None
-    reason: str | None = None
-    stopping: bool = False
-    counters: dict[Direction, _Counters] = attrs.field(
-        factory=lambda: {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
-    )
-    violations: int = 0
-    backlog: deque[_Received] = attrs.field(factory=deque)
-    digest_lock: threading.Lock = attrs.field(factory=threading.Lock)
-    #: per direction, the release queue of an injecting proxy, how many
-    #: messages it holds, and the lock of sending in that direction
-    releases: dict[Direction, trio.MemorySendChannel[_Release]] = attrs.field(factory=dict)
-    held: dict[Direction, int] = attrs.field(
-        factory=lambda: {Direction.C2S: 0, Direction.S2C: 0}
-    )
-    sending: dict[Direction, trio.Lock] = attrs.field(
-        factory=lambda: {Direction.C2S: trio.Lock(), Direction.S2C: trio.Lock()}
-    )
-
-    def end(self, closed_by: str, reason: str) -> None:
-        """Say who ended the session and why (the first to say it wins)."""
-        if self.closed_by is None:
-            self.closed_by, self.reason = closed_by, reason
-
-
-MessageObserver = Callable[[ProxySession, Observation, int], None]
-
-
-class _Held:
-    """What an injecting session thread holds back: a queue per direction, in
-    order, and a timerfd armed for the first message due.
-
-    The timer is armed a little early (by a running estimate of how late a
-    timerfd wakes the thread) and the last microseconds are spun, so that
-    delays of tens of microseconds come out right.
-    """
-
-    #: the longest the thread spins for a message instead of sleeping
-    SPIN = 100e-6
-
-    def __init__(self, session: ProxySession, ends: dict[Direction, BlockingFdSocket]) -> None:
-        self.session = session
-        self.ends = ends
-        self.queues: dict[Direction, deque[_Release]] = {
-            Direction.C2S: deque(), Direction.S2C: deque()
-        }
-        self.timer = TimerFd()
-        self._wake_latency = 30e-6
-        self._armed_for: float | None = None
-
-    def hold(self, direction: Direction, item: _Release) -> None:
-        self.queues[direction].append(item)
-
-    def release_due(self, proxy: Proxy) -> None:
-        """Send every held message whose time has come; arm the timer for the next."""
-        while True:
-            now = time.monotonic()
-            if self._armed_for is not None and now >= self._armed_for:
-                late = now - self._armed_for
-                self._wake_latency = 0.8 * self._wake_latency + 0.2 * min(late, self.SPIN)
-                self._armed_for = None
-            first: float | None = None
-            for direction, queue in self.queues.items():
-                while queue and queue[0].at <= now:
-                    proxy._release_blocking(self.session, direction, self.ends[direction],
-                                            queue.popleft())
-                if queue and (first is None or queue[0].at < first):
-                    first = queue[0].at
-            if first is None:
-                self.timer.disarm()
-                self._armed_for = None
-                return
-            wait = first - now
-            if wait > self._wake_latency + self.SPIN / 2:
-                self._armed_for = first - self._wake_latency
-                self.timer.arm(wait - self._wake_latency)
-                return
-            while time.monotonic() < first:  # the last few microseconds
-                pass
-
-    def close(self) -> None:
-        """Drop what is still held (its fds are closed) and the timer."""
-        for queue in self.queues.values():
-            while queue:
-                for fd in queue.popleft().fds:
-                    fd.close()
-        self.timer.close()
-
+__all__ = ["MessageObserver", "Proxy", "open_proxy", "serve_proxy"]
 
 class Proxy:
     """Relays sessions from clients on a listener to ``server_path``.
@@ -290,7 +88,7 @@ class Proxy:
         self._threaded = options.threads
         self.sessions: dict[int, ProxySession] = {}
         self._next_session = 1
-        self._ended = {Direction.C2S: _Counters(), Direction.S2C: _Counters()}
+        self._ended = {Direction.C2S: Counters(), Direction.S2C: Counters()}
         self._ended_violations = 0
         self._accepting: trio.CancelScope | None = None
         self._starting = 0  # accepted, not yet in self.sessions or ended
@@ -302,7 +100,7 @@ class Proxy:
         sessions = list(self.sessions.values())
         totals = {}
         for direction, ended in self._ended.items():
-            total = _Counters(ended.messages, ended.bytes, ended.fds)
+            total = Counters(ended.messages, ended.bytes, ended.fds)
             for session in sessions:
                 total.add(session.counters[direction])
             totals[direction] = total.freeze()
@@ -433,7 +231,7 @@ class Proxy:
                         break
                     assert isinstance(src, FdStream) and isinstance(dst, FdStream)
                     if self.injector is not None:
-                        send, receive = trio.open_memory_channel[_Release](math.inf)
+                        send, receive = trio.open_memory_channel[Release](math.inf)
                         session.releases[direction] = send
                         queues.append(receive)
                         nursery.start_soon(self._until_end, session, nursery, self._release,
@@ -498,7 +296,7 @@ class Proxy:
 
     async def _run_thread(self, session: ProxySession, nursery: trio.Nursery) -> None:
         await trio.to_thread.run_sync(
-            self._session_thread, session, nursery, trio.lowlevel.current_trio_token(),
+            SessionThread(self).run, session, nursery, trio.lowlevel.current_trio_token(),
             limiter=self._threads,
         )
 
@@ -509,10 +307,10 @@ class Proxy:
         run: Callable[..., Awaitable[None]],
         *args: Any,
     ) -> None:
-        """Run one of the session's tasks; its :class:`_SessionEnd` ends the session."""
+        """Run one of the session's tasks; its :class:`SessionEnd` ends the session."""
         try:
             await run(*args)
-        except _SessionEnd as end:
+        except SessionEnd as end:
             if session.stopping:
                 return  # the proxy shut the sockets down: not the peer's doing
             session.end(end.closed_by, end.reason)
@@ -542,10 +340,10 @@ class Proxy:
                     if self._record_torn(session, direction, exc):
                         with contextlib.suppress(TransportError, OSError):
                             await dst.send_message(exc.partial)
-                    raise _SessionEnd(sender, f"EOF mid-message ({exc})") from exc
-                raise _SessionEnd(sender, "EOF") from exc
+                    raise SessionEnd(sender, f"EOF mid-message ({exc})") from exc
+                raise SessionEnd(sender, "EOF") from exc
             except TransportError as exc:
-                raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
+                raise SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
             if self.injector is not None:
                 await self._inject(session, direction, data, fds, dst, nursery)
                 continue
@@ -595,7 +393,7 @@ class Proxy:
                 async with lock:
                     await self._send_release(session, direction, dst, item)
         if injected.close is not None:
-            raise _SessionEnd("proxy", injected.close)
+            raise SessionEnd("proxy", injected.close)
 
     def _decide(
         self,
@@ -605,7 +403,7 @@ class Proxy:
         fds: list[OwnedFd],
         now: float,
         t_ns: int,
-    ) -> _Injected:
+    ) -> Injected:
         """The injector's decision on a received message, recorded, as what to release.
 
         The message is queued for the digest and the applied actions go into
@@ -632,26 +430,26 @@ class Proxy:
                 fd.close()
             self._digest_backlog(session)
         if decision.close_before:
-            return _Injected(None, None, f"injected close before {where}")
+            return Injected(None, None, f"injected close before {where}")
         reply = None
         if decision.reply is not None:  # in place of the receiver, after what it already sent
-            reply = _Release(decision.release_at, decision.reply, [], forwarded=False)
+            reply = Release(decision.release_at, decision.reply, [], forwarded=False)
         if not decision.forward:
             close = f"injected close after {where}" if decision.close_after else None
-            return _Injected(None, reply, close)
-        message = _Release(
+            return Injected(None, reply, close)
+        message = Release(
             decision.release_at, decision.data, fds,
             close_after=f"injected close after {where}" if decision.close_after else None,
         )
-        return _Injected(message, reply, None)
+        return Injected(message, reply, None)
 
     @staticmethod
-    def _hold(session: ProxySession, direction: Direction, item: _Release) -> None:
+    def _hold(session: ProxySession, direction: Direction, item: Release) -> None:
         session.held[direction] += 1
         session.releases[direction].send_nowait(item)
 
     async def _send_release(
-        self, session: ProxySession, direction: Direction, dst: FdStream, item: _Release
+        self, session: ProxySession, direction: Direction, dst: FdStream, item: Release
     ) -> None:
         try:
             try:
@@ -664,14 +462,14 @@ class Proxy:
         if item.forwarded:
             self._forwarded(session, direction, item.data, item.fds)
         if item.close_after is not None:
-            raise _SessionEnd("proxy", item.close_after)
+            raise SessionEnd("proxy", item.close_after)
 
     async def _release(
         self,
         session: ProxySession,
         direction: Direction,
         dst: Endpoint,
-        queue: trio.MemoryReceiveChannel[_Release],
+        queue: trio.MemoryReceiveChannel[Release],
     ) -> None:
         """Send what the injector held back, in order, each at its release time."""
         assert isinstance(dst, FdStream)
@@ -691,185 +489,11 @@ class Proxy:
         finally:
             sleeper.close()
 
-    def _session_thread(
-        self, session: ProxySession, nursery: trio.Nursery, token: trio.lowlevel.TrioToken
-    ) -> None:
-        """Both directions of a session on one thread (the fast path).
-
-        ``poll`` on the two sockets, forward each message that arrives, and
-        decode and record the backlog only while nothing waits to be
-        forwarded. One thread per session, unlike a thread per direction,
-        never hands the GIL from one direction to the other, which on a VM
-        costs a cross-CPU wake-up each time. With an injector, messages held
-        back wait in a queue per direction and a timerfd in the poll set
-        wakes the thread when the first of them is due.
-        """
-        client, server = session.client, session.server
-        assert isinstance(client, BlockingFdSocket) and isinstance(server, BlockingFdSocket)
-        routes = {
-            client.fileno(): (Direction.C2S, client, server),
-            server.fileno(): (Direction.S2C, server, client),
-        }
-        poller = select.poll()
-        for fd in routes:
-            poller.register(fd, select.POLLIN)
-        held: _Held | None = None
-        if self.injector is not None:
-            held = _Held(session, {Direction.C2S: server, Direction.S2C: client})
-            poller.register(held.timer.fd, select.POLLIN)
-        backlog = session.backlog
-        drain_until: float | None = None
-        try:
-            while True:
-                if held is not None:
-                    held.release_due(self)
-                if drain_until is not None:
-                    timeout = drain_until - time.monotonic()
-                    if timeout <= 0:
-                        raise _SessionEnd("proxy", "drain time over")
-                    ready = poller.poll(timeout * 1000)
-                elif backlog:
-                    ready = poller.poll(0)
-                    if not ready:
-                        self._digest_one(session)
-                        continue
-                else:
-                    ready = poller.poll()
-                for fd, _ in ready:
-                    if held is not None and fd == held.timer.fd:
-                        held.timer.clear()
-                        continue
-                    direction, src, dst = routes[fd]
-                    try:
-                        if held is None:
-                            self._forward_blocking(session, direction, src, dst, nursery, token)
-                        else:
-                            self._inject_blocking(session, direction, src, held, nursery, token)
-                    except _SessionEnd as end:
-                        if not end.drain:
-                            raise
-                        # the receiver left: stop reading for it, read its last messages
-                        session.end(end.closed_by, end.reason)
-                        poller.unregister(fd)
-                        drain_until = time.monotonic() + DRAIN_TIME
-                if len(backlog) > BACKLOG_LIMIT:  # never idle: keep up, a message at a time
-                    self._digest_one(session)
-        finally:
-            if held is not None:
-                held.close()
-
-    def _receive_blocking(
-        self,
-        session: ProxySession,
-        direction: Direction,
-        src: BlockingFdSocket,
-        dst: BlockingFdSocket,
-    ) -> tuple[bytes, list[OwnedFd]]:
-        """Receive the message ``src`` has ready; its end ends the session."""
-        sender = direction.sender.value
-        try:
-            return src.receive_message(session.state.max_message_size())
-        except ConnectionClosedError as exc:
-            if exc.mid_message:
-                if self._record_torn(session, direction, exc):
-                    with contextlib.suppress(TransportError, OSError):
-                        dst.send_message(exc.partial)
-                raise _SessionEnd(sender, f"EOF mid-message ({exc})") from exc
-            raise _SessionEnd(sender, "EOF") from exc
-        except (TransportError, OSError) as exc:
-            raise _SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
-
-    def _forward_blocking(
-        self,
-        session: ProxySession,
-        direction: Direction,
-        src: BlockingFdSocket,
-        dst: BlockingFdSocket,
-        nursery: trio.Nursery,
-        token: trio.lowlevel.TrioToken,
-    ) -> None:
-        """Forward the one message that ``src`` has ready (see :meth:`_pump`)."""
-        data, fds = self._receive_blocking(session, direction, src, dst)
-        entry: _Received | None = None
-        try:
-            if fds and direction is Direction.S2C and data[2] == Command.VERSION:
-                trio.from_thread.run_sync(self._substitute_twin_socket, session, data, fds,
-                                          nursery, trio_token=token)
-            # fd metadata after the send, unless contents are captured: those
-            # must be read as they passed, before the receiver can write to them
-            entry = self._received(session, direction, data, fds,
-                                   inspect_fds=self.options.capture_fd_contents > 0)
-            try:
-                dst.send_message(data, fds)
-            except (TransportError, OSError) as exc:
-                raise self._send_failed(direction, exc) from exc
-        finally:
-            if fds and entry is not None and isinstance(entry[3], int):
-                entry[3] = self._fd_records(fds)  # syscalls: after the send, before the close
-            for fd in fds:
-                fd.close()
-        counters = session.counters[direction]
-        counters.messages += 1
-        counters.bytes += len(data)
-        counters.fds += len(fds)
-
-    def _inject_blocking(
-        self,
-        session: ProxySession,
-        direction: Direction,
-        src: BlockingFdSocket,
-        held: _Held,
-        nursery: trio.Nursery,
-        token: trio.lowlevel.TrioToken,
-    ) -> None:
-        """:meth:`_inject` on the session's thread: hold or send what the injector decided."""
-        data, fds = self._receive_blocking(session, direction, src, held.ends[direction])
-        try:
-            if fds and direction is Direction.S2C and data[2] == Command.VERSION:
-                trio.from_thread.run_sync(self._substitute_twin_socket, session, data, fds,
-                                          nursery, trio_token=token)
-        except BaseException:
-            for fd in fds:
-                fd.close()
-            raise
-        t_ns = time.monotonic_ns()
-        now = t_ns / 1e9
-        injected = self._decide(session, direction, data, fds, now, t_ns)
-        if injected.reply is not None:
-            held.hold(direction.reverse, injected.reply)
-        if injected.message is not None:
-            if held.queues[direction] or injected.message.at > now:
-                held.hold(direction, injected.message)
-            else:
-                self._release_blocking(session, direction, held.ends[direction], injected.message)
-        if injected.close is not None:
-            raise _SessionEnd("proxy", injected.close)
-
-    def _release_blocking(
-        self, session: ProxySession, direction: Direction, dst: BlockingFdSocket, item: _Release
-    ) -> None:
-        """Send a message the injector let through (or its error reply) now."""
-        try:
-            try:
-                dst.send_message(item.data, item.fds)
-            except (TransportError, OSError) as exc:
-                raise self._send_failed(direction, exc) from exc
-        finally:
-            for fd in item.fds:
-                fd.close()
-        if item.forwarded:
-            counters = session.counters[direction]
-            counters.messages += 1
-            counters.bytes += len(item.data)
-            counters.fds += len(item.fds)
-        if item.close_after is not None:
-            raise _SessionEnd("proxy", item.close_after)
-
-    def _send_failed(self, direction: Direction, exc: BaseException) -> _SessionEnd:
+    def _send_failed(self, direction: Direction, exc: BaseException) -> SessionEnd:
         receiver = direction.receiver.value
         if isinstance(exc, ConnectionClosedError):
-            return _SessionEnd(receiver, f"EOF while forwarding ({exc})", drain=True)
-        return _SessionEnd("proxy", f"forwarding to the {receiver} failed: {exc}")
+            return SessionEnd(receiver, f"EOF while forwarding ({exc})", drain=True)
+        return SessionEnd("proxy", f"forwarding to the {receiver} failed: {exc}")
 
     def _received(
         self,
@@ -880,7 +504,7 @@ class Proxy:
         *,
         inspect_fds: bool = True,
         t_ns: int | None = None,
-    ) -> _Received | None:
+    ) -> Received | None:
         """Queue a message for decoding and recording, before it is sent: a
         reply cannot be received before its request was sent, so the backlog
         is in forwarding order. Fd metadata is taken now, while the fds are
@@ -935,7 +559,7 @@ class Proxy:
         """Digest everything still queued (the session is ending; strict is moot)."""
         with session.digest_lock:
             while session.backlog:
-                with contextlib.suppress(_SessionEnd):
+                with contextlib.suppress(SessionEnd):
                     self._digest(session, *session.backlog.popleft())
 
     def _record_torn(
@@ -1032,7 +656,7 @@ class Proxy:
         if self.observer is not None:
             self.observer(session, obs, t_ns)
         if strict and obs.violations:
-            raise _SessionEnd("proxy", f"strict: {obs.violations[0]}")
+            raise SessionEnd("proxy", f"strict: {obs.violations[0]}")
 
     def record_event(self, kind: str, data: dict[str, Any]) -> None:
         """Record a proxy-wide event (e.g. a rule change): once in a single
@@ -1095,12 +719,3 @@ async def serve_proxy(
         task_status.started(proxy)
 
 
-__all__ = [
-    "DirectionStatistics",
-    "Proxy",
-    "ProxyOptions",
-    "ProxySession",
-    "ProxyStatistics",
-    "open_proxy",
-    "serve_proxy",
-]
