@@ -1,4 +1,9 @@
-"""The fast path: both directions of a proxy session on one blocking thread."""
+"""The fast path: both directions of a proxy session on one blocking thread.
+
+:class:`SessionThread` forwards, injects and digests; the decoding,
+recording and fault decisions themselves are the :class:`~vfioproxy.proxy.core.Proxy`'s,
+shared with its trio-task forwarding.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ class Held:
             for direction, queue in self.queues.items():
                 while queue and queue[0].at <= now:
                     thread.release(self.session, direction, self.ends[direction],
-                                            queue.popleft())
+                                   queue.popleft())
                 if queue and (first is None or queue[0].at < first):
                     first = queue[0].at
             if first is None:
@@ -195,7 +200,7 @@ class SessionThread:
         nursery: trio.Nursery,
         token: trio.lowlevel.TrioToken,
     ) -> None:
-        """Forward the one message that ``src`` has ready (see :meth:`_pump`)."""
+        """Forward the one message that ``src`` has ready (see ``Proxy._pump``)."""
         data, fds = self._receive(session, direction, src, dst)
         entry: Received | None = None
         try:
@@ -229,7 +234,7 @@ class SessionThread:
         nursery: trio.Nursery,
         token: trio.lowlevel.TrioToken,
     ) -> None:
-        """:meth:`_inject` on the session's thread: hold or send what the injector decided."""
+        """``Proxy._inject`` on the session's thread: hold or send what the injector decided."""
         data, fds = self._receive(session, direction, src, held.ends[direction])
         try:
             if fds and direction is Direction.S2C and data[2] == Command.VERSION:
