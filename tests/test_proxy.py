@@ -455,3 +455,23 @@ async def test_serve_proxy_reports_its_proxy_through_task_status(server, tmp_pat
     await stream.aclose()
     await settle(proxy)
     nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_that_never_lets_the_proxy_idle_is_recorded_whole_and_in_order(
+        server, tmp_path):
+    # 1000 posted writes back to back: the forwarding never waits, so the
+    # digest runs at the backlog limit, a message per forwarded message
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    async with proxied_client(server, tmp_path, sink=sink) as (proxy, _, stream):
+        for msg_id in range(1000):
+            data, _ = encode(build_command(
+                Command.REGION_WRITE, msg_id, RegionAccessBody(0, 7, 4, b"abcd"), no_reply=True))
+            await stream.send_message(data)
+        with trio.fail_after(10):
+            while proxy.statistics().c2s.messages < 1001:
+                await trio.sleep(0.001)
+    sink.close()
+    writes = [Header.parse(r.data).msg_id for r in records(trace)
+              if isinstance(r, MessageRecord) and r.data[2] == Command.REGION_WRITE]
+    assert writes == list(range(1000))
