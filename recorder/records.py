@@ -62,6 +62,7 @@ class EventKind(enum.StrEnum):
     VIOLATION = "violation"
     DECODE_ERROR = "decode_error"
     INJECT = "inject"
+    RULES_CHANGED = "rules_changed"
     ERROR = "error"
     NOTE = "note"
 
