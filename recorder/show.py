@@ -57,7 +57,7 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterat
         if isinstance(item, EventRecord):
             yield (
                 f"{item.seq:>6} {_fmt_ns(item.t_ns, origin)} --- s{item.session} "
-                f"{item.kind} {_event_text(item.data)}"
+                f"{item.kind} {_event_text(item.kind, item.data)}"
             )
             continue
         record = item.record
@@ -77,7 +77,19 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterat
             yield from _field_lines(item)
 
 
-def _event_text(data: dict[str, Any]) -> str:
+def _event_text(kind: str, data: dict[str, Any]) -> str:
+    applied = data.get("applied")
+    if kind == "inject" and isinstance(applied, list):
+        # "c2s #3: rule 1 delay fixed(200us) = 203.1 us; rule 2 corrupt offset = 24"
+        actions = []
+        for item in applied:
+            if not isinstance(item, dict):
+                continue
+            value = item.get("value")
+            shown = f"{value * 1e6:.1f} us" if isinstance(value, float) else value
+            text = f"rule {item.get('rule')} {item.get('text')}"
+            actions.append(text if shown is None else f"{text} = {shown}")
+        return f"{data.get('direction')} #{data.get('index')}: " + "; ".join(actions)
     return " ".join(f"{k}={v}" for k, v in data.items())
 
 

@@ -1,6 +1,7 @@
 """Fault injection from the command line: --rule/--rules/--seed, the control socket, ctl."""
 
 import json
+import re
 import signal
 import subprocess
 
@@ -51,6 +52,8 @@ def test_record_with_rules_from_the_command_line_and_a_file(tmp_path, spawn, dev
     assert [r["id"] for r in opened.data["inject"]["rules"]] == [1, 2, 3]
     injected = events(trace, "inject")
     assert [e.data["applied"][0]["action"] for e in injected][-1] == "error"
+    shown = run("trace", "show", trace).stdout
+    assert re.search(r"inject c2s #\d+: rule 3 error EINVAL = 22\n", shown), shown
 
 
 def test_bad_rules_are_refused_with_the_token_named(tmp_path, device):
