@@ -475,3 +475,50 @@ async def test_a_burst_that_never_lets_the_proxy_idle_is_recorded_whole_and_in_o
     writes = [Header.parse(r.data).msg_id for r in records(trace)
               if isinstance(r, MessageRecord) and r.data[2] == Command.REGION_WRITE]
     assert writes == list(range(1000))
+
+
+async def test_a_larger_negotiated_transfer_size_frames_the_next_messages(tmp_path, nursery):
+    # both sides offer 4 MiB: a 2 MiB write right after VERSION must travel whole
+    # (with the default 1 MiB limit it would be framed as a header alone)
+    from vfioproxy.protocol.capabilities import Capabilities
+
+    caps = Capabilities(max_data_xfer_size=4 << 20)
+    received = []
+
+    async def handler(message):
+        received.append(message)
+        if message.command == Command.VERSION:
+            return build_reply(message, VersionBody.build(0, 0, caps))
+        return build_reply(message)
+
+    listener = await open_unix_listener(tmp_path / "server.sock")
+
+    async def serve(*, task_status=trio.TASK_STATUS_IGNORED):
+        async with listener:
+            task_status.started()
+            stream = await listener.accept()
+            endpoint = Endpoint(FdStream(stream.socket), Side.SERVER, handler=handler,
+                                max_message_size=8 << 20)
+            try:
+                await endpoint.run()
+            finally:
+                await endpoint.aclose()
+
+    await nursery.start(serve)
+    async with open_proxy(tmp_path / "p.sock", tmp_path / "server.sock") as proxy:
+        stream = await open_unix_fd_stream(tmp_path / "p.sock")
+        async with stream:
+            version, _ = encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, caps)))
+            await stream.send_message(version)
+            await stream.receive_message()
+            write, _ = encode(build_command(
+                Command.REGION_WRITE, 1, RegionAccessBody(0, 2, 2 << 20, bytes(2 << 20))))
+            await stream.send_message(write)
+            with trio.fail_after(10):
+                reply, _ = await stream.receive_message(8 << 20)
+            assert Header.parse(reply).command == Command.REGION_WRITE
+            assert not Header.parse(reply).is_error
+        await settle(proxy)
+    assert received[1].command == Command.REGION_WRITE
+    assert len(received[1].body.data) == 2 << 20
+    assert proxy.statistics().violations == 0

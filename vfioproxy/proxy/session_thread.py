@@ -209,8 +209,10 @@ class SessionThread:
                                           nursery, trio_token=token)
             # fd metadata after the send, unless contents are captured: those
             # must be read as they passed, before the receiver can write to them
-            entry = self.proxy._received(session, direction, data, fds,
-                                   inspect_fds=self.proxy.options.capture_fd_contents > 0)
+            entry = self.proxy._received(
+                session, direction, data, fds,
+                inspect_fds=self.proxy.options.capture_fd_contents > 0,
+            )
             try:
                 dst.send_message(data, fds)
             except (TransportError, OSError) as exc:
@@ -224,6 +226,10 @@ class SessionThread:
         counters.messages += 1
         counters.bytes += len(data)
         counters.fds += len(fds)
+        if data[2] == Command.VERSION and direction is Direction.S2C:
+            # the negotiation sets the framing limit of the messages that follow:
+            # observe it before the next receive, not when the thread idles
+            self.proxy._digest_backlog(session)
 
     def _inject(
         self,
@@ -274,5 +280,7 @@ class SessionThread:
             counters.messages += 1
             counters.bytes += len(item.data)
             counters.fds += len(item.fds)
+            if item.data[2] == Command.VERSION and direction is Direction.S2C:
+                self.proxy._digest_backlog(session)  # the framing limit: see _forward
         if item.close_after is not None:
             raise SessionEnd("proxy", item.close_after)
