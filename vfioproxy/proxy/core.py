@@ -223,12 +223,11 @@ class Proxy:
                     nursery.start_soon(self._stop_threads_on_cancel, session)
                     # in this task: a task of its own would start a run-loop pass later
                     await self._until_end(session, nursery, self._run_thread, session, nursery)
+                    return
                 for direction, src, dst in (
                     (Direction.C2S, session.client, session.server),
                     (Direction.S2C, session.server, session.client),
                 ):
-                    if self._threaded:
-                        break
                     assert isinstance(src, FdStream) and isinstance(dst, FdStream)
                     if self.injector is not None:
                         send, receive = trio.open_memory_channel[Release](math.inf)
@@ -530,37 +529,30 @@ class Proxy:
         self, session: ProxySession, direction: Direction, data: bytes, fds: list[OwnedFd]
     ) -> None:
         """Count a forwarded message, then decode and record the backlog."""
-        counters = session.counters[direction]
-        counters.messages += 1
-        counters.bytes += len(data)
-        counters.fds += len(fds)
+        session.counters[direction].count(data, fds)
         self._digest_backlog(session)
 
     def _digest_one(self, session: ProxySession) -> None:
-        if session.backlog and session.digest_lock.acquire(blocking=False):
-            try:
-                self._digest(session, *session.backlog.popleft())
-            finally:
-                session.digest_lock.release()
+        """Decode and record the oldest queued message, if any.
+
+        A session's backlog is only ever digested by the one thread or trio
+        run loop that forwards the session (or, once that has ended, by the
+        session's own task), so no lock is needed.
+        """
+        if session.backlog:
+            self._digest(session, *session.backlog.popleft())
 
     def _digest_backlog(self, session: ProxySession) -> None:
-        """Decode and record what is queued, unless another thread is at it."""
-        backlog, lock = session.backlog, session.digest_lock
-        # whoever holds the lock digests; an append seen after the holder's
-        # last look is taken by this loop once the holder lets go
-        while backlog and lock.acquire(blocking=False):
-            try:
-                while backlog:
-                    self._digest(session, *backlog.popleft())
-            finally:
-                lock.release()
+        """Decode and record everything queued."""
+        backlog = session.backlog
+        while backlog:
+            self._digest(session, *backlog.popleft())
 
     def _drain_all(self, session: ProxySession) -> None:
         """Digest everything still queued (the session is ending; strict is moot)."""
-        with session.digest_lock:
-            while session.backlog:
-                with contextlib.suppress(SessionEnd):
-                    self._digest(session, *session.backlog.popleft())
+        while session.backlog:
+            with contextlib.suppress(SessionEnd):
+                self._digest(session, *session.backlog.popleft())
 
     def _record_torn(
         self, session: ProxySession, direction: Direction, exc: ConnectionClosedError

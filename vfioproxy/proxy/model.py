@@ -3,9 +3,8 @@ small records its forwarding passes around."""
 
 from __future__ import annotations
 
-import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any
 
 import attrs
@@ -87,6 +86,12 @@ class Counters:
         self.bytes += other.bytes
         self.fds += other.fds
 
+    def count(self, data: Sized, fds: Sized) -> None:
+        """One more forwarded message: ``data`` its bytes, ``fds`` its fds."""
+        self.messages += 1
+        self.bytes += len(data)
+        self.fds += len(fds)
+
 
 class SessionEnd(Exception):
     """Internal: ends a session, saying who closed it and why.
@@ -146,9 +151,8 @@ class ProxySession:
     """One client connection and its server connection.
 
     ``backlog`` holds received messages not yet decoded and recorded, in the
-    order they were forwarded; whichever pump finishes a send digests it
-    (under ``digest_lock``), so the work follows the forward instead of
-    delaying it.
+    order they were forwarded; the forwarding digests it after its sends, so
+    the work follows the forward instead of delaying it.
     """
 
     id: int
@@ -163,7 +167,6 @@ class ProxySession:
     )
     violations: int = 0
     backlog: deque[Received] = attrs.field(factory=deque)
-    digest_lock: threading.Lock = attrs.field(factory=threading.Lock)
     #: per direction, the release queue of an injecting proxy, how many
     #: messages it holds, and the lock of sending in that direction
     releases: dict[Direction, trio.MemorySendChannel[Release]] = attrs.field(factory=dict)

@@ -222,14 +222,7 @@ class SessionThread:
                 entry[3] = self.proxy._fd_records(fds)  # syscalls: after the send, before the close
             for fd in fds:
                 fd.close()
-        counters = session.counters[direction]
-        counters.messages += 1
-        counters.bytes += len(data)
-        counters.fds += len(fds)
-        if data[2] == Command.VERSION and direction is Direction.S2C:
-            # the negotiation sets the framing limit of the messages that follow:
-            # observe it before the next receive, not when the thread idles
-            self.proxy._digest_backlog(session)
+        self._forwarded(session, direction, data, fds)
 
     def _inject(
         self,
@@ -276,11 +269,16 @@ class SessionThread:
             for fd in item.fds:
                 fd.close()
         if item.forwarded:
-            counters = session.counters[direction]
-            counters.messages += 1
-            counters.bytes += len(item.data)
-            counters.fds += len(item.fds)
-            if item.data[2] == Command.VERSION and direction is Direction.S2C:
-                self.proxy._digest_backlog(session)  # the framing limit: see _forward
+            self._forwarded(session, direction, item.data, item.fds)
         if item.close_after is not None:
             raise SessionEnd("proxy", item.close_after)
+
+    def _forwarded(
+        self, session: ProxySession, direction: Direction, data: bytes, fds: list[OwnedFd]
+    ) -> None:
+        """Count a forwarded message; the digest waits until the thread idles,
+        except after a VERSION reply: the negotiation sets the framing limit of
+        the messages that follow, so it is observed before the next receive."""
+        session.counters[direction].count(data, fds)
+        if data[2] == Command.VERSION and direction is Direction.S2C:
+            self.proxy._digest_backlog(session)
