@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 
 import trio
 import trio.testing
 
-__all__ = ["PreciseSleeper", "TimerFd"]
+__all__ = ["PreciseSleeper", "TimerFd", "WakeLatency"]
 
 _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
@@ -99,6 +100,19 @@ class TimerFd:
             os.close(fd)
 
 
+class WakeLatency:
+    """A running estimate of how late a timerfd wakes its waiter: a timer is
+    armed that much early and the rest spun. ``cap`` bounds one observation
+    (a waiter that was busy elsewhere is not the timer's lateness)."""
+
+    def __init__(self, initial: float = 0.0, cap: float = math.inf) -> None:
+        self.value = initial
+        self._cap = cap
+
+    def update(self, late: float) -> None:
+        self.value = max(0.0, 0.8 * self.value + 0.2 * min(late, self._cap))
+
+
 class PreciseSleeper:
     """Sleeps of one task until deadlines on trio's clock, precise to microseconds.
 
@@ -108,7 +122,7 @@ class PreciseSleeper:
 
     def __init__(self) -> None:
         self._timer: TimerFd | None = None
-        self._wake_latency = 0.0  # running estimate: how late a timerfd wakes us
+        self._wake_latency = WakeLatency()
 
     async def sleep_until(self, deadline: float) -> None:
         """Return at ``deadline`` (trio time); always a checkpoint."""
@@ -122,11 +136,10 @@ class PreciseSleeper:
         if remaining > _COARSE:
             await trio.sleep_until(deadline - _COARSE_MARGIN)
             remaining = deadline - trio.current_time()
-        arm = remaining - self._wake_latency
-        if arm > 0:
-            await self._wait_timerfd(arm)
-            late = trio.current_time() - (deadline - self._wake_latency)
-            self._wake_latency = max(0.0, 0.8 * self._wake_latency + 0.2 * late)
+        lead = self._wake_latency.value
+        if remaining > lead:
+            await self._wait_timerfd(remaining - lead)
+            self._wake_latency.update(trio.current_time() - (deadline - lead))
         while trio.current_time() < deadline:
             await trio.lowlevel.checkpoint()
 

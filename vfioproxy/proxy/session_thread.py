@@ -28,7 +28,7 @@ from vfioproxy.proxy.model import (
     SessionEnd,
 )
 from vfioproxy.side import Direction
-from vfioproxy.timer import TimerFd
+from vfioproxy.timer import TimerFd, WakeLatency
 
 if TYPE_CHECKING:
     from vfioproxy.proxy.core import Proxy
@@ -55,7 +55,7 @@ class Held:
             Direction.C2S: deque(), Direction.S2C: deque()
         }
         self.timer = TimerFd()
-        self._wake_latency = 30e-6
+        self._wake_latency = WakeLatency(30e-6, cap=self.SPIN)
         self._armed_for: float | None = None
 
     def hold(self, direction: Direction, item: Release) -> None:
@@ -66,8 +66,7 @@ class Held:
         while True:
             now = time.monotonic()
             if self._armed_for is not None and now >= self._armed_for:
-                late = now - self._armed_for
-                self._wake_latency = 0.8 * self._wake_latency + 0.2 * min(late, self.SPIN)
+                self._wake_latency.update(now - self._armed_for)
                 self._armed_for = None
             first: float | None = None
             for direction, queue in self.queues.items():
@@ -80,10 +79,10 @@ class Held:
                 self.timer.disarm()
                 self._armed_for = None
                 return
-            wait = first - now
-            if wait > self._wake_latency + self.SPIN / 2:
-                self._armed_for = first - self._wake_latency
-                self.timer.arm(wait - self._wake_latency)
+            wait, lead = first - now, self._wake_latency.value
+            if wait > lead + self.SPIN / 2:
+                self._armed_for = first - lead
+                self.timer.arm(wait - lead)
                 return
             while time.monotonic() < first:  # the last few microseconds
                 pass
