@@ -149,6 +149,7 @@ class SessionState:
             Direction.C2S: deque(maxlen=POSTED_MEMORY),
             Direction.S2C: deque(maxlen=POSTED_MEMORY),
         }
+        self._update_max_message_size()
 
     # ------------------------------------------------------------- limits
 
@@ -163,7 +164,10 @@ class SessionState:
     def max_message_size(self) -> int:
         """The framing limit: 32 bytes plus the largest data size either side
         offered (at least 1 MiB, the size libvfio-user always accepts)."""
-        return MESSAGE_OVERHEAD + max(
+        return self._max_message_size  # asked before every receive: kept, not computed
+
+    def _update_max_message_size(self) -> None:
+        self._max_message_size = MESSAGE_OVERHEAD + max(
             SPEC_MAX_DATA_XFER_SIZE,
             self.max_data_xfer_size(Side.CLIENT),
             self.max_data_xfer_size(Side.SERVER),
@@ -351,6 +355,7 @@ class SessionState:
         elif not header.is_error:
             self.server_caps = body.capabilities or Capabilities()
             self.version = (body.major, body.minor)
+        self._update_max_message_size()
 
 
 def describe_violations(violations: Sequence[Violation]) -> str:
