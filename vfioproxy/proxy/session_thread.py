@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SessionThread"]
 
+_VERSION = int(Command.VERSION)
+
 
 class Held:
     """What an injecting session thread holds back: a queue per direction, in
@@ -177,10 +179,10 @@ class SessionThread:
         dst: BlockingFdSocket,
     ) -> tuple[bytes, list[OwnedFd]]:
         """Receive the message ``src`` has ready; its end ends the session."""
-        sender = direction.sender.value
         try:
             return src.receive_message(session.state.max_message_size())
         except ConnectionClosedError as exc:
+            sender = direction.sender.value
             if exc.mid_message:
                 if self.proxy._record_torn(session, direction, exc):
                     with contextlib.suppress(TransportError, OSError):
@@ -188,7 +190,9 @@ class SessionThread:
                 raise SessionEnd(sender, f"EOF mid-message ({exc})") from exc
             raise SessionEnd(sender, "EOF") from exc
         except (TransportError, OSError) as exc:
-            raise SessionEnd("proxy", f"receiving from the {sender} failed: {exc}") from exc
+            raise SessionEnd(
+                "proxy", f"receiving from the {direction.sender.value} failed: {exc}"
+            ) from exc
 
     def _forward(
         self,
@@ -201,9 +205,17 @@ class SessionThread:
     ) -> None:
         """Forward the one message that ``src`` has ready (see ``Proxy._pump``)."""
         data, fds = self._receive(session, direction, src, dst)
+        if not fds:  # the usual case
+            self.proxy._received(session, direction, data, fds)
+            try:
+                dst.send_message(data)
+            except (TransportError, OSError) as exc:
+                raise self.proxy._send_failed(direction, exc) from exc
+            self._forwarded(session, direction, data, fds)
+            return
         entry: Received | None = None
         try:
-            if fds and direction is Direction.S2C and data[2] == Command.VERSION:
+            if direction is Direction.S2C and data[2] == _VERSION:
                 trio.from_thread.run_sync(self.proxy._substitute_twin_socket, session, data, fds,
                                           nursery, trio_token=token)
             # fd metadata after the send, unless contents are captured: those
@@ -217,7 +229,7 @@ class SessionThread:
             except (TransportError, OSError) as exc:
                 raise self.proxy._send_failed(direction, exc) from exc
         finally:
-            if fds and entry is not None and isinstance(entry[3], int):
+            if entry is not None and isinstance(entry[3], int):
                 entry[3] = self.proxy._fd_records(fds)  # syscalls: after the send, before the close
             for fd in fds:
                 fd.close()
@@ -235,7 +247,7 @@ class SessionThread:
         """``Proxy._inject`` on the session's thread: hold or send what the injector decided."""
         data, fds = self._receive(session, direction, src, held.ends[direction])
         try:
-            if fds and direction is Direction.S2C and data[2] == Command.VERSION:
+            if fds and direction is Direction.S2C and data[2] == _VERSION:
                 trio.from_thread.run_sync(self.proxy._substitute_twin_socket, session, data, fds,
                                           nursery, trio_token=token)
         except BaseException:
@@ -279,5 +291,5 @@ class SessionThread:
         except after a VERSION reply: the negotiation sets the framing limit of
         the messages that follow, so it is observed before the next receive."""
         session.counters[direction].count(data, fds)
-        if data[2] == Command.VERSION and direction is Direction.S2C:
+        if data[2] == _VERSION and direction is Direction.S2C:
             self.proxy._digest_backlog(session)
