@@ -57,6 +57,8 @@ class DmaLayout(enum.Enum):
     SPEC = "spec"
     QEMU = "qemu"
 
+    __hash__ = object.__hash__  # a singleton: identity hash (Enum's is Python code)
+
 
 @attrs.frozen
 class BodyContext:
@@ -71,6 +73,12 @@ class BodyContext:
 
 
 DEFAULT_CONTEXT = BodyContext()
+
+# flag bits the parsers test on every message, as plain ints: ``int & IntFlag``
+# runs the flag class's Python ``__rand__``
+_GET_DIRTY_BITMAP = int(DmaUnmapFlags.GET_DIRTY_BITMAP)
+_CAPS = int(RegionFlags.CAPS)
+_DATA_BOOL = int(IrqSetFlags.DATA_BOOL)
 
 
 class Body(Protocol):
@@ -273,7 +281,7 @@ class DmaUnmapBody:
         argsz, flags, iova, size = cls.FIXED.unpack_from(payload)
         pos = cls.FIXED.size
         bitmap = None
-        if flags & DmaUnmapFlags.GET_DIRTY_BITMAP and len(payload) >= pos + cls.BITMAP.size:
+        if flags & _GET_DIRTY_BITMAP and len(payload) >= pos + cls.BITMAP.size:
             pgsize, bsize = cls.BITMAP.unpack_from(payload, pos)
             pos += cls.BITMAP.size
             data = payload[pos : pos + bsize]
@@ -529,7 +537,7 @@ class RegionInfoBody:
         _need(payload, cls.FIXED.size, "DEVICE_GET_REGION_INFO")
         argsz, flags, index, cap_offset, size, offset = cls.FIXED.unpack_from(payload)
         caps: tuple[RegionCap, ...] = ()
-        if flags & RegionFlags.CAPS and cap_offset:
+        if flags & _CAPS and cap_offset:
             if cap_offset < cls.FIXED.size:
                 raise RemoteProtocolError(
                     "cap_offset points into the fixed region-info structure",
@@ -712,7 +720,7 @@ class IrqSetBody:
         _need(payload, cls.FIXED.size, "DEVICE_SET_IRQS")
         argsz, flags, index, start, count = cls.FIXED.unpack_from(payload)
         pos = cls.FIXED.size
-        data = payload[pos : pos + count] if flags & IrqSetFlags.DATA_BOOL else b""
+        data = payload[pos : pos + count] if flags & _DATA_BOOL else b""
         return cls(argsz, flags, index, start, count, data, payload[pos + len(data) :])
 
     def serialize(self) -> bytes:

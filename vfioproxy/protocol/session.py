@@ -107,16 +107,11 @@ class Observation:
     violations: tuple[Violation, ...] = ()
 
 
-@attrs.frozen
-class _Pending:
-    index: int
-    message: Message
-
-
 _SENDERS = {direction: direction.sender for direction in Direction}
 _RECEIVERS = {direction: direction.receiver for direction in Direction}
 _REPLY = int(MessageType.REPLY)
 _COMMAND = int(MessageType.COMMAND)
+_VERSION = int(Command.VERSION)
 
 #: every valid flags word: a command (perhaps no_reply), a reply (perhaps an error)
 _VALID_FLAGS = frozenset({
@@ -140,8 +135,9 @@ class SessionState:
         self.server_caps: Capabilities | None = None
         self.version: tuple[int, int] | None = None
         self._counts = {Direction.C2S: 0, Direction.S2C: 0}
-        # outstanding commands sent in a direction, by id, FIFO for reused ids
-        self._pending: dict[Direction, dict[int, deque[_Pending]]] = {
+        # outstanding commands sent in a direction, by id, FIFO for reused ids:
+        # (index, message); lists and tuples because every command makes one
+        self._pending: dict[Direction, dict[int, list[tuple[int, Message]]]] = {
             Direction.C2S: {},
             Direction.S2C: {},
         }
@@ -167,6 +163,7 @@ class SessionState:
         return self._max_message_size  # asked before every receive: kept, not computed
 
     def _update_max_message_size(self) -> None:
+        self._xfer_limit = {d: self.max_data_xfer_size(_RECEIVERS[d]) for d in Direction}
         self._max_message_size = MESSAGE_OVERHEAD + max(
             SPEC_MAX_DATA_XFER_SIZE,
             self.max_data_xfer_size(Side.CLIENT),
@@ -176,7 +173,7 @@ class SessionState:
     def outstanding(self, direction: Direction) -> list[Message]:
         """Commands sent in ``direction`` that still wait for their reply, oldest first."""
         waiting = [p for q in self._pending[direction].values() for p in q]
-        return [p.message for p in sorted(waiting, key=lambda p: p.index)]
+        return [message for _, message in sorted(waiting, key=lambda p: p[0])]
 
     def message_count(self, direction: Direction) -> int:
         return self._counts[direction]
@@ -216,7 +213,7 @@ class SessionState:
             self._check_command(direction, index, message, violation)
         if fds:
             self._check_fds(direction, header, len(fds), violation)
-        if header.command == Command.VERSION and isinstance(message.body, VersionBody):
+        if header.command == _VERSION and isinstance(message.body, VersionBody):
             self._negotiate(header, message.body)
         if self.strict and problems:
             raise problems[0].as_error()
@@ -282,20 +279,21 @@ class SessionState:
         pending = self._pending[direction]
         queue = pending.get(header.msg_id)
         if queue is None:
-            queue = pending[header.msg_id] = deque()
-        elif queue:
+            pending[header.msg_id] = [(index, message)]
+            return
+        if queue:
             violation(
                 "duplicate_outstanding_id",
                 f"msg_id {header.msg_id} is still outstanding "
-                f"({queue[0].message.header.command_name} #{queue[0].index})",
+                f"({queue[0][1].header.command_name} #{queue[0][0]})",
                 header, field="msg_id", offset=0, got=header.msg_id,
             )
-        queue.append(_Pending(index, message))
+        queue.append((index, message))
 
     def _check_count(self, direction: Direction, message: Message, violation: Any) -> None:
         body = message.body
         if isinstance(body, (RegionAccessBody, DmaAccessBody)):
-            limit = self.max_data_xfer_size(_RECEIVERS[direction])
+            limit = self._xfer_limit[direction]
             if body.count > limit:
                 violation(
                     "count_too_large",
@@ -309,17 +307,17 @@ class SessionState:
         sent_by = direction.reverse
         queue = self._pending[sent_by].get(header.msg_id)
         if queue:
-            pending = queue.popleft()
+            _, request = queue.pop(0)
             if not queue:
                 del self._pending[sent_by][header.msg_id]
-            if pending.message.command != header.command:
+            if request.header.command != header.command:
                 violation(
                     "reply_command_mismatch",
                     f"reply to msg_id {header.msg_id} names another command",
                     header, field="command", offset=2,
-                    expected=pending.message.header.command_name, got=header.command_name,
+                    expected=request.header.command_name, got=header.command_name,
                 )
-            return pending.message
+            return request
         for msg_id, posted in reversed(self._posted[sent_by]):
             if msg_id == header.msg_id and header.is_error:
                 return posted  # QEMU answers a failed no_reply command with an error
