@@ -80,6 +80,10 @@ REPLY_PARSERS: dict[int, Parser] = {
     Command.MIG_DATA_WRITE: EmptyBody.parse,
 }
 
+#: replies whose parsers read the request's body (``BodyContext.request``);
+#: the others get a shared context instead of one made per reply
+REPLIES_READING_REQUEST = frozenset({Command.DEVICE_FEATURE})
+
 #: commands whose messages may carry fds: (command, is_reply)
 FD_CARRIERS = frozenset(
     {
@@ -221,6 +225,7 @@ def build_error_reply(request: Header | Message, errno: int, payload: bytes = b"
 
 
 _REPLY = int(MessageType.REPLY)
+_CLIENT = Side.CLIENT  # a module constant: an enum member off its class is a descriptor call
 #: the contexts of commands (no request), one per layout
 _CONTEXTS = {layout: BodyContext(layout) for layout in DmaLayout}
 
@@ -288,8 +293,11 @@ def decode(
     if sender is None:
         client_sent = is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
         sender = Side.CLIENT if client_sent else Side.SERVER
-    layout = dialects.client if sender is Side.CLIENT else dialects.server
-    ctx = _CONTEXTS[layout] if request is None else BodyContext(layout, request.body)
+    layout = dialects.client if sender is _CLIENT else dialects.server
+    if request is None or header.command not in REPLIES_READING_REQUEST:
+        ctx = _CONTEXTS[layout]
+    else:
+        ctx = BodyContext(layout, request.body)
     try:
         body = parser(payload, ctx)
     except ProtocolError as exc:

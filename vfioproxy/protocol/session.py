@@ -109,6 +109,9 @@ class Observation:
 
 _SENDERS = {direction: direction.sender for direction in Direction}
 _RECEIVERS = {direction: direction.receiver for direction in Direction}
+_REVERSE = {direction: direction.reverse for direction in Direction}
+# module constants: reading an enum member off its class is a descriptor call
+_C2S, _S2C = Direction.C2S, Direction.S2C
 _REPLY = int(MessageType.REPLY)
 _COMMAND = int(MessageType.COMMAND)
 _VERSION = int(Command.VERSION)
@@ -194,7 +197,8 @@ class SessionState:
             problems.append(Violation(kind, sender, index, header.describe(), text, **where))
 
         header = Header.parse(data)
-        self._check_header(header, len(data), violation)
+        if header.size != len(data) or header.flags not in _VALID_FLAGS:
+            self._check_header(header, len(data), violation)
         kind = header.flags & TYPE_MASK
         request: Message | None = None
         if kind == _REPLY:
@@ -220,8 +224,7 @@ class SessionState:
         return Observation(direction, index, message, request, tuple(problems))
 
     def _check_header(self, header: Header, length: int, violation: Any) -> None:
-        if header.size == length and header.flags in _VALID_FLAGS:
-            return  # the usual case, in one test
+        """What is wrong with a header whose size or flags are unusual."""
         if header.size < HEADER_SIZE:
             violation(
                 "size_too_small", "size below the 16-byte header", header,
@@ -260,14 +263,14 @@ class SessionState:
     ) -> None:
         header = message.header
         from_server = header.command in SERVER_COMMANDS
-        if from_server != (direction is Direction.S2C):
+        if from_server != (direction is _S2C):
             violation(
                 "wrong_direction", f"{header.command_name} sent by the {direction.sender.value}",
                 header, field="command", offset=2,
                 expected=f"sent by the {'server' if from_server else 'client'}",
                 got=direction.sender.value,
             )
-        if direction is Direction.C2S and index == 0 and header.command != Command.VERSION:
+        if direction is _C2S and index == 0 and header.command != _VERSION:
             violation(
                 "version_not_first", "the first client message must be VERSION", header,
                 field="command", offset=2, expected="VERSION", got=header.command_name,
@@ -304,7 +307,7 @@ class SessionState:
                 )
 
     def _match_reply(self, direction: Direction, header: Header, violation: Any) -> Message | None:
-        sent_by = direction.reverse
+        sent_by = _REVERSE[direction]
         queue = self._pending[sent_by].get(header.msg_id)
         if queue:
             _, request = queue.pop(0)

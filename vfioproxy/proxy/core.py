@@ -182,7 +182,8 @@ class Proxy:
             return
         session = ProxySession(
             sid, self._endpoint(sock), self._endpoint(server_sock),
-            SessionState(dialects=self.options.dialects, strict=self.options.strict),
+            # not strict: the proxy records a message before it enforces (see _digest)
+            SessionState(dialects=self.options.dialects),
         )
         self.sessions[sid] = session
         self._event(sid, "session_open", t_open, self._open_info())
@@ -600,7 +601,7 @@ class Proxy:
         self._next_session += 1
         twin_session = ProxySession(
             twin_id, self._endpoint(proxy_end), self._endpoint(server_end),
-            SessionState(dialects=session.state.dialects, strict=self.options.strict),
+            SessionState(dialects=session.state.dialects),
         )
         self.sessions[twin_id] = twin_session
         now = time.monotonic_ns()
@@ -631,12 +632,7 @@ class Proxy:
             fds: Sequence[object] = fd_info
         else:
             fd_records, fds = [], range(fd_info)
-        state = session.state
-        strict, state.strict = state.strict, False  # record first, then enforce
-        try:
-            obs = state.observe(direction, data, fds)
-        finally:
-            state.strict = strict
+        obs = session.state.observe(direction, data, fds)
         if self.sink is not None:
             self.sink.writer_for(session.id).append_message(
                 session.id, direction, t_ns, data, fd_records
@@ -647,7 +643,7 @@ class Proxy:
             self._event(session.id, "violation", t_ns, violation.to_dict())
         if self.observer is not None:
             self.observer(session, obs, t_ns)
-        if strict and obs.violations:
+        if obs.violations and self.options.strict:  # recorded first, then enforced
             raise SessionEnd("proxy", f"strict: {obs.violations[0]}")
 
     def record_event(self, kind: str, data: dict[str, Any]) -> None:

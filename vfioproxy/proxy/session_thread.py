@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["SessionThread"]
 
 _VERSION = int(Command.VERSION)
+_S2C = Direction.S2C  # a module constant: an enum member off its class is a descriptor call
 
 
 class Held:
@@ -291,5 +292,5 @@ class SessionThread:
         except after a VERSION reply: the negotiation sets the framing limit of
         the messages that follow, so it is observed before the next receive."""
         session.counters[direction].count(data, fds)
-        if data[2] == _VERSION and direction is Direction.S2C:
+        if data[2] == _VERSION and direction is _S2C:
             self.proxy._digest_backlog(session)
