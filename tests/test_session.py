@@ -129,6 +129,19 @@ def test_a_size_above_the_negotiated_maximum_is_a_violation():
     assert v.kind == "size_too_large" and v.got == huge
 
 
+def test_the_framing_limit_follows_the_larger_offer_of_the_negotiation():
+    state = SessionState()
+    assert state.max_message_size() == 32 + 1024 * 1024  # before VERSION: the spec's size
+    handshake(state, Capabilities(max_data_xfer_size=4 << 20), Capabilities())
+    assert state.max_message_size() == 32 + (4 << 20)
+    write = build_command(Command.REGION_WRITE, 1, RegionAccessBody(0, 0, 2 << 20, bytes(2 << 20)))
+    # framed whole (no size violation); only the count breaks the server's 1 MiB
+    assert [v.kind for v in state.observe(C2S, wire(write)).violations] == ["count_too_large"]
+    again = SessionState()
+    handshake(again, Capabilities(), Capabilities(max_data_xfer_size=8 << 20))
+    assert again.max_message_size() == 32 + (8 << 20)
+
+
 def test_a_count_above_the_receivers_max_data_xfer_size_is_a_violation():
     state = SessionState()
     handshake(state, Capabilities(max_data_xfer_size=1024), Capabilities())
