@@ -92,6 +92,27 @@ def test_eof_inside_a_body_keeps_the_bytes_and_closes_the_fds(pair):
     assert info.value.received == 26 and info.value.partial == header(116) + b"x" * 10
 
 
+@pytest.mark.parametrize(("sent", "text"), [
+    (header(16 + 32)[:10], "reset the connection after 10 of 16 header bytes"),
+    # a blocking recv that copied bytes before the error takes the error with
+    # it (the next one sees EOF): a header alone makes the body's recv fail
+    (header(16 + 32), "reset the connection after 16 of 48 message bytes"),
+])
+def test_a_reset_mid_message_keeps_the_bytes_received(sent, text):
+    peer, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.sendall(sent)
+    ours.sendall(b"never read")  # closing with unread data resets the connection
+    peer.close()
+    stream = BlockingFdSocket(ours)
+    try:
+        with pytest.raises(ConnectionClosedError, match=text) as info:
+            stream.receive_message()
+    finally:
+        stream.close()
+    assert info.value.mid_message and info.value.received == len(sent)
+    assert info.value.partial == sent
+
+
 def test_more_fds_than_allowed_is_an_error_and_the_arrivals_are_closed():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     left, right = BlockingFdSocket(a), BlockingFdSocket(b, max_fds=1)

@@ -388,6 +388,31 @@ async def test_eof_mid_header_reports_the_bytes_received(
         await b.receive_message()
 
 
+def reset_after(sent: bytes) -> socket.socket:
+    """Our end of a connection whose peer sent ``sent`` and then closed with
+    unread data in its queue, so that our next read fails with ECONNRESET."""
+    peer, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.sendall(sent)
+    ours.sendall(b"never read")
+    peer.close()
+    return ours
+
+
+@pytest.mark.parametrize(("sent", "text"), [
+    (message()[:10], "reset the connection after 10 of 16 header bytes"),
+    (message(b"body" * 8)[:20], "reset the connection after 20 of 48 message bytes"),
+])
+async def test_a_reset_mid_message_keeps_the_bytes_received(sent: bytes, text: str) -> None:
+    stream = FdStream(trio.socket.from_stdlib_socket(reset_after(sent)))
+    try:
+        with pytest.raises(ConnectionClosedError, match=text) as caught:
+            await stream.receive_message()
+    finally:
+        await stream.aclose()
+    assert caught.value.mid_message and caught.value.received == len(sent)
+    assert caught.value.partial == sent
+
+
 async def test_eof_mid_body_reports_the_bytes_received(pair: tuple[FdStream, FdStream]) -> None:
     a, b = pair
     with make_eventfd() as efd:

@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.fds import OwnedFd, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
-from vfioproxy.transport import SCM_MAX_FD, eof_in_header, fds_truncated, take_fds
+from vfioproxy.transport import (
+    SCM_MAX_FD,
+    eof_in_header,
+    fds_truncated,
+    reset_error,
+    take_fds,
+)
 
 __all__ = ["BlockingFdSocket"]
 
@@ -109,12 +115,7 @@ class BlockingFdSocket:
             for fd in fds:
                 fd.close()
             if isinstance(exc, ConnectionResetError):
-                raise ConnectionClosedError(
-                    f"peer reset the connection after {got} of {total} message bytes",
-                    mid_message=True,
-                    received=got,
-                    partial=b"".join(pieces),
-                ) from exc
+                raise reset_error(got, total, "message", b"".join(pieces)) from exc
             raise
         return header + pieces[1] if len(pieces) == 2 else b"".join(pieces), fds
 
@@ -140,12 +141,7 @@ class BlockingFdSocket:
             for fd in fds:
                 fd.close()
             if isinstance(exc, ConnectionResetError):
-                raise ConnectionClosedError(
-                    f"peer reset the connection after {len(header)} of {HEADER_SIZE} header bytes",
-                    mid_message=bool(header),
-                    received=len(header),
-                    partial=header,
-                ) from exc
+                raise reset_error(len(header), HEADER_SIZE, "header", header) from exc
             if isinstance(exc, OSError) and not isinstance(exc, TransportError):
                 raise TransportError(f"receiving a header failed: {exc}") from exc
             raise

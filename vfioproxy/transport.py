@@ -73,6 +73,17 @@ def eof_in_header(received: bytes) -> ConnectionClosedError:
     )
 
 
+def reset_error(received: int, total: int, unit: str, partial: bytes) -> ConnectionClosedError:
+    """The error for a reset after ``received`` of ``total`` bytes of a ``unit``
+    (``"header"`` or ``"message"``); ``partial``: the bytes that did arrive."""
+    return ConnectionClosedError(
+        f"peer reset the connection after {received} of {total} {unit} bytes",
+        mid_message=received > 0,
+        received=received,
+        partial=partial,
+    )
+
+
 def fds_truncated(max_fds: int, arrived: int) -> FdsTruncatedError:
     """The error for a header whose fds did not all fit (``MSG_CTRUNC``)."""
     return FdsTruncatedError(
@@ -319,11 +330,7 @@ class FdStream(trio.abc.AsyncResource):
                     return bytes(header), fds
         except ConnectionResetError as exc:
             self._fail_receive("receiving a header", fds, len(header), HEADER_SIZE, exc)
-            raise ConnectionClosedError(
-                f"peer reset the connection after {len(header)} of {HEADER_SIZE} header bytes",
-                mid_message=bool(header),
-                received=len(header),
-            ) from exc
+            raise reset_error(len(header), HEADER_SIZE, "header", bytes(header)) from exc
         except BaseException as exc:
             self._fail_receive("receiving a header", fds, len(header), HEADER_SIZE, exc)
             self._raise_if_closed(exc)
@@ -343,6 +350,8 @@ class FdStream(trio.abc.AsyncResource):
             return b"", None
         raw = self._raw
         got = 0
+        first = b""
+        rest: bytearray | None = None
         try:
             try:
                 first = raw.recv(n)
@@ -363,20 +372,23 @@ class FdStream(trio.abc.AsyncResource):
                     await trio.lowlevel.wait_readable(raw)
                     continue
                 if not k:
-                    raise self._eof(before, got, n, first + bytes(rest[: got - len(first)]))
+                    raise self._eof(before, got, n, self._arrived(first, rest, got))
                 got += k
         except ConnectionResetError as exc:
             self._fail_receive("receiving a message", [], before + got, before + n, exc)
-            raise ConnectionClosedError(
-                f"peer reset the connection after {before + got} of {before + n} message bytes",
-                mid_message=True,
-                received=before + got,
-            ) from exc
+            # the caller puts the header in front of the body's bytes
+            partial = self._arrived(first, rest, got)
+            raise reset_error(before + got, before + n, "message", partial) from exc
         except BaseException as exc:
             self._fail_receive("receiving a message", [], before + got, before + n, exc)
             self._raise_if_closed(exc)
             raise
         return first, rest
+
+    @staticmethod
+    def _arrived(first: bytes, rest: bytearray | None, got: int) -> bytes:
+        """The ``got`` bytes of a body that arrived as ``first`` and then into ``rest``."""
+        return first if rest is None else first + bytes(rest[: got - len(first)])
 
     @staticmethod
     def _eof(before: int, got: int, n: int, partial: bytes) -> ConnectionClosedError:
