@@ -396,22 +396,31 @@ class _ServerReplay:
         finally:
             _close(fds)
 
-    async def _await_reply(self, msg_id: int, step: Step) -> Live:
-        """The client's reply to our command ``msg_id``; its requests meanwhile wait."""
+    async def _client_reply(self, msg_id: int, *, other_replies_unexpected: bool) -> Live | None:
+        """The client's reply to ``msg_id`` (None: none before the timeout or
+        the client's EOF). Its requests meanwhile wait in ``deferred``; replies
+        to other ids wait there too, or are divergences and dropped."""
         with trio.move_on_after(self.options.timeout):
             while True:
                 try:
                     data, fds = await self.inbox.receive()
                 except trio.EndOfChannel:
-                    break
+                    return None
                 header = Header.parse(data)
                 if header.is_reply and header.msg_id == msg_id:
                     return data, fds
-                if header.is_reply:
+                if header.is_reply and other_replies_unexpected:
                     self._unexpected_reply(data)
                     _close(fds)
                 else:
                     self.deferred.append((data, fds))
+        return None
+
+    async def _await_reply(self, msg_id: int, step: Step) -> Live:
+        """The client's reply to our command ``msg_id``; its requests meanwhile wait."""
+        reply = await self._client_reply(msg_id, other_replies_unexpected=True)
+        if reply is not None:
+            return reply
         if self.closed is not None:
             self._stop("closed", step, f"the client closed the connection ({self.closed}) "
                        "before replying")
@@ -473,16 +482,10 @@ class _ServerReplay:
                     _close(reply_fds)
 
     async def _relay_reply(self, header: Header) -> Live:
-        with trio.move_on_after(self.options.timeout):
-            while True:
-                try:
-                    data, fds = await self.inbox.receive()
-                except trio.EndOfChannel:
-                    break
-                got = Header.parse(data)
-                if got.is_reply and got.msg_id == header.msg_id:
-                    return data, fds
-                self.deferred.append((data, fds))
+        """The client's reply to a command of the passthrough server's."""
+        reply = await self._client_reply(header.msg_id, other_replies_unexpected=False)
+        if reply is not None:
+            return reply
         raise ReplayError(f"the client did not answer the passthrough server's "
                           f"{header.describe()}")
 
