@@ -226,7 +226,8 @@ class Processes:
         return proc
 
     def server(self, kind: str) -> Path:
-        """Start the C echo server (``echo``) or the reference device (``device``)."""
+        """Start the C echo server (``echo``) or the reference device (any other
+        ``kind``, which names its socket and log: ``device``, ``device0``, ...)."""
         path = self.tmp / f"{kind}.sock"
         if kind == "echo":
             argv = [str(self.programs["vu_echo"]), "--socket", str(path)]
