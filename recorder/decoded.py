@@ -19,7 +19,7 @@ from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.pci import Region, region_name
-from vfioproxy.protocol.session import Observation, SessionState
+from vfioproxy.protocol.session import Observation, SessionState, Violation
 from vfioproxy.side import Direction
 
 
@@ -34,6 +34,16 @@ class DecodedMessage:
 
 
 @attrs.frozen
+class TornMessage:
+    """A message record its sender never finished (``record.torn``): the bytes
+    that arrived, and the violation that says so. Nothing of it is decoded."""
+
+    record: MessageRecord
+    violation: Violation
+    text: str
+
+
+@attrs.frozen
 class SessionNegotiated:
     """Emitted once per session when the VERSION reply has been seen."""
 
@@ -42,7 +52,7 @@ class SessionNegotiated:
     detected: bool
 
 
-DecodedItem = DecodedMessage | EventRecord | SessionNegotiated
+DecodedItem = DecodedMessage | TornMessage | EventRecord | SessionNegotiated
 
 
 class _Session:
@@ -74,7 +84,12 @@ def decoded_records(
         state = sessions.get(record.session)
         if state is None:
             state = sessions[record.session] = _Session(dialects)
-        obs = state.state.observe(record.direction, record.data, record.fds)
+        if record.torn:
+            violation = state.state.torn(record.direction, record.data, record.length)
+            yield TornMessage(record, violation, f"torn: {record.wire_length} bytes, then EOF")
+            continue
+        obs = state.state.observe(record.direction, record.data, record.fds,
+                                  length=record.length)
         message = obs.message
         latency = None
         if message.header.is_command and not message.header.no_reply:

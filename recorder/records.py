@@ -12,7 +12,7 @@ import enum
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
@@ -36,11 +36,12 @@ __all__ = [
     "MessageRecord",
     "Record",
     "TraceHeader",
+    "message_wire",
 ]
 
 FORMAT_MAGIC = "vfioproxy-trace"
 #: (major, minor) of the format this code writes
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 
 SHA256_BYTES = 32
 
@@ -65,6 +66,12 @@ class EventKind(enum.StrEnum):
     RULES_CHANGED = "rules_changed"
     ERROR = "error"
     NOTE = "note"
+    UNDELIVERED = "undelivered"
+    FDS_DROPPED = "fds_dropped"
+    QUEUE_FULL = "queue_full"
+    DISK_FULL = "disk_full"
+    RECORDING_RESUMED = "recording_resumed"
+    VIOLATIONS_REPEATED = "violations_repeated"
 
 
 # --- field validators (attrs signature: instance, attribute, value) ---------
@@ -277,7 +284,55 @@ _MESSAGE_KEYS = {
     "t_ns": "t",
     "fds": "f",
     "data": "b",
+    "length": "n",
+    "torn": "x",
 }
+#: the value of ``x`` for a message its sender closed in the middle of
+TORN = "eof"
+
+
+def message_wire(
+    seq: int,
+    session: int,
+    direction: Direction,
+    t_ns: int,
+    fds: Iterable[FdRecord],
+    *,
+    length: int | None = None,
+    torn: bool = False,
+) -> dict[str, Any]:
+    """The wire map of a message record without its bytes (``b``, which the
+    caller adds last, FORMAT.md §4): the one place the map is built."""
+    wire: dict[str, Any] = {
+        "k": "m",
+        "q": seq,
+        "s": session,
+        "d": direction.value,
+        "t": t_ns,
+        "f": [fd.to_wire() for fd in fds],
+    }
+    if length is not None:
+        wire["n"] = length
+    if torn:
+        wire["x"] = TORN
+    return wire
+
+
+def _length(instance: MessageRecord, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    _uint(instance, attribute, value)
+    if value <= len(instance.data):
+        raise InvalidField(
+            attribute.name,
+            f"is only given when the record holds fewer bytes than the message had on the "
+            f"wire; got {value} for {len(instance.data)} recorded bytes",
+        )
+
+
+def _bool(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) is not bool:
+        raise InvalidField(attribute.name, f"expected True or False, got {_show(value)}")
 
 
 @attrs.frozen
@@ -286,6 +341,10 @@ class MessageRecord:
 
     ``seq`` numbers the records of the file; ``t_ns`` is CLOCK_MONOTONIC on
     the recording host (the header's ``mono_ns`` anchors it to wall time).
+    ``length`` is set when ``data`` holds only the first bytes of a message
+    that had ``length`` bytes on the wire (too large to record whole);
+    ``torn`` when the sender closed before finishing the message, so
+    ``data`` is all that arrived (and all the receiver got, then EOF).
     """
 
     seq: int = attrs.field(validator=_uint)
@@ -294,17 +353,21 @@ class MessageRecord:
     t_ns: int = attrs.field(validator=_uint)
     data: bytes = attrs.field(validator=_bytes)
     fds: tuple[FdRecord, ...] = attrs.field(default=(), validator=_fd_tuple)
+    length: int | None = attrs.field(default=None, validator=_length)
+    torn: bool = attrs.field(default=False, validator=_bool)
+
+    @property
+    def wire_length(self) -> int:
+        """How many bytes of the message crossed the proxy."""
+        return len(self.data) if self.length is None else self.length
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "k": "m",
-            "q": self.seq,
-            "s": self.session,
-            "d": self.direction.value,
-            "t": self.t_ns,
-            "f": [fd.to_wire() for fd in self.fds],
-            "b": self.data,
-        }
+        wire = message_wire(
+            self.seq, self.session, self.direction, self.t_ns, self.fds,
+            length=self.length, torn=self.torn,
+        )
+        wire["b"] = self.data
+        return wire
 
     @classmethod
     def from_wire(cls, wire: Any, *, limits: ReaderLimits = DEFAULT_LIMITS) -> MessageRecord:
@@ -326,6 +389,9 @@ class MessageRecord:
             except TraceFormatError as exc:
                 exc.field = f"f[{i}]" if exc.field is None else f"f[{i}].{exc.field}"
                 raise
+        torn = w.get("x")
+        if torn is not None and torn != TORN:
+            raise TraceFormatError(f"expected {TORN!r}, got {_show(torn)}", field="x (torn)")
         with _fields(_MESSAGE_KEYS):
             return cls(
                 seq=_required(w, "q", "seq"),
@@ -334,6 +400,8 @@ class MessageRecord:
                 t_ns=_required(w, "t", "t_ns"),
                 data=_required(w, "b", "data"),
                 fds=tuple(fds),
+                length=w.get("n"),
+                torn=torn is not None,
             )
 
 

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from recorder.decoded import DecodedItem, DecodedMessage, SessionNegotiated
+from recorder.decoded import DecodedItem, DecodedMessage, SessionNegotiated, TornMessage
 from recorder.records import EventRecord, FdRecord, TraceHeader
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.pci import format_size
@@ -35,6 +35,10 @@ def header_lines(header: TraceHeader) -> list[str]:
     return lines
 
 
+#: events a recorder with live checks writes that the reader derives anyway
+_DERIVED = frozenset({"violation", "violations_repeated"})
+
+
 def _fmt_ns(t_ns: int, origin: int) -> str:
     return f"{(t_ns - origin) / 1e6:11.3f}"
 
@@ -53,8 +57,18 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterat
             )
             continue
         if origin is None:
-            origin = item.record.t_ns if isinstance(item, DecodedMessage) else item.t_ns
+            origin = item.t_ns if isinstance(item, EventRecord) else item.record.t_ns
+        if isinstance(item, TornMessage):
+            record = item.record
+            yield (
+                f"{record.seq:>6} {_fmt_ns(record.t_ns, origin)} {record.direction.value} "
+                f"s{record.session} {'(torn message)':<36} {item.text}"
+            )
+            yield f"{'':>6} {'':>11} !!! {item.violation}"
+            continue
         if isinstance(item, EventRecord):
+            if item.kind in _DERIVED:
+                continue  # the same violations are shown under their messages
             yield (
                 f"{item.seq:>6} {_fmt_ns(item.t_ns, origin)} --- s{item.session} "
                 f"{item.kind} {_event_text(item.kind, item.data)}"
@@ -171,6 +185,22 @@ def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
                     "detected": item.detected,
                 },
             }
+        elif isinstance(item, TornMessage):
+            record = item.record
+            obj = {
+                "record": "message",
+                "seq": record.seq,
+                "session": record.session,
+                "t_ns": record.t_ns,
+                "dir": record.direction.value,
+                "index": item.violation.index,
+                "torn": True,
+                "length": record.wire_length,
+                "summary": item.text,
+                "fds": [fd_fields(fd) for fd in record.fds],
+                "violations": [item.violation.to_dict()],
+                "hex": record.data.hex(),
+            }
         elif isinstance(item, EventRecord):
             obj = {
                 "record": "event",
@@ -205,6 +235,8 @@ def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
                 "violations": [v.to_dict() for v in item.observation.violations],
                 "hex": record.data.hex(),
             }
+            if record.length is not None:
+                obj["length"] = record.length
         yield json.dumps(_jsonable(obj))
 
 

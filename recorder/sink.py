@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from recorder.errors import TraceError
 from recorder.records import TraceHeader
 from recorder.writer import TraceWriter
 
@@ -20,6 +23,12 @@ class TraceSink:
     ``path`` is a file (every session in it) or, when it ends with ``/`` or
     is an existing directory, a directory that gets one file per session
     (``<start time>-s<session>.trace``). ``info`` goes into each header.
+    Files are created 0600 and a directory the sink makes 0700 (traces hold
+    device traffic and may hold guest memory); neither the file nor the
+    directory may be a symlink, and files inside the directory are opened
+    without following one. Writers pause recording when the disk is full
+    (:class:`~recorder.writer.TraceWriter`, ``pause_when_full``) instead of
+    failing the session.
     """
 
     def __init__(
@@ -33,17 +42,24 @@ class TraceSink:
         text = os.fspath(path)
         self.info = dict(info or {})
         self.fsync = fsync
-        self.per_session = text.endswith("/") or Path(text).is_dir()
         self.path = Path(text)
+        _refuse_symlink(self.path)
+        self.per_session = text.endswith("/") or self.path.is_dir()
         self._writers: dict[int, TraceWriter] = {}
+        self._closed: list[Path] = []
         self._shared: TraceWriter | None = None
+        self._dir_fd: int | None = None
         self._lock = threading.Lock()  # writers are asked for from forwarding threads
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
         if self.per_session:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _refuse_symlink(self.path)
+            self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                   | os.O_CLOEXEC)
         else:
             self._shared = TraceWriter(
-                self.path, TraceHeader.now(SOURCE, self.info), fsync=fsync, overwrite=overwrite
+                self.path, TraceHeader.now(SOURCE, self.info), fsync=fsync, overwrite=overwrite,
+                pause_when_full=True,
             )
 
     def shared_writer(self) -> TraceWriter | None:
@@ -58,9 +74,12 @@ class TraceSink:
             with self._lock:
                 writer = self._writers.get(session)
                 if writer is None:
-                    target = self.path / f"{self._stamp}-s{session}.trace"
+                    name = f"{self._stamp}-s{session}.trace"
                     info = {**self.info, "session": session}
-                    writer = TraceWriter(target, TraceHeader.now(SOURCE, info), fsync=self.fsync)
+                    writer = TraceWriter(
+                        self.path / name, TraceHeader.now(SOURCE, info), fsync=self.fsync,
+                        pause_when_full=True, dir_fd=self._dir_fd,
+                    )
                     self._writers[session] = writer
         return writer
 
@@ -68,22 +87,40 @@ class TraceSink:
         """Every file this sink has written to."""
         if self._shared is not None:
             return [self.path]
-        return sorted(self.path.glob(f"{self._stamp}-s*.trace"))
+        with self._lock:
+            return sorted({*self._closed, *(Path(w.path) for w in self._writers.values())})
 
     def session_done(self, session: int) -> None:
-        writer = self._writers.pop(session, None)
-        if writer is not None:
-            writer.close()
+        with self._lock:
+            writer = self._writers.pop(session, None)
+            if writer is not None:
+                writer.close()
+                self._closed.append(Path(writer.path))
 
     def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
-        if self._shared is not None:
-            self._shared.close()
+        with self._lock:
+            for writer in self._writers.values():
+                writer.close()
+                self._closed.append(Path(writer.path))
+            self._writers.clear()
+            if self._shared is not None:
+                self._shared.close()
+            if self._dir_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._dir_fd)
+                self._dir_fd = None
 
     def __enter__(self) -> TraceSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refuse_symlink(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise TraceError(f"{path} is a symlink; a trace is never written through one", path=path)

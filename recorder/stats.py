@@ -9,8 +9,8 @@ from typing import Any
 
 import attrs
 
-from recorder.decoded import DecodedItem, DecodedMessage
-from recorder.records import EventRecord
+from recorder.decoded import DecodedItem, DecodedMessage, TornMessage
+from recorder.records import EventRecord, MessageRecord
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -60,15 +60,15 @@ class TraceStats:
         if isinstance(item, EventRecord):
             self.events[item.kind] += 1
             return
+        if isinstance(item, TornMessage):
+            self._count(item.record)
+            self.violations[item.violation.kind] += 1
+            return
         if not isinstance(item, DecodedMessage):
             return
         record = item.record
         header = item.observation.message.header
-        self.sessions.add(record.session)
-        self.messages += 1
-        self.bytes += len(record.data)
-        self.first_ns = record.t_ns if self.first_ns is None else min(self.first_ns, record.t_ns)
-        self.last_ns = record.t_ns if self.last_ns is None else max(self.last_ns, record.t_ns)
+        self._count(record)
         if header.is_reply:
             kind = "error" if header.is_error else "reply"
         else:
@@ -76,7 +76,7 @@ class TraceStats:
         key = (header.command_name, record.direction.value, kind)
         row = self.traffic.setdefault(key, [0, 0])
         row[0] += 1
-        row[1] += len(record.data)
+        row[1] += record.wire_length
         if item.latency_ns is not None:
             self.latencies[header.command_name].append(item.latency_ns)
         for fd in record.fds:
@@ -85,6 +85,13 @@ class TraceStats:
             self.violations[violation.kind] += 1
         if not item.observation.message.decoded:
             self.undecoded += 1
+
+    def _count(self, record: MessageRecord) -> None:
+        self.sessions.add(record.session)
+        self.messages += 1
+        self.bytes += record.wire_length
+        self.first_ns = record.t_ns if self.first_ns is None else min(self.first_ns, record.t_ns)
+        self.last_ns = record.t_ns if self.last_ns is None else max(self.last_ns, record.t_ns)
 
     def latency_table(self) -> dict[str, LatencyStats]:
         return {name: LatencyStats.of(v) for name, v in sorted(self.latencies.items()) if v}

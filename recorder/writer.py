@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import threading
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -14,25 +17,65 @@ import msgpack  # type: ignore[import-untyped]
 from recorder.errors import TraceLimitError
 from recorder.framing import object_end
 from recorder.limits import DEFAULT_LIMITS
-from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader
+from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader, message_wire
 from vfioproxy.side import Direction
 
-__all__ = ["TraceWriter"]
+__all__ = ["RESERVE", "RETRY_INTERVAL", "TraceWriter"]
+
+#: bytes kept allocated on disk beyond the end of the file, so that the events
+#: saying the disk is full (and the sessions' closes) still fit when it is
+RESERVE = 64 * 1024
+#: how far beyond the reserve one allocation reaches (one fallocate per this much)
+_GROW = 1024 * 1024
+#: seconds between attempts to resume recording after the disk filled up
+RETRY_INTERVAL = 1.0
+#: the file-system errors that mean "no room", not "broken"
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: messages up to this size are packed whole; larger ones go out with writev,
+#: their bytes never copied into the record
+_INLINE = 4096
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _fallocate_function() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    function.restype = ctypes.c_int
+    return function
+
+
+_FALLOCATE = _fallocate_function()
 
 
 class TraceWriter:
     """A trace file being recorded.
 
-    Creating one creates ``path`` (refusing to replace an existing file
-    unless ``overwrite``) and writes ``header``. Each ``write_*`` call packs
-    one record, numbers it (``seq`` 1, 2, ...) and appends it with a single
-    ``write(2)``, so once it returns the record survives the process being
-    killed; with ``fsync`` it is also forced to disk, which costs a disk
-    round trip per record. Nothing is kept in memory between records. A
-    failed write is cut off the file again, so the file stays a sequence of
-    whole records. The writer refuses a record that a reader with the
-    default limits would refuse (:class:`TraceLimitError`). Thread-safe: records
-    from several threads are appended whole, one after the other.
+    Creating one creates ``path`` with mode 0600 (a trace holds device
+    traffic and may hold guest memory), refusing to replace an existing file
+    unless ``overwrite`` and never following a symlink, and writes
+    ``header``. Each ``write_*``/``append_*`` call packs one record (or a
+    message and the events that go with it), numbers it (``seq`` 1, 2, ...)
+    and appends it with a single ``write(2)``, so once it returns the record
+    survives the process being killed; with ``fsync`` it is also forced to
+    disk, which costs a disk round trip per record. Nothing is kept in memory
+    between records. A failed write is cut off the file again, so the file
+    stays a sequence of whole records. The writer refuses a record that a
+    reader with the default limits would refuse (:class:`TraceLimitError`).
+    Thread-safe: records from several threads are appended whole, one after
+    the other.
+
+    Disk space: the writer keeps :data:`RESERVE` bytes allocated beyond the
+    end of the file (``fallocate``, where the file system has it). By default
+    a write that finds no room raises :class:`OSError`. With
+    ``pause_when_full`` (what the proxy uses) it instead writes a
+    ``disk_full`` event into the reserve and stops recording messages
+    (:meth:`append_message` returns 0 and counts them) while events still go
+    into the reserve; every :data:`RETRY_INTERVAL` seconds it tries again,
+    and once there is room it writes ``recording_resumed`` with what was not
+    recorded, and goes on.
     """
 
     def __init__(
@@ -42,22 +85,35 @@ class TraceWriter:
         *,
         fsync: bool = False,
         overwrite: bool = False,
+        pause_when_full: bool = False,
+        dir_fd: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.header = header
         self._fsync = fsync
+        self._pause_when_full = pause_when_full
         self._packer = msgpack.Packer(use_bin_type=True)
         self._seq = 0
         self._size = 0
+        self._reserved_end = 0
         self._lock = threading.Lock()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        self._fd = os.open(path, flags | (os.O_TRUNC if overwrite else os.O_EXCL), 0o666)
+        #: while the disk is full: (since monotonic, messages, bytes, events) not recorded
+        self._lost: list[int] | None = None
+        self._retry_at = 0.0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        # with dir_fd, the file is the last component of path inside that directory
+        name = self.path if dir_fd is None else os.path.basename(self.path)
+        self._fd = os.open(
+            name, flags | (os.O_TRUNC if overwrite else os.O_EXCL), 0o600, dir_fd=dir_fd
+        )
         try:
+            os.fchmod(self._fd, 0o600)  # an overwritten file keeps its mode otherwise
+            self._reserve(0)
             self._append(header.to_wire(), "max_event_bytes", check=True)
         except BaseException:
             self.close()
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(name, dir_fd=dir_fd)
             raise
 
     @property
@@ -73,6 +129,11 @@ class TraceWriter:
     @property
     def closed(self) -> bool:
         return self._fd < 0
+
+    @property
+    def paused(self) -> bool:
+        """True while the disk is full and messages are not recorded."""
+        return self._lost is not None
 
     def write_message(
         self,
@@ -93,39 +154,86 @@ class TraceWriter:
         t_ns: int,
         data: bytes,
         fds: Sequence[FdRecord] = (),
+        *,
+        length: int | None = None,
+        torn: bool = False,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> int:
-        """:meth:`write_message` without building the record (the proxy's fast
-        path); returns its ``seq``."""
+        """Append one message record (and ``events``, each ``(kind, data)``, in
+        the same ``write``), without building record objects: the proxy's path.
+
+        ``length`` is the message's length on the wire when ``data`` holds
+        only its first bytes; ``torn`` marks a message its sender never
+        finished (FORMAT.md §4). Returns the message's ``seq`` (0 when the
+        disk is full and recording is paused, see the class docstring).
+        """
         if len(fds) > DEFAULT_LIMITS.max_fds:
             raise TraceLimitError(
                 f"{len(fds)} fds exceed max_fds ({DEFAULT_LIMITS.max_fds})", limit="max_fds"
             )
         with self._lock:
+            if self._lost is not None and not self._resume():
+                self._lost[1] += 1
+                self._lost[2] += len(data)
+                self._lost[3] += len(events)
+                return 0
             seq = self._seq + 1
-            self._append(
-                # the wire form of MessageRecord (records.py), built directly
-                {"k": "m", "q": seq, "s": session, "d": direction.value, "t": t_ns,
-                 "f": [fd.to_wire() for fd in fds], "b": data},
-                "max_record_bytes",
-            )
-            self._seq = seq
-        return seq
+            wire = message_wire(seq, session, direction, t_ns, fds, length=length, torn=torn)
+            inline = len(data) <= _INLINE
+            if inline:
+                wire["b"] = data
+                blob = self._packer.pack(wire)
+                tail = b""
+            else:
+                wire["b"] = b""
+                blob = self._packer.pack(wire)[:-2] + _bin_header(len(data))  # drop b""'s c4 00
+                tail = data
+            if len(blob) + len(tail) > DEFAULT_LIMITS.max_record_bytes:
+                raise TraceLimitError(
+                    f"record of {len(blob) + len(tail)} bytes exceeds max_record_bytes "
+                    f"({DEFAULT_LIMITS.max_record_bytes})",
+                    limit="max_record_bytes",
+                )
+            extra = [self._event_blob(seq + 1 + i, session, t_ns, kind, event)
+                     for i, (kind, event) in enumerate(events)]
+            # one write: the record (its bytes not copied when large), then its events
+            pieces = [blob, tail, *extra] if tail else [b"".join((blob, *extra))]
+            if self._write(pieces, message=True):
+                self._seq = seq + len(extra)
+                return seq
+            self._lost = self._lost or [int(time.monotonic_ns()), 0, 0, 0]
+            self._lost[1] += 1
+            self._lost[2] += len(data)
+            self._lost[3] += len(events)
+            return 0
 
     def write_event(
         self, session: int | None, kind: str, t_ns: int, data: dict[str, Any] | None = None
     ) -> EventRecord:
-        """Append one event (``session`` None: proxy-wide); returns the record written."""
+        """Append one event (``session`` None: proxy-wide); returns the record written.
+
+        While the disk is full, events go into the reserve; one that does not
+        fit is counted and the record returned has ``seq`` 0.
+        """
         with self._lock:
             record = EventRecord(self._seq + 1, session, t_ns, kind, {} if data is None else data)
-            self._append(record.to_wire(), "max_event_bytes", check=True)
+            blob = self._check(record.to_wire(), "max_event_bytes", check=True)
+            if not self._write([blob], message=False):
+                if self._lost is not None:
+                    self._lost[3] += 1
+                return EventRecord(0, session, t_ns, kind, record.data)
             self._seq = record.seq
         return record
 
     def close(self) -> None:
-        """Close the file; records already written stay. Closing twice is harmless."""
+        """Give back the reserve and close the file; records already written
+        stay. Closing twice is harmless."""
         with self._lock:
             if self._fd >= 0:
                 fd, self._fd = self._fd, -1
+                with contextlib.suppress(OSError):
+                    if self._reserved_end > self._size:
+                        os.ftruncate(fd, self._size)  # frees the blocks beyond the end
                 os.close(fd)
 
     def __enter__(self) -> TraceWriter:
@@ -139,12 +247,21 @@ class TraceWriter:
     ) -> None:
         self.close()
 
-    def _append(self, wire: dict[str, Any], limit: str, *, check: bool = False) -> None:
-        """Pack ``wire`` and append it, unless its size exceeds ``limit`` (or, with
+    # ------------------------------------------------------------------ internals
+
+    def _event_blob(
+        self, seq: int, session: int | None, t_ns: int, kind: str, data: dict[str, Any]
+    ) -> bytes:
+        return self._check(
+            EventRecord(seq, session, t_ns, kind, data).to_wire(), "max_event_bytes", check=True
+        )
+
+    def _check(self, wire: dict[str, Any], limit: str, *, check: bool = False) -> bytes:
+        """Pack ``wire``, refusing it when its size exceeds ``limit`` (or, with
         ``check``, its nesting, object count or a string size exceeds theirs)."""
         if self._fd < 0:
             raise ValueError(f"cannot write to {self.path}: the TraceWriter is closed")
-        blob = self._packer.pack(wire)
+        blob: bytes = self._packer.pack(wire)
         max_bytes: int = getattr(DEFAULT_LIMITS, limit)
         if len(blob) > max_bytes:
             raise TraceLimitError(
@@ -156,20 +273,119 @@ class TraceWriter:
             except TraceLimitError as exc:
                 exc.offset = None  # an offset into the refused record means nothing here
                 raise
+        return blob
+
+    def _append(self, wire: dict[str, Any], limit: str, *, check: bool = False) -> None:
+        blob = self._check(wire, limit, check=check)
+        if not self._write([blob], message=False):
+            raise OSError(errno.ENOSPC, f"{self.path}: no room for the trace header")
+
+    def _write(self, pieces: list[bytes], *, message: bool) -> bool:
+        """Append ``pieces`` as one write; False when the disk has no room for
+        them (only with ``pause_when_full``; otherwise that raises)."""
+        if self._fd < 0:
+            raise ValueError(f"cannot write to {self.path}: the TraceWriter is closed")
+        total = sum(len(piece) for piece in pieces)
+        if self._lost is None:
+            try:
+                self._reserve(total)
+            except OSError as exc:
+                if not self._pause_when_full or exc.errno not in _FULL:
+                    raise
+                self._pause(exc)
+        if self._lost is not None and (message or self._size + total > self._reserved_end):
+            return False  # messages wait for room; events go into the reserve while it lasts
         try:
-            written = os.write(self._fd, blob)
-            while written < len(blob):
-                written += os.write(self._fd, memoryview(blob)[written:])
+            written = os.writev(self._fd, pieces) if len(pieces) > 1 else os.write(
+                self._fd, pieces[0])
+            while written < total:
+                rest = b"".join(pieces)[written:]
+                written += os.write(self._fd, rest)
             if self._fsync:
                 os.fsync(self._fd)
-        except BaseException:
+        except BaseException as exc:
             self._cut_back()
+            if (
+                self._pause_when_full
+                and isinstance(exc, OSError)
+                and exc.errno in _FULL
+                and self._fd >= 0
+            ):
+                self._pause(exc)
+                return False
             raise
-        self._size += len(blob)
+        self._size += total
+        return True
+
+    def _reserve(self, upcoming: int) -> None:
+        """Keep :data:`RESERVE` bytes allocated beyond what is about to be written."""
+        need = self._size + upcoming + RESERVE
+        if need <= self._reserved_end or _FALLOCATE is None:
+            return
+        start = max(self._reserved_end, self._size)
+        end = need + _GROW
+        if _FALLOCATE(self._fd, _FALLOC_FL_KEEP_SIZE, start, end - start) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._reserved_end = 1 << 62  # no fallocate here: nothing to keep
+                return
+            raise OSError(err, f"{self.path}: {os.strerror(err)}")
+        self._reserved_end = end
+
+    def _pause(self, exc: OSError) -> None:
+        """The disk is full: say so (from the reserve) and stop recording messages."""
+        if self._lost is None:
+            self._lost = [time.monotonic_ns(), 0, 0, 0]
+            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            text = f"{self.path}: {exc.strerror or exc}: recording of messages paused"
+            with contextlib.suppress(OSError, TraceLimitError):
+                blob = self._check(EventRecord(
+                    self._seq + 1, None, time.monotonic_ns(), "disk_full",
+                    {"text": text, "errno": exc.errno},
+                ).to_wire(), "max_event_bytes")
+                if self._write([blob], message=False):
+                    self._seq += 1
+
+    def _resume(self) -> bool:
+        """Try to leave the paused state (at most every RETRY_INTERVAL)."""
+        assert self._lost is not None
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + RETRY_INTERVAL
+        try:
+            self._reserve(_GROW)
+        except OSError:
+            return False
+        since, messages, size, events = self._lost
+        self._lost = None
+        blob = self._check(EventRecord(self._seq + 1, None, time.monotonic_ns(),
+                                       "recording_resumed", {
+            "messages": messages, "bytes": size, "events": events,
+            "paused_ns": time.monotonic_ns() - since,
+        }).to_wire(), "max_event_bytes")
+        if self._write([blob], message=False):
+            self._seq += 1
+        return self._lost is None
 
     def _cut_back(self) -> None:
         """Remove a partly written record; if that fails too, stop writing."""
         try:
             os.ftruncate(self._fd, self._size)
         except OSError:
-            self.close()
+            self._drop_fd()
+
+    def _drop_fd(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _bin_header(length: int) -> bytes:
+    """The msgpack ``bin`` header for ``length`` bytes."""
+    if length < 1 << 8:
+        return bytes((0xC4, length))
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")

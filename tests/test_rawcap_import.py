@@ -13,7 +13,15 @@ import pytest
 from recorder.errors import TraceFormatError
 from recorder.rawcap import ImportResult, import_rawcap
 from recorder.reader import TraceReader
-from recorder.records import EventKind, EventRecord, FdKind, FdRecord, MessageRecord, Record
+from recorder.records import (
+    FORMAT_VERSION,
+    EventKind,
+    EventRecord,
+    FdKind,
+    FdRecord,
+    MessageRecord,
+    Record,
+)
 from tests.realdata import RAWCAP as REAL
 from tests.realdata import TRACES
 from vfioproxy.side import Direction
@@ -134,8 +142,12 @@ def test_the_committed_traces_match_a_fresh_import(tmp_path: Path, stem: str) ->
     fresh_reader, fresh = read_trace(tmp_path / "fresh.trace")
     committed_reader, committed = read_trace(TRACES / f"{stem}.trace")
     assert committed == fresh
+    # the committed files were written by format 1.0: they read as before
+    assert committed_reader.header.version[0] == FORMAT_VERSION[0]
     assert committed_reader.header == attrs.evolve(
-        fresh_reader.header, tool_version=committed_reader.header.tool_version
+        fresh_reader.header,
+        tool_version=committed_reader.header.tool_version,
+        version=committed_reader.header.version,
     )
 
 

@@ -26,6 +26,7 @@ from recorder.errors import TraceFormatError, TraceLimitError, TraceVersionError
 from recorder.limits import ReaderLimits
 from recorder.reader import TraceReader
 from recorder.records import (
+    FORMAT_VERSION,
     EventKind,
     EventRecord,
     FdKind,
@@ -115,7 +116,7 @@ def test_every_record_kind_round_trips_through_a_file(tmp_path: Path) -> None:
     records, _ = write_sample(path)
     reader, read = read_all(path)
     assert reader.header == make_header()
-    assert reader.file_version == (1, 0)
+    assert reader.file_version == FORMAT_VERSION == (1, 1)
     assert read == records
     assert [r.seq for r in read] == list(range(1, 9))
     assert reader.truncated_after is None
@@ -140,7 +141,7 @@ def test_the_header_anchors_wall_clock_to_monotonic_time() -> None:
     header = TraceHeader.now("vfioproxy record", {"client": "qemu"})
     assert header.host == socket.gethostname()
     assert header.byte_order == sys.byteorder
-    assert header.version == (1, 0)
+    assert header.version == FORMAT_VERSION
     assert abs(header.created - datetime.now(UTC)) < timedelta(seconds=5)
     assert header.wall_time(header.mono_ns) == header.created
     assert header.wall_time(header.mono_ns + 1_500_000) == header.created + timedelta(
@@ -614,7 +615,7 @@ def test_an_older_major_version_is_migrated_step_by_step(
 ) -> None:
     def header_v0_to_v1(wire: dict[str, Any]) -> dict[str, Any]:
         mono_ns = wire.pop("monotonic")
-        return {**wire, "version": [1, 0], "mono_ns": mono_ns}
+        return {**wire, "version": list(FORMAT_VERSION), "mono_ns": mono_ns}
 
     def record_v0_to_v1(wire: dict[str, Any]) -> dict[str, Any]:
         direction = "c2s" if wire.pop("from_client") else "s2c"

@@ -11,7 +11,7 @@ import trio
 from recorder.decoded import describe
 from vfioproxy.pci_view import PciView
 from vfioproxy.protocol.session import Observation
-from vfioproxy.proxy import Proxy, ProxySession, ProxyStatistics
+from vfioproxy.proxy import Proxy, ProxyStatistics, SessionLedger
 
 
 class MessageLog:
@@ -22,7 +22,7 @@ class MessageLog:
         self._pci: dict[int, PciView] = {}
         self._origin: int | None = None
 
-    def __call__(self, session: ProxySession, obs: Observation, t_ns: int) -> None:
+    def __call__(self, session: SessionLedger, obs: Observation, t_ns: int) -> None:
         if self._origin is None:
             self._origin = t_ns
         pci = self._pci.setdefault(session.id, PciView())

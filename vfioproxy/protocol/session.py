@@ -24,7 +24,7 @@ from vfioproxy.protocol.bodies import (
     RegionAccessBody,
     VersionBody,
 )
-from vfioproxy.protocol.capabilities import SPEC_MAX_DATA_XFER_SIZE, SPEC_MAX_MSG_FDS, Capabilities
+from vfioproxy.protocol.capabilities import Capabilities
 from vfioproxy.protocol.codec import (
     Dialects,
     Message,
@@ -43,12 +43,23 @@ from vfioproxy.protocol.header import (
     Header,
     MessageType,
 )
+from vfioproxy.protocol.negotiation import MESSAGE_OVERHEAD, Negotiation
 from vfioproxy.side import Direction, Side
 
-#: bytes of a message beyond its data count (header + the largest fixed part)
-MESSAGE_OVERHEAD = 32
+__all__ = [
+    "MAX_OUTSTANDING",
+    "MESSAGE_OVERHEAD",
+    "POSTED_MEMORY",
+    "Observation",
+    "SessionState",
+    "Violation",
+]
+
 #: how many no_reply commands per direction are remembered for late error replies
 POSTED_MEMORY = 64
+#: how many commands per direction may wait for their reply before the oldest
+#: is forgotten (reported as ``outstanding_overflow``): bounds a session's memory
+MAX_OUTSTANDING = 4096
 
 
 @attrs.frozen
@@ -130,14 +141,26 @@ class SessionState:
     the client's VERSION (:func:`~vfioproxy.protocol.codec.detect_client_dma_layout`).
     """
 
-    def __init__(self, *, dialects: Dialects | None = None, strict: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        dialects: Dialects | None = None,
+        strict: bool = False,
+        max_outstanding: int = MAX_OUTSTANDING,
+    ) -> None:
         self.strict = strict
         self.dialects = dialects or Dialects()
         self._auto_dialects = dialects is None
-        self.client_caps: Capabilities | None = None
-        self.server_caps: Capabilities | None = None
-        self.version: tuple[int, int] | None = None
+        self.negotiation = Negotiation()
+        self.max_outstanding = max_outstanding
         self._counts = {Direction.C2S: 0, Direction.S2C: 0}
+        self._outstanding = {Direction.C2S: 0, Direction.S2C: 0}
+        # (index, msg_id) of commands in the order they were sent, for forgetting
+        # the oldest on overflow; answered ones are skipped (and pruned) lazily
+        self._order: dict[Direction, deque[tuple[int, int]]] = {
+            Direction.C2S: deque(),
+            Direction.S2C: deque(),
+        }
         # outstanding commands sent in a direction, by id, FIFO for reused ids:
         # (index, message); lists and tuples because every command makes one
         self._pending: dict[Direction, dict[int, list[tuple[int, Message]]]] = {
@@ -152,41 +175,53 @@ class SessionState:
 
     # ------------------------------------------------------------- limits
 
+    @property
+    def client_caps(self) -> Capabilities | None:
+        return self.negotiation.client_caps
+
+    @property
+    def server_caps(self) -> Capabilities | None:
+        return self.negotiation.server_caps
+
+    @property
+    def version(self) -> tuple[int, int] | None:
+        return self.negotiation.version
+
     def max_data_xfer_size(self, receiver: Side) -> int:
-        caps = self.client_caps if receiver is Side.CLIENT else self.server_caps
-        return SPEC_MAX_DATA_XFER_SIZE if caps is None else caps.effective_max_data_xfer_size()
+        return self.negotiation.max_data_xfer_size(receiver)
 
     def max_msg_fds(self, receiver: Side) -> int:
-        caps = self.client_caps if receiver is Side.CLIENT else self.server_caps
-        return SPEC_MAX_MSG_FDS if caps is None else caps.effective_max_msg_fds()
+        return self.negotiation.max_msg_fds(receiver)
 
     def max_message_size(self) -> int:
-        """The framing limit: 32 bytes plus the largest data size either side
-        offered (at least 1 MiB, the size libvfio-user always accepts)."""
-        return self._max_message_size  # asked before every receive: kept, not computed
+        """The framing limit (:attr:`Negotiation.max_message_size`)."""
+        return self.negotiation.max_message_size
 
     def _update_max_message_size(self) -> None:
         self._xfer_limit = {d: self.max_data_xfer_size(_RECEIVERS[d]) for d in Direction}
-        self._max_message_size = MESSAGE_OVERHEAD + max(
-            SPEC_MAX_DATA_XFER_SIZE,
-            self.max_data_xfer_size(Side.CLIENT),
-            self.max_data_xfer_size(Side.SERVER),
-        )
 
     def outstanding(self, direction: Direction) -> list[Message]:
         """Commands sent in ``direction`` that still wait for their reply, oldest first."""
         waiting = [p for q in self._pending[direction].values() for p in q]
         return [message for _, message in sorted(waiting, key=lambda p: p[0])]
 
-    def message_count(self, direction: Direction) -> int:
-        return self._counts[direction]
-
     # ------------------------------------------------------------- observing
 
     def observe(
-        self, direction: Direction, data: bytes | bytearray | memoryview, fds: Sequence[Any] = ()
+        self,
+        direction: Direction,
+        data: bytes | bytearray | memoryview,
+        fds: Sequence[Any] = (),
+        *,
+        length: int | None = None,
     ) -> Observation:
-        """Account for one whole message (as framed) sent in ``direction``."""
+        """Account for one whole message (as framed) sent in ``direction``.
+
+        ``length`` is the message's length on the wire when ``data`` holds
+        only its first bytes (a recording that kept the start of a message too
+        large to buffer): its header still pairs and checks, its body is not
+        decoded, and it is reported as ``truncated_record``.
+        """
         index = self._counts[direction]
         self._counts[direction] = index + 1
         sender = _SENDERS[direction]
@@ -197,8 +232,16 @@ class SessionState:
             problems.append(Violation(kind, sender, index, header.describe(), text, **where))
 
         header = Header.parse(data)
-        if header.size != len(data) or header.flags not in _VALID_FLAGS:
-            self._check_header(header, len(data), violation)
+        wire = len(data) if length is None else length
+        if header.size != wire or header.flags not in _VALID_FLAGS:
+            self._check_header(header, wire, violation)
+        if length is not None:
+            violation(
+                "truncated_record",
+                f"a {wire}-byte message, larger than the recorder buffers whole: only its "
+                f"first {len(data)} bytes are in the trace", header,
+                expected=f"<= {len(data)} bytes", got=wire,
+            )
         kind = header.flags & TYPE_MASK
         request: Message | None = None
         if kind == _REPLY:
@@ -211,7 +254,12 @@ class SessionState:
             request=request,
             header=header,
         )
-        if isinstance(message.body, RawBody) and message.body.reason and header.size == len(data):
+        if (
+            isinstance(message.body, RawBody)
+            and message.body.reason
+            and header.size == len(data)
+            and length is None
+        ):
             violation("decode_error", message.body.reason, header)
         if kind == _COMMAND:
             self._check_command(direction, index, message, violation)
@@ -222,6 +270,26 @@ class SessionState:
         if self.strict and problems:
             raise problems[0].as_error()
         return Observation(direction, index, message, request, tuple(problems))
+
+    def torn(
+        self,
+        direction: Direction,
+        data: bytes | bytearray | memoryview,
+        received: int | None = None,
+    ) -> Violation:
+        """Account for a message its sender never finished: it closed after
+        ``received`` bytes (default: ``data``, their start), so framing is lost
+        and nothing of it is paired or decoded."""
+        index = self._counts[direction]
+        self._counts[direction] = index + 1
+        sender = _SENDERS[direction]
+        got = len(data) if received is None else received
+        what = Header.parse(data).describe() if len(data) >= HEADER_SIZE else "a header"
+        return Violation(
+            "torn_message", sender, index, what,
+            f"the {sender.value} closed after {got} bytes of a message: framing lost",
+            got=got,
+        )
 
     def _check_header(self, header: Header, length: int, violation: Any) -> None:
         """What is wrong with a header whose size or flags are unusual."""
@@ -280,6 +348,19 @@ class SessionState:
             self._posted[direction].append((header.msg_id, message))
             return
         pending = self._pending[direction]
+        if self._outstanding[direction] >= self.max_outstanding:
+            forgotten = self._forget_oldest(direction)
+            violation(
+                "outstanding_overflow",
+                f"more than {self.max_outstanding} {direction.sender.value} commands wait for "
+                f"a reply; the oldest ({forgotten}) is no longer tracked",
+                header, got=self.max_outstanding,
+            )
+        self._outstanding[direction] += 1
+        order = self._order[direction]
+        order.append((index, header.msg_id))
+        if len(order) > 2 * self.max_outstanding:
+            self._prune_order(direction)
         queue = pending.get(header.msg_id)
         if queue is None:
             pending[header.msg_id] = [(index, message)]
@@ -292,6 +373,28 @@ class SessionState:
                 header, field="msg_id", offset=0, got=header.msg_id,
             )
         queue.append((index, message))
+
+    def _forget_oldest(self, direction: Direction) -> str:
+        """Drop the oldest outstanding command of ``direction``; returns its description."""
+        pending = self._pending[direction]
+        order = self._order[direction]
+        while True:
+            index, msg_id = order.popleft()
+            queue = pending.get(msg_id)
+            if queue and queue[0][0] == index:
+                break
+        _, message = queue.pop(0)
+        if not queue:
+            del pending[msg_id]
+        self._outstanding[direction] -= 1
+        return f"{message.header.describe()}, #{index}"
+
+    def _prune_order(self, direction: Direction) -> None:
+        """Keep only the still outstanding commands in the send order."""
+        waiting = {index for queue in self._pending[direction].values() for index, _ in queue}
+        self._order[direction] = deque(
+            entry for entry in self._order[direction] if entry[0] in waiting
+        )
 
     def _check_count(self, direction: Direction, message: Message, violation: Any) -> None:
         body = message.body
@@ -311,6 +414,7 @@ class SessionState:
         queue = self._pending[sent_by].get(header.msg_id)
         if queue:
             _, request = queue.pop(0)
+            self._outstanding[sent_by] -= 1
             if not queue:
                 del self._pending[sent_by][header.msg_id]
             if request.header.command != header.command:
@@ -350,16 +454,10 @@ class SessionState:
 
     def _negotiate(self, header: Header, body: VersionBody) -> None:
         if header.is_command:
-            self.client_caps = body.capabilities or Capabilities()
+            self.negotiation.client_offer(body)
             if self._auto_dialects:
                 self.dialects = attrs.evolve(self.dialects, client=detect_client_dma_layout(body))
         elif not header.is_error:
-            self.server_caps = body.capabilities or Capabilities()
-            self.version = (body.major, body.minor)
+            self.negotiation.server_offer(body)
         self._update_max_message_size()
-
-
-def describe_violations(violations: Sequence[Violation]) -> str:
-    """One line per violation, for logs."""
-    return "\n".join(str(v) for v in violations)
 

@@ -1,31 +1,37 @@
 """The proxy: forward and record every vfio-user message between a client and a server.
 
-:class:`Proxy` (:mod:`.core`) runs the sessions, on threads
-(:mod:`.session_thread`) or trio tasks; :mod:`.model` holds its options,
-statistics and session records.
+:class:`Proxy` (:mod:`.core`) accepts clients and runs their sessions. Each
+session's decisions and records are a :class:`~.ledger.SessionLedger` (no
+I/O); its two sockets a :class:`~.relay.Relay` (the forwarding steps, over
+:mod:`.wire`), driven by one thread (:mod:`.threaded`) or trio tasks
+(:mod:`.tasks`). :mod:`.checks` holds the opt-in decoding on the path,
+:mod:`.model` the options, limits and statistics.
 """
 
-from vfioproxy.proxy.core import MessageObserver, Proxy, open_proxy, serve_proxy
+from vfioproxy.proxy.checks import MessageObserver
+from vfioproxy.proxy.core import Proxy, open_proxy, serve_proxy
+from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.proxy.model import (
-    BACKLOG_LIMIT,
     DEFAULT_GRACE,
-    DRAIN_TIME,
+    DEFAULT_MAX_MESSAGE_BUFFER,
+    DEFAULT_MAX_QUEUE,
     DirectionStatistics,
     ProxyOptions,
-    ProxySession,
     ProxyStatistics,
+    default_max_sessions,
 )
 
 __all__ = [
-    "BACKLOG_LIMIT",
     "DEFAULT_GRACE",
-    "DRAIN_TIME",
+    "DEFAULT_MAX_MESSAGE_BUFFER",
+    "DEFAULT_MAX_QUEUE",
     "DirectionStatistics",
     "MessageObserver",
     "Proxy",
     "ProxyOptions",
-    "ProxySession",
     "ProxyStatistics",
+    "SessionLedger",
+    "default_max_sessions",
     "open_proxy",
     "serve_proxy",
 ]

@@ -1,49 +1,76 @@
-"""What the proxy is made of: its options and statistics, a session, and the
-small records its forwarding passes around."""
+"""What the proxy is made of: its options, limits and statistics."""
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Sized
-from typing import Any
+import resource
+from collections.abc import Sized
 
 import attrs
-import trio
 
-from vfioproxy.blocking_transport import BlockingFdSocket
-from vfioproxy.fds import OwnedFd
 from vfioproxy.protocol.codec import Dialects
-from vfioproxy.protocol.session import Observation, SessionState
-from vfioproxy.side import Direction
-from vfioproxy.transport import FdStream
 
 __all__ = [
     "DEFAULT_GRACE",
-    "DRAIN_TIME",
+    "DEFAULT_MAX_MESSAGE_BUFFER",
+    "DEFAULT_MAX_QUEUE",
+    "Counters",
     "DirectionStatistics",
-    "MessageObserver",
     "ProxyOptions",
-    "ProxySession",
     "ProxyStatistics",
+    "default_max_sessions",
 ]
 
 #: how long in-flight messages may finish after a shutdown request (seconds)
 DEFAULT_GRACE = 1.0
-#: how long a session whose peer vanished keeps reading that peer's last messages
-DRAIN_TIME = 1.0
+#: the largest message the proxy buffers whole (and records whole); larger ones
+#: are handed on as they arrive and recorded truncated to this many bytes
+DEFAULT_MAX_MESSAGE_BUFFER = 16 * 1024 * 1024
+#: bytes queued for a peer that does not read before the proxy stops reading
+#: from the other peer (per direction of each session)
+DEFAULT_MAX_QUEUE = 4 * 1024 * 1024
+#: seconds to keep trying a server whose listen queue is full
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: fds a session normally holds (its two sockets, a wake-up fd, a timer, a
+#: message's fds in flight): what the default session cap budgets per session
+FDS_PER_SESSION = 8
+#: fds kept free for everything else (the listener, trace files, the control socket)
+FDS_RESERVED = 64
+
+
+def default_max_sessions() -> int:
+    """The session cap that fits this process's fd limit (``RLIMIT_NOFILE``)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(1, min(4096, (soft - FDS_RESERVED) // FDS_PER_SESSION))
+
+
+def _positive(_: object, attribute: attrs.Attribute[int], value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value}")
 
 
 @attrs.frozen
 class ProxyOptions:
     """How the proxy treats what passes through it.
 
-    ``strict`` closes a session at its first protocol violation;
-    ``capture_fd_contents`` records the contents of memfds up to that many
-    bytes; ``dialects`` fixes the DMA layouts used for decoding (else
-    detected per session); ``decode`` may be turned off for a pure relay that
-    neither records nor checks. ``threads`` forwards each direction on a
-    thread of its own blocked in ``recvmsg`` (the fast path); without it the
-    pumps are trio tasks (needed where forwarding must follow trio's clock).
+    On the forwarding path the proxy frames, decides (fault injection),
+    forwards and records the raw bytes; it decodes nothing else by default.
+    ``strict`` (close a session at its first protocol violation),
+    ``check_live`` (log and record violations as they happen) and an
+    observer (the live view) decode and check each message on the path too;
+    ``decode=False`` forbids that (a pure relay). ``capture_fd_contents``
+    records the contents of memfds up to that many bytes; ``dialects``
+    fixes the DMA layouts of the live decoding. ``threads`` forwards each
+    session on a thread of its own (the fast path); without it on trio tasks
+    (needed where forwarding must follow trio's clock).
+
+    Limits: ``max_sessions`` sessions at once (None: what the fd limit
+    allows, :func:`default_max_sessions`; more clients wait in the listen
+    queue); ``max_message_buffer`` bytes of one message buffered (larger
+    ones are handed on as they arrive, recorded truncated);
+    ``max_queue`` bytes queued per direction for a peer that does not read;
+    ``connect_timeout`` seconds to retry a server whose listen queue is full.
     """
 
     strict: bool = False
@@ -52,6 +79,11 @@ class ProxyOptions:
     decode: bool = True
     mode: int = 0o600
     threads: bool = True
+    check_live: bool = False
+    max_sessions: int | None = attrs.field(default=None, validator=_positive)
+    max_message_buffer: int = attrs.field(default=DEFAULT_MAX_MESSAGE_BUFFER, validator=_positive)
+    max_queue: int = attrs.field(default=DEFAULT_MAX_QUEUE, validator=_positive)
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
 
 @attrs.frozen
@@ -63,7 +95,11 @@ class DirectionStatistics:
 
 @attrs.frozen
 class ProxyStatistics:
-    """A snapshot of what the proxy has done (see :meth:`Proxy.statistics`)."""
+    """A snapshot of what the proxy has done (see :meth:`Proxy.statistics`).
+
+    ``violations`` counts what the live checks found (0 unless something on
+    the path checks: ``strict``, ``check_live`` or the live view).
+    """
 
     sessions_active: int
     sessions_total: int
@@ -87,100 +123,7 @@ class Counters:
         self.fds += other.fds
 
     def count(self, data: Sized, fds: Sized) -> None:
-        """One more forwarded message: ``data`` its bytes, ``fds`` its fds."""
+        """One more message: ``data`` its bytes, ``fds`` its fds."""
         self.messages += 1
         self.bytes += len(data)
         self.fds += len(fds)
-
-
-class SessionEnd(Exception):
-    """Internal: ends a session, saying who closed it and why.
-
-    ``drain``: the peer this pump writes to is gone; the pump reading from
-    that peer may still have its last messages to read (and record) before
-    it meets EOF, so the session ends after a short drain instead of at once.
-    """
-
-    def __init__(self, closed_by: str, reason: str, *, drain: bool = False) -> None:
-        super().__init__(reason)
-        self.closed_by = closed_by
-        self.reason = reason
-        self.drain = drain
-
-
-#: received messages not yet decoded and recorded, per session, beyond which the
-#: forwarding thread stops to catch up (when the peers never leave it idle)
-BACKLOG_LIMIT = 256
-
-#: [direction, t_ns, bytes, fd records or the number of fds]: a list, so that
-#: the forwarding thread can fill in the fd records after the send
-Received = list[Any]
-
-#: one end of a session: a trio stream, or a blocking socket for a forwarding thread
-Endpoint = FdStream | BlockingFdSocket
-
-
-@attrs.frozen
-class Release:
-    """A message waiting in a direction's release queue (fault injection).
-
-    ``forwarded``: the sender's message (counted and digested once sent);
-    otherwise an error reply the proxy makes up in place of the receiver.
-    ``close_after``: the reason to end the session once it is sent.
-    """
-
-    at: float
-    data: bytes
-    fds: list[OwnedFd]
-    forwarded: bool = True
-    close_after: str | None = None
-
-
-@attrs.frozen
-class Injected:
-    """What an injector's decision leaves to send: the message (None: not
-    forwarded), an error reply for its sender, and why to close at once."""
-
-    message: Release | None
-    reply: Release | None
-    close: str | None
-
-
-@attrs.define(eq=False)
-class ProxySession:
-    """One client connection and its server connection.
-
-    ``backlog`` holds received messages not yet decoded and recorded, in the
-    order they were forwarded; the forwarding digests it after its sends, so
-    the work follows the forward instead of delaying it.
-    """
-
-    id: int
-    client: Endpoint
-    server: Endpoint
-    state: SessionState
-    closed_by: str | None = None
-    reason: str | None = None
-    stopping: bool = False
-    counters: dict[Direction, Counters] = attrs.field(
-        factory=lambda: {Direction.C2S: Counters(), Direction.S2C: Counters()}
-    )
-    violations: int = 0
-    backlog: deque[Received] = attrs.field(factory=deque)
-    #: per direction, the release queue of an injecting proxy, how many
-    #: messages it holds, and the lock of sending in that direction
-    releases: dict[Direction, trio.MemorySendChannel[Release]] = attrs.field(factory=dict)
-    held: dict[Direction, int] = attrs.field(
-        factory=lambda: {Direction.C2S: 0, Direction.S2C: 0}
-    )
-    sending: dict[Direction, trio.Lock] = attrs.field(
-        factory=lambda: {Direction.C2S: trio.Lock(), Direction.S2C: trio.Lock()}
-    )
-
-    def end(self, closed_by: str, reason: str) -> None:
-        """Say who ended the session and why (the first to say it wins)."""
-        if self.closed_by is None:
-            self.closed_by, self.reason = closed_by, reason
-
-
-MessageObserver = Callable[[ProxySession, Observation, int], None]

@@ -173,6 +173,16 @@ def script_from_records(
         )
     mine = [r for r in items if r.session == chosen]
     messages = [r for r in mine if isinstance(r, MessageRecord)]
+    for position, record in enumerate(messages):
+        if record.torn or record.length is not None:
+            what = ("closed in the middle of a message" if record.torn else
+                    f"sent a {record.length}-byte message the trace holds only the start of")
+            notes.append(f"the recorded {record.direction.sender.value} {what} (#{record.seq}): "
+                         "the replay ends before it")
+            messages = messages[:position]
+            break
+    if not messages:
+        raise ReplayError(f"{path}: session {chosen} has no whole message to replay")
     closed = any(isinstance(r, EventRecord) and r.kind == EventKind.SESSION_CLOSE for r in mine)
     steps, state = _pair(messages)
     if steps[0].direction is not Direction.C2S or steps[0].message.command != Command.VERSION:

@@ -1,0 +1,472 @@
+"""The forwarding steps of one session, shared by both ways of waiting.
+
+A :class:`Relay` owns a session's two connected sockets (non-blocking) and
+moves messages between them: :meth:`Relay.readable` reads one message from
+a peer, asks the :class:`~vfioproxy.proxy.ledger.SessionLedger` what
+becomes of it, queues it for the other peer and sends what the kernel
+takes at once, then records it (after the send, so the peer is not kept
+waiting; before the next message, so a SIGKILL loses at most the record
+being written). :meth:`Relay.writable` and :meth:`Relay.release` send what
+waited. The forwarders (:mod:`vfioproxy.proxy.threaded`: one thread
+polling the sockets; :mod:`vfioproxy.proxy.tasks`: trio tasks) only wait
+for what :meth:`Relay.wants_read`, :meth:`Relay.wants_write` and
+:meth:`Relay.next_release` say, and call these steps.
+
+The two directions are independent: a message half-sent by one peer, or a
+peer that stops reading, holds up nothing in the other direction. A peer
+that stops reading fills its own queue up to a bound; the proxy then stops
+reading from the sender (recorded as ``queue_full``), as the kernel would
+stop a direct sender.
+
+Ends mirror a direct connection. A peer that closes its sending side (EOF)
+has everything it sent delivered, then the other peer reads EOF. A peer
+that can receive no more (it closed: ``POLLHUP``, ``EPIPE``, a reset) loses
+what was queued for it (each such message gets an ``undelivered`` event with
+the bytes it did get), and the other peer's sending side is shut so that
+its next write fails as it would directly; what it had already sent is read
+and recorded. The session ends when both directions are done. A session
+the proxy ends (strict, an injected close, shutdown) records what was
+queued as undelivered and how many bytes it left unread in each socket.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import select
+import socket
+import termios
+import time
+from collections.abc import Callable
+
+from recorder.fdmeta import fd_record
+from recorder.records import FdRecord
+from vfioproxy.fds import OwnedFd
+from vfioproxy.inject import Decision
+from vfioproxy.protocol.negotiation import TwinSocket, is_version
+from vfioproxy.proxy.ledger import SessionLedger
+from vfioproxy.proxy.wire import (
+    Message,
+    MessageReader,
+    Outbox,
+    Outgoing,
+    PeerClosed,
+    PeerGone,
+    Piece,
+)
+from vfioproxy.side import Direction, Side
+
+__all__ = ["Leg", "Relay", "SpawnTwin"]
+
+#: starts the relay of a twin socket: (server's end, proxy's end of the
+#: client's pair) -> the twin session's id
+SpawnTwin = Callable[[socket.socket, socket.socket], int]
+
+_VERSION_BYTE = 1  # the low byte of the VERSION command number (abs 2)
+
+
+class _Stream:
+    """A message too large to buffer, being handed on piece by piece."""
+
+    __slots__ = ("decision", "fds", "forward", "length", "prefix", "received", "release_at",
+                 "t_ns")
+
+    def __init__(self, head: bytes, length: int, t_ns: int, fds: list[FdRecord],
+                 forward: bool, release_at: float | None, decision: Decision | None) -> None:
+        self.prefix = bytearray(head)
+        self.length = length
+        self.received = len(head)
+        self.t_ns = t_ns
+        self.fds = fds
+        self.forward = forward
+        self.release_at = release_at
+        self.decision = decision
+
+
+class Leg:
+    """One peer's connection: what it sends (``reader``) and what goes to it (``outbox``)."""
+
+    def __init__(self, side: Side, sock: socket.socket, *, buffer_limit: int,
+                 queue_limit: int) -> None:
+        sock.setblocking(False)
+        self.side = side
+        self.name = side.value
+        self.sock = sock
+        self.fd = sock.fileno()
+        #: the direction of the messages this peer sends
+        self.direction = Direction.C2S if side is Side.CLIENT else Direction.S2C
+        self.reader = MessageReader(sock, buffer_limit=buffer_limit)
+        self.outbox = Outbox(sock, limit_bytes=queue_limit)
+        self.peer: Leg = self
+        self.eof = False  # everything this peer sent has been read
+        self.gone = False  # this peer receives no more
+        self.shut_wr = False  # the proxy shut its sending side towards this peer
+        self.full_noted = False  # queue_full recorded for the current episode
+        self.stream: _Stream | None = None
+
+
+class Relay:
+    """Moves one session's messages (see the module docstring).
+
+    ``clock`` is the injector's clock (seconds; trio's under trio).
+    ``capture_fd_contents`` records memfd contents up to that size (read
+    before the send, as they passed); fd metadata is taken after the send
+    otherwise. ``spawn_twin`` starts the relay of a twin socket.
+    """
+
+    def __init__(
+        self,
+        ledger: SessionLedger,
+        client: socket.socket,
+        server: socket.socket,
+        *,
+        buffer_limit: int,
+        queue_limit: int,
+        clock: Callable[[], float] = time.monotonic,
+        capture_fd_contents: int = 0,
+        spawn_twin: SpawnTwin | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.client = Leg(Side.CLIENT, client, buffer_limit=buffer_limit, queue_limit=queue_limit)
+        self.server = Leg(Side.SERVER, server, buffer_limit=buffer_limit, queue_limit=queue_limit)
+        self.client.peer, self.server.peer = self.server, self.client
+        self.legs = (self.client, self.server)
+        self.clock = clock
+        self.capture_fd_contents = capture_fd_contents
+        self.inspect_fds = ledger.writer is not None
+        self.spawn_twin = spawn_twin
+        self.closed = False
+        #: set whenever what to wait for may have changed (forwarders re-arm then)
+        self.changed = True
+
+    # ------------------------------------------------------------- what to wait for
+
+    def wants_read(self, leg: Leg) -> bool:
+        return not leg.eof and not leg.peer.outbox.full
+
+    @staticmethod
+    def wants_write(leg: Leg) -> bool:
+        return leg.outbox.blocked and not leg.gone
+
+    def next_release(self) -> float | None:
+        """The earliest time a held message falls due (None: nothing held)."""
+        first = None
+        for leg in self.legs:
+            at = leg.outbox.next_release()
+            if at is not None and not leg.outbox.blocked and (first is None or at < first):
+                first = at
+        return first
+
+    @property
+    def finished(self) -> bool:
+        """Both directions are done (or the session was stopped)."""
+        return self.closed or (self._done(self.client) and self._done(self.server))
+
+    @staticmethod
+    def _done(src: Leg) -> bool:
+        """Everything ``src`` sent has been read and delivered (or cannot be)."""
+        return src.eof and src.stream is None and (src.peer.gone or not src.peer.outbox)
+
+    # ------------------------------------------------------------- steps
+
+    def readable(self, leg: Leg) -> bool:
+        """Read and handle the next message (or piece) ``leg`` has; False when
+        it had nothing (yet) to read."""
+        try:
+            got = leg.reader.read(self.ledger.max_message_size)
+        except PeerClosed as closed:
+            self._closed(leg, closed)
+            return True
+        if got is None:
+            return False
+        if type(got) is Message:
+            self._message(leg, got)
+        else:
+            assert isinstance(got, Piece)
+            self._piece(leg, got)
+        return True
+
+    def writable(self, leg: Leg) -> None:
+        """Send what waits for ``leg`` and may go now."""
+        self._flush(leg)
+
+    def release(self) -> None:
+        """Send every held message whose time has come."""
+        for leg in self.legs:
+            if leg.outbox and not leg.outbox.blocked:
+                self._flush(leg)
+
+    def hangup(self, leg: Leg) -> None:
+        """``leg``'s peer closed its socket (``POLLHUP``): it receives no more."""
+        if not leg.gone:
+            self._gone(leg, "closed the connection")
+
+    # ------------------------------------------------------------- a message
+
+    def _message(self, src: Leg, message: Message) -> None:
+        ledger = self.ledger
+        direction = src.direction
+        dst = src.peer
+        data = message.data
+        fds = message.fds
+        t_ns = time.monotonic_ns()
+        if data[2] == _VERSION_BYTE and is_version(data):
+            twin = ledger.version(direction, data)
+            if twin is not None and fds:
+                self._twin(twin, fds)
+        decision = None if ledger.injector is None else ledger.decide(direction, data,
+                                                                      self.clock())
+        fd_records: list[FdRecord] = []
+        if fds and self.inspect_fds and (self.capture_fd_contents or decision is not None):
+            fd_records = self._fd_records(fds)  # contents as they passed; held fds now
+        forward = decision is None or decision.forward
+        release_at = None if decision is None else decision.release_at
+        item = None
+        if forward:
+            out = data if decision is None else decision.data
+            item = Outgoing(out, fds, release_at, length=message.length)
+            if decision is not None and decision.close_after:
+                item.close_after = f"injected close after {self._where(direction, decision)}"
+            self._send(dst, item)
+        else:
+            for fd in fds:
+                fd.close()
+        if fds and self.inspect_fds and not fd_records:
+            fd_records = self._fd_records(fds)  # after the send, before the close
+        dst.outbox.close_sent()
+        streamed = message.length > len(data)
+        if streamed:
+            src.stream = _Stream(data, message.length, t_ns, fd_records, forward, release_at,
+                                 decision)
+            seq = 0
+        else:
+            seq = ledger.record(direction, t_ns, data, fd_records, nfds=len(fds),
+                                decision=decision)
+        if item is not None:
+            item.seq = seq
+            if item.dropped and seq:
+                ledger.undelivered(direction, seq, item.sent, item.length,
+                                   f"the {dst.name} is gone")
+        if message.fds_dropped or message.fds_truncated:
+            ledger.fds_dropped(direction, seq, message.fds_dropped, message.fds_truncated)
+        if decision is not None:
+            if decision.reply is not None:  # in place of the receiver, back to the sender
+                self._send(src, Outgoing(decision.reply, [], decision.release_at,
+                                         length=len(decision.reply), forwarded=False))
+            if decision.close_before:
+                ledger.stop(f"injected close before {self._where(direction, decision)}")
+        self._check_full(dst)
+
+    def _piece(self, src: Leg, piece: Piece) -> None:
+        stream = src.stream
+        assert stream is not None
+        stream.received += len(piece.data)
+        room = src.reader.buffer_limit - len(stream.prefix)
+        if room > 0:
+            stream.prefix += piece.data[:room]
+        if stream.forward:
+            item = Outgoing(piece.data, [], stream.release_at, length=stream.length,
+                            message_start=False)
+            self._send(src.peer, item)
+        if piece.last:
+            src.stream = None
+            self.ledger.record(src.direction, stream.t_ns, bytes(stream.prefix), stream.fds,
+                               length=stream.length, decision=stream.decision)
+        self._check_full(src.peer)
+
+    def _now(self) -> float | None:
+        """The clock release times are on (None: nothing is ever held)."""
+        return None if self.ledger.injector is None else self.clock()
+
+    def _send(self, dst: Leg, item: Outgoing) -> None:
+        """Queue ``item`` for ``dst`` and send what may go now."""
+        if dst.gone:
+            item.dropped = True
+            for fd in item.fds:
+                fd.close()
+            item.fds = []
+            return
+        outbox = dst.outbox
+        try:
+            whole = outbox.push(item, self._now())
+        except PeerGone as exc:
+            self._gone(dst, f"EOF while forwarding ({exc})")
+            return
+        if whole:
+            if item.close_after is not None:
+                self.ledger.stop(item.close_after)
+        else:
+            self.changed = True  # blocked, or held: the forwarder waits for it
+
+    def _flush(self, dst: Leg) -> None:
+        outbox = dst.outbox
+        try:
+            done = outbox.send(self._now())
+        except PeerGone as exc:
+            outbox.close_sent()
+            self._gone(dst, f"EOF while forwarding ({exc})")
+            return
+        outbox.close_sent()
+        self.changed = True
+        for item in done:
+            if item.close_after is not None:
+                self.ledger.stop(item.close_after)
+        if dst.full_noted and not outbox.full:
+            dst.full_noted = False
+        if not outbox and dst.peer.eof and dst.peer.stream is None:
+            self._shut_wr(dst)
+
+    def _check_full(self, dst: Leg) -> None:
+        if dst.outbox.full and not dst.full_noted:
+            dst.full_noted = True
+            self.changed = True
+            self.ledger.queue_full(dst.peer.direction, dst.outbox.bytes, dst.outbox.fds)
+
+    # ------------------------------------------------------------- ends
+
+    def _closed(self, src: Leg, closed: PeerClosed) -> None:
+        """``src`` closed its sending side: hand on a torn message, then EOF."""
+        ledger = self.ledger
+        direction = src.direction
+        dst = src.peer
+        reason = "EOF"
+        if closed.partial:  # a message it never finished: the receiver gets the same
+            t_ns = time.monotonic_ns()
+            fds = closed.fds
+            item = Outgoing(closed.partial, fds, length=len(closed.partial))
+            self._send(dst, item)
+            fd_records = self._fd_records(fds) if fds and self.inspect_fds else []
+            for fd in fds:
+                fd.close()
+            dst.outbox.close_sent()
+            item.seq = ledger.record(direction, t_ns, closed.partial, fd_records,
+                                     nfds=len(fds), torn=True)
+            ledger.torn(direction, item.seq, closed.received)
+            if item.dropped and item.seq:
+                ledger.undelivered(direction, item.seq, item.sent, item.length,
+                                   f"the {dst.name} is gone")
+            reason = f"EOF mid-message (after {closed.received} bytes of a message)"
+        elif closed.streamed and src.stream is not None:
+            stream, src.stream = src.stream, None
+            seq = ledger.record(direction, stream.t_ns, bytes(stream.prefix), stream.fds,
+                                length=stream.received, torn=True, decision=stream.decision)
+            ledger.torn(direction, seq, stream.received)
+            reason = f"EOF mid-message (after {stream.received} of {stream.length} bytes)"
+        else:
+            for fd in closed.fds:
+                fd.close()
+        src.eof = True
+        self.changed = True
+        ledger.end(src.name, reason)
+        if closed.reset or _hung_up(src.sock):
+            self.hangup(src)
+        if not dst.outbox and not dst.gone:
+            self._shut_wr(dst)
+
+    def _gone(self, leg: Leg, why: str) -> None:
+        """``leg``'s peer receives no more: drop what waits for it and make the
+        other peer's writes fail from now on, as they would directly."""
+        leg.gone = True
+        self.changed = True
+        self.ledger.end(leg.name, why)
+        self._undeliverable(leg)
+        other = leg.peer
+        if not other.eof:
+            with contextlib.suppress(OSError):
+                other.sock.shutdown(socket.SHUT_RD)
+
+    def _undeliverable(self, leg: Leg) -> None:
+        """Record what was queued for a peer that is gone."""
+        for item in leg.outbox.drop_all():
+            if item.forwarded and item.message_start and item.seq:
+                self.ledger.undelivered(leg.peer.direction, item.seq, item.sent,
+                                        item.length, f"the {leg.name} is gone")
+
+    def _shut_wr(self, leg: Leg) -> None:
+        if not leg.shut_wr and leg.peer.eof:
+            leg.shut_wr = True
+            with contextlib.suppress(OSError):
+                leg.sock.shutdown(socket.SHUT_WR)
+
+    def stop(self, why: str) -> None:
+        """End the session now (``why``: strict, an injected close, shutdown, an
+        error): record what waited as undelivered and what was left unread, close."""
+        if self.closed:
+            return
+        for leg in self.legs:
+            stream = leg.stream
+            if stream is not None:
+                leg.stream = None
+                self.ledger.record(leg.direction, stream.t_ns, bytes(stream.prefix),
+                                   stream.fds, length=stream.received, torn=True,
+                                   decision=stream.decision)
+            for item in leg.outbox.drop_all():
+                if item.forwarded and item.message_start and item.seq:
+                    self.ledger.undelivered(leg.peer.direction, item.seq, item.sent,
+                                            item.length, why)
+        self.close()
+
+    def close(self) -> None:
+        """Close both sockets and record the session's close; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        unread = {}
+        for leg in self.legs:
+            pending = _unread_bytes(leg.sock)
+            if pending:
+                unread[leg.direction.value] = pending
+            leg.reader.close()
+            leg.outbox.drop_all()
+            leg.sock.close()
+        self.ledger.close(unread)
+
+    # ------------------------------------------------------------- helpers
+
+    def _fd_records(self, fds: list[OwnedFd]) -> list[FdRecord]:
+        limit = self.capture_fd_contents
+        records = []
+        for i, fd in enumerate(fds):
+            try:
+                records.append(fd_record(fd, i, contents_limit=limit))
+            except (OSError, ValueError):
+                continue  # already closed (its receiver vanished mid-send): nothing to say
+        return records
+
+    def _twin(self, twin: TwinSocket, fds: list[OwnedFd]) -> None:
+        """Give the client a proxy-owned twin socket and relay it (see Proxy)."""
+        index = twin.fd_index
+        if self.spawn_twin is None or not 0 <= index < len(fds):
+            return  # forwarded as it is: the client will refuse it
+        server_end = socket.socket(fileno=fds[index].detach())
+        if server_end.family != socket.AF_UNIX or server_end.type != socket.SOCK_STREAM:
+            fds[index] = OwnedFd(server_end.detach())
+            self.ledger.event("note", {
+                "text": f"the twin socket at fd_index {index} is not an AF_UNIX stream socket; "
+                        "forwarded as it is"})
+            return
+        client_end, proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds[index] = OwnedFd(client_end.detach())
+        twin_id = self.spawn_twin(server_end, proxy_end)
+        self.ledger.event("note", {"text": f"twin socket relayed as session {twin_id}"})
+
+    @staticmethod
+    def _where(direction: Direction, decision: Decision) -> str:
+        return f"{direction.sender.value} message #{decision.index}"
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """True when the peer closed its end entirely (it receives no more)."""
+    poller = select.poll()
+    poller.register(sock, 0)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]
