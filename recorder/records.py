@@ -277,6 +277,7 @@ def _fd_tuple(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
 
 
 _DIRECTIONS = {direction.value: direction for direction in Direction}
+_DIRECTION_VALUES = {direction: direction.value for direction in Direction}
 _MESSAGE_KEYS = {
     "seq": "q",
     "session": "s",
@@ -296,7 +297,7 @@ def message_wire(
     session: int,
     direction: Direction,
     t_ns: int,
-    fds: Iterable[FdRecord],
+    fds: Iterable[FdRecord] = (),
     *,
     length: int | None = None,
     torn: bool = False,
@@ -307,9 +308,9 @@ def message_wire(
         "k": "m",
         "q": seq,
         "s": session,
-        "d": direction.value,
+        "d": _DIRECTION_VALUES[direction],
         "t": t_ns,
-        "f": [fd.to_wire() for fd in fds],
+        "f": [fd.to_wire() for fd in fds] if fds else [],
     }
     if length is not None:
         wire["n"] = length

@@ -117,6 +117,18 @@ class TraceStats:
         }
 
 
+def violations_by_session(items: Iterable[DecodedItem]) -> dict[int, Counter[str]]:
+    """The protocol violations of each session, by kind (sessions without any left out)."""
+    found: dict[int, Counter[str]] = defaultdict(Counter)
+    for item in items:
+        if isinstance(item, DecodedMessage):
+            for violation in item.observation.violations:
+                found[item.record.session][violation.kind] += 1
+        elif isinstance(item, TornMessage):
+            found[item.record.session][item.violation.kind] += 1
+    return dict(found)
+
+
 def collect(items: Iterable[DecodedItem]) -> TraceStats:
     stats = TraceStats()
     for item in items:

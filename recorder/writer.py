@@ -173,16 +173,26 @@ class TraceWriter:
             )
         with self._lock:
             if self._lost is not None and not self._resume():
-                self._lost[1] += 1
-                self._lost[2] += len(data)
-                self._lost[3] += len(events)
+                self._count_lost(len(data), len(events))
                 return 0
             seq = self._seq + 1
             wire = message_wire(seq, session, direction, t_ns, fds, length=length, torn=torn)
-            inline = len(data) <= _INLINE
-            if inline:
+            if len(data) <= _INLINE:
                 wire["b"] = data
                 blob = self._packer.pack(wire)
+                if not events and self._fd >= 0 and (
+                    self._size + len(blob) + RESERVE <= self._reserved_end
+                ):
+                    # the usual case: one small record, room reserved: just write it
+                    try:
+                        written = os.write(self._fd, blob)
+                    except OSError:
+                        written = -1
+                    if written == len(blob) and not self._fsync:
+                        self._size += written
+                        self._seq = seq
+                        return seq
+                    self._cut_back()  # and go the careful way below
                 tail = b""
             else:
                 wire["b"] = b""
@@ -201,11 +211,15 @@ class TraceWriter:
             if self._write(pieces, message=True):
                 self._seq = seq + len(extra)
                 return seq
-            self._lost = self._lost or [int(time.monotonic_ns()), 0, 0, 0]
-            self._lost[1] += 1
-            self._lost[2] += len(data)
-            self._lost[3] += len(events)
+            self._count_lost(len(data), len(events))
             return 0
+
+    def _count_lost(self, size: int, events: int) -> None:
+        if self._lost is None:
+            self._lost = [time.monotonic_ns(), 0, 0, 0]
+        self._lost[1] += 1
+        self._lost[2] += size
+        self._lost[3] += events
 
     def write_event(
         self, session: int | None, kind: str, t_ns: int, data: dict[str, Any] | None = None

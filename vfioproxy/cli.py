@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
+import resource
 import signal
 import stat
 import sys
@@ -32,7 +34,14 @@ from vfioproxy.peers.client import RealizeError, RealizeOptions, realize
 from vfioproxy.peers.server import DeviceOptions, serve_device
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.codec import Dialects
-from vfioproxy.proxy import DEFAULT_GRACE, Proxy, ProxyOptions
+from vfioproxy.proxy import (
+    DEFAULT_GRACE,
+    DEFAULT_MAX_MESSAGE_BUFFER,
+    DEFAULT_MAX_QUEUE,
+    Proxy,
+    ProxyOptions,
+)
+from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT
 from vfioproxy.replay.cli import add_replay_commands
 from vfioproxy.tuning import tune_allocator
 from vfioproxy.unix import open_unix_listener
@@ -102,8 +111,9 @@ def _injector(args: argparse.Namespace) -> Injector | None:
     return Injector(rules, seed=args.seed or 0)
 
 
-async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None:
+async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Proxy:
     tune_allocator()
+    raise_fd_limit()
     injector = _injector(args)
     options = ProxyOptions(
         strict=args.strict,
@@ -112,9 +122,18 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None
         decode=not args.no_decode,
         mode=int(args.mode, 8),
         threads=args.forwarding == "threads",
+        check_live=args.check_live,
+        max_sessions=args.max_sessions,
+        max_message_buffer=args.max_message_buffer,
+        max_queue=args.max_queue,
+        connect_timeout=args.connect_timeout,
     )
+    if args.no_decode and args.verbose:
+        print("vfioproxy: --no-decode: nothing is decoded on the path, so -v prints no "
+              "message lines", file=sys.stderr)
     proxy = Proxy(args.server, sink=sink, options=options,
-                  observer=MessageLog() if args.verbose else None, injector=injector)
+                  observer=MessageLog() if args.verbose and not args.no_decode else None,
+                  injector=injector)
     listener = await open_unix_listener(args.listen, mode=options.mode)
     print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
           + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
@@ -141,9 +160,11 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> None
     finally:
         _remove_socket(args.listen)
     stats = proxy.statistics()
+    checked = options.decode and (options.strict or options.check_live or args.verbose)
     print(f"vfioproxy: {stats.sessions_total} session(s), "
-          f"{stats.c2s.messages} c2s and {stats.s2c.messages} s2c messages, "
-          f"{stats.violations} violation(s)", file=sys.stderr)
+          f"{stats.c2s.messages} c2s and {stats.s2c.messages} s2c messages"
+          + (f", {stats.violations} violation(s)" if checked else ""), file=sys.stderr)
+    return proxy
 
 
 def _remove_socket(path: str) -> None:
@@ -159,6 +180,24 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_violations(files: list[Path]) -> None:
+    """Derive each recorded session's violations from the trace, off the
+    forwarding path, and print a line per session that had any."""
+    try:
+        for path in files:
+            with TraceReader(path) as reader:
+                found = stats.violations_by_session(decoded_records(reader))
+            for session, kinds in sorted(found.items()):
+                listed = ", ".join(f"{kind} x{n}" for kind, n in sorted(kinds.items()))
+                print(f"vfioproxy: {path} session {session}: {sum(kinds.values())} "
+                      f"violation(s): {listed} (`vfioproxy trace show` lists them)",
+                      file=sys.stderr)
+            if not found:
+                print(f"vfioproxy: {path}: no protocol violations", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("vfioproxy: violation check skipped", file=sys.stderr)
+
+
 def cmd_record(args: argparse.Namespace) -> int:
     info = {
         "listen_path": os.path.abspath(args.listen),
@@ -172,6 +211,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         files = sink.files()
     for path in files:
         print(f"vfioproxy: wrote {path}", file=sys.stderr)
+    _report_violations(files)
     return 0
 
 
@@ -270,6 +310,26 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def raise_fd_limit() -> None:
+    """Let the proxy use as many fds as it may (the soft RLIMIT_NOFILE up to the
+    hard one, at most 65536): each session holds two sockets and the fds in flight."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfioproxy",
@@ -291,7 +351,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                        help="seconds in-flight sessions get after SIGINT/SIGTERM")
         p.add_argument("--no-decode", action="store_true",
-                       help="relay only: no decoding, no violation checks")
+                       help="a pure relay: nothing decoded on the path even for -v/--strict")
+        p.add_argument("--check-live", action="store_true",
+                       help="decode and check every message as it passes: violations are "
+                       "logged (rate-limited) and recorded as they happen (by default they "
+                       "are derived from the trace when it is read)")
+        limits = p.add_argument_group(
+            "limits", "what one session or peer may make the proxy hold (see README)")
+        limits.add_argument("--max-sessions", type=_positive_int, metavar="N",
+                            help="sessions at once; more clients wait in the listen queue "
+                            "(default: what the fd limit allows, at most 4096)")
+        limits.add_argument("--max-message-buffer", type=_size, metavar="SIZE",
+                            default=DEFAULT_MAX_MESSAGE_BUFFER,
+                            help="largest message buffered and recorded whole; larger ones "
+                            "are handed on as they arrive and recorded truncated "
+                            "(default 16M)")
+        limits.add_argument("--max-queue", type=_size, metavar="SIZE", default=DEFAULT_MAX_QUEUE,
+                            help="bytes queued for a peer that does not read before the proxy "
+                            "stops reading its sender (default 4M, per direction)")
+        limits.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                            default=DEFAULT_CONNECT_TIMEOUT,
+                            help="how long to retry a server whose listen queue is full "
+                            "(default 5)")
         p.add_argument("--forwarding", choices=("threads", "trio"), default="threads",
                        help="forward on a blocking thread per direction (default, fastest) "
                        "or on trio tasks (always so with fault injection)")

@@ -121,13 +121,13 @@ class SessionLedger:
         seq = 0
         writer = self.writer
         if writer is not None:
-            events: list[tuple[str, dict[str, Any]]] = []
+            events: Sequence[tuple[str, dict[str, Any]]] = ()
             if decision is not None and decision.applied:
-                events.append(("inject", {
+                events = [("inject", {
                     "direction": direction.value,
                     "index": decision.index,
                     "applied": [applied.to_dict() for applied in decision.applied],
-                }))
+                })]
             try:
                 seq = writer.append_message(
                     self.id, direction, t_ns, data, fds, length=length, torn=torn, events=events
@@ -136,6 +136,10 @@ class SessionLedger:
                 self._not_recorded(exc)
             if not seq:
                 self.unrecorded += 1
+                if writer.paused and not self._record_error_logged:
+                    self._record_error_logged = True
+                    log.error("session %d: %s: the disk is full: recording paused, the "
+                              "session is still forwarded", self.id, writer.path)
         checks = self.checks
         if checks is not None:
             reason = checks.observe(direction, data, fds or range(nfds), t_ns, seq,

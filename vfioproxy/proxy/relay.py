@@ -136,6 +136,8 @@ class Relay:
         self.capture_fd_contents = capture_fd_contents
         self.inspect_fds = ledger.writer is not None
         self.spawn_twin = spawn_twin
+        #: the framing limit (follows the VERSION exchange)
+        self.max_message_size = ledger.max_message_size
         self.closed = False
         #: set whenever what to wait for may have changed (forwarders re-arm then)
         self.changed = True
@@ -174,7 +176,7 @@ class Relay:
         """Read and handle the next message (or piece) ``leg`` has; False when
         it had nothing (yet) to read."""
         try:
-            got = leg.reader.read(self.ledger.max_message_size)
+            got = leg.reader.read(self.max_message_size)
         except PeerClosed as closed:
             self._closed(leg, closed)
             return True
@@ -213,6 +215,7 @@ class Relay:
         t_ns = time.monotonic_ns()
         if data[2] == _VERSION_BYTE and is_version(data):
             twin = ledger.version(direction, data)
+            self.max_message_size = ledger.max_message_size
             if twin is not None and fds:
                 self._twin(twin, fds)
         decision = None if ledger.injector is None else ledger.decide(direction, data,
@@ -220,23 +223,25 @@ class Relay:
         fd_records: list[FdRecord] = []
         if fds and self.inspect_fds and (self.capture_fd_contents or decision is not None):
             fd_records = self._fd_records(fds)  # contents as they passed; held fds now
-        forward = decision is None or decision.forward
-        release_at = None if decision is None else decision.release_at
         item = None
-        if forward:
-            out = data if decision is None else decision.data
-            item = Outgoing(out, fds, release_at, length=message.length)
-            if decision is not None and decision.close_after:
-                item.close_after = f"injected close after {self._where(direction, decision)}"
-            self._send(dst, item)
+        if decision is None:
+            item = self._send(dst, data, fds, None, length=message.length)
+        elif decision.forward:
+            close_after = None
+            if decision.close_after:
+                close_after = f"injected close after {self._where(direction, decision)}"
+            item = self._send(dst, decision.data, fds, decision.release_at,
+                              length=message.length, close_after=close_after)
         else:
             for fd in fds:
                 fd.close()
-        if fds and self.inspect_fds and not fd_records:
-            fd_records = self._fd_records(fds)  # after the send, before the close
-        dst.outbox.close_sent()
-        streamed = message.length > len(data)
-        if streamed:
+        if fds:
+            if self.inspect_fds and not fd_records:
+                fd_records = self._fd_records(fds)  # after the send, before the close
+            dst.outbox.close_sent()
+        if message.length > len(data):
+            forward = decision is None or decision.forward
+            release_at = None if decision is None else decision.release_at
             src.stream = _Stream(data, message.length, t_ns, fd_records, forward, release_at,
                                  decision)
             seq = 0
@@ -252,11 +257,11 @@ class Relay:
             ledger.fds_dropped(direction, seq, message.fds_dropped, message.fds_truncated)
         if decision is not None:
             if decision.reply is not None:  # in place of the receiver, back to the sender
-                self._send(src, Outgoing(decision.reply, [], decision.release_at,
-                                         length=len(decision.reply), forwarded=False))
+                self._send(src, decision.reply, [], decision.release_at, forwarded=False)
             if decision.close_before:
                 ledger.stop(f"injected close before {self._where(direction, decision)}")
-        self._check_full(dst)
+        if dst.outbox.items:
+            self._check_full(dst)
 
     def _piece(self, src: Leg, piece: Piece) -> None:
         stream = src.stream
@@ -266,43 +271,58 @@ class Relay:
         if room > 0:
             stream.prefix += piece.data[:room]
         if stream.forward:
-            item = Outgoing(piece.data, [], stream.release_at, length=stream.length,
-                            message_start=False)
-            self._send(src.peer, item)
+            self._send(src.peer, piece.data, [], stream.release_at, length=stream.length,
+                       message_start=False)
         if piece.last:
             src.stream = None
             self.ledger.record(src.direction, stream.t_ns, bytes(stream.prefix), stream.fds,
                                length=stream.length, decision=stream.decision)
         self._check_full(src.peer)
 
-    def _now(self) -> float | None:
-        """The clock release times are on (None: nothing is ever held)."""
-        return None if self.ledger.injector is None else self.clock()
-
-    def _send(self, dst: Leg, item: Outgoing) -> None:
-        """Queue ``item`` for ``dst`` and send what may go now."""
+    def _send(
+        self,
+        dst: Leg,
+        data: bytes,
+        fds: list[OwnedFd],
+        release_at: float | None,
+        *,
+        length: int = 0,
+        message_start: bool = True,
+        forwarded: bool = True,
+        close_after: str | None = None,
+    ) -> Outgoing | None:
+        """Send a message to ``dst`` now if nothing waits before it and it is due,
+        else queue it. Returns None when it went whole at once, else its queue
+        item (``dropped`` when ``dst`` is gone: the caller records that)."""
+        sent = -1
+        if not dst.gone and (release_at is None or release_at <= self.clock()):
+            try:
+                sent = dst.outbox.offer(data, fds)
+            except PeerGone as exc:
+                self._gone(dst, f"EOF while forwarding ({exc})")
+            if sent == len(data):
+                if close_after is not None:
+                    self.ledger.stop(close_after)
+                return None
+        item = Outgoing(data, fds if sent <= 0 else [], release_at, length=length,
+                        message_start=message_start, forwarded=forwarded,
+                        close_after=close_after)
+        if sent > 0:
+            item.sent = sent
         if dst.gone:
             item.dropped = True
             for fd in item.fds:
                 fd.close()
             item.fds = []
-            return
-        outbox = dst.outbox
-        try:
-            whole = outbox.push(item, self._now())
-        except PeerGone as exc:
-            self._gone(dst, f"EOF while forwarding ({exc})")
-            return
-        if whole:
-            if item.close_after is not None:
-                self.ledger.stop(item.close_after)
-        else:
-            self.changed = True  # blocked, or held: the forwarder waits for it
+            return item
+        dst.outbox.append(item)
+        self.changed = True  # blocked, or held: the forwarder waits for it
+        return item
 
     def _flush(self, dst: Leg) -> None:
         outbox = dst.outbox
         try:
-            done = outbox.send(self._now())
+            done = outbox.send(self.clock())
         except PeerGone as exc:
             outbox.close_sent()
             self._gone(dst, f"EOF while forwarding ({exc})")
@@ -334,18 +354,17 @@ class Relay:
         if closed.partial:  # a message it never finished: the receiver gets the same
             t_ns = time.monotonic_ns()
             fds = closed.fds
-            item = Outgoing(closed.partial, fds, length=len(closed.partial))
-            self._send(dst, item)
+            item = self._send(dst, closed.partial, fds, None)
             fd_records = self._fd_records(fds) if fds and self.inspect_fds else []
-            for fd in fds:
-                fd.close()
             dst.outbox.close_sent()
-            item.seq = ledger.record(direction, t_ns, closed.partial, fd_records,
-                                     nfds=len(fds), torn=True)
-            ledger.torn(direction, item.seq, closed.received)
-            if item.dropped and item.seq:
-                ledger.undelivered(direction, item.seq, item.sent, item.length,
-                                   f"the {dst.name} is gone")
+            seq = ledger.record(direction, t_ns, closed.partial, fd_records,
+                                nfds=len(fds), torn=True)
+            ledger.torn(direction, seq, closed.received)
+            if item is not None:
+                item.seq = seq
+                if item.dropped and seq:
+                    ledger.undelivered(direction, seq, item.sent, item.length,
+                                       f"the {dst.name} is gone")
             reason = f"EOF mid-message (after {closed.received} bytes of a message)"
         elif closed.streamed and src.stream is not None:
             stream, src.stream = src.stream, None

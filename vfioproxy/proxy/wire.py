@@ -27,8 +27,6 @@ import struct
 from array import array
 from collections import deque
 
-import attrs
-
 from vfioproxy.fds import OwnedFd
 from vfioproxy.protocol.header import HEADER_SIZE, framed_body_length
 
@@ -91,7 +89,6 @@ class PeerGone(Exception):
     """A send found the receiver gone (EPIPE, ECONNRESET): it reads no more."""
 
 
-@attrs.define(eq=False, slots=True)
 class Message:
     """One framed message as it arrived (the caller owns ``fds``).
 
@@ -104,20 +101,36 @@ class Message:
     the limit), so the message is the header alone.
     """
 
-    data: bytes
-    fds: list[OwnedFd]
-    length: int
-    fds_dropped: int = 0
-    fds_truncated: bool = False
-    unframable: bool = False
+    __slots__ = ("data", "fds", "fds_dropped", "fds_truncated", "length", "unframable")
+
+    def __init__(
+        self,
+        data: bytes,
+        fds: list[OwnedFd],
+        length: int,
+        fds_dropped: int = 0,
+        fds_truncated: bool = False,
+        unframable: bool = False,
+    ) -> None:
+        self.data = data
+        self.fds = fds
+        self.length = length
+        self.fds_dropped = fds_dropped
+        self.fds_truncated = fds_truncated
+        self.unframable = unframable
 
 
-@attrs.define(eq=False, slots=True)
 class Piece:
     """The next bytes of a message too large to buffer; ``last`` ends it."""
 
-    data: bytes
-    last: bool
+    __slots__ = ("data", "last")
+
+    def __init__(self, data: bytes, last: bool) -> None:
+        self.data = data
+        self.last = last
+
+
+_NO_FDS: list[OwnedFd] = []  # shared by messages without fds: never appended to
 
 
 class MessageReader:
@@ -142,14 +155,57 @@ class MessageReader:
         self._got = 0  # bytes of the body read so far
         self._stream_left = 0  # bytes of a streamed message still to come
         self._streamed = 0  # bytes of a streamed message handed on so far
-
-    @property
-    def mid_message(self) -> bool:
-        """True while a message has started and is not finished."""
-        return bool(self._header) or self._stream_left > 0
+        self._resume = False  # a message is part-way: the next read continues it
 
     def read(self, max_message_size: int) -> Message | Piece | None:
         """The next message or piece, or None when the socket would block."""
+        if self._resume:
+            return self._read_slowly(max_message_size)
+        # the usual case, kept short: a whole header without fds, then its whole body
+        try:
+            chunk, ancdata, flags, _ = self.sock.recvmsg(HEADER_SIZE, _ANCBUFSIZE, _RECV_FLAGS)
+        except BlockingIOError:
+            return None
+        except ConnectionResetError:
+            raise self._closed(b"", reset=True) from None
+        if ancdata or flags & _CTRUNC or len(chunk) != HEADER_SIZE:
+            if not chunk and not ancdata:
+                raise self._closed(b"")
+            self._resume = True
+            self._header += chunk
+            if ancdata:
+                self._take_fds(ancdata)
+            if flags & _CTRUNC:
+                self._truncated = True
+            return self._read_slowly(max_message_size)
+        size = _SIZE.unpack_from(chunk, 4)[0]
+        body_len = framed_body_length(size, max_message_size)
+        if not body_len:
+            return Message(chunk, _NO_FDS, HEADER_SIZE, unframable=size != HEADER_SIZE)
+        if HEADER_SIZE + body_len <= self.buffer_limit:
+            try:
+                body = self.sock.recv(body_len)
+            except BlockingIOError:
+                body = None
+            except ConnectionResetError:
+                self._header += chunk
+                raise self._closed(b"", reset=True) from None
+            if body is not None and len(body) == body_len:
+                return Message(chunk + body, _NO_FDS, HEADER_SIZE + body_len)
+        else:
+            body = None
+        self._resume = True  # the body comes in pieces (or is too large): the slow way
+        self._header += chunk
+        if body:
+            self._body = bytearray(body_len)
+            self._body[: len(body)] = body
+            self._got = len(body)
+        elif body is not None:  # b"": EOF right after the header
+            raise self._closed(b"")
+        return self._read_slowly(max_message_size)
+
+    def _read_slowly(self, max_message_size: int) -> Message | Piece | None:
+        """Go on with a message that did not come whole in one go."""
         if self._stream_left:
             return self._read_piece()
         if self._body is None:
@@ -163,36 +219,27 @@ class MessageReader:
             total = HEADER_SIZE + body_len
             if total > self.buffer_limit:
                 message = self._finish(bytes(header), total)
+                self._resume = True
                 self._stream_left = body_len
                 self._streamed = HEADER_SIZE
                 return message
-            # usually the whole body is there already: one recv, one copy
-            try:
-                first = self.sock.recv(body_len)
-            except BlockingIOError:
-                first = b""
-            except ConnectionResetError:
-                raise self._closed(b"", reset=True) from None
-            if len(first) == body_len:
-                return self._finish(bytes(header) + first, total)
-            if not first:
-                raise self._closed(b"")  # EOF (a would-block read came back as b"" too)
             self._body = bytearray(body_len)
-            self._body[: len(first)] = first
-            self._got = len(first)
+            self._got = 0
         body = self._body
         view = memoryview(body)
-        while self._got < len(body):
-            try:
-                n = self.sock.recv_into(view[self._got :])
-            except BlockingIOError:
-                return None
-            except ConnectionResetError:
-                raise self._closed(bytes(body[: self._got]), reset=True) from None
-            if not n:
-                raise self._closed(bytes(body[: self._got]))
-            self._got += n
-        view.release()
+        try:
+            while self._got < len(body):
+                try:
+                    n = self.sock.recv_into(view[self._got :])
+                except BlockingIOError:
+                    return None
+                except ConnectionResetError:
+                    raise self._closed(bytes(body[: self._got]), reset=True) from None
+                if not n:
+                    raise self._closed(bytes(body[: self._got]))
+                self._got += n
+        finally:
+            view.release()
         data = bytes(self._header) + body
         self._body = None
         return self._finish(data, len(data))
@@ -245,10 +292,13 @@ class MessageReader:
             raise self._closed_streaming(reset=False)
         self._stream_left -= len(data)
         self._streamed += len(data)
+        if not self._stream_left:
+            self._resume = False
         return Piece(data, last=not self._stream_left)
 
     def _finish(self, data: bytes, length: int, *, unframable: bool = False) -> Message:
         message = Message(data, self._fds, length, self._dropped, self._truncated, unframable)
+        self._resume = False
         self._header = bytearray()
         self._fds = []
         self._dropped = 0
@@ -260,11 +310,13 @@ class MessageReader:
         fds, self._fds = self._fds, []
         self._header = bytearray()
         self._body = None
+        self._resume = False
         return PeerClosed(partial, fds, reset=reset)
 
     def _closed_streaming(self, *, reset: bool) -> PeerClosed:
         received = self._streamed
         self._stream_left = 0
+        self._resume = False
         return PeerClosed(b"", reset=reset, streamed=True, received=received)
 
     def _close_fds(self) -> None:
@@ -343,16 +395,23 @@ class Outbox:
         """The release time of the first item (None: nothing queued, or due at once)."""
         return self.items[0].release_at if self.items else None
 
-    def push(self, item: Outgoing, now: float | None = None) -> bool:
-        """Queue ``item`` and send what may go (see :meth:`send`); True when
-        ``item`` went whole at once (the usual case: no queue, no wait)."""
+    def offer(self, data: bytes, fds: list[OwnedFd]) -> int:
+        """Send a message at once if nothing waits before it: the bytes the
+        kernel took (0: it would block), or -1 when something waits (then
+        :meth:`append` it). Sent fds go to :attr:`sent_fds`; raises
+        :class:`PeerGone` when the receiver left."""
+        if self.items or self.blocked:
+            return -1
+        n = self._transmit(data, fds, 0)
+        if n < len(data):
+            self.blocked = True
+        return n
+
+    def append(self, item: Outgoing) -> None:
+        """Queue ``item`` (after what waits; ``item.sent`` bytes of it went already)."""
         self.items.append(item)
-        self.bytes += len(item.data)
+        self.bytes += len(item.data) - item.sent
         self.fds += len(item.fds)
-        if self.blocked or len(self.items) > 1:
-            return False
-        self.send(now)
-        return item.sent == len(item.data)
 
     def send(self, now: float | None) -> list[Outgoing]:
         """Send what is due at ``now`` (None: ignore release times) until the
@@ -362,44 +421,45 @@ class Outbox:
         first, with ``sent`` saying how much of it the receiver got)."""
         done: list[Outgoing] = []
         items = self.items
-        sock = self.sock
         self.blocked = False
         while items:
             item = items[0]
             if now is not None and item.release_at is not None and item.release_at > now:
                 break
-            data = item.data
-            try:
-                if item.sent == 0 and item.fds:
-                    fds = array("i", [fd.fileno() for fd in item.fds])
-                    n = sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, fds)], _SEND_FLAGS)
-                    self._sent_fds(item)
-                elif item.sent == 0:
-                    n = sock.send(data, _SEND_FLAGS)
-                else:
-                    n = sock.send(memoryview(data)[item.sent :], _SEND_FLAGS)
-            except BlockingIOError:
-                self.blocked = True
-                break
-            except OSError as exc:
-                if exc.errno in _GONE:
-                    raise PeerGone(exc.strerror or str(exc)) from exc
-                raise
+            fds = item.fds
+            n = self._transmit(item.data, fds, item.sent)
+            if fds and n:
+                self.fds -= len(fds)
+                item.fds = []
             item.sent += n
             self.bytes -= n
-            if item.sent < len(data):
+            if item.sent < len(item.data):
                 self.blocked = True
                 break
             items.popleft()
             done.append(item)
         return done
 
-    def _sent_fds(self, item: Outgoing) -> None:
-        """The kernel holds its own references now: the proxy's copies go to
-        :attr:`sent_fds` (closed by :meth:`close_sent`, after any inspection)."""
-        self.fds -= len(item.fds)
-        self.sent_fds.extend(item.fds)
-        item.fds = []
+    def _transmit(self, data: bytes, fds: list[OwnedFd], sent: int) -> int:
+        """One ``sendmsg`` of ``data[sent:]`` with ``fds`` (given only while
+        nothing of the message went yet): the bytes the kernel took, 0 when it
+        would block. Fds the kernel took go to :attr:`sent_fds`."""
+        try:
+            if fds:
+                numbers = array("i", [fd.fileno() for fd in fds])
+                n: int = self.sock.sendmsg(
+                    [data], [(_SOL_SOCKET, _SCM_RIGHTS, numbers)], _SEND_FLAGS)
+                self.sent_fds.extend(fds)
+                return n
+            if sent:
+                return self.sock.send(memoryview(data)[sent:], _SEND_FLAGS)
+            return self.sock.send(data, _SEND_FLAGS)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in _GONE:
+                raise PeerGone(exc.strerror or str(exc)) from exc
+            raise
 
     def close_sent(self) -> None:
         """Close the proxy's copies of the fds sent so far."""
