@@ -13,9 +13,10 @@ trace derives.
 Hostile peers can make every message a violation, so logging is rate
 limited (:data:`LOG_BURST` lines per session, then one line per
 :data:`LOG_INTERVAL` saying how many were not logged) and recording is
-compact: the first :data:`RECORD_REPEATS` violations of one kind from one
-side in a row are recorded whole, the rest of the run as one
-``violations_repeated`` event (kind, side, count, first and last message).
+compact: the first :data:`RECORD_REPEATS` violations of each kind from each
+side are recorded whole; later ones are counted and recorded as one
+``violations_repeated`` event per kind and side (count, first and last
+message) at most every :data:`LOG_INTERVAL` seconds and when the session ends.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ class LiveChecks:
         self._logged = 0
         self._not_logged = 0
         self._log_at = 0.0
-        # the run of identical violations being counted: (kind, side) and the
-        # count, first and last message index beyond the ones recorded whole
-        self._run: tuple[str, str] | None = None
-        self._run_length = 0
-        self._run_counted: list[Any] = []
+        #: violations seen per (kind, side), and those counted but not yet recorded:
+        #: [count, first index, last index, first seq, last seq]
+        self._seen: dict[tuple[str, str], int] = {}
+        self._counted: dict[tuple[str, str], list[int]] = {}
+        self._flush_at = 0.0
 
     def observe(
         self,
@@ -122,31 +123,32 @@ class LiveChecks:
         if self.record is None:
             return
         key = (violation.kind, violation.side.value)
-        if key != self._run:
-            self.flush(t_ns)
-            self._run = key
-            self._run_length = 0
-        self._run_length += 1
-        if self._run_length <= RECORD_REPEATS:
+        seen = self._seen[key] = self._seen.get(key, 0) + 1
+        if seen <= RECORD_REPEATS:
             self.record("violation", {**violation.to_dict(), "seq": seq}, t_ns)
-        elif not self._run_counted:
-            self._run_counted = [1, violation.index, violation.index, seq, seq]
+            return
+        counted = self._counted.get(key)
+        if counted is None:
+            self._counted[key] = [1, violation.index, violation.index, seq, seq]
         else:
-            self._run_counted[0] += 1
-            self._run_counted[2] = violation.index
-            self._run_counted[4] = seq
+            counted[0] += 1
+            counted[2] = violation.index
+            counted[4] = seq
+        now = time.monotonic()
+        if now >= self._flush_at:
+            self._flush_at = now + LOG_INTERVAL
+            self.flush(t_ns)
 
     def flush(self, t_ns: int) -> None:
-        """Record the repeats counted so far (at the end of a run, and of the session)."""
-        if self._run_counted and self._run is not None and self.record is not None:
-            count, first, last, first_seq, last_seq = self._run_counted
-            kind, side = self._run
-            self.record("violations_repeated", {
-                "kind": kind, "side": side, "count": count,
-                "first_index": first, "last_index": last,
-                "first_seq": first_seq, "last_seq": last_seq,
-            }, t_ns)
-        self._run_counted = []
+        """Record the repeats counted so far (periodically, and at the session's end)."""
+        if self.record is not None:
+            for (kind, side), (count, first, last, first_seq, last_seq) in self._counted.items():
+                self.record("violations_repeated", {
+                    "kind": kind, "side": side, "count": count,
+                    "first_index": first, "last_index": last,
+                    "first_seq": first_seq, "last_seq": last_seq,
+                }, t_ns)
+        self._counted = {}
         if self.log_violations and self._not_logged:
             log.warning("session %d: %d more violation(s) not logged", self.session.id,
                         self._not_logged)
