@@ -77,7 +77,9 @@ def bare(session: int, direction: Direction, data: bytes, now: float) -> object:
     return None
 
 
-def one_repeat(decide: Decide, messages: Sequence[Message], passes: int, clock: list[float]) -> float:
+def one_repeat(
+    decide: Decide, messages: Sequence[Message], passes: int, clock: list[float]
+) -> float:
     """ns per call of ``passes`` passes over ``messages``."""
     now = clock[0]
     start = time.perf_counter_ns()
