@@ -455,7 +455,7 @@ def run_kills(args: argparse.Namespace) -> dict[str, Any]:
                 rec.log.close()
                 try:
                     trace = trace_bytes(rec.trace)
-                except Exception:  # noqa: BLE001 (a trace that does not read back)
+                except Exception:
                     unreadable += 1
                     continue
                 recorded = {bytes(r.data) for r in trace["records"].values()}

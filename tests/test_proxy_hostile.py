@@ -17,7 +17,7 @@ import stat
 import struct
 import threading
 from array import array
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
