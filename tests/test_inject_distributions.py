@@ -8,9 +8,13 @@ import random
 import statistics
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vfioproxy.inject import (
+    MAX_DELAY,
     Fixed,
+    Injector,
     IntRange,
     Jittered,
     LogNormal,
@@ -21,7 +25,9 @@ from vfioproxy.inject import (
     format_duration,
     parse_distribution,
     parse_duration,
+    parse_rule,
 )
+from vfioproxy.inject.distributions import MAX_SIGMA, MIN_ALPHA, capped
 from vfioproxy.inject.values import (
     format_errno,
     format_rate,
@@ -30,6 +36,7 @@ from vfioproxy.inject.values import (
     parse_range,
     parse_rate,
 )
+from vfioproxy.side import Direction
 
 N = 20_000
 
@@ -286,3 +293,148 @@ def test_same_seed_gives_the_same_draws_and_another_seed_does_not():
     dist = parse_distribution("lognormal(1ms,0.7)+-100us")
     assert draws(dist, seed=7, n=50) == draws(dist, seed=7, n=50)
     assert draws(dist, seed=7, n=50) != draws(dist, seed=8, n=50)
+
+
+# --------------------------------------------------------------------- safe draws
+
+#: per kind: the parameters in text order, "d" a duration, "f" a plain number
+KINDS = {
+    "fixed": (("value", "d"),),
+    "uniform": (("low", "d"), ("high", "d")),
+    "normal": (("mean", "d"), ("sd", "d")),
+    "lognormal": (("median", "d"), ("sigma", "f")),
+    "pareto": (("scale", "d"), ("alpha", "f")),
+}
+#: parameters that must be above zero (the others may be zero)
+POSITIVE = {"median", "scale", "jitter"}
+
+EDGES = [0.0, 5e-324, 1e-300, 1e-9, MIN_ALPHA, math.nextafter(MIN_ALPHA, 0), MAX_SIGMA,
+         math.nextafter(MAX_SIGMA, math.inf), MAX_DELAY, math.nextafter(MAX_DELAY, math.inf),
+         1e300, 1.7e308]
+numbers = st.one_of(
+    st.sampled_from(EDGES),
+    st.floats(0, 10),
+    st.floats(0, 1e-3),
+    st.floats(0, 1e308),
+)
+
+
+def accepted(label, value):
+    """Whether the module docstring's ranges admit ``value`` for parameter ``label``."""
+    if label == "sigma":
+        return 0 <= value <= MAX_SIGMA
+    if label == "alpha":
+        return value >= MIN_ALPHA
+    return (value > 0 if label in POSITIVE else value >= 0) and value <= MAX_DELAY
+
+
+@st.composite
+def distribution_texts(draw):
+    """Any distribution text with any numbers, and its parameters by name."""
+    kind = draw(st.sampled_from(sorted(KINDS)))
+    params = {label: draw(numbers) for label, _ in KINDS[kind]}
+    pieces = [f"{params[label]!r}{'s' if unit == 'd' else ''}" for label, unit in KINDS[kind]]
+    text = f"{kind}({','.join(pieces)})"
+    if draw(st.booleans()):
+        params["jitter"] = draw(numbers)
+        text += f"+-{params['jitter']!r}s"
+    return text, params
+
+
+class Extremes(random.Random):
+    """``random()`` returns the chosen values in [0, 1) first, then ordinary draws."""
+
+    def __init__(self, values, seed):
+        super().__init__(seed)
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop() if self.values else super().random()
+
+
+unit_interval = st.one_of(
+    st.sampled_from([0.0, 2**-53, 0.5, 1 - 2**-53]), st.floats(0, 1, exclude_max=True)
+)
+
+SAFE = settings(deadline=None, max_examples=300,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+@SAFE
+@given(distribution_texts(), st.integers(0, 2**32), st.lists(unit_interval, max_size=64))
+def test_any_distribution_is_refused_when_parsed_or_draws_within_the_cap(case, seed, extremes):
+    text, params = case
+    offending = [label for label, value in params.items() if not accepted(label, value)]
+    inverted = "high" in params and params["high"] < params["low"]
+    try:
+        dist = parse_distribution(text)
+    except RuleSyntaxError as exc:
+        message = str(exc)
+        assert "\n" not in message
+        assert offending or inverted, f"{text} refused: {message}"
+        assert any(f"{label} must be" in message for label in offending) or (
+            inverted and "below low" in message
+        ), message
+        return
+    assert not offending and not inverted, f"{text} accepted"
+    rng = Extremes(extremes, seed)
+    for _ in range(2000):
+        value = dist.sample(rng)
+        assert 0.0 <= value <= MAX_DELAY, (text, value)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("pareto(1us,0.0001)", ["alpha", "at least 0.1"]),
+        ("pareto(1us,0.0999)", ["alpha", "at least 0.1"]),
+        ("lognormal(1ms,20.5)", ["sigma", "between 0 and 20"]),
+        ("lognormal(3601s,1.0)", ["median", "at most 3600s"]),
+        ("fixed(3600.5s)", ["value", "between 0s and 3600s"]),
+        ("3601s", ["value", "between 0s and 3600s"]),
+        ("uniform(0s,1e9s)", ["high", "between 0s and 3600s"]),
+        ("normal(1ms,4000s)", ["sd", "between 0s and 3600s"]),
+        ("normal(5000s,1ms)", ["mean", "between 0s and 3600s"]),
+        ("pareto(1e300s,2.0)", ["scale", "at most 3600s"]),
+        ("fixed(1ms)+-1e6s", ["jitter", "at most 3600s"]),
+    ],
+)
+def test_parameters_whose_draws_can_overflow_are_refused_naming_them(text, words):
+    with pytest.raises(RuleSyntaxError) as info:
+        parse_rule(f"c2s * delay {text}")
+    message = str(info.value)
+    assert all(word in message for word in words), message
+    assert "\n" not in message
+
+
+def test_the_largest_accepted_parameters_draw_within_the_cap_at_the_extremes():
+    edges = [0.0, 2**-53, 1 - 2**-53] * 20
+    for text in ["pareto(3600s,0.1)", "pareto(5e-324s,0.1)", "lognormal(3600s,20.0)",
+                 "lognormal(5e-324s,20.0)", "normal(3600s,3600s)", "uniform(3600s,3600s)",
+                 "pareto(3600s,0.1)+-3600s", "lognormal(1ns,20.0)+-1ns"]:
+        dist = parse_distribution(text)
+        rng = Extremes(edges, 1)
+        values = [dist.sample(rng) for _ in range(500)]
+        assert all(0.0 <= value <= MAX_DELAY for value in values), text
+    largest = parse_distribution("pareto(1ms,0.1)").draw(Extremes([1 - 2**-53], 1))
+    assert largest == pytest.approx(1e-3 * 2.0**530) and largest > MAX_DELAY
+
+
+def test_capped_cuts_draws_to_max_delay_and_says_so():
+    assert capped(1.5) == (1.5, "")
+    assert capped(MAX_DELAY) == (MAX_DELAY, "")
+    assert capped(7200.0) == (MAX_DELAY, "drew 7200s: capped at MAX_DELAY (3600s)")
+    value, note = capped(math.inf)
+    assert value == MAX_DELAY and "beyond a float's range" in note
+
+
+def test_a_capped_delay_is_applied_as_max_delay_with_a_note():
+    injector = Injector(["c2s * delay pareto(1ms,0.1)"], seed=4)
+    reset = bytes.fromhex("0100 0d00 10000000 00000000 00000000".replace(" ", ""))
+    records = [injector.decide(0, Direction.C2S, reset, 0.0).applied[0] for _ in range(200)]
+    cut = [record for record in records if record.note]
+    assert 10 < len(cut) < 100  # P(draw > 3600 s) = (1e-3 / 3600) ** 0.1, about 0.22
+    assert all(record.value == MAX_DELAY and "capped at MAX_DELAY" in record.note
+               for record in cut)
+    assert all(record.value < MAX_DELAY for record in records if not record.note)
+    assert injector.statistics().rule(1).injected_delay <= 200 * MAX_DELAY

@@ -8,6 +8,7 @@ float of seconds the caller passes in; nothing here sleeps or does I/O.
 """
 
 from vfioproxy.inject.distributions import (
+    MAX_DELAY,
     Distribution,
     Fixed,
     Jittered,
@@ -42,6 +43,7 @@ from vfioproxy.inject.syntax import load_rules, loads_rules, parse_rule, rule_fr
 from vfioproxy.inject.values import IntRange, format_duration, parse_duration
 
 __all__ = [
+    "MAX_DELAY",
     "Action",
     "Applied",
     "Bandwidth",

@@ -15,10 +15,21 @@ standard deviation ``sigma`` (so the mean is ``median * exp(sigma**2 / 2)``).
 ``pareto(scale,alpha)``: draws are ``scale * U**(-1/alpha)``, never below
 ``scale``; the mean is finite only for ``alpha > 1``.
 
+Accepted parameters, checked when a distribution is built (so when a rule
+is parsed), each refused with a :class:`RuleSyntaxError` naming it and its
+range: every duration (value, low, high, mean, sd, median, scale, jitter)
+between 0 and :data:`MAX_DELAY` (median, scale and jitter above 0);
+``sigma`` between 0 and :data:`MAX_SIGMA`; ``alpha`` at least
+:data:`MIN_ALPHA`. Within those, every draw ``random.Random`` can make
+stays a finite float.
+
 Draws are never negative: a normal draw, or a draw plus jitter, below zero
-becomes zero. :meth:`mean` is the mean of what :meth:`sample` returns, that
-clamp included, and ``inf`` where the mean does not exist (Pareto with
-``alpha <= 1``).
+becomes zero. They never exceed :data:`MAX_DELAY` either: :meth:`draw`
+gives the value before that cap (never raising, ``inf`` past a float's
+range) and :meth:`sample` the value after it; :func:`capped` applies the
+cap and says when it bit. :meth:`mean` is the mean of the draws with the
+clamp at zero included but not the cap, and ``inf`` where the mean does not
+exist (Pareto with ``alpha <= 1``).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import attrs
 
@@ -35,6 +46,9 @@ from vfioproxy.inject.errors import RuleSyntaxError
 from vfioproxy.inject.values import format_duration, parse_duration, parse_float
 
 __all__ = [
+    "MAX_DELAY",
+    "MAX_SIGMA",
+    "MIN_ALPHA",
     "BaseDistribution",
     "Distribution",
     "Fixed",
@@ -43,20 +57,63 @@ __all__ = [
     "Normal",
     "Pareto",
     "Uniform",
+    "capped",
     "parse_distribution",
 ]
 
+#: the longest delay one draw adds, in seconds: longer draws are cut to it
+MAX_DELAY = 3600.0
+#: the largest lognormal sigma: the largest normal draw ``random`` makes
+#: (about 12.2 sd) keeps ``median * exp(12.2 * sigma)`` and the mean
+#: ``median * exp(sigma**2 / 2)`` finite
+MAX_SIGMA = 20.0
+#: the smallest Pareto alpha: the largest draw, ``scale * 2**(53 / alpha)``
+#: (``random()`` steps by 2**-53), stays finite
+MIN_ALPHA = 0.1
+#: ``exp`` of anything below this is a finite float
+_LOG_FLOAT_MAX = 709.0
 
-def _duration(instance: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise RuleSyntaxError(
-            f"{instance.name}: {attribute.name} must be a finite duration >= 0, got {value!r}"
-        )
+
+def capped(draw: float) -> tuple[float, str]:
+    """A :meth:`draw` cut to :data:`MAX_DELAY`, and a note when it was (else "")."""
+    if draw <= MAX_DELAY:
+        return draw, ""
+    shown = f"{draw:.4g}s" if math.isfinite(draw) else "a value beyond a float's range"
+    return MAX_DELAY, f"drew {shown}: capped at MAX_DELAY ({format_duration(MAX_DELAY)})"
 
 
-def _positive(instance: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise RuleSyntaxError(f"{instance.name}: {attribute.name} must be > 0, got {value!r}")
+def _shown(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value >= 0:
+        return format_duration(value)
+    return repr(value)
+
+
+def _in_range(
+    low: float, high: float, accepted: str, *, open_low: bool = False, duration: bool = True
+) -> Callable[[Any, attrs.Attribute[float], float], None]:
+    """A validator accepting ``low <= value <= high`` (``low < value`` when ``open_low``).
+
+    The error names the distribution, the parameter (its ``label`` metadata,
+    else its name) and the ``accepted`` range.
+    """
+
+    def validate(instance: Any, attribute: attrs.Attribute[float], value: float) -> None:
+        if (
+            isinstance(value, (int, float))
+            and (low < value if open_low else low <= value)
+            and value <= high
+        ):
+            return
+        label = attribute.metadata.get("label", attribute.name)
+        got = _shown(value) if duration else repr(value)
+        raise RuleSyntaxError(f"{instance.name}: {label} must be {accepted}, got {got}")
+
+    return validate
+
+
+_CAP = f"{format_duration(MAX_DELAY)} (MAX_DELAY)"
+_duration = _in_range(0.0, MAX_DELAY, f"between 0s and {_CAP}")
+_positive_duration = _in_range(0.0, MAX_DELAY, f"> 0 and at most {_CAP}", open_low=True)
 
 
 def _phi(z: float) -> float:
@@ -69,22 +126,40 @@ def _big_phi(z: float) -> float:
     return (1 + math.erf(z / math.sqrt(2))) / 2
 
 
-def _describe(dist: Distribution) -> str:
-    """``to_text()`` and the mean to 6 significant digits, for people."""
-    mean = dist.mean()
-    shown = format_duration(float(f"{mean:.6g}")) if math.isfinite(mean) else "infinite"
-    return f"{dist.to_text()} (mean {shown})"
+class _Drawing(Protocol):
+    def draw(self, rng: random.Random) -> float: ...
+
+    def mean(self) -> float: ...
+
+    def to_text(self) -> str: ...
+
+
+class _Drawn:
+    """What every distribution does the same way: the capped sample and the description."""
+
+    __slots__ = ()
+
+    def sample(self: _Drawing, rng: random.Random) -> float:
+        """One draw in seconds, between 0 and :data:`MAX_DELAY`; never raises."""
+        value = self.draw(rng)
+        return value if value <= MAX_DELAY else MAX_DELAY
+
+    def describe(self: _Drawing) -> str:
+        """``to_text()`` and the mean to 6 significant digits, for people."""
+        mean = self.mean()
+        shown = format_duration(float(f"{mean:.6g}")) if math.isfinite(mean) else "infinite"
+        return f"{self.to_text()} (mean {shown})"
 
 
 @attrs.frozen
-class Fixed:
+class Fixed(_Drawn):
     """Always ``value`` seconds."""
 
     value: float = attrs.field(converter=float, validator=_duration)
     name: ClassVar[str] = "fixed"
 
-    def sample(self, rng: random.Random) -> float:
-        """One draw in seconds (uses no randomness)."""
+    def draw(self, rng: random.Random) -> float:
+        """One draw in seconds before the cap (uses no randomness)."""
         return self.value
 
     def mean(self) -> float:
@@ -101,9 +176,6 @@ class Fixed:
     def to_text(self) -> str:
         return f"fixed({format_duration(self.value)})"
 
-    def describe(self) -> str:
-        return _describe(self)
-
 
 def _above_low(instance: Uniform, attribute: attrs.Attribute[float], value: float) -> None:
     _duration(instance, attribute, value)
@@ -115,15 +187,15 @@ def _above_low(instance: Uniform, attribute: attrs.Attribute[float], value: floa
 
 
 @attrs.frozen
-class Uniform:
+class Uniform(_Drawn):
     """Uniform between ``low`` and ``high`` seconds."""
 
     low: float = attrs.field(converter=float, validator=_duration)
     high: float = attrs.field(converter=float, validator=_above_low)
     name: ClassVar[str] = "uniform"
 
-    def sample(self, rng: random.Random) -> float:
-        """One draw in seconds."""
+    def draw(self, rng: random.Random) -> float:
+        """One draw in seconds before the cap."""
         return rng.uniform(self.low, self.high)
 
     def mean(self) -> float:
@@ -144,20 +216,17 @@ class Uniform:
     def to_text(self) -> str:
         return f"uniform({format_duration(self.low)},{format_duration(self.high)})"
 
-    def describe(self) -> str:
-        return _describe(self)
-
 
 @attrs.frozen
-class Normal:
+class Normal(_Drawn):
     """Normal with mean ``mu`` and standard deviation ``sd`` (seconds), clamped at 0."""
 
-    mu: float = attrs.field(converter=float, validator=_duration)
+    mu: float = attrs.field(converter=float, validator=_duration, metadata={"label": "mean"})
     sd: float = attrs.field(converter=float, validator=_duration)
     name: ClassVar[str] = "normal"
 
-    def sample(self, rng: random.Random) -> float:
-        """One draw in seconds."""
+    def draw(self, rng: random.Random) -> float:
+        """One draw in seconds before the cap."""
         return max(0.0, rng.normalvariate(self.mu, self.sd))
 
     def mean(self) -> float:
@@ -182,26 +251,22 @@ class Normal:
     def to_text(self) -> str:
         return f"normal({format_duration(self.mu)},{format_duration(self.sd)})"
 
-    def describe(self) -> str:
-        return _describe(self)
-
-
-def _sigma(instance: LogNormal, attribute: attrs.Attribute[float], value: float) -> None:
-    if not math.isfinite(value) or value < 0:
-        raise RuleSyntaxError(f"lognormal: sigma must be finite and >= 0, got {value!r}")
-
 
 @attrs.frozen
-class LogNormal:
+class LogNormal(_Drawn):
     """Log-normal: ``ln(draw)`` is normal with mean ``ln(median)`` and sd ``sigma``."""
 
-    median: float = attrs.field(converter=float, validator=_positive)
-    sigma: float = attrs.field(converter=float, validator=_sigma)
+    median: float = attrs.field(converter=float, validator=_positive_duration)
+    sigma: float = attrs.field(
+        converter=float,
+        validator=_in_range(0.0, MAX_SIGMA, f"between 0 and {MAX_SIGMA:g}", duration=False),
+    )
     name: ClassVar[str] = "lognormal"
 
-    def sample(self, rng: random.Random) -> float:
-        """One draw in seconds."""
-        return rng.lognormvariate(math.log(self.median), self.sigma)
+    def draw(self, rng: random.Random) -> float:
+        """One draw in seconds before the cap (``rng.lognormvariate``, never overflowing)."""
+        exponent = rng.normalvariate(math.log(self.median), self.sigma)
+        return math.exp(exponent) if exponent < _LOG_FLOAT_MAX else math.inf
 
     def mean(self) -> float:
         """``median * exp(sigma**2 / 2)``."""
@@ -222,21 +287,35 @@ class LogNormal:
     def to_text(self) -> str:
         return f"lognormal({format_duration(self.median)},{self.sigma!r})"
 
-    def describe(self) -> str:
-        return _describe(self)
+
+def _alpha(instance: Pareto, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, (int, float)) and MIN_ALPHA <= value < math.inf):
+        raise RuleSyntaxError(
+            f"pareto: alpha must be > 0, at least {MIN_ALPHA:g} (a smaller alpha draws "
+            f"values beyond a float's range), got {value!r}"
+        )
 
 
 @attrs.frozen
-class Pareto:
+class Pareto(_Drawn):
     """Pareto with minimum ``scale`` seconds and shape ``alpha``."""
 
-    scale: float = attrs.field(converter=float, validator=_positive)
-    alpha: float = attrs.field(converter=float, validator=_positive)
+    scale: float = attrs.field(converter=float, validator=_positive_duration)
+    alpha: float = attrs.field(converter=float, validator=_alpha)
     name: ClassVar[str] = "pareto"
 
-    def sample(self, rng: random.Random) -> float:
-        """One draw in seconds."""
-        return self.scale * rng.paretovariate(self.alpha)
+    def draw(self, rng: random.Random) -> float:
+        """One draw in seconds before the cap (``scale * rng.paretovariate(alpha)``,
+        never overflowing)."""
+        u = 1.0 - rng.random()
+        if u <= 0.0:
+            return math.inf
+        exponent = -1.0 / self.alpha
+        grows = math.log(u) * exponent
+        if grows < _LOG_FLOAT_MAX:
+            return self.scale * math.pow(u, exponent)
+        total = math.log(self.scale) + grows
+        return math.exp(total) if total < _LOG_FLOAT_MAX else math.inf
 
     def mean(self) -> float:
         """``alpha * scale / (alpha - 1)``; ``inf`` for ``alpha <= 1``."""
@@ -256,9 +335,6 @@ class Pareto:
 
     def to_text(self) -> str:
         return f"pareto({format_duration(self.scale)},{self.alpha!r})"
-
-    def describe(self) -> str:
-        return _describe(self)
 
 
 BaseDistribution = Fixed | Uniform | Normal | LogNormal | Pareto
@@ -290,16 +366,16 @@ def _not_jittered(instance: Jittered, attribute: attrs.Attribute[Any], value: An
 
 
 @attrs.frozen
-class Jittered:
+class Jittered(_Drawn):
     """``base`` plus uniform jitter in ``[-jitter, +jitter]`` seconds, clamped at 0."""
 
     base: BaseDistribution = attrs.field(validator=_not_jittered)
-    jitter: float = attrs.field(converter=float, validator=_positive)
+    jitter: float = attrs.field(converter=float, validator=_positive_duration)
     name: ClassVar[str] = "jitter"
 
-    def sample(self, rng: random.Random) -> float:
-        """One draw in seconds: the base draw first, then the jitter draw."""
-        return max(0.0, self.base.sample(rng) + rng.uniform(-self.jitter, self.jitter))
+    def draw(self, rng: random.Random) -> float:
+        """One draw in seconds before the cap: the base draw first, then the jitter draw."""
+        return max(0.0, self.base.draw(rng) + rng.uniform(-self.jitter, self.jitter))
 
     def mean(self) -> float:
         """The base mean plus what the clamp at zero adds back.
@@ -321,9 +397,6 @@ class Jittered:
 
     def to_text(self) -> str:
         return f"{self.base.to_text()}+-{format_duration(self.jitter)}"
-
-    def describe(self) -> str:
-        return _describe(self)
 
 
 Distribution = Fixed | Uniform | Normal | LogNormal | Pareto | Jittered
@@ -377,7 +450,7 @@ def _parse_base(text: str) -> BaseDistribution:
             hint = "expected a distribution such as fixed(100us) or normal(200us,50us)"
             if text[:1].isalpha():
                 raise RuleSyntaxError(hint, token=text, position=0) from None
-            raise exc.located(offset=0) from None
+            raise exc.located(offset=0, token=text) from None
     name = text[:open_at].strip().lower()
     signature = _SIGNATURES.get(name)
     if signature is None:

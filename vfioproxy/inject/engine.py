@@ -65,6 +65,7 @@ from typing import Any, TypeVar, cast
 
 import attrs
 
+from vfioproxy.inject.distributions import capped
 from vfioproxy.inject.errors import InjectError
 from vfioproxy.inject.rules import (
     Action,
@@ -97,7 +98,9 @@ class Applied:
     ``value`` is what was drawn or done: delay and bandwidth the seconds
     they added, stall its duration, error the errno, close "before" or
     "after", corrupt the absolute byte offset flipped (None when the field
-    was not in the message), drop None. ``note`` explains the unusual cases.
+    was not in the message), drop None. ``note`` explains the unusual cases
+    (a delay drawn above ``MAX_DELAY`` and capped, a corrupt field the
+    message lacks, an error rule on a no_reply request).
     """
 
     rule_id: int
@@ -325,9 +328,11 @@ class Injector:
         for rule in fired:
             action = rule.action
             if isinstance(action, Delay):
-                value = action.distribution.sample(self._stream(rule.id, session, direction))
+                value, note = capped(
+                    action.distribution.draw(self._stream(rule.id, session, direction))
+                )
                 t += value
-                records.append(Applied(rule.id, action, value))
+                records.append(Applied(rule.id, action, value, note))
             elif isinstance(action, Bandwidth) and forward:
                 link = (rule.id, session, direction)
                 start = t
