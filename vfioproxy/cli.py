@@ -41,7 +41,7 @@ from vfioproxy.proxy import (
     Proxy,
     ProxyOptions,
 )
-from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT
+from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT, MAX_MESSAGE_BUFFER
 from vfioproxy.replay.cli import add_replay_commands
 from vfioproxy.tuning import tune_allocator
 from vfioproxy.unix import open_unix_listener
@@ -310,6 +310,17 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _buffer_size(text: str) -> int:
+    try:
+        value = _size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 16M, got {text!r}") from None
+    if not 16 <= value <= MAX_MESSAGE_BUFFER:
+        raise argparse.ArgumentTypeError(
+            f"expected 16 bytes .. {MAX_MESSAGE_BUFFER >> 20}M, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -361,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         limits.add_argument("--max-sessions", type=_positive_int, metavar="N",
                             help="sessions at once; more clients wait in the listen queue "
                             "(default: what the fd limit allows, at most 4096)")
-        limits.add_argument("--max-message-buffer", type=_size, metavar="SIZE",
+        limits.add_argument("--max-message-buffer", type=_buffer_size, metavar="SIZE",
                             default=DEFAULT_MAX_MESSAGE_BUFFER,
                             help="largest message buffered and recorded whole; larger ones "
                             "are handed on as they arrive and recorded truncated "

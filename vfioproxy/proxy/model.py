@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import resource
-from collections.abc import Sized
-
 import attrs
 
 from vfioproxy.protocol.codec import Dialects
@@ -13,6 +11,7 @@ __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_MAX_MESSAGE_BUFFER",
     "DEFAULT_MAX_QUEUE",
+    "MAX_MESSAGE_BUFFER",
     "Counters",
     "DirectionStatistics",
     "ProxyOptions",
@@ -25,6 +24,8 @@ DEFAULT_GRACE = 1.0
 #: the largest message the proxy buffers whole (and records whole); larger ones
 #: are handed on as they arrive and recorded truncated to this many bytes
 DEFAULT_MAX_MESSAGE_BUFFER = 16 * 1024 * 1024
+#: the largest --max-message-buffer: a record holds at most 80 MiB (FORMAT.md §10)
+MAX_MESSAGE_BUFFER = 64 * 1024 * 1024
 #: bytes queued for a peer that does not read before the proxy stops reading
 #: from the other peer (per direction of each session)
 DEFAULT_MAX_QUEUE = 4 * 1024 * 1024
@@ -48,6 +49,11 @@ def default_max_sessions() -> int:
 def _positive(_: object, attribute: attrs.Attribute[int], value: int | None) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value}")
+
+
+def _buffer(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 16 <= value <= MAX_MESSAGE_BUFFER:
+        raise ValueError(f"{attribute.name} must be 16..{MAX_MESSAGE_BUFFER} bytes, got {value}")
 
 
 @attrs.frozen
@@ -81,7 +87,7 @@ class ProxyOptions:
     threads: bool = True
     check_live: bool = False
     max_sessions: int | None = attrs.field(default=None, validator=_positive)
-    max_message_buffer: int = attrs.field(default=DEFAULT_MAX_MESSAGE_BUFFER, validator=_positive)
+    max_message_buffer: int = attrs.field(default=DEFAULT_MAX_MESSAGE_BUFFER, validator=_buffer)
     max_queue: int = attrs.field(default=DEFAULT_MAX_QUEUE, validator=_positive)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
@@ -121,9 +127,3 @@ class Counters:
         self.messages += other.messages
         self.bytes += other.bytes
         self.fds += other.fds
-
-    def count(self, data: Sized, fds: Sized) -> None:
-        """One more message: ``data`` its bytes, ``fds`` its fds."""
-        self.messages += 1
-        self.bytes += len(data)
-        self.fds += len(fds)
