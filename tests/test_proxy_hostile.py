@@ -19,8 +19,10 @@ import threading
 from array import array
 from contextlib import asynccontextmanager
 
+import hypothesis.strategies as st
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
 
 from recorder.decoded import DecodedMessage, TornMessage, decoded_records
 from recorder.reader import TraceReader
@@ -649,3 +651,92 @@ async def test_repeated_live_violations_are_recorded_compactly(tmp_path, server,
     assert len(recorded_whole) <= 10 and len(repeats) <= 10
     # each header is one small message record; the violations add next to nothing
     assert os.path.getsize(trace) < len(bad) * 5
+
+
+# --------------------------------------------------------------------- fuzzed
+
+
+_frames = st.lists(
+    st.tuples(
+        st.integers(0, 0xFFFF),  # msg_id
+        st.sampled_from([*map(int, Command), 0, 14, 19, 0xFFFF]),
+        st.sampled_from([0, 1, 0x10, 0x21, 0x40]),  # flags
+        st.one_of(st.just(None), st.sampled_from([0, 8, 15, 0xFFFFFFFF])),  # size override
+        st.binary(max_size=48),
+    ),
+    max_size=25,
+)
+_writes = st.tuples(_frames, st.lists(st.integers(1, 64), min_size=1, max_size=8),
+                    st.lists(st.integers(0, 3), min_size=1, max_size=8))
+
+
+def _stream(frames, cuts, fd_counts):
+    """The frames as bytes, cut into writes with some fds on some writes."""
+    data = b"".join(HEADER_STRUCT.pack(i, c, 16 + len(b) if s is None else s, f, 0) + b
+                    for i, c, f, s, b in frames)
+    writes, at, k = [], 0, 0
+    while at < len(data):
+        cut = cuts[k % len(cuts)]
+        writes.append((data[at:at + cut], fd_counts[k % len(fd_counts)]))
+        at += cut
+        k += 1
+    return data, writes
+
+
+async def _send_all(peer: Peer, writes) -> None:
+    for chunk, nfds in writes:
+        fds = [make_eventfd() for _ in range(nfds)]
+        try:
+            await peer.send(chunk, fds)
+        finally:
+            for fd in fds:
+                fd.close()
+    peer.sock.shutdown(socket.SHUT_WR)
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(c2s=_writes, s2c=_writes)
+async def test_any_byte_streams_both_ways_pass_whole_and_are_recorded_in_order(
+        tmp_path_factory, mode, c2s, s2c):
+    tmp_path = tmp_path_factory.mktemp("fuzz")
+    server = ServerSide(tmp_path / "server.sock")
+    await server.start()
+    try:
+        c2s_data, c2s_writes = _stream(*c2s)
+        s2c_data, s2c_writes = _stream(*s2c)
+        async with proxied(tmp_path, server.path, mode, check_live=True) as (proxy, trace):
+            client = await connect(tmp_path)
+            srv = await server.accept()
+            got = {}
+
+            async def reader(name, peer):
+                got[name] = await peer.read_to_eof()
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_send_all, client, c2s_writes)
+                    nursery.start_soon(_send_all, srv, s2c_writes)
+                    nursery.start_soon(reader, "server", srv)
+                    nursery.start_soon(reader, "client", client)
+                client.close()
+                srv.close()
+                await settle(proxy)
+    finally:
+        server.close()
+    # every byte each side sent is in the trace, in order, and each receiver got it
+    assert recorded(trace, Direction.C2S) == c2s_data == got["server"]
+    assert recorded(trace, Direction.S2C) == s2c_data == got["client"]
+    assert not events(trace, "undelivered")
+    # the violations checked on the path are the ones a reader derives
+    live = [(e.data["kind"], e.data["index"]) for e in events(trace, "violation")]
+    counted = sum(e.data["count"] for e in events(trace, "violations_repeated"))
+    with TraceReader(trace) as reader:
+        found = []
+        for item in decoded_records(reader):
+            if isinstance(item, DecodedMessage):
+                found.extend((v.kind, v.index) for v in item.observation.violations)
+            elif isinstance(item, TornMessage):
+                found.append((item.violation.kind, item.violation.index))
+    assert len(live) + counted == len(found)
+    assert set(live) <= set(found)
