@@ -1,4 +1,4 @@
-"""Where the proxy's CPU per message goes on top of forwarding: its digest, stage by stage.
+"""What handling a message costs on top of forwarding, stage by stage.
 
     .venv/bin/python bench/profile_digest.py                  # every trace in traces/
     .venv/bin/python bench/profile_digest.py --with-fds       # also fd_record of the fds
@@ -6,20 +6,23 @@
     .venv/bin/python bench/profile_digest.py --json OUT.json
 
 Measured offline, in this process, on the real messages of ``traces/*.trace``
-(each trace's sessions replayed in file order). The proxy forwards a message
-and then digests it; the digest's stages are timed separately, each as the
+(each trace's sessions replayed in file order). On the forwarding path
+``vfioproxy record`` appends the raw record (and fd metadata); decoding and
+checking (``observe``) is what readers of the trace do, and what the opt-in
+live checks add on the path. The stages are timed separately, each as the
 thread CPU time (``time.thread_time_ns``) of whole passes over a trace
 divided by its messages, the median of ``--reps`` passes (after one
 untimed warm-up pass):
 
 - ``observe``: ``SessionState.observe`` (decode, reply matching, checks),
-  a fresh ``SessionState`` per session and pass, as ``vfioproxy proxy``;
+  a fresh ``SessionState`` per session and pass, as a reader (or
+  ``--check-live``) does;
 - ``append``: ``TraceWriter.append_message`` to a temporary trace file
   (one ``write(2)`` per message), what ``vfioproxy record`` adds;
 - ``fd_record`` (``--with-fds``): ``recorder.fdmeta.fd_record`` of every fd
   a message carries, on real fds made for it (an eventfd for a recorded
   eventfd, a memfd of the recorded size for anything else), what
-  ``vfioproxy record`` does on the forwarding thread before the send;
+  ``vfioproxy record`` does on the forwarding path after the send;
   charged per message (messages without fds cost nothing);
 - ``live``: the live view's line (``vfioproxy.live.MessageLog``, ``-v``)
   written to an ``io.StringIO``.

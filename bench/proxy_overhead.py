@@ -9,15 +9,17 @@ rounds (the order shuffled per round), next to the direct path:
 - ``c-relay``: ``bench/c/vu_relay.c``, the C baseline;
 - ``bare-trio``: ``bench/bare_relay.py``, FdStream receive + one sendmsg on trio tasks,
   nothing else (the baseline of ``--forwarding trio``);
-- ``bare-threads``: ``bench/bare_thread_relay.py``, the same with BlockingFdSocket on a
-  thread per direction (the baseline of the proxy's default, threaded forwarding);
-- ``proxy-nodecode``: ``vfioproxy proxy --no-decode``;
-- ``proxy``: ``vfioproxy proxy`` (decodes and checks every message after forwarding it);
+- ``bare-threads``: ``bench/bare_thread_relay.py``, the same with BlockingFdSocket on one
+  thread per session polling both sockets (the baseline of the proxy's default,
+  threaded forwarding);
+- ``proxy``: ``vfioproxy proxy`` (frames and forwards; decodes nothing but VERSION);
 - ``proxy-trio``: ``vfioproxy proxy --forwarding trio`` (the same on trio tasks);
-- ``record``: ``vfioproxy record`` (decodes, checks and records every message);
+- ``record``: ``vfioproxy record`` (also appends each message's raw record);
+- ``record-live``: ``vfioproxy record --check-live`` (also decodes and checks every
+  message on the path: what the opt-in live checks cost);
 - ``record-inject``: ``vfioproxy record --rule 'c2s * delay fixed(0us)'``: the fault
-  injection path (trio tasks and release queues) with a zero delay, what an
-  experiment's 0 setting measures.
+  injection path (every client message decided on, an ``inject`` event each) with a
+  zero delay, what an experiment's 0 setting measures.
 
 Measured: (a) small REGION_READ round trips, C ping <-> C echo and a Python
 Endpoint client <-> ``vfioproxy serve-device``; (b) realize + reset (and
@@ -58,8 +60,8 @@ VFIOPROXY = str(Path(PYTHON).parent / "vfioproxy")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: the relays, in table order; "direct" has no relay
-BASE_CONFIGS = ("direct", "c-relay", "bare-trio", "bare-threads", "proxy-nodecode", "proxy",
-                "proxy-trio", "record", "record-inject")
+BASE_CONFIGS = ("direct", "c-relay", "bare-trio", "bare-threads", "proxy", "proxy-trio",
+                "record", "record-live", "record-inject")
 
 #: the injection rule of ``record-inject``: every command delayed by nothing
 ZERO_DELAY_RULE = "c2s * delay fixed(0us)"
@@ -261,14 +263,14 @@ class Processes:
             return [PYTHON, str(BENCH / "bare_relay.py"), *ends]
         if name == "bare-threads":
             return [PYTHON, str(BENCH / "bare_thread_relay.py"), *ends]
-        if name == "proxy-nodecode":
-            return [VFIOPROXY, "proxy", "--no-decode", *ends]
         if name == "proxy":
             return [VFIOPROXY, "proxy", *ends]
         if name == "proxy-trio":
             return [VFIOPROXY, "proxy", "--forwarding", "trio", *ends]
         if name == "record":
             return [VFIOPROXY, "record", *ends, "-o", trace]
+        if name == "record-live":
+            return [VFIOPROXY, "record", *ends, "-o", trace, "--check-live"]
         if name == "record-inject":
             return [VFIOPROXY, "record", *ends, "-o", trace, "--rule", ZERO_DELAY_RULE]
         raise ValueError(f"unknown relay configuration {name!r} (known: {BASE_CONFIGS})")
@@ -696,6 +698,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if "record" in rows and "c-relay" in rows:
             check(f"full proxy (record) over C relay, p50 round trip, {label}",
                   rows["record"]["p50_us"] / rows["c-relay"]["p50_us"], 1.5)
+        if "proxy" in rows and "c-relay" in rows:
+            check(f"proxy over C relay, p50 round trip, {label}",
+                  rows["proxy"]["p50_us"] / rows["c-relay"]["p50_us"], 1.5)
         if "proxy" in rows and "bare-threads" in rows:
             check(f"proxy over its own forwarding baseline (bare-threads), p50 round trip, "
                   f"{label}", rows["proxy"]["p50_us"] / rows["bare-threads"]["p50_us"], None)
@@ -714,6 +719,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             check("recording over proxying, realize+reset p50",
                   rows["record"]["realize_reset_p50_ms"] / rows["proxy"]["realize_reset_p50_ms"],
                   1.10)
+        if "record-inject" in rows and "record" in rows:
+            check("injecting (c2s * delay fixed(0us)) over plain record, realize+reset p50",
+                  rows["record-inject"]["realize_reset_p50_ms"]
+                  / rows["record"]["realize_reset_p50_ms"], 1.10)
     rss = results.get("rss", {}).get("record")
     if rss:
         check("record RSS growth from 1k to the last checkpoint, KiB",
