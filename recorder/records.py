@@ -36,6 +36,8 @@ __all__ = [
     "MessageRecord",
     "Record",
     "TraceHeader",
+    "data_depth",
+    "event_wire",
     "message_wire",
 ]
 
@@ -319,6 +321,27 @@ def message_wire(
     return wire
 
 
+def event_wire(
+    seq: int, session: int | None, t_ns: int, kind: str, data: dict[str, Any]
+) -> dict[str, Any]:
+    """The wire map of an event record (FORMAT.md §6): the one place it is built."""
+    return {"k": "e", "q": seq, "s": session, "t": t_ns, "e": kind, "a": data}
+
+
+def data_depth(value: Any, limit: int) -> int:
+    """How deep maps and lists nest in ``value`` (a scalar is 0), counting no
+    further than ``limit`` + 1: enough to refuse what is too deep, cheaply."""
+    if isinstance(value, dict):
+        items: Any = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return 0
+    if limit <= 0:
+        return 1
+    return 1 + max((data_depth(item, limit - 1) for item in items), default=0)
+
+
 def _length(instance: MessageRecord, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
@@ -424,14 +447,7 @@ class EventRecord:
     data: dict[str, Any] = attrs.field(factory=dict, validator=_data)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "k": "e",
-            "q": self.seq,
-            "s": self.session,
-            "t": self.t_ns,
-            "e": self.kind,
-            "a": self.data,
-        }
+        return event_wire(self.seq, self.session, self.t_ns, self.kind, self.data)
 
     @classmethod
     def from_wire(cls, wire: Any) -> EventRecord:

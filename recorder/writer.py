@@ -17,7 +17,15 @@ import msgpack  # type: ignore[import-untyped]
 from recorder.errors import TraceLimitError
 from recorder.framing import object_end
 from recorder.limits import DEFAULT_LIMITS
-from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader, message_wire
+from recorder.records import (
+    EventRecord,
+    FdRecord,
+    MessageRecord,
+    TraceHeader,
+    data_depth,
+    event_wire,
+    message_wire,
+)
 from vfioproxy.side import Direction
 
 __all__ = ["RESERVE", "RETRY_INTERVAL", "TraceWriter"]
@@ -266,9 +274,17 @@ class TraceWriter:
     def _event_blob(
         self, seq: int, session: int | None, t_ns: int, kind: str, data: dict[str, Any]
     ) -> bytes:
-        return self._check(
-            EventRecord(seq, session, t_ns, kind, data).to_wire(), "max_event_bytes", check=True
-        )
+        """An event written with a message: packed without building (and validating)
+        an :class:`EventRecord`. A reader's limits still hold: the size is checked,
+        a blob smaller than ``max_objects`` bytes cannot hold more objects nor
+        a longer string than allowed, so only the nesting needs a look."""
+        blob: bytes = self._packer.pack(event_wire(seq, session, t_ns, kind, data))
+        limits = DEFAULT_LIMITS
+        small = len(blob) <= min(limits.max_objects, limits.max_str_bytes)
+        if not small or data_depth(data, limits.max_depth) > limits.max_depth - 2:
+            return self._check(EventRecord(seq, session, t_ns, kind, data).to_wire(),
+                               "max_event_bytes", check=True)
+        return blob
 
     def _check(self, wire: dict[str, Any], limit: str, *, check: bool = False) -> bytes:
         """Pack ``wire``, refusing it when its size exceeds ``limit`` (or, with

@@ -321,6 +321,7 @@ class Relay:
 
     def _flush(self, dst: Leg) -> None:
         outbox = dst.outbox
+        was_blocked = outbox.blocked
         try:
             done = outbox.send(self.clock())
         except PeerGone as exc:
@@ -328,7 +329,8 @@ class Relay:
             self._gone(dst, f"EOF while forwarding ({exc})")
             return
         outbox.close_sent()
-        self.changed = True
+        if done or outbox.blocked != was_blocked:
+            self.changed = True
         for item in done:
             if item.close_after is not None:
                 self.ledger.stop(item.close_after)
