@@ -9,7 +9,7 @@ from typing import Any, TextIO
 import attrs
 
 from recorder.decoded import DecodedItem, DecodedMessage, SessionNegotiated, TornMessage
-from recorder.records import EventRecord, FdRecord, TraceHeader
+from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.pci import format_size
 
@@ -186,20 +186,14 @@ def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
                 },
             }
         elif isinstance(item, TornMessage):
-            record = item.record
             obj = {
-                "record": "message",
-                "seq": record.seq,
-                "session": record.session,
-                "t_ns": record.t_ns,
-                "dir": record.direction.value,
-                "index": item.violation.index,
+                **_record_fields(item.record, item.violation.index),
                 "torn": True,
-                "length": record.wire_length,
+                "length": item.record.wire_length,
                 "summary": item.text,
-                "fds": [fd_fields(fd) for fd in record.fds],
+                "fds": [fd_fields(fd) for fd in item.record.fds],
                 "violations": [item.violation.to_dict()],
-                "hex": record.data.hex(),
+                "hex": item.record.data.hex(),
             }
         elif isinstance(item, EventRecord):
             obj = {
@@ -215,12 +209,7 @@ def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
             message = item.observation.message
             h = message.header
             obj = {
-                "record": "message",
-                "seq": record.seq,
-                "session": record.session,
-                "t_ns": record.t_ns,
-                "dir": record.direction.value,
-                "index": item.observation.index,
+                **_record_fields(record, item.observation.index),
                 "msg_id": h.msg_id,
                 "command": h.command_name,
                 "type": "reply" if h.is_reply else "command" if h.is_command else h.type,
@@ -238,6 +227,18 @@ def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
             if record.length is not None:
                 obj["length"] = record.length
         yield json.dumps(_jsonable(obj))
+
+
+def _record_fields(record: MessageRecord, index: int) -> dict[str, Any]:
+    """What every message's JSON line starts with."""
+    return {
+        "record": "message",
+        "seq": record.seq,
+        "session": record.session,
+        "t_ns": record.t_ns,
+        "dir": record.direction.value,
+        "index": index,
+    }
 
 
 def write_lines(lines: Iterable[str], out: TextIO) -> None:

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
@@ -56,80 +58,81 @@ def recv_message(sock: socket.socket) -> bytes:
     return data
 
 
-def test_accept_backs_off_when_the_proxy_is_out_of_fds(tmp_path):
-    device, listen = tmp_path / "dev.sock", tmp_path / "p.sock"
-    server = start(["serve-device", "--socket", device])
-    proxy = None
-    clients = []
-    try:
-        wait_for(device, server)
-        proxy = start(["proxy", "--listen", listen, "--server", device, "--max-sessions", 500],
-                      limits=[(resource.RLIMIT_NOFILE, 48)])
-        wait_for(listen, proxy)
-        for _ in range(30):  # more sessions than 48 fds allow (two sockets each, and more)
+class Limited:
+    """A device server, and a `vfioproxy proxy` in front of it with an fd limit;
+    clients to it; all of them gone at the end of the test."""
+
+    def __init__(self, tmp_path):
+        self.device, self.listen = tmp_path / "dev.sock", tmp_path / "p.sock"
+        self.procs = [start(["serve-device", "--socket", self.device])]
+        self.clients = []
+        wait_for(self.device, self.procs[0])
+
+    def proxy(self, nofile, *extra):
+        proc = start(["proxy", "--listen", self.listen, "--server", self.device, *extra],
+                     limits=[(resource.RLIMIT_NOFILE, nofile)])
+        self.procs.append(proc)
+        wait_for(self.listen, proc)
+        return proc
+
+    def connect(self, n):
+        for _ in range(n):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(str(listen))
-            clients.append(sock)
-        time.sleep(0.5)
-        assert proxy.poll() is None  # out of fds, still running
-        for sock in clients:
-            sock.close()
-        clients.clear()
-        time.sleep(0.5)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # and serving again
+            sock.connect(str(self.listen))  # blocking: waits while the listen queue is full
             sock.settimeout(10)
-            sock.connect(str(listen))
-            sock.sendall(version())
-            assert len(recv_message(sock)) > 16
-        proxy.send_signal(2)
-        _, err = proxy.communicate(timeout=30)
-        assert proxy.returncode == 0, err
-        assert "cannot accept a client" in err and "retrying" in err
+            self.clients.append(sock)
+        return self.clients[-n:]
+
+    def stop(self, proc):
+        """SIGINT the proxy; its stderr."""
+        proc.send_signal(2)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
         assert "Traceback" not in err
-    finally:
-        for sock in clients:
+        return err
+
+    def close(self):
+        for sock in self.clients:
             sock.close()
-        for proc in (proxy, server):
-            if proc is not None and proc.poll() is None:
+        for proc in self.procs:
+            if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+            proc.communicate()
 
 
-def test_the_default_session_cap_follows_the_fd_limit(tmp_path):
-    device, listen = tmp_path / "dev.sock", tmp_path / "p.sock"
-    server = start(["serve-device", "--socket", device])
-    proxy = None
-    clients = []
-    try:
-        wait_for(device, server)
-        proxy = start(["proxy", "--listen", listen, "--server", device, "-v"],
-                      limits=[(resource.RLIMIT_NOFILE, 80)])
-        wait_for(listen, proxy)
-        for _ in range(6):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(10)
-            sock.connect(str(listen))
-            clients.append(sock)
-        time.sleep(0.3)
-        # (80 - 64) // 8 = 2 sessions run; the others wait in the listen queue
-        served = []
-        for sock in clients:
-            sock.sendall(version())
-        for sock in clients[:2]:
-            served.append(len(recv_message(sock)) > 16)
-        clients[0].close()
-        assert len(recv_message(clients[2])) > 16  # a slot freed: the next is served
-        assert served == [True, True]
-        proxy.send_signal(2)
-        _, err = proxy.communicate(timeout=30)
-        assert "sessions running (--max-sessions): new clients wait" in err
-    finally:
-        for sock in clients:
-            sock.close()
-        for proc in (proxy, server):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+@pytest.fixture
+def limited(tmp_path):
+    setup = Limited(tmp_path)
+    yield setup
+    setup.close()
+
+
+def test_accept_backs_off_when_the_proxy_is_out_of_fds(limited):
+    proxy = limited.proxy(48, "--max-sessions", 500)
+    clients = limited.connect(30)  # more sessions than 48 fds allow (two sockets each, ...)
+    time.sleep(0.5)
+    assert proxy.poll() is None  # out of fds, still running
+    for sock in clients:
+        sock.close()
+    time.sleep(0.5)
+    (sock,) = limited.connect(1)  # and serving again
+    sock.sendall(version())
+    assert len(recv_message(sock)) > 16
+    err = limited.stop(proxy)
+    assert "cannot accept a client" in err and "retrying" in err
+
+
+def test_the_default_session_cap_follows_the_fd_limit(limited):
+    proxy = limited.proxy(80, "-v")
+    clients = limited.connect(6)
+    for sock in clients:
+        sock.sendall(version())
+    # (80 - 64) // 8 = 2 sessions run; the others wait in the listen queue
+    assert [len(recv_message(sock)) > 16 for sock in clients[:2]] == [True, True]
+    clients[0].close()
+    assert len(recv_message(clients[2])) > 16  # a slot freed: the next is served
+    err = limited.stop(proxy)
+    assert "sessions running (--max-sessions): new clients wait" in err
 
 
 def test_a_full_disk_pauses_the_recording_while_forwarding_goes_on(tmp_path):

@@ -40,6 +40,8 @@ import termios
 import time
 from collections.abc import Callable
 
+import trio
+
 from recorder.fdmeta import fd_record
 from recorder.records import FdRecord
 from vfioproxy.fds import OwnedFd
@@ -409,6 +411,21 @@ class Relay:
             leg.shut_wr = True
             with contextlib.suppress(OSError):
                 leg.sock.shutdown(socket.SHUT_WR)
+
+    def end(self, failure: BaseException | None = None) -> None:
+        """How a forwarder ends a session: closed if both directions are done;
+        else stopped, for the ledger's reason (strict, an injected close), the
+        ``failure`` that ended the forwarding (cancellation: shutdown), or a
+        proxy shutting down."""
+        if failure is None and self.finished:
+            self.close()
+            return
+        if failure is None or isinstance(failure, trio.Cancelled):
+            why = self.ledger.stop_reason or "proxy shut down"
+        else:
+            why = f"internal error: {failure!r}"
+        self.ledger.end("proxy", why)
+        self.stop(why)
 
     def stop(self, why: str) -> None:
         """End the session now (``why``: strict, an injected close, shutdown, an

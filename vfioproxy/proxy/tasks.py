@@ -34,27 +34,18 @@ class TaskForwarder:
         """Forward until both directions are done or the ledger asks to stop,
         then end the session. Cancellation stops it at once."""
         relay = self.relay
-        ledger = relay.ledger
         try:
             async with trio.open_nursery() as nursery:
                 for leg in relay.legs:
                     nursery.start_soon(self._reading, leg)
                     nursery.start_soon(self._writing, leg)
-                while not relay.finished and ledger.stop_reason is None:
+                while not relay.finished and relay.ledger.stop_reason is None:
                     await self._wait_change()
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
-            why = "proxy shut down" if isinstance(exc, trio.Cancelled) else (
-                f"internal error: {exc!r}")
-            ledger.end("proxy", why)
-            relay.stop(why)
+            relay.end(exc)
             raise
-        if relay.finished:
-            relay.close()
-        else:
-            why = ledger.stop_reason or "proxy shut down"
-            ledger.end("proxy", why)
-            relay.stop(why)
+        relay.end()
 
     def _stepped(self) -> None:
         """After a relay step: wake the tasks parked on a change."""

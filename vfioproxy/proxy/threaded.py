@@ -57,13 +57,11 @@ class ThreadForwarder:
         :meth:`wake`; then end the session. An exception ends the session
         first ("internal error"), then propagates."""
         relay = self.relay
-        ledger = relay.ledger
-        timer = TimerFd() if ledger.injector is not None else None
+        timer = TimerFd() if relay.ledger.injector is not None else None
         try:
             self._forward(relay, timer)
         except BaseException as exc:
-            ledger.end("proxy", f"internal error: {exc!r}")
-            relay.stop(f"internal error: {exc!r}")
+            relay.end(exc)
             raise
         finally:
             if timer is not None:
@@ -71,12 +69,7 @@ class ThreadForwarder:
             with self._lock:
                 os.close(self._wakeup)
                 self._wakeup = -1
-        if relay.finished:
-            relay.close()
-        else:
-            why = ledger.stop_reason or "proxy shut down"
-            ledger.end("proxy", why)
-            relay.stop(why)
+        relay.end()
 
     def _forward(self, relay: Relay, timer: TimerFd | None) -> None:
         ledger = relay.ledger
