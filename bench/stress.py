@@ -32,6 +32,7 @@ trace in order, and what each receiver got is what the trace says it got.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -43,6 +44,7 @@ import tempfile
 import threading
 import time
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,20 @@ def settle(rec: Recorder, timeout: float = 30.0) -> tuple[int, int]:
         if (fds <= 0 and threads <= 0) or time.monotonic() > deadline:
             return fds, threads
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def device_server(tmp: Path) -> Iterator[Path]:
+    """`vfioproxy serve-device` on a socket in ``tmp`` for the body of the ``with``."""
+    device = tmp / "dev.sock"
+    server = subprocess.Popen([*VFIOPROXY, "serve-device", "--socket", str(device)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        wait_for(device, server)
+        yield device
+    finally:
+        server.kill()
+        server.wait()
 
 
 def connect(path: Path) -> socket.socket:
@@ -372,20 +388,13 @@ def run_many(path: Path, sessions: int, concurrency: int) -> tuple[int, float]:
 def run_sessions(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vfioproxy-stress-") as tmp_text:
         tmp = Path(tmp_text)
-        device = tmp / "dev.sock"
-        server = subprocess.Popen([*VFIOPROXY, "serve-device", "--socket", str(device)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-        try:
-            wait_for(device, server)
+        with device_server(tmp) as device:
             rec = Recorder(tmp, device, "--forwarding", args.forwarding)
             direct_failures, direct_s = run_many(device, args.sessions, args.concurrency)
             proxy_failures, proxy_s = run_many(rec.listen, args.sessions, args.concurrency)
             leaked_fds, leaked_threads = settle(rec)
             works = session_client(rec.listen, 1)
             code = rec.stop()
-        finally:
-            server.kill()
-            server.wait()
         with TraceReader(rec.trace) as reader:
             closes = sum(1 for r in reader if isinstance(r, EventRecord)
                          and r.kind == "session_close")
@@ -415,14 +424,10 @@ def run_kills(args: argparse.Namespace) -> dict[str, Any]:
     unreadable = 0
     with tempfile.TemporaryDirectory(prefix="vfioproxy-stress-") as tmp_text:
         tmp = Path(tmp_text)
-        device = tmp / "dev.sock"
-        server = subprocess.Popen([*VFIOPROXY, "serve-device", "--socket", str(device)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-        try:
-            wait_for(device, server)
+        with device_server(tmp) as device:
             for kill in range(args.kills):
                 rec = Recorder(tmp, device, name=f"k{kill}")
-                replied: list[bytes] = []
+                replied: list[bytes] = []  # commands and their replies the client got
                 stop = threading.Event()
 
                 def client(path: Path = rec.listen, out: list[bytes] = replied,
@@ -439,8 +444,8 @@ def run_kills(args: argparse.Namespace) -> dict[str, Any]:
                                     Command.REGION_READ, msg_id & 0xFFFF,
                                     RegionAccessBody(msg_id, 7, 4)))[0]
                                 sock.sendall(command)
-                                _recv_message(sock)
-                                out.append(command)  # forwarded both ways for sure
+                                reply = _recv_message(sock)
+                                out += (command, reply)  # both forwarded for sure
                                 msg_id += 1
                     except OSError:
                         return
@@ -459,17 +464,14 @@ def run_kills(args: argparse.Namespace) -> dict[str, Any]:
                     unreadable += 1
                     continue
                 recorded = {bytes(r.data) for r in trace["records"].values()}
-                lost = sum(1 for command in replied if command not in recorded)
+                lost = sum(1 for message in replied if message not in recorded)
                 lost_total += lost
                 worst = max(worst, lost)
                 replied_total += len(replied)
-        finally:
-            server.kill()
-            server.wait()
     return {
         "kills": args.kills,
-        "commands answered before the kills": replied_total,
-        "answered commands missing from the traces": lost_total,
+        "commands and replies forwarded before the kills": replied_total,
+        "of them missing from the traces": lost_total,
         "most missing in one kill": worst,
         "traces that did not read back": unreadable,
     }

@@ -505,42 +505,42 @@ def fill_listen_queue(path) -> list[socket.socket]:
         queued.append(sock)
 
 
-async def test_a_server_with_a_full_listen_queue_is_retried(tmp_path, mode):
+@pytest.fixture
+async def full_server(tmp_path):
+    """A server listening with backlog 0 whose listen queue is full (it accepts
+    nothing until the test says so); the connections that fill it."""
     server = ServerSide(tmp_path / "server.sock", backlog=0)
     await server.start()
     filler = fill_listen_queue(server.path)
-    try:
-        async with proxied(tmp_path, server.path, mode) as (proxy, trace):
-            client = await connect(tmp_path)
-            await trio.sleep(0.1)  # the proxy's connect meets EAGAIN and retries
-            for _ in filler:
-                (await server.accept()).close()
-            srv = await server.accept()  # the proxy got in once there was room
-            await client.send(region_read(1))
-            assert await srv.receive_message() == region_read(1)
-            client.close()
-            await settle(proxy)
-    finally:
-        for sock in filler:
-            sock.close()
-        server.close()
+    yield server, filler
+    for sock in filler:
+        sock.close()
+    server.close()
+
+
+async def test_a_server_with_a_full_listen_queue_is_retried(tmp_path, mode, full_server):
+    server, filler = full_server
+    async with proxied(tmp_path, server.path, mode) as (proxy, trace):
+        client = await connect(tmp_path)
+        await trio.sleep(0.1)  # the proxy's connect meets EAGAIN and retries
+        for _ in filler:
+            (await server.accept()).close()
+        srv = await server.accept()  # the proxy got in once there was room
+        await client.send(region_read(1))
+        assert await srv.receive_message() == region_read(1)
+        client.close()
+        await settle(proxy)
     assert recorded(trace, Direction.C2S) == region_read(1)
 
 
-async def test_a_server_whose_queue_stays_full_fails_that_session_clearly(tmp_path, mode):
-    server = ServerSide(tmp_path / "server.sock", backlog=0)
-    await server.start()
-    filler = fill_listen_queue(server.path)
-    try:
-        async with proxied(tmp_path, server.path, mode, connect_timeout=0.2) as (proxy, trace):
-            client = await connect(tmp_path)
-            assert await client.read_to_eof() == b""
-            client.close()
-            await settle(proxy)
-    finally:
-        for sock in filler:
-            sock.close()
-        server.close()
+async def test_a_server_whose_queue_stays_full_fails_that_session_clearly(tmp_path, mode,
+                                                                          full_server):
+    server, _ = full_server
+    async with proxied(tmp_path, server.path, mode, connect_timeout=0.2) as (proxy, trace):
+        client = await connect(tmp_path)
+        assert await client.read_to_eof() == b""
+        client.close()
+        await settle(proxy)
     (error,) = events(trace, "error")
     assert "listen queue stayed full" in error.data["text"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+
 import attrs
 
 from vfioproxy.protocol.codec import Dialects
