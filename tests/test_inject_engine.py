@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import struct
+import sys
+import threading
 
 import pytest
 from hypothesis import given
@@ -21,6 +23,7 @@ from vfioproxy.inject import (
     Rule,
     parse_rule,
 )
+from vfioproxy.inject.view import inspect
 from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, decode, encode
 from vfioproxy.protocol.header import Command
@@ -498,3 +501,184 @@ def test_decide_never_raises_and_keeps_each_direction_in_order(messages):
             assert decision.release_at >= last.get(key, 0.0)
             last[key] = decision.release_at
         assert len(decision.data) == len(data)
+
+
+# --------------------------------------------------------------------- the compiled path
+
+
+def test_a_decision_is_immutable_hashable_and_equal_only_to_decisions():
+    decision = Injector().decide(0, C2S, raw(reset()), 1.0)
+    assert decision == Decision(1.0, True, raw(reset()), index=0)
+    assert decision != tuple(decision) and tuple(decision) != decision
+    assert not decision == tuple(decision)  # noqa: SIM201
+    assert hash(decision) == hash(Decision(1.0, True, raw(reset()), index=0))
+    assert repr(decision).startswith("Decision(release_at=1.0, forward=True, data=b")
+    with pytest.raises(AttributeError):
+        decision.forward = False  # type: ignore[misc]
+
+
+MATCHES = st.builds(
+    Match,
+    direction=st.sampled_from([None, C2S, S2C]),
+    command=st.one_of(st.none(), st.sets(st.sampled_from([1, 9, 10, 13, 99]), min_size=1)),
+    kind=st.sampled_from([None, "request", "reply"]),
+    session=st.sampled_from([None, 0, 1]),
+    index=st.one_of(st.none(), st.builds(lambda a, n: f"{a}..{a + n}" if n else f"{a}..",
+                                         st.integers(0, 4), st.integers(0, 4))),
+)
+REGION_MATCHES = st.builds(
+    Match,
+    command=st.sampled_from([None, 9, 10, frozenset({9, 10})]),
+    region=st.sampled_from([None, 0, 7]),
+    offset=st.sampled_from([None, 0x40, "0x40..0x48", "0x44.."]),
+)
+
+
+@st.composite
+def messages(draw):
+    """Bytes of a message: a header with chosen fields and a region access, cut anywhere."""
+    command = draw(st.sampled_from([1, 9, 10, 13, 99]))
+    flags = draw(st.sampled_from([0x0, 0x1, 0x10, 0x21, 0x2]))
+    access = struct.pack("<QII", draw(st.sampled_from([0x40, 0x44, 0x80])),
+                         draw(st.sampled_from([0, 7])), 4)
+    data = struct.pack("<HHIII", draw(st.integers(0, 3)), command, 36, flags, 0) + access + b"xyzw"
+    return data[: draw(st.sampled_from([0, 3, 16, 24, 28, 31, 32, 36]))]
+
+
+def reference_matches(match, data, session, direction, index):
+    """Matching as the rules module documents it, read the slow way."""
+    if match.direction is not None and direction is not match.direction:
+        return False
+    if match.session is not None and session != match.session:
+        return False
+    if match.index is not None and index not in match.index:
+        return False
+    if len(data) < 16:
+        return not match.needs_header
+    command, flags = struct.unpack_from("<2xH4xI", data)
+    if match.command is not None and command not in match.command:
+        return False
+    if match.kind is not None and flags & 0xF != (0 if match.kind.value == "request" else 1):
+        return False
+    region = offset = None
+    if command in (9, 10) and len(data) >= 28:
+        offset, region = struct.unpack_from("<QI", data, 16)
+    if match.region is not None and region != match.region:
+        return False
+    return match.offset is None or offset in match.offset
+
+
+@given(
+    st.one_of(MATCHES, REGION_MATCHES),
+    st.sampled_from([C2S, S2C]),
+    st.integers(0, 1),
+    st.lists(messages(), max_size=12),
+)
+def test_compiled_filters_match_exactly_what_the_documented_filters_match(
+    match, direction, session, datas
+):
+    # one direction only: no reply is paired with a tracked request
+    injector = Injector([Rule(match, Delay(Fixed(0.0)))])
+    for index, data in enumerate(datas):
+        decision = injector.decide(session, direction, data, 0.0)
+        assert bool(decision.applied) == reference_matches(match, data, session, direction, index)
+        assert match.matches(inspect(data), session, direction, index) == bool(decision.applied)
+
+
+def test_a_stall_holds_a_direction_whose_other_rules_apply_to_every_message():
+    injector = Injector(["c2s * delay fixed(1ms)"])
+    assert injector.decide(0, C2S, raw(reset()), 0.0).release_at == pytest.approx(0.001)
+    stall = injector.add("c2s * stall 1s")
+    assert injector.decide(0, C2S, raw(reset()), 0.1).release_at == pytest.approx(1.101)
+    injector.remove(stall.id)
+    held = injector.decide(0, C2S, raw(reset()), 0.2)
+    assert held.release_at == pytest.approx(1.101)  # still stalled until 1.1, then 1 ms
+    assert held.applied == (Applied(1, Delay(Fixed(1e-3)), 1e-3),)
+    assert injector.decide(0, C2S, raw(reset()), 2.0).release_at == pytest.approx(2.001)
+    assert injector.statistics().rule(1).matched == 4
+
+
+def test_a_rule_for_one_session_leaves_the_others_alone():
+    injector = Injector(["* * session=1 delay fixed(1ms)", "c2s * session=2 drop"])
+    assert injector.decide(1, S2C, raw(reset()), 0.0).applied != ()
+    assert injector.decide(2, S2C, raw(reset()), 0.0).applied == ()
+    assert not injector.decide(2, C2S, raw(reset()), 0.0).forward
+    assert injector.decide(3, C2S, raw(reset()), 0.0).forward
+    stats = injector.statistics()
+    assert (stats.messages, stats.rule(1).matched, stats.rule(2).matched) == (4, 1, 1)
+
+
+def test_statistics_keep_the_counts_of_forgotten_sessions():
+    injector = Injector(["c2s * delay fixed(2ms)"])
+    for session in (1, 2):
+        for _ in range(3):
+            injector.decide(session, C2S, raw(reset()), 0.0)
+        injector.decide(session, S2C, raw(reset()), 0.0)
+    injector.forget(1)
+    stats = injector.statistics()
+    assert (stats.messages, stats.rule(1).matched, stats.rule(1).applied) == (8, 6, 6)
+    assert stats.rule(1).injected_delay == pytest.approx(0.012)
+
+
+def test_a_reply_to_a_request_sent_before_its_rule_came_is_matched_by_its_own_body():
+    injector = Injector()
+    injector.decide(0, C2S, raw(read(msg_id=1)), 0.0)  # not tracked: no rule needs it yet
+    injector.add("s2c * reply region=7 drop")
+    injector.decide(0, C2S, raw(read(msg_id=2)), 0.0)
+    assert injector.decide(0, S2C, raw(build_error_reply(read(msg_id=1), 5)), 0.0).forward
+    assert not injector.decide(0, S2C, raw(config_reply(read(msg_id=1))), 0.0).forward
+    assert not injector.decide(0, S2C, raw(build_error_reply(read(msg_id=2), 5)), 0.0).forward
+
+
+def test_requests_stay_tracked_after_their_rule_is_removed():
+    injector = Injector(["s2c * reply id=1 region=7 drop"])
+    injector.decide(0, C2S, raw(read(region=7, msg_id=5)), 0.0)
+    injector.remove(1)
+    # the reply still takes its request off the books while no rule looks
+    assert injector.decide(0, S2C, raw(build_error_reply(read(msg_id=5), 5)), 0.0).forward
+    injector.decide(0, C2S, raw(read(region=0, msg_id=5)), 0.0)
+    injector.add("s2c * reply region=7 drop")
+    # paired with the region 0 request, not the answered region 7 one
+    assert injector.decide(0, S2C, raw(build_error_reply(read(msg_id=5), 5)), 0.0).forward
+
+
+def test_threads_deciding_their_sessions_while_rules_change_lose_no_count():
+    injector = Injector(["* * id=1 delay fixed(0us)"], seed=1)
+    threads, sessions, per_session = 4, 150, 40
+    errors: list[BaseException] = []
+    snapshots = []
+
+    def forward(thread):
+        try:
+            for n in range(sessions):
+                session = thread * sessions + n
+                for i in range(per_session):
+                    direction = C2S if i % 2 else S2C
+                    injector.decide(session, direction, raw(read(msg_id=i % 8)), i * 1e-6)
+                if n % 2:
+                    injector.forget(session)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=forward, args=(t,)) for t in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for worker in workers:
+            worker.start()
+        while any(worker.is_alive() for worker in workers):
+            rule = injector.add("* REGION_READ reply region=7 p=0.5 delay uniform(0us,1us)")
+            snapshots.append(injector.statistics())
+            injector.remove(rule.id)
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    stats = injector.statistics()
+    total = threads * sessions * per_session
+    assert stats.messages == total
+    assert (stats.rule(1).matched, stats.rule(1).applied) == (total, total)
+    assert len(snapshots) > 1
+    assert [s.rule(1).applied for s in snapshots] == sorted(s.rule(1).applied for s in snapshots)
+    assert all(s.rule(1).applied <= s.rule(1).matched <= s.messages for s in snapshots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from vfioproxy.inject import (
@@ -25,7 +26,17 @@ from vfioproxy.protocol.bodies import (
     RegionInfoBody,
 )
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, encode
-from vfioproxy.protocol.header import Command
+from vfioproxy.protocol.header import HEADER_SIZE, Command, Header
+from vfioproxy.protocol.offsets import (
+    ACCESS,
+    ACCESS_COUNT,
+    ACCESS_OFFSET,
+    ACCESS_REGION,
+    HEADER,
+    MSG_ID,
+    SIZE,
+    layout,
+)
 from vfioproxy.side import Direction
 
 C2S, S2C = Direction.C2S, Direction.S2C
@@ -198,6 +209,23 @@ def test_named_body_fields_match_the_codec_layout():
                            RegionInfoBody(32, 3, 2, 0, 0x4000, 0x9000)))
     offset, width = Corrupt("offset").locate(Command.DEVICE_GET_REGION_INFO)
     assert int.from_bytes(info[offset : offset + width], "little") == 0x9000
+
+
+def test_the_offset_table_reads_what_the_codec_wrote():
+    data = raw(build_command(Command.REGION_READ, 0x1234, RegionAccessBody(0x1122, 7, 4)))
+    assert HEADER.unpack_from(data) == attrs.astuple(Header.parse(data))
+    assert ACCESS.unpack_from(data, HEADER_SIZE) == (0x1122, 7)
+    assert layout(ACCESS_OFFSET, ACCESS_REGION, ACCESS_COUNT).unpack_from(data, HEADER_SIZE) == (
+        0x1122, 7, 4,
+    )
+    with pytest.raises(ValueError, match="not adjacent"):
+        layout(MSG_ID, SIZE)
+
+
+def test_a_match_without_message_filters_needs_no_predicate():
+    assert Match(C2S, session=3, probability=0.5).predicate() is None
+    assert Match(index=2).predicate() is not None
+    assert Match().predicate(requests_only=True) is not None
 
 
 def test_body_offsets_span_the_bytes_of_the_mask():

@@ -50,22 +50,38 @@ interleave.
 
 Region matching of replies: forwarded REGION_READ/REGION_WRITE requests are
 remembered by (session, direction, msg_id), first in first out, until their
-reply comes back (at most 64 per id).
+reply comes back (at most 64 per id). Only requests whose replies some rule
+could match by region or offset need that: the requests of a direction are
+remembered from the time the injector first holds a rule that filters the
+replies of the other direction by region or offset (and from then on, even
+after that rule is removed); a reply to a request forwarded before is
+matched by its own body.
+
+Cost and threads: each rule's filters are compiled once, when it is added,
+into a predicate over the header fields (:meth:`Match.predicate
+<vfioproxy.inject.rules.Match.predicate>`), which are read from the bytes
+in one ``struct`` unpack, and only when some rule of the direction needs
+them; which rules can apply to a session direction at all (direction and
+session filters) is worked out once per session direction and rule change.
+Deciding takes no lock: a session direction's state (index, release times,
+counters, random streams, links, tracked requests) is only touched by the
+thread deciding that session, and a rule change replaces, under the lock,
+the immutable rule lists deciding reads. :meth:`Injector.statistics` sums
+the counters under the lock, from any thread.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import math
 import random
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, cast
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import attrs
 
-from vfioproxy.inject.distributions import capped
+from vfioproxy.inject.distributions import Fixed, capped
 from vfioproxy.inject.errors import InjectError
 from vfioproxy.inject.rules import (
     Action,
@@ -75,20 +91,33 @@ from vfioproxy.inject.rules import (
     Delay,
     Drop,
     Error,
+    Kind,
+    Predicate,
     Rule,
     Stall,
 )
 from vfioproxy.inject.syntax import parse_rule
-from vfioproxy.inject.view import REGION_ACCESS, MessageView, inspect
 from vfioproxy.protocol.codec import build_error_reply, encode
-from vfioproxy.protocol.header import HEADER_SIZE, Header
+from vfioproxy.protocol.header import FLAG_NO_REPLY, HEADER_SIZE, TYPE_MASK, Header, MessageType
+from vfioproxy.protocol.offsets import (
+    ACCESS,
+    ACCESS_COMMANDS,
+    ACCESS_REGION,
+    HEADER,
+    MSG_ID,
+    layout,
+)
 from vfioproxy.side import Direction
 
 __all__ = ["Applied", "Decision", "Injector", "InjectorStatistics", "RuleStatistics"]
 
 _MAX_PENDING_PER_ID = 64
-
-_Key = tuple[int, Direction]
+_C2S = Direction.C2S
+_COMMAND_TYPE = int(MessageType.COMMAND)
+_REPLY_TYPE = int(MessageType.REPLY)
+#: the bytes a region access needs to tell its offset and region
+_ACCESS_END = HEADER_SIZE + ACCESS_REGION.end
+_MSG_ID = layout(MSG_ID)
 
 
 @attrs.frozen
@@ -121,12 +150,13 @@ class Applied:
         return result
 
 
-@attrs.frozen
-class Decision:
+class Decision(NamedTuple):
     """What to do with one message, and when (see the module docstring).
 
     ``index`` is the message's per-direction index in its session.
     ``release_at`` equals ``now`` when nothing holds the message back.
+    Immutable, and equal only to another Decision with equal fields. One is
+    made for every message, so it is a tuple underneath (made at C speed).
     """
 
     release_at: float
@@ -136,7 +166,24 @@ class Decision:
     close_before: bool = False
     close_after: bool = False
     applied: tuple[Applied, ...] = ()
-    index: int = 0
+    index: int = 0  # type: ignore[assignment]  # a field, in place of tuple.index()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is Decision:
+            return tuple.__eq__(self, other)
+        return False if isinstance(other, tuple) else NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        if type(other) is Decision:
+            return tuple.__ne__(self, other)
+        return True if isinstance(other, tuple) else NotImplemented
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
+
+
+#: a Decision from its fields in order, without a Python-level call
+_decision = tuple.__new__
 
 
 @attrs.frozen
@@ -171,67 +218,210 @@ class InjectorStatistics:
         return {"messages": self.messages, "rules": [r.to_dict() for r in self.rules]}
 
 
-@attrs.define
 class _Counts:
-    matched: int = 0
-    applied: int = 0
-    injected_delay: float = 0.0
+    """Filters matched, actions applied and seconds added, by one rule."""
+
+    __slots__ = ("applied", "injected_delay", "matched")
+
+    def __init__(self) -> None:
+        self.matched = 0
+        self.applied = 0
+        self.injected_delay = 0.0
+
+    def add(self, other: _Counts) -> None:
+        # read in the opposite order of the deciding thread's increments, so that
+        # a sum taken while it decides never shows more applied than matched
+        self.injected_delay += other.injected_delay
+        self.applied += other.applied
+        self.matched += other.matched
 
 
-@attrs.frozen
-class _Pending:
-    command: int
-    region: int | None
-    offset: int | None
+class _Compiled:
+    """A rule made ready for deciding, once, when it is added.
+
+    ``test``: the predicate of its message filters (None: none);
+    ``reads_header``: whether it needs the header's fields, ``regions``
+    the commands whose region and offset it needs; ``delay``: the
+    distribution of a delay rule (None for other actions), and ``fixed``
+    the record (in a tuple of one) and seconds of a fixed one, the same
+    every time; ``always`` its record and seconds when it applies to every
+    message of the session directions it serves;
+    ``retired``: the counters of the sessions already forgotten.
+    """
+
+    __slots__ = (
+        "always", "delay", "fate", "fixed", "probability", "reads_header", "regions", "retired",
+        "rule", "test",
+    )
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        action = rule.action
+        self.fate = isinstance(action, (Drop, Error, Close))
+        self.delay = action.distribution if isinstance(action, Delay) else None
+        requests_only = isinstance(action, Error)  # error rules answer requests only
+        self.test: Predicate | None = rule.match.predicate(requests_only=requests_only)
+        self.reads_header = rule.match.needs_header or isinstance(action, (Error, Corrupt))
+        self.regions: frozenset[int] = frozenset()
+        if rule.match.region is not None or rule.match.offset is not None:
+            self.regions = ACCESS_COMMANDS & (rule.match.command or ACCESS_COMMANDS)
+        self.probability = rule.match.probability
+        self.fixed: tuple[tuple[Applied], float] | None = None
+        self.always: tuple[Applied, float] | None = None
+        if isinstance(action, Delay) and isinstance(action.distribution, Fixed):
+            seconds = action.distribution.value
+            record = Applied(rule.id, action, seconds)
+            self.fixed = (record,), seconds
+            if self.test is None and self.probability >= 1.0:
+                self.always = record, seconds
+        self.retired = _Counts()
+
+    def serves(self, session: int, direction: Direction) -> bool:
+        """Whether the rule's direction and session filters admit this session direction."""
+        match = self.rule.match
+        return (match.direction is None or match.direction is direction) and (
+            match.session is None or match.session == session
+        )
+
+    def remembered(self) -> set[Direction]:
+        """The directions whose region-access requests it needs remembered for their replies."""
+        match = self.rule.match
+        if match.region is None and match.offset is None:
+            return set()
+        if match.kind is Kind.REQUEST or isinstance(self.rule.action, Error):
+            return set()
+        replied = list(Direction) if match.direction is None else [match.direction]
+        return {direction.reverse for direction in replied}
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+class _Entry(_Counts):
+    """One rule on one session direction: its counters, random stream and link."""
+
+    __slots__ = ("_seed", "_stream", "compiled", "link_free")
+
+    def __init__(self, compiled: _Compiled, seed: str) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.link_free = -math.inf
+        self._seed = seed
+        self._stream: random.Random | None = None
+
+    def stream(self) -> random.Random:
+        """The rule's random stream for this session direction (made at its first use)."""
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = random.Random(self._seed)
+        return stream
 
 
-def _locked(method: _F) -> _F:
-    """Run ``method`` under the injector's lock."""
+#: a tracked request: command, region, offset
+_Pending = tuple[int, int | None, int | None]
+#: the records and the (entry, seconds) of a lane whose rules apply to every
+#: message and are all fixed delays (or none at all)
+_Constant = tuple[tuple[Applied, ...], tuple[tuple[_Entry, float], ...]]
 
-    @functools.wraps(method)
-    def locked(self: Injector, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return method(self, *args, **kwargs)
 
-    return cast(_F, locked)
+class _Plan(NamedTuple):
+    """What deciding reads of a lane's rules, all at once.
+
+    ``entries``: the rules that can apply to the lane, in rule order;
+    ``inspect``: whether to read the header; ``regions``: the commands
+    whose region and offset some entry filters on; ``screen``: the
+    commands some entry accepts, when every entry filters on commands
+    (None otherwise); ``remember``/``recall``: whether to track
+    region-access requests sent this way / look replies up in the other
+    lane's.
+    """
+
+    entries: tuple[_Entry, ...]
+    inspect: bool
+    regions: frozenset[int]
+    screen: frozenset[int] | None
+    remember: bool
+    recall: bool
+
+    @classmethod
+    def of(cls, entries: tuple[_Entry, ...], remember: bool, recall: bool) -> _Plan:
+        rules = [entry.compiled for entry in entries]
+        inspect = remember or recall or any(compiled.reads_header for compiled in rules)
+        regions = frozenset().union(*(compiled.regions for compiled in rules))
+        screen = None
+        if rules and all(compiled.rule.match.command is not None for compiled in rules):
+            screen = frozenset().union(*(compiled.rule.match.command or () for compiled in rules))
+        return cls(entries, inspect, regions, screen, remember, recall)
+
+    def constant(self) -> _Constant | None:
+        """The outcome when it is the same for every message: nothing to look at, and
+        every entry a fixed delay applying to every message (or no entry)."""
+        if self.inspect:
+            return None
+        records: list[Applied] = []
+        delays: list[tuple[_Entry, float]] = []
+        for entry in self.entries:
+            always = entry.compiled.always
+            if always is None:
+                return None
+            records.append(always[0])
+            delays.append((entry, always[1]))
+        return tuple(records), tuple(delays)
+
+
+class _Lane:
+    """One direction of one session.
+
+    ``plan`` (see :class:`_Plan`) and ``constant`` (its
+    :meth:`~_Plan.constant`, read first) are replaced by the injector under
+    its lock when rules change; everything else belongs to the thread
+    deciding the session. ``sent`` holds the region-access requests
+    forwarded this way until their replies come the ``other`` way.
+    """
+
+    __slots__ = (
+        "constant", "direction", "index", "last_release", "other", "plan", "sent", "session",
+        "stalled_until",
+    )
+
+    def __init__(self, session: int, direction: Direction) -> None:
+        self.session = session
+        self.direction = direction
+        self.index = 0
+        self.last_release = -math.inf
+        self.stalled_until = -math.inf
+        self.plan = _Plan.of((), remember=False, recall=False)
+        self.constant = self.plan.constant()
+        self.sent: dict[int, collections.deque[_Pending]] = {}
+        self.other = self
 
 
 class Injector:
     """Decides, message by message, which faults to inject (sans-IO, no clock).
 
     ``rules`` are added in order (see :meth:`add`); ``seed`` seeds every
-    random draw. Rules can be added and removed while messages flow.
+    random draw. Rules can be added and removed while messages flow, from
+    any thread; each session is decided by one thread at a time.
     """
 
     def __init__(self, rules: Iterable[Rule | str] = (), seed: int = 0) -> None:
         self.seed = seed
-        # forwarding threads decide while the control socket adds and removes rules
-        self._lock = threading.RLock()
-        self._rules: list[Rule] = []
-        self._counts: dict[int, _Counts] = {}
+        # held to change rules and lanes, and to read counters; never to decide
+        self._lock = threading.Lock()
+        self._compiled: tuple[_Compiled, ...] = ()
         self._next_id = 1
-        self._messages = 0
-        self._index: dict[_Key, int] = {}
-        self._last_release: dict[_Key, float] = {}
-        self._stalled_until: dict[_Key, float] = {}
-        self._link_free: dict[tuple[int, int, Direction], float] = {}
-        self._streams: dict[tuple[int, int, Direction], random.Random] = {}
-        self._pending: dict[tuple[int, Direction, int], collections.deque[_Pending]] = {}
+        self._remembered: set[Direction] = set()
+        self._c2s: dict[int, _Lane] = {}
+        self._s2c: dict[int, _Lane] = {}
+        #: messages of forgotten sessions
+        self._retired_messages = 0
         for rule in rules:
             self.add(rule)
 
     # ----------------------------------------------------------------- rules
 
     @property
-    @_locked
     def rules(self) -> tuple[Rule, ...]:
         """The current rules, in the order they are applied."""
-        return tuple(self._rules)
+        return tuple(compiled.rule for compiled in self._compiled)
 
-    @_locked
     def add(self, rule: Rule | str) -> Rule:
         """Append a rule (or rule text); returns it with its id.
 
@@ -240,222 +430,332 @@ class Injector:
         """
         if isinstance(rule, str):
             rule = parse_rule(rule)
-        if rule.id == 0:
-            rule = attrs.evolve(rule, id=self._next_id)
-        elif rule.id in self._counts:
-            raise InjectError(f"rule id {rule.id} is already in use")
-        self._next_id = max(self._next_id, rule.id + 1)
-        self._rules.append(rule)
-        self._counts[rule.id] = _Counts()
+        with self._lock:
+            if rule.id == 0:
+                rule = attrs.evolve(rule, id=self._next_id)
+            elif any(compiled.rule.id == rule.id for compiled in self._compiled):
+                raise InjectError(f"rule id {rule.id} is already in use")
+            self._next_id = max(self._next_id, rule.id + 1)
+            compiled = _Compiled(rule)
+            self._compiled = (*self._compiled, compiled)
+            self._remembered |= compiled.remembered()
+            self._replan()
         return rule
 
-    @_locked
     def remove(self, rule_id: int) -> Rule:
         """Take a rule out (with its counters and random streams); returns it."""
-        for position, rule in enumerate(self._rules):
-            if rule.id == rule_id:
-                del self._rules[position]
-                del self._counts[rule_id]
-                for table in (self._streams, self._link_free):
-                    for key in [k for k in table if k[0] == rule_id]:
-                        del table[key]
-                return rule
+        with self._lock:
+            for compiled in self._compiled:
+                if compiled.rule.id == rule_id:
+                    self._compiled = tuple(c for c in self._compiled if c is not compiled)
+                    self._replan()
+                    return compiled.rule
         raise InjectError(f"no rule with id {rule_id}")
 
-    @_locked
     def statistics(self) -> InjectorStatistics:
         """Counters per current rule (see :class:`RuleStatistics`)."""
+        with self._lock:
+            totals: dict[_Compiled, _Counts] = {}
+            for compiled in self._compiled:
+                totals[compiled] = counts = _Counts()
+                counts.add(compiled.retired)
+            messages = self._retired_messages
+            for lane in self._lanes():
+                for entry in lane.plan.entries:
+                    if entry.compiled in totals:
+                        totals[entry.compiled].add(entry)
+                # read after the counters, as deciding counts the message first
+                messages += lane.index
         return InjectorStatistics(
-            self._messages,
+            messages,
             tuple(
-                RuleStatistics(
-                    rule.id,
-                    rule.text,
-                    self._counts[rule.id].matched,
-                    self._counts[rule.id].applied,
-                    self._counts[rule.id].injected_delay,
-                )
-                for rule in self._rules
+                RuleStatistics(c.rule.id, c.rule.text, t.matched, t.applied, t.injected_delay)
+                for c, t in totals.items()
             ),
         )
 
-    @_locked
     def forget(self, session: int) -> None:
-        """Drop the per-session state of a finished session (indexes, queues, streams)."""
-        for table in (self._index, self._last_release, self._stalled_until):
-            for key in [k for k in table if k[0] == session]:
-                del table[key]
-        for keyed in (self._link_free, self._streams):
-            for rkey in [k for k in keyed if k[1] == session]:
-                del keyed[rkey]
-        for pkey in [k for k in self._pending if k[0] == session]:
-            del self._pending[pkey]
+        """Drop the per-session state of a finished session (indexes, queues, streams).
+
+        Its messages and counters stay in :meth:`statistics`.
+        """
+        with self._lock:
+            for lanes in (self._c2s, self._s2c):
+                lane = lanes.pop(session, None)
+                if lane is not None:
+                    self._retired_messages += lane.index
+                    for entry in lane.plan.entries:
+                        entry.compiled.retired.add(entry)
+
+    def _lanes(self) -> list[_Lane]:
+        return [*self._c2s.values(), *self._s2c.values()]
+
+    def _replan(self) -> None:
+        """Give every lane the plan of the current rules (under the lock)."""
+        for lane in self._lanes():
+            self._plan(lane)
+
+    def _plan(self, lane: _Lane) -> None:
+        """Set ``lane.plan`` from the current rules, keeping the entries of kept rules."""
+        kept = {entry.compiled: entry for entry in lane.plan.entries}
+        prefix = f"vfioproxy.inject/{self.seed}/{lane.session}/{lane.direction.value}"
+        entries = tuple(
+            kept.get(compiled) or _Entry(compiled, f"{prefix}/{compiled.rule.id}")
+            for compiled in self._compiled
+            if compiled.serves(lane.session, lane.direction)
+        )
+        remember = lane.direction in self._remembered
+        recall = lane.direction.reverse in self._remembered
+        plan = _Plan.of(entries, remember, recall)
+        lane.plan, lane.constant = plan, plan.constant()
+
+    def _open(self, session: int, direction: Direction) -> _Lane:
+        """The lane of a session direction; both are made at the session's first message."""
+        with self._lock:
+            if session not in self._c2s:
+                c2s, s2c = _Lane(session, Direction.C2S), _Lane(session, Direction.S2C)
+                c2s.other, s2c.other = s2c, c2s
+                self._plan(c2s)
+                self._plan(s2c)
+                self._c2s[session], self._s2c[session] = c2s, s2c
+            return (self._c2s if direction is _C2S else self._s2c)[session]
 
     # ----------------------------------------------------------------- deciding
 
-    @_locked
     def decide(self, session: int, direction: Direction, data: bytes, now: float) -> Decision:
         """Decide the fate of one message arriving at ``now``; never raises on bad bytes."""
-        data = bytes(data)
-        key = (session, direction)
-        index = self._index.get(key, 0)
-        self._index[key] = index + 1
-        self._messages += 1
-        view = self._view(session, direction, data)
-
-        fired = [rule for rule in self._rules if self._fires(rule, view, session, direction, index)]
-        fate = next((r for r in fired if isinstance(r.action, (Drop, Error, Close))), None)
-        records: list[Applied] = []
-        forward, acts = True, True
-        reply: bytes | None = None
-        close_before = close_after = False
-        if fate is not None:
-            forward, acts, reply, close_before, close_after = self._fate(fate, view, records)
-
-        stalled = self._stalled_until.get(key, -math.inf)
-        if now >= stalled:
-            for rule in fired:
-                if isinstance(rule.action, Stall):
-                    stalled = max(stalled, now + rule.action.duration)
-                    records.append(Applied(rule.id, rule.action, rule.action.duration,
-                                           f"direction held until {stalled!r}"))
-            self._stalled_until[key] = stalled
-        if not acts:
-            return self._finish(records, now, False, data, None, False, False, index)
-
-        t = max(now, stalled)
-        buffer = bytearray(data)
-        for rule in fired:
-            action = rule.action
-            if isinstance(action, Delay):
-                value, note = capped(
-                    action.distribution.draw(self._stream(rule.id, session, direction))
-                )
-                t += value
-                records.append(Applied(rule.id, action, value, note))
-            elif isinstance(action, Bandwidth) and forward:
-                link = (rule.id, session, direction)
-                start = t
-                t = max(t, self._link_free.get(link, -math.inf)) + len(data) / (
-                    action.bytes_per_second
-                )
-                self._link_free[link] = t
-                records.append(Applied(rule.id, action, t - start))
-            elif isinstance(action, Corrupt) and forward:
-                offset, note = action.apply(buffer, view.command)
-                records.append(Applied(rule.id, action, offset, note))
-        release = max(t, self._last_release.get(key, -math.inf))
-        self._last_release[key] = release
-        out = bytes(buffer)
-        if forward:
-            self._remember(session, direction, view, out)
-        return self._finish(records, release, forward, out, reply, close_before, close_after, index)
-
-    def _fires(
-        self, rule: Rule, view: MessageView, session: int, direction: Direction, index: int
-    ) -> bool:
-        if isinstance(rule.action, Error) and not view.is_request:
-            return False
-        if not rule.match.matches(view, session, direction, index):
-            return False
-        self._counts[rule.id].matched += 1
-        probability = rule.match.probability
-        if probability >= 1.0:
-            return True
-        if probability <= 0.0:
-            return False
-        return self._stream(rule.id, session, direction).random() < probability
-
-    def _fate(
-        self, rule: Rule, view: MessageView, records: list[Applied]
-    ) -> tuple[bool, bool, bytes | None, bool, bool]:
-        """(forward, acts, reply, close_before, close_after) decided by ``rule``."""
-        action = rule.action
-        if isinstance(action, Drop):
-            records.append(Applied(rule.id, action))
-            return False, False, None, False, False
-        if isinstance(action, Error):
-            header = view.header
-            assert header is not None  # error rules fire on requests only
-            if header.no_reply:
-                note = "no_reply request: dropped without an error reply"
-                records.append(Applied(rule.id, action, action.errno, note))
-                return False, False, None, False, False
-            records.append(Applied(rule.id, action, action.errno))
-            reply = encode(build_error_reply(header, action.errno))[0]
-            return False, True, reply, False, False
-        assert isinstance(action, Close)
-        records.append(Applied(rule.id, action, action.when))
-        if action.when == "before":
-            return False, True, None, True, False
-        return True, True, None, False, True
-
-    def _finish(
-        self,
-        records: list[Applied],
-        release: float,
-        forward: bool,
-        data: bytes,
-        reply: bytes | None,
-        close_before: bool,
-        close_after: bool,
-        index: int,
-    ) -> Decision:
-        order = {rule.id: position for position, rule in enumerate(self._rules)}
-        records.sort(key=lambda record: order[record.rule_id])
-        for record in records:
-            counts = self._counts[record.rule_id]
-            counts.applied += 1
-            timed = isinstance(record.action, (Delay, Bandwidth, Stall))
-            if timed and isinstance(record.value, (int, float)):
-                counts.injected_delay += record.value
-        return Decision(
-            release, forward, data, reply, close_before, close_after, tuple(records), index
-        )
-
-    def _stream(self, rule_id: int, session: int, direction: Direction) -> random.Random:
-        key = (rule_id, session, direction)
-        stream = self._streams.get(key)
-        if stream is None:
-            stream = random.Random(
-                f"vfioproxy.inject/{self.seed}/{session}/{direction.value}/{rule_id}"
+        if type(data) is not bytes:
+            data = bytes(data)
+        lane = (self._c2s if direction is _C2S else self._s2c).get(session)
+        if lane is None:
+            lane = self._open(session, direction)
+        index = lane.index
+        lane.index = index + 1
+        constant = lane.constant
+        if constant is not None:  # nothing to look at: no rules, or fixed delays for all
+            applied, delays = constant
+            t = now
+            if lane.stalled_until > t:
+                t = lane.stalled_until
+            for entry, seconds in delays:
+                t += seconds
+                entry.matched += 1
+                entry.applied += 1
+                entry.injected_delay += seconds
+        else:
+            entries, inspect, regions, screen, remember, recall = lane.plan
+            command = flags = message_type = region = offset = None
+            if inspect and len(data) >= HEADER_SIZE:
+                msg_id, command, _, flags, _ = HEADER.unpack_from(data)
+                message_type = flags & TYPE_MASK
+                if command in regions and len(data) >= _ACCESS_END:
+                    offset, region = ACCESS.unpack_from(data, HEADER_SIZE)
+                if recall and message_type == _REPLY_TYPE and command in ACCESS_COMMANDS:
+                    pending = _recall(lane.other.sent, msg_id, command)
+                    if pending is not None:
+                        _, region, offset = pending
+            if screen is not None and command not in screen:
+                entries = ()  # none of them accepts this command (or a message without header)
+            fired: list[_Entry] | None = None
+            delays_only = True
+            for entry in entries:
+                compiled = entry.compiled
+                test = compiled.test
+                if test is not None and not test(index, command, message_type, region, offset):
+                    continue
+                entry.matched += 1
+                probability = compiled.probability
+                if probability < 1.0 and (
+                    probability <= 0.0 or entry.stream().random() >= probability
+                ):
+                    continue
+                if fired is None:
+                    fired = [entry]
+                else:
+                    fired.append(entry)
+                if compiled.delay is None:
+                    delays_only = False
+            track = (
+                remember and message_type == _COMMAND_TYPE and command in ACCESS_COMMANDS
             )
-            self._streams[key] = stream
-        return stream
+            if not delays_only:
+                assert fired is not None
+                decision = _act(lane, fired, data, now, index, command)
+                if track and decision.forward:
+                    _remember(lane, decision.data, data, command, flags)
+                return decision
+            if track:
+                _remember(lane, data, data, command, flags)
+            # the release time and delays alone (module docstring, step 4)
+            t = lane.stalled_until if lane.stalled_until > now else now
+            applied = ()
+            if fired is not None:
+                applied, t = _delays(fired, t)
+        if lane.last_release > t:
+            t = lane.last_release
+        lane.last_release = t
+        return _decision(Decision, (t, True, data, None, False, False, applied, index))
 
-    # ----------------------------------------------------------------- replies
 
-    def _view(self, session: int, direction: Direction, data: bytes) -> MessageView:
-        """The message, a reply's region and offset taken from its tracked request."""
-        view = inspect(data)
-        header = view.header
-        if header is None or not header.is_reply or header.command not in REGION_ACCESS:
-            return view
-        key = (session, direction.reverse, header.msg_id)
-        queue = self._pending.get(key)
-        if not queue:
-            return view
-        for pending in queue:
-            if pending.command == header.command:
-                queue.remove(pending)
-                if not queue:
-                    del self._pending[key]
-                return attrs.evolve(view, region=pending.region, offset=pending.offset)
-        return view
+def _delays(fired: list[_Entry], t: float) -> tuple[tuple[Applied, ...], float]:
+    """The records of the delay rules that fired on a message, and ``t`` after them."""
+    if len(fired) == 1:  # the common case, made once
+        entry = fired[0]
+        fixed = entry.compiled.fixed
+        if fixed is not None:
+            entry.applied += 1
+            entry.injected_delay += fixed[1]
+            return fixed[0], t + fixed[1]
+    applied = []
+    for entry in fired:
+        compiled = entry.compiled
+        if compiled.fixed is not None:
+            (record,), seconds = compiled.fixed
+        else:
+            assert compiled.delay is not None
+            seconds, note = capped(compiled.delay.draw(entry.stream()))
+            record = Applied(compiled.rule.id, compiled.rule.action, seconds, note)
+        t += seconds
+        entry.applied += 1
+        entry.injected_delay += seconds
+        applied.append(record)
+    return tuple(applied), t
 
-    def _remember(self, session: int, direction: Direction, view: MessageView, sent: bytes) -> None:
-        """Track a forwarded region-access request until its reply."""
-        header = view.header
-        if (
-            header is None
-            or not header.is_command
-            or header.no_reply
-            or header.command not in REGION_ACCESS
-            or len(sent) < HEADER_SIZE
-        ):
-            return
-        msg_id = Header.parse(sent).msg_id
-        queue = self._pending.setdefault(
-            (session, direction, msg_id), collections.deque(maxlen=_MAX_PENDING_PER_ID)
-        )
-        queue.append(_Pending(header.command, view.region, view.offset))
+
+def _act(
+    lane: _Lane, fired: list[_Entry], data: bytes, now: float, index: int, command: int | None
+) -> Decision:
+    """The decision on a message some rules fired on (module docstring, steps 2-5)."""
+    records: list[Applied | None] = [None] * len(fired)
+    forward, acts = True, True
+    reply: bytes | None = None
+    close_before = close_after = False
+    for position, entry in enumerate(fired):
+        if entry.compiled.fate:
+            fate = _fate(entry.compiled.rule, data)
+            forward, acts, reply, close_before, close_after, records[position] = fate
+            break
+
+    stalled = lane.stalled_until
+    if now >= stalled:
+        for position, entry in enumerate(fired):
+            stall = entry.compiled.rule.action
+            if isinstance(stall, Stall):
+                stalled = max(stalled, now + stall.duration)
+                records[position] = Applied(
+                    entry.compiled.rule.id, stall, stall.duration,
+                    f"direction held until {stalled!r}",
+                )
+        lane.stalled_until = stalled
+    if not acts:
+        return _finish(fired, records, now, False, data, None, False, False, index)
+
+    t = max(now, stalled)
+    buffer: bytearray | None = None
+    for position, entry in enumerate(fired):
+        compiled = entry.compiled
+        action = compiled.rule.action
+        if isinstance(action, Delay):
+            if compiled.fixed is not None:
+                (records[position],), seconds = compiled.fixed
+            else:
+                seconds, note = capped(action.distribution.draw(entry.stream()))
+                records[position] = Applied(compiled.rule.id, action, seconds, note)
+            t += seconds
+        elif isinstance(action, Bandwidth) and forward:
+            start = t
+            t = max(t, entry.link_free) + len(data) / action.bytes_per_second
+            entry.link_free = t
+            records[position] = Applied(compiled.rule.id, action, t - start)
+        elif isinstance(action, Corrupt) and forward:
+            if buffer is None:
+                buffer = bytearray(data)
+            flipped, note = action.apply(buffer, command)
+            records[position] = Applied(compiled.rule.id, action, flipped, note)
+    release = max(t, lane.last_release)
+    lane.last_release = release
+    out = data if buffer is None else bytes(buffer)
+    return _finish(fired, records, release, forward, out, reply, close_before, close_after, index)
+
+
+def _fate(rule: Rule, data: bytes) -> tuple[bool, bool, bytes | None, bool, bool, Applied]:
+    """(forward, acts, reply, close_before, close_after, record) of a drop, error or close."""
+    action = rule.action
+    if isinstance(action, Drop):
+        return False, False, None, False, False, Applied(rule.id, action)
+    if isinstance(action, Error):
+        header = Header.parse(data)  # error rules fire on requests only: a header is there
+        if header.no_reply:
+            note = "no_reply request: dropped without an error reply"
+            return False, False, None, False, False, Applied(rule.id, action, action.errno, note)
+        reply = encode(build_error_reply(header, action.errno))[0]
+        return False, True, reply, False, False, Applied(rule.id, action, action.errno)
+    assert isinstance(action, Close)
+    record = Applied(rule.id, action, action.when)
+    if action.when == "before":
+        return False, True, None, True, False, record
+    return True, True, None, False, True, record
+
+
+def _finish(
+    fired: list[_Entry],
+    records: list[Applied | None],
+    release: float,
+    forward: bool,
+    data: bytes,
+    reply: bytes | None,
+    close_before: bool,
+    close_after: bool,
+    index: int,
+) -> Decision:
+    """The decision, its applied records (in rule order) counted on their rules."""
+    applied = []
+    for entry, record in zip(fired, records, strict=True):
+        if record is not None:
+            applied.append(record)
+            entry.applied += 1
+            if isinstance(record.action, (Delay, Bandwidth, Stall)) and isinstance(
+                record.value, (int, float)
+            ):
+                entry.injected_delay += record.value
+    return _decision(
+        Decision,
+        (release, forward, data, reply, close_before, close_after, tuple(applied), index),
+    )
+
+
+def _remember(
+    lane: _Lane, sent: bytes, data: bytes, command: int | None, flags: int | None
+) -> None:
+    """Track a forwarded region-access request, unless no_reply, until its reply.
+
+    ``data``: the request as it arrived (its region and offset are
+    remembered); ``sent``: as it was forwarded (its msg_id is what the
+    reply repeats).
+    """
+    if command is None or flags is None or flags & FLAG_NO_REPLY:
+        return
+    region = offset = None
+    if len(data) >= _ACCESS_END:
+        offset, region = ACCESS.unpack_from(data, HEADER_SIZE)
+    (msg_id,) = _MSG_ID.unpack_from(sent, MSG_ID.offset)
+    queue = lane.sent.get(msg_id)
+    if queue is None:
+        queue = lane.sent[msg_id] = collections.deque(maxlen=_MAX_PENDING_PER_ID)
+    queue.append((command, region, offset))
+
+
+def _recall(
+    sent: dict[int, collections.deque[_Pending]], msg_id: int, command: int
+) -> _Pending | None:
+    """Take the oldest tracked request with ``msg_id`` and ``command`` out of ``sent``."""
+    queue = sent.get(msg_id)
+    if not queue:
+        return None
+    for pending in queue:
+        if pending[0] == command:
+            queue.remove(pending)
+            if not queue:
+                del sent[msg_id]
+            return pending
+    return None

@@ -27,7 +27,8 @@ Matching. Every filter left at None matches anything:
 A message shorter than the 16-byte header has no command, kind, region or
 offset: only rules without those filters can match it.
 
-Corrupt fields (bits flipped with ``mask``, little endian):
+Corrupt fields (bits flipped with ``mask``, little endian; the table is
+:mod:`vfioproxy.protocol.offsets`):
 
 - header: ``msg_id`` (abs 0, u16), ``command`` (2, u16), ``size`` (4, u32),
   ``flags`` (8, u32), ``error`` (12, u32);
@@ -52,7 +53,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import attrs
@@ -72,8 +73,9 @@ from vfioproxy.inject.values import (
     parse_rate,
     parse_uint,
 )
-from vfioproxy.inject.view import REGION_ACCESS, MessageView
-from vfioproxy.protocol.header import HEADER_SIZE, Command, command_name
+from vfioproxy.inject.view import MessageView
+from vfioproxy.protocol.header import HEADER_SIZE, Command, MessageType, command_name
+from vfioproxy.protocol.offsets import ACCESS_COMMANDS, BODY_FIELDS, HEADER_FIELDS
 from vfioproxy.protocol.pci import Region
 from vfioproxy.side import Direction
 
@@ -87,6 +89,7 @@ __all__ = [
     "Error",
     "Kind",
     "Match",
+    "Predicate",
     "Rule",
     "Stall",
     "command_token",
@@ -226,6 +229,11 @@ def _probability(instance: Any, attribute: attrs.Attribute[float], value: float)
 
 # --------------------------------------------------------------------- match
 
+#: (index, command, type nibble, region, offset) -> whether a rule's filters accept the message
+Predicate = Callable[[int, int | None, int | None, int | None, int | None], bool]
+_COMMAND_TYPE = int(MessageType.COMMAND)
+_REPLY_TYPE = int(MessageType.REPLY)
+
 
 @attrs.frozen
 class Match:
@@ -251,7 +259,7 @@ class Match:
 
     def __attrs_post_init__(self) -> None:
         access = self.region is not None or self.offset is not None
-        if access and self.command is not None and not self.command & REGION_ACCESS:
+        if access and self.command is not None and not self.command & ACCESS_COMMANDS:
             raise RuleSyntaxError(
                 "region and offset filters only match REGION_READ and REGION_WRITE"
             )
@@ -271,20 +279,66 @@ class Match:
             return False
         if self.session is not None and session != self.session:
             return False
-        if self.index is not None and index not in self.index:
-            return False
+        test = self.predicate()
+        if test is None:
+            return True
         header = view.header
         if header is None:
-            return not self.needs_header
-        if self.command is not None and header.command not in self.command:
-            return False
-        if self.kind is Kind.REQUEST and not header.is_command:
-            return False
-        if self.kind is Kind.REPLY and not header.is_reply:
-            return False
-        if self.region is not None and view.region != self.region:
-            return False
-        return self.offset is None or view.offset in self.offset
+            return test(index, None, None, None, None)
+        return test(index, header.command, header.type, view.region, view.offset)
+
+    def predicate(self, *, requests_only: bool = False) -> Predicate | None:
+        """The filters on the message itself as one function, made once; None: no such filter.
+
+        The function takes the message's index in its direction, its
+        header's command and type nibble (None for a message without a
+        header), and the region and offset of a region access (None for
+        other messages), and says whether index, command, kind, region and
+        offset filters accept it. ``requests_only`` adds a filter on
+        requests (error rules answer nothing else). Direction and session
+        are not its business: they are fixed for a whole session direction.
+        """
+        needs_header = self.needs_header or requests_only
+        if self.index is None and not needs_header:
+            return None
+        index_start = None if self.index is None else self.index.start
+        index_stop = None if self.index is None else self.index.stop
+        commands = self.command
+        wanted_type = (
+            _COMMAND_TYPE if requests_only or self.kind is Kind.REQUEST
+            else _REPLY_TYPE if self.kind is Kind.REPLY
+            else None
+        )
+        region = self.region
+        offset_start = None if self.offset is None else self.offset.start
+        offset_stop = None if self.offset is None else self.offset.stop
+
+        def test(
+            index: int,
+            command: int | None,
+            message_type: int | None,
+            got_region: int | None,
+            got_offset: int | None,
+        ) -> bool:
+            if index_start is not None and (
+                index < index_start or (index_stop is not None and index >= index_stop)
+            ):
+                return False
+            if command is None:
+                return not needs_header
+            if commands is not None and command not in commands:
+                return False
+            if wanted_type is not None and message_type != wanted_type:
+                return False
+            if region is not None and got_region != region:
+                return False
+            return offset_start is None or (
+                got_offset is not None
+                and got_offset >= offset_start
+                and (offset_stop is None or got_offset < offset_stop)
+            )
+
+        return test
 
     def command_text(self) -> str:
         """``*`` or the commands, comma-separated in number order."""
@@ -438,61 +492,6 @@ class Close:
         return {"action": self.name, "when": self.when}
 
 
-#: header fields: abs offset, width
-HEADER_FIELDS: dict[str, tuple[int, int]] = {
-    "msg_id": (0, 2),
-    "command": (2, 2),
-    "size": (4, 4),
-    "flags": (8, 4),
-    "error": (12, 4),
-}
-
-_ARGSZ = (
-    Command.DMA_MAP,
-    Command.DMA_UNMAP,
-    Command.DEVICE_GET_INFO,
-    Command.DEVICE_GET_REGION_INFO,
-    Command.DEVICE_GET_REGION_IO_FDS,
-    Command.DEVICE_GET_IRQ_INFO,
-    Command.DEVICE_SET_IRQS,
-    Command.DEVICE_FEATURE,
-    Command.MIG_DATA_READ,
-    Command.MIG_DATA_WRITE,
-)
-
-#: named body fields: per command, body offset and width (protocol.md §2)
-BODY_FIELDS: dict[str, dict[int, tuple[int, int]]] = {
-    "offset": {
-        Command.REGION_READ: (0, 8),
-        Command.REGION_WRITE: (0, 8),
-        Command.DMA_MAP: (8, 8),
-        Command.DEVICE_GET_REGION_INFO: (24, 8),
-    },
-    "region": {Command.REGION_READ: (8, 4), Command.REGION_WRITE: (8, 4)},
-    "count": {
-        Command.REGION_READ: (12, 4),
-        Command.REGION_WRITE: (12, 4),
-        Command.DMA_READ: (8, 8),
-        Command.DMA_WRITE: (8, 8),
-        Command.DEVICE_GET_REGION_IO_FDS: (12, 4),
-        Command.DEVICE_GET_IRQ_INFO: (12, 4),
-        Command.DEVICE_SET_IRQS: (16, 4),
-    },
-    "address": {Command.DMA_READ: (0, 8), Command.DMA_WRITE: (0, 8)},
-    "iova": {Command.DMA_MAP: (16, 8), Command.DMA_UNMAP: (8, 8)},
-    "index": {
-        Command.DEVICE_GET_REGION_INFO: (8, 4),
-        Command.DEVICE_GET_REGION_IO_FDS: (8, 4),
-        Command.DEVICE_GET_IRQ_INFO: (8, 4),
-        Command.DEVICE_SET_IRQS: (8, 4),
-    },
-    "start": {Command.DEVICE_SET_IRQS: (12, 4)},
-    "argsz": {command: (0, 4) for command in _ARGSZ},
-    "major": {Command.VERSION: (0, 2)},
-    "minor": {Command.VERSION: (2, 2)},
-}
-
-
 def _to_field(value: str) -> str:
     text = value.strip().lower()
     if text.startswith("body+"):
@@ -530,9 +529,9 @@ class Corrupt:
     def field_width(self) -> int | None:
         """Bytes the field spans everywhere it exists (the narrowest); None for body+N."""
         if self.field in HEADER_FIELDS:
-            return HEADER_FIELDS[self.field][1]
+            return HEADER_FIELDS[self.field].size
         if self.field in BODY_FIELDS:
-            return min(width for _, width in BODY_FIELDS[self.field].values())
+            return min(field.size for field in BODY_FIELDS[self.field].values())
         return None
 
     def commands(self) -> frozenset[int] | None:
