@@ -10,7 +10,9 @@ renumbered so that no two traces share one). For every rule set below, one
 injector decides every message ``--passes`` times in a row (``now`` grows by
 1 us a message, so nothing ever waits); a repeat is timed with
 ``time.perf_counter_ns`` and divided by its calls, and the figure is the
-median of ``--reps`` repeats (after one untimed warm-up repeat). The
+median of ``--reps`` repeats (after one untimed warm-up repeat); the rule
+sets take turns, one repeat each per round, so that load elsewhere on the
+machine spreads over all of them. The
 ``bare call`` row is a Python function with ``decide``'s signature that
 returns a constant: the loop and the call themselves; ``net`` subtracts it.
 
@@ -92,16 +94,28 @@ def one_repeat(
     return elapsed / (passes * len(messages))
 
 
-def measure(decide: Decide, messages: Sequence[Message], passes: int, reps: int) -> float:
-    """Median ns per call over ``reps`` repeats, after one untimed warm-up repeat."""
-    clock = [0.0]
-    one_repeat(decide, messages, passes, clock)
+def measure(
+    candidates: dict[str, Decide], messages: Sequence[Message], passes: int, reps: int
+) -> dict[str, float]:
+    """Median ns per call of each candidate over ``reps`` rounds.
+
+    Every round times one repeat of each candidate, in turn, so that a
+    burst of load elsewhere on the machine spreads over all of them; one
+    untimed repeat of each comes first.
+    """
+    clocks = {name: [0.0] for name in candidates}
+    for name, decide in candidates.items():
+        one_repeat(decide, messages, passes, clocks[name])
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     gc.collect()
     gc.disable()
     try:
-        return statistics.median(one_repeat(decide, messages, passes, clock) for _ in range(reps))
+        for _ in range(reps):
+            for name, decide in candidates.items():
+                times[name].append(one_repeat(decide, messages, passes, clocks[name]))
     finally:
         gc.enable()
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,15 +130,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     c2s = sum(direction is Direction.C2S for _, direction, _ in messages)
     print(f"{len(messages)} messages ({c2s} c2s) from {len(paths)} traces; "
           f"python {platform.python_version()}, {os.cpu_count()} CPUs")
-    base = measure(bare, messages, args.passes, args.reps)
+    candidates: dict[str, Decide] = {"bare call": bare}
+    for name, rules in RULE_SETS.items():
+        candidates[name] = Injector(rules, seed=1).decide
+    costs = measure(candidates, messages, args.passes, args.reps)
+    base = costs["bare call"]
     results: dict[str, Any] = {"messages": len(messages), "bare_call_ns": base, "rule_sets": {}}
     print(f"{'rule set':<34} {'ns/call':>8} {'net ns':>8}")
-    print(f"{'bare call':<34} {base:8.0f} {0:8.0f}")
-    for name, rules in RULE_SETS.items():
-        injector = Injector(rules, seed=1)
-        cost = measure(injector.decide, messages, args.passes, args.reps)
-        results["rule_sets"][name] = {"rules": list(rules), "ns_per_call": cost}
+    for name, cost in costs.items():
         print(f"{name:<34} {cost:8.0f} {cost - base:8.0f}")
+        if name in RULE_SETS:
+            results["rule_sets"][name] = {"rules": list(RULE_SETS[name]), "ns_per_call": cost}
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
