@@ -239,7 +239,8 @@ class _Counts:
 class _Compiled:
     """A rule made ready for deciding, once, when it is added.
 
-    ``test``: the predicate of its message filters (None: none);
+    ``commands``: its command filter, checked before ``test``, the
+    predicate of its other message filters (None: none);
     ``reads_header``: whether it needs the header's fields, ``regions``
     the commands whose region and offset it needs; ``delay``: the
     distribution of a delay rule (None for other actions), and ``fixed``
@@ -250,8 +251,8 @@ class _Compiled:
     """
 
     __slots__ = (
-        "always", "delay", "fate", "fixed", "probability", "reads_header", "regions", "retired",
-        "rule", "test",
+        "always", "commands", "delay", "fate", "fixed", "probability", "reads_header", "regions",
+        "retired", "rule", "test",
     )
 
     def __init__(self, rule: Rule) -> None:
@@ -260,7 +261,10 @@ class _Compiled:
         self.fate = isinstance(action, (Drop, Error, Close))
         self.delay = action.distribution if isinstance(action, Delay) else None
         requests_only = isinstance(action, Error)  # error rules answer requests only
-        self.test: Predicate | None = rule.match.predicate(requests_only=requests_only)
+        self.commands = rule.match.command
+        self.test: Predicate | None = rule.match.predicate(
+            requests_only=requests_only, screened=True
+        )
         self.reads_header = rule.match.needs_header or isinstance(action, (Error, Corrupt))
         self.regions: frozenset[int] = frozenset()
         if rule.match.region is not None or rule.match.offset is not None:
@@ -272,7 +276,7 @@ class _Compiled:
             seconds = action.distribution.value
             record = Applied(rule.id, action, seconds)
             self.fixed = (record,), seconds
-            if self.test is None and self.probability >= 1.0:
+            if self.commands is None and self.test is None and self.probability >= 1.0:
                 self.always = record, seconds
         self.retired = _Counts()
 
@@ -326,17 +330,14 @@ class _Plan(NamedTuple):
 
     ``entries``: the rules that can apply to the lane, in rule order;
     ``inspect``: whether to read the header; ``regions``: the commands
-    whose region and offset some entry filters on; ``screen``: the
-    commands some entry accepts, when every entry filters on commands
-    (None otherwise); ``remember``/``recall``: whether to track
-    region-access requests sent this way / look replies up in the other
-    lane's.
+    whose region and offset some entry filters on; ``remember`` /
+    ``recall``: whether to track region-access requests sent this way /
+    look replies up in the other lane's.
     """
 
     entries: tuple[_Entry, ...]
     inspect: bool
     regions: frozenset[int]
-    screen: frozenset[int] | None
     remember: bool
     recall: bool
 
@@ -345,10 +346,7 @@ class _Plan(NamedTuple):
         rules = [entry.compiled for entry in entries]
         inspect = remember or recall or any(compiled.reads_header for compiled in rules)
         regions = frozenset().union(*(compiled.regions for compiled in rules))
-        screen = None
-        if rules and all(compiled.rule.match.command is not None for compiled in rules):
-            screen = frozenset().union(*(compiled.rule.match.command or () for compiled in rules))
-        return cls(entries, inspect, regions, screen, remember, recall)
+        return cls(entries, inspect, regions, remember, recall)
 
     def constant(self) -> _Constant | None:
         """The outcome when it is the same for every message: nothing to look at, and
@@ -543,7 +541,7 @@ class Injector:
                 entry.applied += 1
                 entry.injected_delay += seconds
         else:
-            entries, inspect, regions, screen, remember, recall = lane.plan
+            entries, inspect, regions, remember, recall = lane.plan
             command = flags = message_type = region = offset = None
             if inspect and len(data) >= HEADER_SIZE:
                 msg_id, command, _, flags, _ = HEADER.unpack_from(data)
@@ -554,12 +552,13 @@ class Injector:
                     pending = _recall(lane.other.sent, msg_id, command)
                     if pending is not None:
                         _, region, offset = pending
-            if screen is not None and command not in screen:
-                entries = ()  # none of them accepts this command (or a message without header)
             fired: list[_Entry] | None = None
             delays_only = True
             for entry in entries:
                 compiled = entry.compiled
+                commands = compiled.commands
+                if commands is not None and command not in commands:
+                    continue  # a message without header too
                 test = compiled.test
                 if test is not None and not test(index, command, message_type, region, offset):
                     continue

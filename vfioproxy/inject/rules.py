@@ -287,7 +287,9 @@ class Match:
             return test(index, None, None, None, None)
         return test(index, header.command, header.type, view.region, view.offset)
 
-    def predicate(self, *, requests_only: bool = False) -> Predicate | None:
+    def predicate(
+        self, *, requests_only: bool = False, screened: bool = False
+    ) -> Predicate | None:
         """The filters on the message itself as one function, made once; None: no such filter.
 
         The function takes the message's index in its direction, its
@@ -295,21 +297,28 @@ class Match:
         header), and the region and offset of a region access (None for
         other messages), and says whether index, command, kind, region and
         offset filters accept it. ``requests_only`` adds a filter on
-        requests (error rules answer nothing else). Direction and session
-        are not its business: they are fixed for a whole session direction.
+        requests (error rules answer nothing else). ``screened``: the
+        caller only asks about messages whose command is in ``command``
+        (when set), so the function leaves that filter out. Direction and
+        session are not its business: they are fixed for a whole session
+        direction.
         """
-        needs_header = self.needs_header or requests_only
-        if self.index is None and not needs_header:
-            return None
-        index_start = None if self.index is None else self.index.start
-        index_stop = None if self.index is None else self.index.stop
         commands = self.command
+        needs_header = self.needs_header or requests_only
+        if screened and commands is not None:  # checked by the caller, header included
+            commands = None
+            needs_header = False
         wanted_type = (
             _COMMAND_TYPE if requests_only or self.kind is Kind.REQUEST
             else _REPLY_TYPE if self.kind is Kind.REPLY
             else None
         )
         region = self.region
+        remaining = (self.index, commands, wanted_type, region, self.offset)
+        if all(value is None for value in remaining):
+            return None
+        index_start = None if self.index is None else self.index.start
+        index_stop = None if self.index is None else self.index.stop
         offset_start = None if self.offset is None else self.offset.start
         offset_stop = None if self.offset is None else self.offset.stop
 
