@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
+from tests.test_inject_engine import raw, read
 from vfioproxy.inject import (
     Corrupt,
     Delay,
@@ -25,7 +26,7 @@ from vfioproxy.protocol.bodies import (
     RegionAccessBody,
     RegionInfoBody,
 )
-from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, encode
+from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply
 from vfioproxy.protocol.header import HEADER_SIZE, Command, Header
 from vfioproxy.protocol.offsets import (
     ACCESS,
@@ -40,14 +41,6 @@ from vfioproxy.protocol.offsets import (
 from vfioproxy.side import Direction
 
 C2S, S2C = Direction.C2S, Direction.S2C
-
-
-def raw(message):
-    return encode(message)[0]
-
-
-def read(offset=0x40, region=7, count=4, msg_id=1):
-    return build_command(Command.REGION_READ, msg_id, RegionAccessBody(offset, region, count))
 
 
 def matches(match, data, *, session=0, direction=C2S, index=0):

@@ -317,6 +317,16 @@ class _Entry(_Counts):
             stream = self._stream = random.Random(self._seed)
         return stream
 
+    def draw_delay(self) -> tuple[Applied, float]:
+        """The record and seconds of one application of a delay rule (uncounted)."""
+        compiled = self.compiled
+        if compiled.fixed is not None:
+            (record,), seconds = compiled.fixed
+            return record, seconds
+        assert compiled.delay is not None
+        seconds, note = capped(compiled.delay.draw(self.stream()))
+        return Applied(compiled.rule.id, compiled.rule.action, seconds, note), seconds
+
 
 #: a tracked request: command, region, offset
 _Pending = tuple[int, int | None, int | None]
@@ -607,13 +617,7 @@ def _delays(fired: list[_Entry], t: float) -> tuple[tuple[Applied, ...], float]:
             return fixed[0], t + fixed[1]
     applied = []
     for entry in fired:
-        compiled = entry.compiled
-        if compiled.fixed is not None:
-            (record,), seconds = compiled.fixed
-        else:
-            assert compiled.delay is not None
-            seconds, note = capped(compiled.delay.draw(entry.stream()))
-            record = Applied(compiled.rule.id, compiled.rule.action, seconds, note)
+        record, seconds = entry.draw_delay()
         t += seconds
         entry.applied += 1
         entry.injected_delay += seconds
@@ -655,11 +659,7 @@ def _act(
         compiled = entry.compiled
         action = compiled.rule.action
         if isinstance(action, Delay):
-            if compiled.fixed is not None:
-                (records[position],), seconds = compiled.fixed
-            else:
-                seconds, note = capped(action.distribution.draw(entry.stream()))
-                records[position] = Applied(compiled.rule.id, action, seconds, note)
+            records[position], seconds = entry.draw_delay()
             t += seconds
         elif isinstance(action, Bandwidth) and forward:
             start = t

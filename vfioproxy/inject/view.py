@@ -28,7 +28,6 @@ class MessageView:
     reply from the request it answers when the injector tracked it.
     """
 
-    length: int
     header: Header | None = None
     region: int | None = None
     offset: int | None = None
@@ -37,9 +36,9 @@ class MessageView:
 def inspect(data: bytes) -> MessageView:
     """Read the header and, for region accesses, region and offset of ``data``."""
     if len(data) < HEADER_SIZE:
-        return MessageView(len(data))
+        return MessageView()
     header = Header.parse(data)
     if header.command in ACCESS_COMMANDS and len(data) >= _ACCESS_END:
         offset, region = ACCESS.unpack_from(data, HEADER_SIZE)
-        return MessageView(len(data), header, region, offset)
-    return MessageView(len(data), header)
+        return MessageView(header, region, offset)
+    return MessageView(header)

@@ -28,7 +28,6 @@ __all__ = [
     "FLAGS",
     "HEADER",
     "HEADER_FIELDS",
-    "HEADER_SIZE",
     "MSG_ID",
     "SIZE",
     "Field",
