@@ -208,6 +208,7 @@ async def _serve_connection(stream: trio.SocketStream, controller: _Controller) 
 
 
 async def _answer_lines(stream: trio.SocketStream, controller: _Controller) -> None:
+    """Read request lines until EOF and answer each; cancelled, it stops where it waits."""
     pending = b""
     skipping = False
     while chunk := await stream.receive_some(65536):
