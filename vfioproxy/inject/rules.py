@@ -18,9 +18,10 @@ Matching. Every filter left at None matches anything:
   (the offset alone lies in the range; the access's count is not looked
   at). Requests carry both fields. A reply is matched by the fields of the
   request it answers: the injector tracks forwarded region-access requests
-  by (direction, msg_id), first in first out; for a reply whose request it
-  did not see it reads the reply's own body, and an error reply without a
-  payload then has no region;
+  by (direction, msg_id), first in first out, from the time it first holds
+  a rule that needs it; for a reply whose request it did not track it
+  reads the reply's own body, and an error reply without a payload then
+  has no region;
 - ``probability``: once the filters match, the rule fires with this
   probability (toxicity), drawn from the rule's own seeded stream.
 
