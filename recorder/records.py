@@ -331,15 +331,23 @@ def event_wire(
 def data_depth(value: Any, limit: int) -> int:
     """How deep maps and lists nest in ``value`` (a scalar is 0), counting no
     further than ``limit`` + 1: enough to refuse what is too deep, cheaply."""
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is dict:
         items: Any = value.values()
-    elif isinstance(value, list | tuple):
+    elif kind is list or kind is tuple:
         items = value
     else:
         return 0
     if limit <= 0:
         return 1
-    return 1 + max((data_depth(item, limit - 1) for item in items), default=0)
+    deepest = 0
+    for item in items:
+        kind = type(item)
+        if kind is dict or kind is list or kind is tuple:
+            depth = data_depth(item, limit - 1)
+            if depth > deepest:
+                deepest = depth
+    return 1 + deepest
 
 
 def _length(instance: MessageRecord, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -188,36 +188,33 @@ class TraceWriter:
             if len(data) <= _INLINE:
                 wire["b"] = data
                 blob = self._packer.pack(wire)
-                if not events and self._fd >= 0 and (
-                    self._size + len(blob) + RESERVE <= self._reserved_end
-                ):
-                    # the usual case: one small record, room reserved: just write it
+                if events:
+                    blob = b"".join((blob, *self._event_blobs(seq, session, t_ns, events)))
+                if self._fd >= 0 and self._size + len(blob) + RESERVE <= self._reserved_end:
+                    # the usual case: a small record (and its events), room reserved
                     try:
                         written = os.write(self._fd, blob)
                     except OSError:
                         written = -1
                     if written == len(blob) and not self._fsync:
                         self._size += written
-                        self._seq = seq
+                        self._seq = seq + len(events)
                         return seq
                     self._cut_back()  # and go the careful way below
-                tail = b""
+                pieces = [blob]
             else:
                 wire["b"] = b""
                 blob = self._packer.pack(wire)[:-2] + _bin_header(len(data))  # drop b""'s c4 00
-                tail = data
-            if len(blob) + len(tail) > DEFAULT_LIMITS.max_record_bytes:
-                raise TraceLimitError(
-                    f"record of {len(blob) + len(tail)} bytes exceeds max_record_bytes "
-                    f"({DEFAULT_LIMITS.max_record_bytes})",
-                    limit="max_record_bytes",
-                )
-            extra = [self._event_blob(seq + 1 + i, session, t_ns, kind, event)
-                     for i, (kind, event) in enumerate(events)]
-            # one write: the record (its bytes not copied when large), then its events
-            pieces = [blob, tail, *extra] if tail else [b"".join((blob, *extra))]
+                if len(blob) + len(data) > DEFAULT_LIMITS.max_record_bytes:
+                    raise TraceLimitError(
+                        f"record of {len(blob) + len(data)} bytes exceeds max_record_bytes "
+                        f"({DEFAULT_LIMITS.max_record_bytes})",
+                        limit="max_record_bytes",
+                    )
+                # one write: the record, its bytes not copied, then its events
+                pieces = [blob, data, *self._event_blobs(seq, session, t_ns, events)]
             if self._write(pieces, message=True):
-                self._seq = seq + len(extra)
+                self._seq = seq + len(events)
                 return seq
             self._count_lost(len(data), len(events))
             return 0
@@ -271,20 +268,23 @@ class TraceWriter:
 
     # ------------------------------------------------------------------ internals
 
-    def _event_blob(
-        self, seq: int, session: int | None, t_ns: int, kind: str, data: dict[str, Any]
-    ) -> bytes:
-        """An event written with a message: packed without building (and validating)
-        an :class:`EventRecord`. A reader's limits still hold: the size is checked,
-        a blob smaller than ``max_objects`` bytes cannot hold more objects nor
-        a longer string than allowed, so only the nesting needs a look."""
-        blob: bytes = self._packer.pack(event_wire(seq, session, t_ns, kind, data))
+    def _event_blobs(
+        self, seq: int, session: int, t_ns: int, events: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[bytes]:
+        """The events written with message ``seq``, packed without building (and
+        validating) :class:`EventRecord` s. A reader's limits still hold: a
+        blob smaller than ``max_objects`` bytes cannot hold more objects nor a
+        longer string than allowed, so only the nesting needs a look."""
         limits = DEFAULT_LIMITS
-        small = len(blob) <= min(limits.max_objects, limits.max_str_bytes)
-        if not small or data_depth(data, limits.max_depth) > limits.max_depth - 2:
-            return self._check(EventRecord(seq, session, t_ns, kind, data).to_wire(),
-                               "max_event_bytes", check=True)
-        return blob
+        blobs = []
+        for i, (kind, data) in enumerate(events, start=seq + 1):
+            blob: bytes = self._packer.pack(event_wire(i, session, t_ns, kind, data))
+            small = len(blob) <= min(limits.max_objects, limits.max_str_bytes)
+            if not small or data_depth(data, limits.max_depth) > limits.max_depth - 2:
+                blob = self._check(EventRecord(i, session, t_ns, kind, data).to_wire(),
+                                   "max_event_bytes", check=True)
+            blobs.append(blob)
+        return blobs
 
     def _check(self, wire: dict[str, Any], limit: str, *, check: bool = False) -> bytes:
         """Pack ``wire``, refusing it when its size exceeds ``limit`` (or, with

@@ -101,8 +101,9 @@ class ThreadForwarder:
             if timer is not None:
                 due = relay.next_release()
                 if due is None:
-                    timer.disarm()
-                    armed_for = None
+                    if armed_for is not None:
+                        timer.disarm()
+                        armed_for = None
                 else:
                     now = time.monotonic()
                     if armed_for is not None and now >= armed_for:
@@ -110,8 +111,9 @@ class ThreadForwarder:
                         armed_for = None
                     wait, lead = due - now, latency.value
                     if wait > lead + SPIN / 2:
-                        armed_for = due - lead
-                        timer.arm(wait - lead)
+                        if armed_for != due - lead:  # already armed for it: nothing to do
+                            armed_for = due - lead
+                            timer.arm(wait - lead)
                     else:
                         while time.monotonic() < due:  # the last few microseconds
                             pass
