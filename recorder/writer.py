@@ -244,6 +244,23 @@ class TraceWriter:
             self._seq = record.seq
         return record
 
+    def append_event(
+        self, session: int | None, kind: str, t_ns: int, data: dict[str, Any]
+    ) -> int:
+        """:meth:`write_event` without building the record (the proxy's path):
+        ``data`` must hold only what a record may (string keys; maps, lists,
+        strings, bytes, numbers, booleans, None). Returns its ``seq`` (0: not
+        written, the disk being full)."""
+        with self._lock:
+            seq = self._seq + 1
+            if not self._write([self._event_blob(seq, session, t_ns, kind, data)],
+                               message=False):
+                if self._lost is not None:
+                    self._lost[3] += 1
+                return 0
+            self._seq = seq
+        return seq
+
     def close(self) -> None:
         """Give back the reserve and close the file; records already written
         stay. Closing twice is harmless."""
@@ -271,20 +288,25 @@ class TraceWriter:
     def _event_blobs(
         self, seq: int, session: int, t_ns: int, events: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[bytes]:
-        """The events written with message ``seq``, packed without building (and
-        validating) :class:`EventRecord` s. A reader's limits still hold: a
-        blob smaller than ``max_objects`` bytes cannot hold more objects nor a
-        longer string than allowed, so only the nesting needs a look."""
+        """The events written with message ``seq`` (see :meth:`_event_blob`)."""
+        return [self._event_blob(i, session, t_ns, kind, data)
+                for i, (kind, data) in enumerate(events, start=seq + 1)]
+
+    def _event_blob(
+        self, seq: int, session: int | None, t_ns: int, kind: str, data: dict[str, Any]
+    ) -> bytes:
+        """An event packed without building (and validating) an
+        :class:`EventRecord`. A reader's limits still hold: a blob smaller than
+        ``max_objects`` bytes cannot hold more objects nor a longer string than
+        allowed, so only the nesting needs a look; anything larger gets the
+        full check."""
         limits = DEFAULT_LIMITS
-        blobs = []
-        for i, (kind, data) in enumerate(events, start=seq + 1):
-            blob: bytes = self._packer.pack(event_wire(i, session, t_ns, kind, data))
-            small = len(blob) <= min(limits.max_objects, limits.max_str_bytes)
-            if not small or data_depth(data, limits.max_depth) > limits.max_depth - 2:
-                blob = self._check(EventRecord(i, session, t_ns, kind, data).to_wire(),
-                                   "max_event_bytes", check=True)
-            blobs.append(blob)
-        return blobs
+        blob: bytes = self._packer.pack(event_wire(seq, session, t_ns, kind, data))
+        small = len(blob) <= min(limits.max_objects, limits.max_str_bytes)
+        if not small or data_depth(data, limits.max_depth) > limits.max_depth - 2:
+            blob = self._check(EventRecord(seq, session, t_ns, kind, data).to_wire(),
+                               "max_event_bytes", check=True)
+        return blob
 
     def _check(self, wire: dict[str, Any], limit: str, *, check: bool = False) -> bytes:
         """Pack ``wire``, refusing it when its size exceeds ``limit`` (or, with

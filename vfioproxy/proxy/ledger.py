@@ -153,13 +153,12 @@ class SessionLedger:
         if self.writer is None:
             return 0
         try:
-            record = self.writer.write_event(
+            return self.writer.append_event(
                 self.id, kind, time.monotonic_ns() if t_ns is None else t_ns, data
             )
-        except (TraceError, OSError, ValueError) as exc:
+        except (TraceError, OSError, ValueError, TypeError) as exc:
             self._not_recorded(exc)
             return 0
-        return record.seq
 
     def _not_recorded(self, exc: BaseException) -> None:
         if not self._record_error_logged:

@@ -215,11 +215,10 @@ class Relay:
         data = message.data
         fds = message.fds
         t_ns = time.monotonic_ns()
-        if data[2] == _VERSION_BYTE and is_version(data):
-            twin = ledger.version(direction, data)
-            self.max_message_size = ledger.max_message_size
-            if twin is not None and fds:
-                self._twin(twin, fds)
+        version = data[2] == _VERSION_BYTE and is_version(data)
+        if version and fds:  # a twin socket must be swapped before the reply goes on
+            version = False
+            self._version(direction, data, fds)
         decision = None if ledger.injector is None else ledger.decide(direction, data,
                                                                       self.clock())
         fd_records: list[FdRecord] = []
@@ -237,6 +236,8 @@ class Relay:
         else:
             for fd in fds:
                 fd.close()
+        if version:  # after the send: the negotiation sets the limit of the next messages
+            self._version(direction, data, fds)
         if fds:
             if self.inspect_fds and not fd_records:
                 fd_records = self._fd_records(fds)  # after the send, before the close
@@ -471,6 +472,13 @@ class Relay:
             except (OSError, ValueError):
                 continue  # already closed (its receiver vanished mid-send): nothing to say
         return records
+
+    def _version(self, direction: Direction, data: bytes, fds: list[OwnedFd]) -> None:
+        """Follow a VERSION message: the framing limit, and a twin socket it hands over."""
+        twin = self.ledger.version(direction, data)
+        self.max_message_size = self.ledger.max_message_size
+        if twin is not None and fds:
+            self._twin(twin, fds)
 
     def _twin(self, twin: TwinSocket, fds: list[OwnedFd]) -> None:
         """Give the client a proxy-owned twin socket and relay it (see Proxy)."""
