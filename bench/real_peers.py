@@ -20,7 +20,8 @@ shuffled order), every figure a ratio to a baseline of the same run:
   number of messages the client sends in a fixed window of the running guest
   (by default 6 s, starting 3 s after its VERSION), while iPXE polls the NIC.
 
-Relays: ``c-relay`` (``bench/c/vu_relay.c``), ``proxy`` (``vfioproxy proxy``),
+Relays: ``c-relay`` (``bench/c/vu_relay.c``), ``bare-threads`` (``bench/bare_thread_relay.py``,
+the Python floor of the threaded forwarding; only with ``--configs``), ``proxy`` (``vfioproxy proxy``),
 ``record`` (``vfioproxy record -o TRACE``) and ``record-inject`` (``record
 --rule 'c2s * delay fixed(0us)'``). ``--vfioproxy-tree PATH`` runs the proxy
 configurations from another checkout of the project (``python -m vfioproxy``
@@ -63,7 +64,7 @@ import proxy_overhead as po  # noqa: E402  (bench/ is not a package)
 PYTHON = sys.executable
 
 #: every configuration, in table order; "direct" has no relay
-ALL_CONFIGS = ("direct", "c-relay", "proxy", "record", "record-inject")
+ALL_CONFIGS = ("direct", "c-relay", "bare-threads", "proxy", "record", "record-inject")
 DEFAULT_CONFIGS = {
     "realize": ("direct", "c-relay", "proxy", "record", "record-inject"),
     "io": ("direct", "c-relay", "proxy", "record"),
@@ -486,6 +487,8 @@ class RelaySet:
                 cwd, env = ROOT, None
                 if name == "c-relay":
                     argv = [str(programs["vu_relay"]), *ends]
+                elif name == "bare-threads":  # the Python floor: bench/bare_thread_relay.py
+                    argv = [sys.executable, str(BENCH / "bare_thread_relay.py"), *ends]
                 else:
                     argv, cwd, env = [*tree.argv()], tree.path, tree.env()
                     if name == "proxy":

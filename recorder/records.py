@@ -34,8 +34,10 @@ __all__ = [
     "FdRecord",
     "InvalidField",
     "MessageRecord",
+    "PlainMessagePacker",
     "Record",
     "TraceHeader",
+    "bin_header",
     "data_depth",
     "event_wire",
     "message_wire",
@@ -319,6 +321,38 @@ def message_wire(
     if torn:
         wire["x"] = TORN
     return wire
+
+
+def bin_header(length: int) -> bytes:
+    """The msgpack ``bin`` header for ``length`` bytes (the shortest form)."""
+    if length < 1 << 8:
+        return bytes((0xC4, length))
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
+
+
+class PlainMessagePacker:
+    """Packs the records of one session's direction that carry no fds, no
+    ``n`` and no ``x`` (nearly every message) straight to bytes: exactly
+    what msgpack makes of :func:`message_wire` with ``b`` added (tested),
+    without building the map. The parts that never change are packed once."""
+
+    __slots__ = ("_middle", "_pack")
+
+    _HEAD = b"\x87\xa1k\xa1m\xa1q"  # map of 7; "k": "m", "q":
+    _TAIL = b"\xa1f\x90\xa1b"  # "f": [], "b":
+
+    def __init__(self, packer: Any, session: int, direction: Direction) -> None:
+        self._pack = packer.pack
+        # "s": session, "d": direction, "t":
+        self._middle = (b"\xa1s" + packer.pack(session) + b"\xa1d"
+                        + packer.pack(_DIRECTION_VALUES[direction]) + b"\xa1t")
+
+    def __call__(self, seq: int, t_ns: int, data: bytes) -> bytes:
+        pack = self._pack
+        return b"".join((self._HEAD, pack(seq), self._middle, pack(t_ns), self._TAIL,
+                         bin_header(len(data)), data))
 
 
 def event_wire(

@@ -21,7 +21,9 @@ from recorder.records import (
     EventRecord,
     FdRecord,
     MessageRecord,
+    PlainMessagePacker,
     TraceHeader,
+    bin_header,
     data_depth,
     event_wire,
     message_wire,
@@ -101,6 +103,7 @@ class TraceWriter:
         self._fsync = fsync
         self._pause_when_full = pause_when_full
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._plain: dict[tuple[int, Direction], PlainMessagePacker] = {}
         self._seq = 0
         self._size = 0
         self._reserved_end = 0
@@ -175,6 +178,29 @@ class TraceWriter:
         finished (FORMAT.md §4). Returns the message's ``seq`` (0 when the
         disk is full and recording is paused, see the class docstring).
         """
+        if not fds and length is None and not torn and len(data) <= _INLINE:
+            # nearly every message: packed without a map, written in one plain write
+            with self._lock:
+                if self._lost is None and self._fd >= 0:
+                    plain = self._plain.get((session, direction))
+                    if plain is None:
+                        plain = PlainMessagePacker(self._packer, session, direction)
+                        self._plain[(session, direction)] = plain
+                    seq = self._seq + 1
+                    blob = plain(seq, t_ns, data)
+                    if events:
+                        blob = b"".join((blob, *self._event_blobs(seq, session, t_ns, events)))
+                    if (self._size + len(blob) + RESERVE <= self._reserved_end
+                            and not self._fsync):
+                        try:
+                            written = os.write(self._fd, blob)
+                        except OSError:
+                            written = -1
+                        if written == len(blob):
+                            self._size += written
+                            self._seq = seq + len(events)
+                            return seq
+                        self._cut_back()  # and go the careful way below
         if len(fds) > DEFAULT_LIMITS.max_fds:
             raise TraceLimitError(
                 f"{len(fds)} fds exceed max_fds ({DEFAULT_LIMITS.max_fds})", limit="max_fds"
@@ -190,21 +216,10 @@ class TraceWriter:
                 blob = self._packer.pack(wire)
                 if events:
                     blob = b"".join((blob, *self._event_blobs(seq, session, t_ns, events)))
-                if self._fd >= 0 and self._size + len(blob) + RESERVE <= self._reserved_end:
-                    # the usual case: a small record (and its events), room reserved
-                    try:
-                        written = os.write(self._fd, blob)
-                    except OSError:
-                        written = -1
-                    if written == len(blob) and not self._fsync:
-                        self._size += written
-                        self._seq = seq + len(events)
-                        return seq
-                    self._cut_back()  # and go the careful way below
                 pieces = [blob]
             else:
                 wire["b"] = b""
-                blob = self._packer.pack(wire)[:-2] + _bin_header(len(data))  # drop b""'s c4 00
+                blob = self._packer.pack(wire)[:-2] + bin_header(len(data))  # drop b""'s c4 00
                 if len(blob) + len(data) > DEFAULT_LIMITS.max_record_bytes:
                     raise TraceLimitError(
                         f"record of {len(blob) + len(data)} bytes exceeds max_record_bytes "
@@ -432,12 +447,3 @@ class TraceWriter:
             fd, self._fd = self._fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _bin_header(length: int) -> bytes:
-    """The msgpack ``bin`` header for ``length`` bytes."""
-    if length < 1 << 8:
-        return bytes((0xC4, length))
-    if length < 1 << 16:
-        return b"\xc5" + length.to_bytes(2, "big")
-    return b"\xc6" + length.to_bytes(4, "big")

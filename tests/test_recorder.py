@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recorder import migrate
@@ -33,8 +33,10 @@ from recorder.records import (
     FdRecord,
     InvalidField,
     MessageRecord,
+    PlainMessagePacker,
     Record,
     TraceHeader,
+    message_wire,
 )
 from recorder.writer import TraceWriter
 from tests.realdata import RAWCAP
@@ -718,3 +720,21 @@ def test_a_record_exactly_at_the_size_limit_passes_and_one_byte_more_does_not(
     assert info.value.record == 2
     assert info.value.offset == size
     assert len(list(TraceReader(path, limits=ReaderLimits(max_record_bytes=record_bytes)))) == 2
+
+
+@settings(max_examples=300)
+@given(
+    seq=st.integers(1, 2**64 - 1),
+    session=st.integers(0, 2**64 - 1),
+    direction=st.sampled_from(list(Direction)),
+    t_ns=st.integers(0, 2**64 - 1),
+    data=st.binary(max_size=70000),
+)
+def test_the_plain_packer_writes_exactly_the_record_the_wire_map_describes(
+    seq: int, session: int, direction: Direction, t_ns: int, data: bytes
+) -> None:
+    packer = msgpack.Packer(use_bin_type=True)
+    wire = message_wire(seq, session, direction, t_ns, ())
+    wire["b"] = data
+    plain = PlainMessagePacker(packer, session, direction)
+    assert plain(seq, t_ns, data) == msgpack.packb(wire, use_bin_type=True)
