@@ -178,29 +178,23 @@ class TraceWriter:
         finished (FORMAT.md §4). Returns the message's ``seq`` (0 when the
         disk is full and recording is paused, see the class docstring).
         """
-        if not fds and length is None and not torn and len(data) <= _INLINE:
-            # nearly every message: packed without a map, written in one plain write
-            with self._lock:
-                if self._lost is None and self._fd >= 0:
-                    plain = self._plain.get((session, direction))
-                    if plain is None:
-                        plain = PlainMessagePacker(self._packer, session, direction)
-                        self._plain[(session, direction)] = plain
-                    seq = self._seq + 1
-                    blob = plain(seq, t_ns, data)
-                    if events:
-                        blob = b"".join((blob, *self._event_blobs(seq, session, t_ns, events)))
-                    if (self._size + len(blob) + RESERVE <= self._reserved_end
-                            and not self._fsync):
-                        try:
-                            written = os.write(self._fd, blob)
-                        except OSError:
-                            written = -1
-                        if written == len(blob):
-                            self._size += written
-                            self._seq = seq + len(events)
-                            return seq
-                        self._cut_back()  # and go the careful way below
+        if not fds and length is None and not torn and not events:
+            return self.append_plain(session, direction, t_ns, data)
+        return self._append_whole(session, direction, t_ns, data, fds, length, torn, events)
+
+    def _append_whole(
+        self,
+        session: int,
+        direction: Direction,
+        t_ns: int,
+        data: bytes,
+        fds: Sequence[FdRecord],
+        length: int | None,
+        torn: bool,
+        events: Sequence[tuple[str, dict[str, Any]]],
+    ) -> int:
+        """:meth:`append_message` the careful way: any record, room checked,
+        the disk being full handled."""
         if len(fds) > DEFAULT_LIMITS.max_fds:
             raise TraceLimitError(
                 f"{len(fds)} fds exceed max_fds ({DEFAULT_LIMITS.max_fds})", limit="max_fds"
@@ -233,6 +227,30 @@ class TraceWriter:
                 return seq
             self._count_lost(len(data), len(events))
             return 0
+
+    def append_plain(self, session: int, direction: Direction, t_ns: int, data: bytes) -> int:
+        """:meth:`append_message` of a message without fds, length or torn mark
+        (nearly every one), kept short: packed by a per-direction
+        :class:`~recorder.records.PlainMessagePacker`, one plain write."""
+        with self._lock:
+            plain = self._plain.get((session, direction))
+            if plain is not None and len(data) <= _INLINE and self._lost is None and self._fd >= 0:
+                seq = self._seq + 1
+                blob = plain(seq, t_ns, data)
+                if self._size + len(blob) + RESERVE <= self._reserved_end and not self._fsync:
+                    try:
+                        written = os.write(self._fd, blob)
+                    except OSError:
+                        written = -1
+                    if written == len(blob):
+                        self._size += written
+                        self._seq = seq
+                        return seq
+                    self._cut_back()  # and go the careful way below
+            elif plain is None:
+                self._plain[(session, direction)] = PlainMessagePacker(
+                    self._packer, session, direction)
+        return self._append_whole(session, direction, t_ns, data, (), None, False, ())
 
     def _count_lost(self, size: int, events: int) -> None:
         if self._lost is None:

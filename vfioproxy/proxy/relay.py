@@ -242,7 +242,9 @@ class Relay:
             if self.inspect_fds and not fd_records:
                 fd_records = self._fd_records(fds)  # after the send, before the close
             dst.outbox.close_sent()
-        if message.length > len(data):
+        if decision is None and not fds and message.length == len(data):
+            seq = ledger.record_plain(direction, t_ns, data)  # nearly every message
+        elif message.length > len(data):
             forward = decision is None or decision.forward
             release_at = None if decision is None else decision.release_at
             src.stream = _Stream(data, message.length, t_ns, fd_records, forward, release_at,
