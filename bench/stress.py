@@ -4,6 +4,7 @@
     .venv/bin/python bench/stress.py sessions [--sessions 10000] [--concurrency 100]
     .venv/bin/python bench/stress.py kills    [--kills 20]
     .venv/bin/python bench/stress.py huge     [--size 600M]
+    .venv/bin/python bench/stress.py outstanding [--commands 1000000]
     .venv/bin/python bench/stress.py all      (each with its defaults, a table at the end)
 
 Each runs `vfioproxy record` as a separate process, as a user does, and checks
@@ -27,6 +28,9 @@ trace in order, and what each receiver got is what the trace says it got.
 - ``huge``: a VERSION offering 1 GiB transfers, then one message of
   ``--size``: it is forwarded whole, recorded truncated, and the recorder's
   peak RSS stays near its buffer limit.
+- ``outstanding``: ``--commands`` REGION_READs the server never answers,
+  through ``record --check-live`` (the path that pairs requests): the
+  recorder's RSS stays bounded, and drops back when the client leaves.
 """
 
 from __future__ import annotations
@@ -539,9 +543,71 @@ def run_huge(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_outstanding(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="vfioproxy-stress-") as tmp_text:
+        tmp = Path(tmp_text)
+        server_path = tmp / "server.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(server_path))
+        listener.listen(4)
+        rec = Recorder(tmp, server_path, "--check-live")
+        before = rss_kib(rec.proc.pid)
+        client = connect(rec.listen)
+        server, _ = listener.accept()
+        got = bytearray()
+        reader = threading.Thread(target=read_all, args=(server, got, []))
+        reader.start()  # the server reads everything and answers nothing
+        client.sendall(encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))[0])
+        batch = b"".join(encode(build_command(Command.REGION_READ, i & 0xFFFF,
+                                              RegionAccessBody(i, 7, 4)))[0]
+                         for i in range(1000))
+        started = time.monotonic()
+        for _ in range(args.commands // 1000):
+            client.sendall(batch)
+        expected = 1 + 1000 * (args.commands // 1000)
+        deadline = time.monotonic() + 600
+        while len(got) < len(batch) * (args.commands // 1000) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        during = rss_kib(rec.proc.pid)
+        peak = peak_rss_kib(rec.proc.pid)
+        client.close()
+        server.close()
+        reader.join(timeout=60)
+        settle(rec)
+        time.sleep(0.5)
+        after = rss_kib(rec.proc.pid)
+        code = rec.stop()
+        listener.close()
+        with TraceReader(rec.trace) as trace:
+            kinds: dict[str, int] = {}
+            for record in trace:
+                if isinstance(record, EventRecord):
+                    kinds[record.kind] = kinds.get(record.kind, 0) + 1
+        return {
+            "unanswered commands": expected - 1,
+            "seconds": round(elapsed, 1),
+            "recorder RSS before, KiB": before,
+            "recorder RSS with them outstanding, KiB": during,
+            "recorder peak RSS, KiB": peak,
+            "recorder RSS after the client left, KiB": after,
+            "events recorded": kinds,
+            "proxy exit status": code,
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("frames", "sessions", "kills", "huge", "all"))
+    parser.add_argument("what", choices=("frames", "sessions", "kills", "huge", "outstanding",
+                                         "all"))
+    parser.add_argument("--commands", type=int, default=1_000_000)
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=100)
@@ -551,7 +617,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     runs = {"frames": run_frames, "sessions": run_sessions, "kills": run_kills,
-            "huge": run_huge}
+            "huge": run_huge, "outstanding": run_outstanding}
     chosen = list(runs) if args.what == "all" else [args.what]
     for name in chosen:
         result = runs[name](args)
