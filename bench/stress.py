@@ -144,6 +144,15 @@ def device_server(tmp: Path) -> Iterator[Path]:
         server.wait()
 
 
+def raw_server(tmp: Path) -> tuple[Path, socket.socket]:
+    """A listening socket in ``tmp`` for a server this script plays itself."""
+    path = tmp / "server.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    return path, listener
+
+
 def connect(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(path))
@@ -263,10 +272,7 @@ def run_frames(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="vfioproxy-stress-") as tmp_text:
         tmp = Path(tmp_text)
-        server_path = tmp / "server.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(server_path))
-        listener.listen(4)
+        server_path, listener = raw_server(tmp)
         rec = Recorder(tmp, server_path, "--forwarding", args.forwarding)
         c2s_writes = hostile_stream(rng, args.frames)
         s2c_writes = hostile_stream(rng, args.frames)
@@ -495,10 +501,7 @@ def run_huge(args: argparse.Namespace) -> dict[str, Any]:
     caps = Capabilities(max_data_xfer_size=1 << 30)
     with tempfile.TemporaryDirectory(prefix="vfioproxy-stress-") as tmp_text:
         tmp = Path(tmp_text)
-        server_path = tmp / "server.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(server_path))
-        listener.listen(4)
+        server_path, listener = raw_server(tmp)
         rec = Recorder(tmp, server_path)
         base_rss = peak_rss_kib(rec.proc.pid)
         client = connect(rec.listen)
@@ -553,10 +556,7 @@ def rss_kib(pid: int) -> int:
 def run_outstanding(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vfioproxy-stress-") as tmp_text:
         tmp = Path(tmp_text)
-        server_path = tmp / "server.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(server_path))
-        listener.listen(4)
+        server_path, listener = raw_server(tmp)
         rec = Recorder(tmp, server_path, "--check-live")
         before = rss_kib(rec.proc.pid)
         client = connect(rec.listen)
