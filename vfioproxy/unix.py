@@ -12,9 +12,6 @@ import trio
 
 from vfioproxy.errors import VfioProxyError
 
-#: the longest path an AF_UNIX address holds (sun_path, less its terminating NUL)
-_SUN_PATH_MAX = 107
-
 
 class SocketPathError(VfioProxyError):
     """The listening path cannot be used (in use, or not a socket)."""
@@ -49,33 +46,19 @@ async def open_unix_listener(
 
     An existing socket at ``path`` is replaced only when nothing listens on it;
     any other existing file is left alone and :class:`SocketPathError` raised.
-    The socket appears at ``path`` already listening (it is bound to a
-    temporary name next to it and renamed), so a client that connects as
-    soon as the path exists is never refused.
     """
     target = os.fspath(path)
     _remove_stale(target)
-    staging = f"{target}.{os.getpid()}.tmp"
-    if len(os.fsencode(staging)) > _SUN_PATH_MAX:
-        staging = target  # no room for a longer name: bind in place
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(staging).st_mode):
-                os.unlink(staging)  # left by a process of this pid that died
         old_umask = os.umask(0o777 & ~mode)
         try:
-            await sock.bind(staging)
+            await sock.bind(target)
         finally:
             os.umask(old_umask)
-        os.chmod(staging, mode)
+        os.chmod(target, mode)
         sock.listen(backlog)
-        if staging != target:
-            os.rename(staging, target)
     except BaseException:
         sock.close()
-        if staging != target:
-            with contextlib.suppress(OSError):
-                os.unlink(staging)
         raise
     return trio.SocketListener(sock)
