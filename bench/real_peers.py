@@ -20,10 +20,11 @@ shuffled order), every figure a ratio to a baseline of the same run:
   number of messages the client sends in a fixed window of the running guest
   (by default 6 s, starting 3 s after its VERSION), while iPXE polls the NIC.
 
-Relays: ``c-relay`` (``bench/c/vu_relay.c``), ``bare-threads`` (``bench/bare_thread_relay.py``,
-the Python floor of the threaded forwarding; only with ``--configs``), ``proxy`` (``vfioproxy proxy``),
-``record`` (``vfioproxy record -o TRACE``) and ``record-inject`` (``record
---rule 'c2s * delay fixed(0us)'``). ``--vfioproxy-tree PATH`` runs the proxy
+Relays: ``c-relay`` (``bench/c/vu_relay.c``), ``bare-threads``
+(``bench/bare_thread_relay.py``, the Python floor of the threaded forwarding;
+only with ``--configs``), ``proxy`` (``vfioproxy proxy``), ``record``
+(``vfioproxy record -o TRACE``) and ``record-inject`` (``record --rule 'c2s *
+delay fixed(0us)'``). ``--vfioproxy-tree PATH`` runs the proxy
 configurations from another checkout of the project (``python -m vfioproxy``
 with ``PYTHONPATH=PATH``), e.g. a ``git worktree`` of an older commit. Each
 relay's CPU time (its process CPU clock before and after a QEMU session) is

@@ -61,6 +61,7 @@ from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody  # noqa: E40
 from vfioproxy.protocol.capabilities import Capabilities  # noqa: E402
 from vfioproxy.protocol.codec import build_command, build_reply, encode  # noqa: E402
 from vfioproxy.protocol.header import HEADER_STRUCT, Command  # noqa: E402
+from vfioproxy.unix import is_listening  # noqa: E402
 
 VFIOPROXY = [sys.executable, "-m", "vfioproxy"]
 SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
@@ -95,7 +96,7 @@ class Recorder:
 
 def wait_for(path: Path, proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not is_listening(path):  # not only bound: a connect before listen() is refused
         if proc.poll() is not None:
             raise SystemExit(f"{proc.args[2:4]} exited with {proc.returncode}")
         if time.monotonic() > deadline:

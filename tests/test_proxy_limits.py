@@ -21,6 +21,7 @@ from recorder.records import EventRecord, MessageRecord
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, encode
 from vfioproxy.protocol.header import Command
+from vfioproxy.unix import is_listening
 
 VFIOPROXY = [sys.executable, "-m", "vfioproxy"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +37,9 @@ def start(args, *, limits=()):
 
 
 def wait_for(path: Path, proc) -> None:
+    """Until a socket listens at ``path`` (the file appears at bind(), before listen())."""
     deadline = time.monotonic() + 20
-    while not path.exists():
+    while not is_listening(path):
         if proc.poll() is not None:
             raise AssertionError(f"exited with {proc.returncode}: {proc.communicate()}")
         assert time.monotonic() < deadline, f"{path} did not appear"

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import FD_HYGIENE
 from vfioproxy.transport import open_unix_fd_stream
-from vfioproxy.unix import SocketPathError, open_unix_listener
+from vfioproxy.unix import SocketPathError, is_listening, open_unix_listener
 
 pytestmark = FD_HYGIENE
 
@@ -50,3 +50,16 @@ async def test_a_path_that_is_not_a_socket_is_never_removed(tmp_path):
     with pytest.raises(SocketPathError, match="not a socket"):
         await open_unix_listener(path)
     assert path.read_text() == "keep me"
+
+
+async def test_is_listening_tells_a_bound_socket_from_a_listening_one(tmp_path):
+    path = tmp_path / "s.sock"
+    bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        bound.bind(str(path))
+        assert not is_listening(path)
+        bound.listen(1)
+        assert is_listening(path)
+    finally:
+        bound.close()
+    assert not is_listening(tmp_path / "nothing.sock")

@@ -12,6 +12,24 @@ import trio
 
 from vfioproxy.errors import VfioProxyError
 
+#: __SO_ACCEPTCON in the Flags column of /proc/net/unix: the socket listens
+_ACCEPTCON = 0x10000
+
+
+def is_listening(path: str | os.PathLike[str]) -> bool:
+    """Whether a UNIX socket bound to ``path`` (as it was bound) listens: its file
+    appears at ``bind()``, and a client connecting before ``listen()`` is
+    refused. Read from ``/proc/net/unix``, without connecting."""
+    target = os.fspath(path)
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split(None, 7)
+            if (len(fields) == 8 and fields[7].rstrip("\n") == target
+                    and int(fields[3], 16) & _ACCEPTCON):
+                return True
+    return False
+
 
 class SocketPathError(VfioProxyError):
     """The listening path cannot be used (in use, or not a socket)."""

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vfioproxy.unix import is_listening
+
 #: the vfioproxy program as the tests run it (the one installed in this venv)
 VFIOPROXY = [sys.executable, "-m", "vfioproxy"]
 #: runs a command as a child subreaper (see reaper.py)
@@ -139,7 +141,7 @@ class Peers:
         samples/client polls for the file and connects at once).
         """
         limit = time.monotonic() + timeout
-        while not listening(path):
+        while not is_listening(path):
             if proc.poll() is not None:
                 raise AssertionError(f"{proc.name} exited with {proc.popen.returncode} "
                                      f"before {path} appeared\n{proc.describe()}")
@@ -164,23 +166,6 @@ class Peers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left behind by the test: {left}"
-
-
-#: __SO_ACCEPTCON in the Flags column of /proc/net/unix: the socket listens
-_ACCEPTCON = 0x10000
-
-
-def listening(path: Path) -> bool:
-    """Whether a UNIX socket bound to ``path`` (as bound) is listening."""
-    target = os.fspath(path)
-    with open("/proc/net/unix") as table:
-        next(table)
-        for line in table:
-            fields = line.split(None, 7)
-            if (len(fields) == 8 and fields[7].rstrip("\n") == target
-                    and int(fields[3], 16) & _ACCEPTCON):
-                return True
-    return False
 
 
 def _members_of(groups: set[int]) -> list[int]:

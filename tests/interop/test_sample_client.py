@@ -63,7 +63,7 @@ import pytest
 import trio
 
 from tests.interop.conftest import SUMMARY, LvuBuild, short_dir
-from tests.interop.peers import REAPER, Peers, Proc, deadline, listening, read_json
+from tests.interop.peers import REAPER, Peers, Proc, deadline, read_json
 from tests.interop.tracecheck import Recording, read_recording, shape
 from tests.realdata import TRACES
 from vfioproxy.fds import OwnedFd
@@ -75,6 +75,7 @@ from vfioproxy.replay.report import ReplayReport
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
 from vfioproxy.side import Direction
 from vfioproxy.transport import FdStream
+from vfioproxy.unix import is_listening
 
 #: a REGION_WRITE of the fake guest thread: 16 KiB to BAR1 (header 16 + access 16 + data)
 FAKE_GUEST_WRITE = ("REGION_WRITE", "c2s", "cmd", 16 + 16 + 0x4000, ())
@@ -186,7 +187,7 @@ def _run_sessions(lvu: LvuBuild, peers: Peers, base: Path) -> SampleSessions:
     limit = time.monotonic() + 60
     while pending:
         for real, (bound, name, proc) in list(pending.items()):
-            if listening(real):
+            if is_listening(real):
                 os.rename(bound, name)
                 del pending[real]
             elif proc.poll() is not None:
