@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import struct
+import tempfile
 import threading
 from array import array
 from contextlib import asynccontextmanager
@@ -29,7 +30,8 @@ from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
-from vfioproxy.fds import make_eventfd
+from tests.realdata import TRACES, capture_messages
+from vfioproxy.fds import FdKind, OwnedFd, make_eventfd, make_memfd
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.capabilities import Capabilities, parse_capabilities
 from vfioproxy.protocol.codec import build_command, build_reply, encode
@@ -740,3 +742,61 @@ async def test_any_byte_streams_both_ways_pass_whole_and_are_recorded_in_order(
                 found.append((item.violation.kind, item.violation.index))
     assert len(live) + counted == len(found)
     assert set(live) <= set(found)
+
+
+# --------------------------------------------------------------------- real sessions
+
+
+def _fds_like(record: MessageRecord) -> list:
+    """Fresh fds of the kinds a recorded message carried."""
+    fds = []
+    for fd in record.fds:
+        if fd.kind is FdKind.EVENTFD or fd.kind is FdKind.OTHER:
+            fds.append(make_eventfd())
+        elif fd.kind is FdKind.SOCKET:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            theirs.close()
+            fds.append(OwnedFd(mine.detach()))
+        elif fd.kind is FdKind.FILE:
+            with tempfile.TemporaryFile() as file:  # an unlinked regular file
+                os.ftruncate(file.fileno(), fd.size or 4096)
+                fds.append(OwnedFd(os.dup(file.fileno())))
+        else:
+            fds.append(make_memfd("ram", fd.size or 4096))
+    return fds
+
+
+@pytest.mark.parametrize("path", sorted(TRACES.glob("*.trace")), ids=lambda p: p.stem)
+async def test_every_bundled_session_passes_byte_exact_and_its_violations_derive_the_same(
+        tmp_path, server, mode, path):
+    recorded_before = list(capture_messages(path))
+    async with proxied(tmp_path, server.path, mode, check_live=True) as (proxy, trace):
+        client = await connect(tmp_path)
+        srv = await server.accept()
+        for record in recorded_before:  # each side sends its messages in recorded order
+            sender, receiver = (client, srv) if record.direction is Direction.C2S else (srv,
+                                                                                         client)
+            fds = _fds_like(record)
+            try:
+                await sender.send(record.data, fds)
+            finally:
+                for fd in fds:
+                    fd.close()
+            with trio.fail_after(5):
+                assert await receiver.receive(len(record.data)) == record.data
+        client.close()
+        srv.close()
+        await settle(proxy)
+    assert (client.fds_received, srv.fds_received) == (
+        sum(len(r.fds) for r in recorded_before if r.direction is Direction.S2C),
+        sum(len(r.fds) for r in recorded_before if r.direction is Direction.C2S))
+    again = [r for r in records(trace) if isinstance(r, MessageRecord)]
+    assert [(r.direction, r.data, [fd.kind for fd in r.fds]) for r in again] == [
+        (r.direction, r.data, [fd.kind if fd.kind is not FdKind.OTHER else FdKind.EVENTFD
+                               for fd in r.fds]) for r in recorded_before]
+    live = [(e.data["kind"], e.data["index"]) for e in events(trace, "violation")]
+    counted = sum(e.data["count"] for e in events(trace, "violations_repeated"))
+    with TraceReader(trace) as reader:
+        found = [(v.kind, v.index) for item in decoded_records(reader)
+                 if isinstance(item, DecodedMessage) for v in item.observation.violations]
+    assert live == found[: len(live)] and len(live) + counted == len(found)
