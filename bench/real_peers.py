@@ -41,7 +41,6 @@ import calendar
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -51,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -574,22 +573,34 @@ def finish(proc: subprocess.Popen[bytes], server: subprocess.Popen[bytes],
     return rc, src
 
 
-def realize_session(peers: Peers, tmp: Path, relays: RelaySet, name: str,
-                    timeout: float) -> dict[str, Any]:
-    """QEMU -S realizes the device through ``name``, answers QMP, quits: the realize span
-    from its trace events, the relay's CPU time, the messages."""
+def start_session(
+    kind: str, peers: Peers, tmp: Path, relays: RelaySet, name: str, *, stopped: bool
+) -> tuple[Any, Path, Path, subprocess.Popen[bytes], OtherLoad, Any, subprocess.Popen[bytes],
+           int]:
+    """A fresh server of ``kind`` behind relay ``name`` and QEMU started against the
+    relay: (relay, QEMU's trace log, QMP socket, server, load meter, relay CPU, QEMU,
+    wall ns at QEMU's exec)."""
     relay = relays.relays[name]
     log = qemu_log(tmp)
     qmp_path = tmp / "qmp.sock"
     for path in (log, qmp_path):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    server = start_server("lvu", peers, relays.servers[name], tmp / "lvu-server.log")
+    server = start_server(kind, peers, relays.servers[name], tmp / f"{kind}-server.log")
     load = OtherLoad()
     cpu0 = relay.cpu()
     t_exec = time.time_ns()
-    proc = SPAWNED.spawn(client_argv(peers, relay.listen, qmp_path, log, stopped=True),
+    proc = SPAWNED.spawn(client_argv(peers, relay.listen, qmp_path, log, stopped=stopped),
                          tmp / "qemu-stderr.log")
+    return relay, log, qmp_path, server, load, cpu0, proc, t_exec
+
+
+def realize_session(peers: Peers, tmp: Path, relays: RelaySet, name: str,
+                    timeout: float) -> dict[str, Any]:
+    """QEMU -S realizes the device through ``name``, answers QMP, quits: the realize span
+    from its trace events, the relay's CPU time, the messages."""
+    relay, log, qmp_path, server, load, cpu0, proc, t_exec = start_session(
+        "lvu", peers, tmp, relays, name, stopped=True)
     qmp = None
     try:
         qmp = QMP(qmp_path, proc, timeout)
@@ -633,17 +644,8 @@ def io_session(peers: Peers, tmp: Path, relays: RelaySet, name: str, window_star
                window: float, timeout: float) -> dict[str, Any]:
     """QEMU boots its firmware against the e1000e of QEMU's vfio-user server through
     ``name``: the client's messages in [VERSION + window_start, + window)."""
-    relay = relays.relays[name]
-    log = qemu_log(tmp)
-    qmp_path = tmp / "qmp.sock"
-    for path in (log, qmp_path):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    server = start_server("qemu", peers, relays.servers[name], tmp / "qemu-server.log")
-    load = OtherLoad()
-    cpu0 = relay.cpu()
-    proc = SPAWNED.spawn(client_argv(peers, relay.listen, qmp_path, log, stopped=False),
-                         tmp / "qemu-stderr.log")
+    relay, log, qmp_path, server, load, cpu0, proc, _ = start_session(
+        "qemu", peers, tmp, relays, name, stopped=False)
     qmp = None
     try:
         t0_us = first_sent_us(log, proc, timeout)
@@ -749,19 +751,10 @@ def split(rounds: int, sets: int) -> list[int]:
     return [rounds // sets + (i < rounds % sets) for i in range(sets)]
 
 
-def interleaved(names: Sequence[str], rounds: int, seed: int) -> Iterator[tuple[int, str]]:
-    rng = random.Random(seed)
-    for r in range(rounds):
-        order = list(names)
-        rng.shuffle(order)
-        for name in order:
-            yield r, name
-
-
 def round_orders(names: Sequence[str], rounds: int, seed: int) -> list[list[str]]:
     """Each round's order of the configurations, shuffled."""
     orders: list[list[str]] = [[] for _ in range(rounds)]
-    for r, name in interleaved(names, rounds, seed):
+    for r, name in po.interleaved(names, rounds, seed):
         orders[r].append(name)
     return orders
 
