@@ -179,7 +179,7 @@ class TraceWriter:
         disk is full and recording is paused, see the class docstring).
         """
         if not fds and length is None and not torn and not events:
-            return self.append_plain(session, direction, t_ns, data)
+            return self._append_plain(session, direction, t_ns, data)
         return self._append_whole(session, direction, t_ns, data, fds, length, torn, events)
 
     def _append_whole(
@@ -228,13 +228,17 @@ class TraceWriter:
             self._count_lost(len(data), len(events))
             return 0
 
-    def append_plain(self, session: int, direction: Direction, t_ns: int, data: bytes) -> int:
-        """:meth:`append_message` of a message without fds, length or torn mark
-        (nearly every one), kept short: packed by a per-direction
-        :class:`~recorder.records.PlainMessagePacker`, one plain write."""
+    def _append_plain(self, session: int, direction: Direction, t_ns: int, data: bytes) -> int:
+        """:meth:`append_message` of a message without fds, length, torn mark or
+        events (nearly every one), kept short: packed by a per-direction
+        :class:`~recorder.records.PlainMessagePacker`, one plain write while
+        the reserve has room; anything else the careful way."""
         with self._lock:
             plain = self._plain.get((session, direction))
-            if plain is not None and len(data) <= _INLINE and self._lost is None and self._fd >= 0:
+            if plain is None:
+                plain = PlainMessagePacker(self._packer, session, direction)
+                self._plain[(session, direction)] = plain
+            if len(data) <= _INLINE and self._lost is None and self._fd >= 0:
                 seq = self._seq + 1
                 blob = plain(seq, t_ns, data)
                 if self._size + len(blob) + RESERVE <= self._reserved_end and not self._fsync:
@@ -247,9 +251,6 @@ class TraceWriter:
                         self._seq = seq
                         return seq
                     self._cut_back()  # and go the careful way below
-            elif plain is None:
-                self._plain[(session, direction)] = PlainMessagePacker(
-                    self._packer, session, direction)
         return self._append_whole(session, direction, t_ns, data, (), None, False, ())
 
     def _count_lost(self, size: int, events: int) -> None:
@@ -269,13 +270,8 @@ class TraceWriter:
         """
         with self._lock:
             record = EventRecord(self._seq + 1, session, t_ns, kind, {} if data is None else data)
-            blob = self._check(record.to_wire(), "max_event_bytes", check=True)
-            if not self._write([blob], message=False):
-                if self._lost is not None:
-                    self._lost[3] += 1
-                return EventRecord(0, session, t_ns, kind, record.data)
-            self._seq = record.seq
-        return record
+            seq = self._append_event(self._check(record.to_wire(), "max_event_bytes", check=True))
+        return record if seq else EventRecord(0, session, t_ns, kind, record.data)
 
     def append_event(
         self, session: int | None, kind: str, t_ns: int, data: dict[str, Any]
@@ -285,14 +281,17 @@ class TraceWriter:
         strings, bytes, numbers, booleans, None). Returns its ``seq`` (0: not
         written, the disk being full)."""
         with self._lock:
-            seq = self._seq + 1
-            if not self._write([self._event_blob(seq, session, t_ns, kind, data)],
-                               message=False):
-                if self._lost is not None:
-                    self._lost[3] += 1
-                return 0
-            self._seq = seq
-        return seq
+            return self._append_event(self._event_blob(self._seq + 1, session, t_ns, kind, data))
+
+    def _append_event(self, blob: bytes) -> int:
+        """Append one packed event numbered ``seq + 1`` (the lock held): its seq, or 0
+        when there is no room for it (counted while the disk is full)."""
+        if not self._write([blob], message=False):
+            if self._lost is not None:
+                self._lost[3] += 1
+            return 0
+        self._seq += 1
+        return self._seq
 
     def close(self) -> None:
         """Give back the reserve and close the file; records already written
@@ -424,10 +423,8 @@ class TraceWriter:
             self._retry_at = time.monotonic() + RETRY_INTERVAL
             text = f"{self.path}: {exc.strerror or exc}: recording of messages paused"
             with contextlib.suppress(OSError, TraceLimitError):
-                blob = self._check(EventRecord(
-                    self._seq + 1, None, time.monotonic_ns(), "disk_full",
-                    {"text": text, "errno": exc.errno},
-                ).to_wire(), "max_event_bytes")
+                blob = self._event_blob(self._seq + 1, None, time.monotonic_ns(), "disk_full",
+                                        {"text": text, "errno": exc.errno})
                 if self._write([blob], message=False):
                     self._seq += 1
 
@@ -444,13 +441,11 @@ class TraceWriter:
             return False
         since, messages, size, events = self._lost
         self._lost = None
-        blob = self._check(EventRecord(self._seq + 1, None, time.monotonic_ns(),
-                                       "recording_resumed", {
+        self._append_event(self._event_blob(self._seq + 1, None, time.monotonic_ns(),
+                                            "recording_resumed", {
             "messages": messages, "bytes": size, "events": events,
             "paused_ns": time.monotonic_ns() - since,
-        }).to_wire(), "max_event_bytes")
-        if self._write([blob], message=False):
-            self._seq += 1
+        }))
         return self._lost is None
 
     def _cut_back(self) -> None:

@@ -313,14 +313,14 @@ async def test_a_twin_socket_that_is_not_a_stream_socket_is_forwarded_as_it_is(
 
 async def test_an_internal_error_in_one_session_ends_that_session_only(
         tmp_path, server, mode, monkeypatch):
-    real = SessionLedger.record_plain
+    real = SessionLedger.record
 
-    def faulty(self, direction, t_ns, data):
+    def faulty(self, direction, t_ns, data, *args, **kwargs):
         if self.id == 2 and data[2] == Command.REGION_READ:
             raise RuntimeError("a bug on the path of session 2")
-        return real(self, direction, t_ns, data)
+        return real(self, direction, t_ns, data, *args, **kwargs)
 
-    monkeypatch.setattr(SessionLedger, "record_plain", faulty)
+    monkeypatch.setattr(SessionLedger, "record", faulty)
     async with proxied(tmp_path, server.path, mode) as (proxy, trace):
         first = await connect(tmp_path)
         srv1 = await server.accept()

@@ -97,6 +97,14 @@ class Proxy:
         self._slots = trio.CapacityLimiter(self.max_sessions)
         self._threads = trio.CapacityLimiter(math.inf)  # bounded by the slots
 
+    @property
+    def checks_live(self) -> bool:
+        """Whether each message is decoded and checked on the path: ``strict``,
+        ``check_live`` or an observer asked for it and ``decode`` allows it."""
+        options = self.options
+        return options.decode and (
+            options.strict or options.check_live or self.observer is not None)
+
     def statistics(self) -> ProxyStatistics:
         """Sessions, messages/bytes/fds per direction, and live-check violations."""
         sessions = list(self.sessions.values())
@@ -217,7 +225,7 @@ class Proxy:
                           sid, exc)
         ledger = SessionLedger(sid, writer=writer, injector=self.injector)
         options = self.options
-        if options.decode and (options.strict or options.check_live or self.observer):
+        if self.checks_live:
             ledger.checks = LiveChecks(
                 ledger,
                 dialects=options.dialects,
@@ -239,13 +247,26 @@ class Proxy:
         return ledger
 
     def _retire(self, ledger: SessionLedger) -> None:
-        """Fold an ended session's counters in and let its trace file go."""
+        """A session ended (its sockets closed): record its close if nothing did,
+        fold its counters in, let its trace file go."""
+        if not ledger.closed:
+            ledger.close()
+        log.info("session %d: closed by %s (%s)", ledger.id, ledger.closed_by, ledger.reason)
         self.sessions.pop(ledger.id, None)
         for direction, ended in self._ended.items():
             ended.add(ledger.counters[direction])
         self._ended_violations += ledger.violations
         if self.sink is not None:
             self.sink.session_done(ledger.id)
+        self._session_ended()
+
+    @staticmethod
+    def _failed(ledger: SessionLedger | None, exc: Exception) -> None:
+        """A bug, or a resource gone, ended one session: say so; nothing else ends."""
+        log.error("session %s ended by an internal error: %r",
+                  "?" if ledger is None else ledger.id, exc)
+        if ledger is not None:
+            ledger.end("proxy", f"internal error: {exc!r}")
 
     async def _run_session(self, client: socket.socket, slot: object) -> None:
         """One client: connect to the server, forward until the session ends.
@@ -260,27 +281,18 @@ class Proxy:
                 log.error("session %d: %s", ledger.id, text)
                 ledger.event("error", {"text": text})
                 ledger.end("proxy", f"server unreachable: {exc.strerror or exc}")
-                client.close()
-                ledger.close()
                 return
             log.info("session %d: opened", ledger.id)
             await self._forward(ledger, client, server)
-        except Exception as exc:  # a bug, or a resource gone: this session only
-            log.error("session %s ended by an internal error: %r",
-                      "?" if ledger is None else ledger.id, exc)
-            if ledger is not None:
-                ledger.end("proxy", f"internal error: {exc!r}")
+        except Exception as exc:
+            self._failed(ledger, exc)
         finally:
-            if client.fileno() >= 0:
-                client.close()
-            if ledger is not None:
-                if not ledger.closed:
-                    ledger.close()
-                log.info("session %d: closed by %s (%s)", ledger.id, ledger.closed_by,
-                         ledger.reason)
-                self._retire(ledger)
+            client.close()  # the relay closed it already, unless something failed first
             self._slots.release_on_behalf_of(slot)
-            self._session_ended()
+            if ledger is None:
+                self._session_ended()
+            else:
+                self._retire(ledger)
 
     async def _connect_server(self) -> socket.socket:
         """A socket connected to the server.
@@ -298,16 +310,13 @@ class Proxy:
                 sock.setblocking(False)
                 sock.connect(self.server_path)
                 return sock
-            except OSError as exc:
+            except BaseException as exc:
                 sock.close()
-                if exc.errno not in _CONNECT_BUSY or time.monotonic() >= deadline:
-                    if exc.errno in _CONNECT_BUSY:
-                        raise OSError(exc.errno, f"the server's listen queue stayed full for "
-                                      f"{self.options.connect_timeout:g} s") from exc
+                if not isinstance(exc, OSError) or exc.errno not in _CONNECT_BUSY:
                     raise
-            except BaseException:
-                sock.close()
-                raise
+                if time.monotonic() >= deadline:
+                    raise OSError(exc.errno, f"the server's listen queue stayed full for "
+                                  f"{self.options.connect_timeout:g} s") from exc
             await trio.sleep(pause)
             pause = min(pause * 2, 0.01)
 
@@ -370,16 +379,11 @@ class Proxy:
         try:
             await self._forward(ledger, proxy_end, server_end)
         except Exception as exc:
-            log.error("session %d (twin) ended by an internal error: %r", ledger.id, exc)
-            ledger.end("proxy", f"internal error: {exc!r}")
+            self._failed(ledger, exc)
         finally:
-            for sock in (proxy_end, server_end):
-                if sock.fileno() >= 0:
-                    sock.close()
-            if not ledger.closed:
-                ledger.close()
+            proxy_end.close()  # closed by the relay already, unless something failed first
+            server_end.close()
             self._retire(ledger)
-            self._session_ended()
 
 
 async def _wake_on_cancel(forwarder: ThreadForwarder) -> None:

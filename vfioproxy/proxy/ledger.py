@@ -95,28 +95,6 @@ class SessionLedger:
 
     # ------------------------------------------------------------------ recording
 
-    def record_plain(self, direction: Direction, t_ns: int, data: bytes) -> int:
-        """:meth:`record` of a message without fds, decision or mark, forwarded
-        whole (nearly every one), kept short."""
-        writer = self.writer
-        counters = self.counters[direction]
-        counters.messages += 1
-        counters.bytes += len(data)
-        if writer is None:
-            if self.checks is not None:
-                return self._check(direction, t_ns, data, (), 0, None, False)
-            return 0
-        try:
-            seq = writer.append_plain(self.id, direction, t_ns, data)
-        except (TraceError, OSError, ValueError) as exc:
-            self._not_recorded(exc)
-            seq = 0
-        if not seq:
-            self._unrecorded(writer)
-        if self.checks is not None:
-            self._check(direction, t_ns, data, (), seq, None, False)
-        return seq
-
     def record(
         self,
         direction: Direction,
@@ -158,25 +136,12 @@ class SessionLedger:
                 self._not_recorded(exc)
             if not seq:
                 self._unrecorded(writer)
-        if self.checks is not None:
-            self._check(direction, t_ns, data, fds or range(nfds), seq, length, torn)
-        return seq
-
-    def _check(
-        self,
-        direction: Direction,
-        t_ns: int,
-        data: bytes,
-        fds: Sequence[Any],
-        seq: int,
-        length: int | None,
-        torn: bool,
-    ) -> int:
-        """The live checks of a recorded message (they may stop the session)."""
-        assert self.checks is not None
-        reason = self.checks.observe(direction, data, fds, t_ns, seq, length=length, torn=torn)
-        if reason is not None:
-            self.stop(reason)
+        checks = self.checks
+        if checks is not None:
+            reason = checks.observe(direction, data, fds or range(nfds), t_ns, seq,
+                                    length=length, torn=torn)
+            if reason is not None:
+                self.stop(reason)
         return seq
 
     def event(self, kind: str, data: dict[str, Any], t_ns: int | None = None) -> int:

@@ -242,9 +242,7 @@ class Relay:
             if self.inspect_fds and not fd_records:
                 fd_records = self._fd_records(fds)  # after the send, before the close
             dst.outbox.close_sent()
-        if decision is None and not fds and message.length == len(data):
-            seq = ledger.record_plain(direction, t_ns, data)  # nearly every message
-        elif message.length > len(data):
+        if message.length > len(data):
             forward = decision is None or decision.forward
             release_at = None if decision is None else decision.release_at
             src.stream = _Stream(data, message.length, t_ns, fd_records, forward, release_at,
@@ -253,11 +251,7 @@ class Relay:
         else:
             seq = ledger.record(direction, t_ns, data, fd_records, nfds=len(fds),
                                 decision=decision)
-        if item is not None:
-            item.seq = seq
-            if item.dropped and seq:
-                ledger.undelivered(direction, seq, item.sent, item.length,
-                                   f"the {dst.name} is gone")
+        self._recorded(item, dst, seq)
         if message.fds_dropped or message.fds_truncated:
             ledger.fds_dropped(direction, seq, message.fds_dropped, message.fds_truncated)
         if decision is not None:
@@ -367,17 +361,11 @@ class Relay:
             seq = ledger.record(direction, t_ns, closed.partial, fd_records,
                                 nfds=len(fds), torn=True)
             ledger.torn(direction, seq, closed.received)
-            if item is not None:
-                item.seq = seq
-                if item.dropped and seq:
-                    ledger.undelivered(direction, seq, item.sent, item.length,
-                                       f"the {dst.name} is gone")
+            self._recorded(item, dst, seq)
             reason = f"EOF mid-message (after {closed.received} bytes of a message)"
         elif closed.streamed and src.stream is not None:
-            stream, src.stream = src.stream, None
-            seq = ledger.record(direction, stream.t_ns, bytes(stream.prefix), stream.fds,
-                                length=stream.received, torn=True, decision=stream.decision)
-            ledger.torn(direction, seq, stream.received)
+            stream = src.stream
+            ledger.torn(direction, self._record_torn_stream(src), stream.received)
             reason = f"EOF mid-message (after {stream.received} of {stream.length} bytes)"
         else:
             for fd in closed.fds:
@@ -396,18 +384,36 @@ class Relay:
         leg.gone = True
         self.changed = True
         self.ledger.end(leg.name, why)
-        self._undeliverable(leg)
+        self._undeliverable(leg, f"the {leg.name} is gone")
         other = leg.peer
         if not other.eof:
             with contextlib.suppress(OSError):
                 other.sock.shutdown(socket.SHUT_RD)
 
-    def _undeliverable(self, leg: Leg) -> None:
-        """Record what was queued for a peer that is gone."""
+    def _undeliverable(self, leg: Leg, why: str) -> None:
+        """Drop what was queued for ``leg``'s peer, recording each message it did not
+        get whole (items not yet recorded are told by :meth:`_recorded`)."""
         for item in leg.outbox.drop_all():
             if item.forwarded and item.message_start and item.seq:
                 self.ledger.undelivered(leg.peer.direction, item.seq, item.sent,
-                                        item.length, f"the {leg.name} is gone")
+                                        item.length, why)
+
+    def _recorded(self, item: Outgoing | None, dst: Leg, seq: int) -> None:
+        """A message just recorded as ``seq``: name it in its queue item, and if the
+        item was dropped before that (its receiver gone), say so now."""
+        if item is not None:
+            item.seq = seq
+            if item.dropped and seq:
+                self.ledger.undelivered(dst.peer.direction, seq, item.sent, item.length,
+                                        f"the {dst.name} is gone")
+
+    def _record_torn_stream(self, src: Leg) -> int:
+        """Record the start of a streamed message its sender never finished; its seq."""
+        stream = src.stream
+        assert stream is not None
+        src.stream = None
+        return self.ledger.record(src.direction, stream.t_ns, bytes(stream.prefix), stream.fds,
+                                  length=stream.received, torn=True, decision=stream.decision)
 
     def _shut_wr(self, leg: Leg) -> None:
         if not leg.shut_wr and leg.peer.eof:
@@ -436,16 +442,9 @@ class Relay:
         if self.closed:
             return
         for leg in self.legs:
-            stream = leg.stream
-            if stream is not None:
-                leg.stream = None
-                self.ledger.record(leg.direction, stream.t_ns, bytes(stream.prefix),
-                                   stream.fds, length=stream.received, torn=True,
-                                   decision=stream.decision)
-            for item in leg.outbox.drop_all():
-                if item.forwarded and item.message_start and item.seq:
-                    self.ledger.undelivered(leg.peer.direction, item.seq, item.sent,
-                                            item.length, why)
+            if leg.stream is not None:
+                self._record_torn_stream(leg)
+            self._undeliverable(leg, why)
         self.close()
 
     def close(self) -> None:

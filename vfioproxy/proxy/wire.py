@@ -169,14 +169,8 @@ class MessageReader:
         except ConnectionResetError:
             raise self._closed(b"", reset=True) from None
         if ancdata or flags & _CTRUNC or len(chunk) != HEADER_SIZE:
-            if not chunk and not ancdata:
-                raise self._closed(b"")
             self._resume = True
-            self._header += chunk
-            if ancdata:
-                self._take_fds(ancdata)
-            if flags & _CTRUNC:
-                self._truncated = True
+            self._took(chunk, ancdata, flags)
             return self._read_slowly(max_message_size)
         size = _SIZE.unpack_from(chunk, 4)[0]
         body_len = framed_body_length(size, max_message_size)
@@ -256,16 +250,21 @@ class MessageReader:
                 return False
             except ConnectionResetError:
                 raise self._closed(b"", reset=True) from None
-            if ancdata:
-                self._take_fds(ancdata)
-            if flags & _CTRUNC:
-                self._truncated = True
-            if not chunk:
-                if self._fds and not header:  # fds with no byte: nothing to frame them
-                    self._close_fds()
-                raise self._closed(b"")
-            header += chunk
+            self._took(chunk, ancdata, flags)
         return True
+
+    def _took(self, chunk: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> None:
+        """Keep what one read of a header brought: bytes, fds, the kernel's
+        truncation flag; an empty read is EOF (raised)."""
+        if ancdata:
+            self._take_fds(ancdata)
+        if flags & _CTRUNC:
+            self._truncated = True
+        if not chunk:
+            if self._fds and not self._header:  # fds with no byte: nothing to frame them
+                self._close_fds()
+            raise self._closed(b"")
+        self._header += chunk
 
     def _take_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, data in ancdata:
