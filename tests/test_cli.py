@@ -149,3 +149,19 @@ def test_python_dash_m_vfioproxy_runs_the_cli():
         capture_output=True, text=True, check=True,
     )
     assert "messages: 82" in result.stdout
+
+
+@pytest.mark.parametrize(("option", "value", "words"), [
+    ("--max-queue", "0", "--max-queue: expected at least 1 bytes, got 0"),
+    ("--max-message-buffer", "1G", "--max-message-buffer: expected 16 bytes .. 64M, got 1G"),
+    ("--max-message-buffer", "lots", "expected a size such as 16M, got 'lots'"),
+    ("--max-sessions", "0", "--max-sessions: expected a positive integer, got 0"),
+])
+def test_proxy_limits_out_of_range_are_refused_in_one_line(capsys, tmp_path, option, value,
+                                                           words):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["proxy", "--listen", str(tmp_path / "p.sock"), "--server",
+              str(tmp_path / "s.sock"), option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err

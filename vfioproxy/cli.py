@@ -12,7 +12,7 @@ import resource
 import signal
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -160,10 +160,10 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
     finally:
         _remove_socket(args.listen)
     stats = proxy.statistics()
-    checked = options.decode and (options.strict or options.check_live or args.verbose)
     print(f"vfioproxy: {stats.sessions_total} session(s), "
           f"{stats.c2s.messages} c2s and {stats.s2c.messages} s2c messages"
-          + (f", {stats.violations} violation(s)" if checked else ""), file=sys.stderr)
+          + (f", {stats.violations} violation(s)" if proxy.checks_live else ""),
+          file=sys.stderr)
     return proxy
 
 
@@ -310,15 +310,20 @@ def _size(text: str) -> int:
     return int(text)
 
 
-def _buffer_size(text: str) -> int:
-    try:
-        value = _size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 16M, got {text!r}") from None
-    if not 16 <= value <= MAX_MESSAGE_BUFFER:
-        raise argparse.ArgumentTypeError(
-            f"expected 16 bytes .. {MAX_MESSAGE_BUFFER >> 20}M, got {text}")
-    return value
+def _size_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a size (``_size``) from ``low`` up to ``high`` bytes."""
+    def parse(text: str) -> int:
+        try:
+            value = _size(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a size such as 16M, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            wanted = f"at least {low} bytes" if high is None else f"{low} bytes .. {high >> 20}M"
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -372,12 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
         limits.add_argument("--max-sessions", type=_positive_int, metavar="N",
                             help="sessions at once; more clients wait in the listen queue "
                             "(default: what the fd limit allows, at most 4096)")
-        limits.add_argument("--max-message-buffer", type=_buffer_size, metavar="SIZE",
+        limits.add_argument("--max-message-buffer", type=_size_in(16, MAX_MESSAGE_BUFFER),
+                            metavar="SIZE",
                             default=DEFAULT_MAX_MESSAGE_BUFFER,
                             help="largest message buffered and recorded whole; larger ones "
                             "are handed on as they arrive and recorded truncated "
                             "(default 16M)")
-        limits.add_argument("--max-queue", type=_size, metavar="SIZE", default=DEFAULT_MAX_QUEUE,
+        limits.add_argument("--max-queue", type=_size_in(1), metavar="SIZE",
+                            default=DEFAULT_MAX_QUEUE,
                             help="bytes queued for a peer that does not read before the proxy "
                             "stops reading its sender (default 4M, per direction)")
         limits.add_argument("--connect-timeout", type=float, metavar="SECONDS",
