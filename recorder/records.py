@@ -349,6 +349,11 @@ class PlainMessagePacker:
         self._middle = (b"\xa1s" + packer.pack(session) + b"\xa1d"
                         + packer.pack(_DIRECTION_VALUES[direction]) + b"\xa1t")
 
+    def parts(self) -> tuple[bytes, bytes, bytes]:
+        """What never changes, as the proxy's C lane takes it: the bytes before
+        seq, those between seq and t, those between t and the bin of the data."""
+        return self._HEAD, self._middle, self._TAIL
+
     def __call__(self, seq: int, t_ns: int, data: bytes) -> bytes:
         pack = self._pack
         return b"".join((self._HEAD, pack(seq), self._middle, pack(t_ns), self._TAIL,

@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -28,6 +27,7 @@ from recorder.records import (
     event_wire,
     message_wire,
 )
+from vfioproxy.fastpath import Appender
 from vfioproxy.side import Direction
 
 __all__ = ["RESERVE", "RETRY_INTERVAL", "TraceWriter"]
@@ -104,12 +104,14 @@ class TraceWriter:
         self._pause_when_full = pause_when_full
         self._packer = msgpack.Packer(use_bin_type=True)
         self._plain: dict[tuple[int, Direction], PlainMessagePacker] = {}
-        self._seq = 0
-        self._size = 0
-        self._reserved_end = 0
-        self._lock = threading.Lock()
+        #: the file's lock, and the state every writer of it shares: fd, last seq,
+        #: size, allocated end (the proxy's C lane appends through it too)
+        self.appender = Appender()
+        self.appender.reserve = RESERVE
+        self.appender.inline_max = _INLINE
+        self._lock = self.appender
         #: while the disk is full: (since monotonic, messages, bytes, events) not recorded
-        self._lost: list[int] | None = None
+        self._lost_counts: list[int] | None = None
         self._retry_at = 0.0
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         # with dir_fd, the file is the last component of path inside that directory
@@ -117,6 +119,7 @@ class TraceWriter:
         self._fd = os.open(
             name, flags | (os.O_TRUNC if overwrite else os.O_EXCL), 0o600, dir_fd=dir_fd
         )
+        self._allow_fast()
         try:
             os.fchmod(self._fd, 0o600)  # an overwritten file keeps its mode otherwise
             self._reserve(0)
@@ -126,6 +129,63 @@ class TraceWriter:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=dir_fd)
             raise
+
+    # the shared state lives in the appender (read and changed with its lock held)
+    @property
+    def _seq(self) -> int:
+        return self.appender.seq
+
+    @_seq.setter
+    def _seq(self, value: int) -> None:
+        self.appender.seq = value
+
+    @property
+    def _size(self) -> int:
+        return self.appender.size
+
+    @_size.setter
+    def _size(self, value: int) -> None:
+        self.appender.size = value
+
+    @property
+    def _reserved_end(self) -> int:
+        return self.appender.reserved_end
+
+    @_reserved_end.setter
+    def _reserved_end(self, value: int) -> None:
+        self.appender.reserved_end = value
+
+    @property
+    def _fd(self) -> int:
+        return self.appender.fd
+
+    @_fd.setter
+    def _fd(self, value: int) -> None:
+        self.appender.fd = value
+        self._allow_fast()
+
+    @property
+    def _lost(self) -> list[int] | None:
+        return self._lost_counts
+
+    @_lost.setter
+    def _lost(self, value: list[int] | None) -> None:
+        self._lost_counts = value
+        self._allow_fast()
+
+    def _allow_fast(self) -> None:
+        """Let the C lane append plain records while nothing needs the careful way."""
+        self.appender.fast = int(self._fd >= 0 and self._lost_counts is None and not self._fsync)
+
+    def plain_parts(self, session: int, direction: Direction) -> tuple[bytes, bytes, bytes]:
+        """The parts of a plain message record of ``session`` and ``direction``
+        that never change, for the C lane (:meth:`PlainMessagePacker.parts`)."""
+        return self._plain_packer(session, direction).parts()
+
+    def cut_back(self) -> None:
+        """Remove what a failed append (the C lane's) left at the end of the file."""
+        with self._lock:
+            self._cut_back()
 
     @property
     def seq(self) -> int:
@@ -234,10 +294,8 @@ class TraceWriter:
         :class:`~recorder.records.PlainMessagePacker`, one plain write while
         the reserve has room; anything else the careful way."""
         with self._lock:
-            plain = self._plain.get((session, direction))
-            if plain is None:
-                plain = PlainMessagePacker(self._packer, session, direction)
-                self._plain[(session, direction)] = plain
+            plain = self._plain.get((session, direction)) or self._plain_packer(session,
+                                                                                direction)
             if len(data) <= _INLINE and self._lost is None and self._fd >= 0:
                 seq = self._seq + 1
                 blob = plain(seq, t_ns, data)
@@ -252,6 +310,13 @@ class TraceWriter:
                         return seq
                     self._cut_back()  # and go the careful way below
         return self._append_whole(session, direction, t_ns, data, (), None, False, ())
+
+    def _plain_packer(self, session: int, direction: Direction) -> PlainMessagePacker:
+        plain = self._plain.get((session, direction))
+        if plain is None:
+            plain = PlainMessagePacker(self._packer, session, direction)
+            self._plain[(session, direction)] = plain
+        return plain
 
     def _count_lost(self, size: int, events: int) -> None:
         if self._lost is None:

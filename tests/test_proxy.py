@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+import vfioproxy.fastpath
 import vfioproxy.proxy
 from recorder.decoded import DecodedMessage, TornMessage, decoded_records
 from recorder.reader import TraceReader
@@ -70,11 +71,14 @@ class Server:
             await endpoint.aclose()
 
 
-@pytest.fixture(autouse=True, params=["threads", "trio"])
+@pytest.fixture(autouse=True, params=["threads", "threads-python", "trio"])
 def forwarding(request, monkeypatch):
-    """Every test here runs with both ways of forwarding (threads: the default)."""
+    """Every test here runs with both ways of forwarding (threads: the default),
+    the threads with and without the C lane."""
     init = vfioproxy.proxy.Proxy.__init__
-    threads = request.param == "threads"
+    threads = request.param.startswith("threads")
+    if request.param == "threads-python":
+        monkeypatch.setattr(vfioproxy.fastpath, "lane", None)
 
     def patched(self, server_path, *, options=None, **kwargs):
         options = attrs.evolve(options or ProxyOptions(), threads=threads)

@@ -25,6 +25,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 
+import vfioproxy.fastpath
 from recorder.decoded import DecodedMessage, TornMessage, decoded_records
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
@@ -45,8 +46,11 @@ pytestmark = FD_HYGIENE
 _SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 
 
-@pytest.fixture(params=["threads", "trio"])
-def mode(request):
+@pytest.fixture(params=["threads", "threads-python", "trio"])
+def mode(request, monkeypatch):
+    """The threads (with and without the C lane) or trio tasks."""
+    if request.param == "threads-python":
+        monkeypatch.setattr(vfioproxy.fastpath, "lane", None)
     return request.param
 
 
@@ -161,7 +165,7 @@ async def proxied(tmp_path, server_path, mode, **options):
     the proxy is gone and the trace closed."""
     trace = tmp_path / "t.trace"
     sink = TraceSink(trace)
-    opts = ProxyOptions(threads=mode == "threads", **options)
+    opts = ProxyOptions(threads=mode.startswith("threads"), **options)
     try:
         async with open_proxy(tmp_path / "p.sock", server_path, sink=sink, options=opts) as p:
             yield p, trace
@@ -320,7 +324,15 @@ async def test_an_internal_error_in_one_session_ends_that_session_only(
             raise RuntimeError("a bug on the path of session 2")
         return real(self, direction, t_ns, data, *args, **kwargs)
 
+    real_forwarded = SessionLedger.forwarded
+
+    def faulty_count(self, direction, messages, nbytes):  # the C lane's messages
+        if self.id == 2:
+            raise RuntimeError("a bug on the path of session 2")
+        return real_forwarded(self, direction, messages, nbytes)
+
     monkeypatch.setattr(SessionLedger, "record", faulty)
+    monkeypatch.setattr(SessionLedger, "forwarded", faulty_count)
     async with proxied(tmp_path, server.path, mode) as (proxy, trace):
         first = await connect(tmp_path)
         srv1 = await server.accept()

@@ -95,6 +95,12 @@ class SessionLedger:
 
     # ------------------------------------------------------------------ recording
 
+    def forwarded(self, direction: Direction, messages: int, nbytes: int) -> None:
+        """Count plain messages the C lane forwarded and recorded (no fds)."""
+        counters = self.counters[direction]
+        counters.messages += messages
+        counters.bytes += nbytes
+
     def record(
         self,
         direction: Direction,

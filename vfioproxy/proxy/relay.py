@@ -39,6 +39,7 @@ import socket
 import termios
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -56,6 +57,7 @@ from vfioproxy.proxy.wire import (
     PeerClosed,
     PeerGone,
     Piece,
+    Taken,
 )
 from vfioproxy.side import Direction, Side
 
@@ -66,6 +68,11 @@ __all__ = ["Leg", "Relay", "SpawnTwin"]
 SpawnTwin = Callable[[socket.socket, socket.socket], int]
 
 _VERSION_BYTE = 1  # the low byte of the VERSION command number (abs 2)
+_NO_FDS: list[OwnedFd] = []
+#: the C lane hands the counts back at least this often (messages) ...
+LANE_BATCH = 4096
+#: ... and once nothing came for this long after a message (ms): statistics stay fresh
+LANE_IDLE_MS = 50
 
 
 class _Stream:
@@ -174,11 +181,11 @@ class Relay:
 
     # ------------------------------------------------------------- steps
 
-    def readable(self, leg: Leg) -> bool:
+    def readable(self, leg: Leg, taken: Taken | None = None) -> bool:
         """Read and handle the next message (or piece) ``leg`` has; False when
-        it had nothing (yet) to read."""
+        it had nothing (yet) to read. ``taken``: what the C lane read of it."""
         try:
-            got = leg.reader.read(self.max_message_size)
+            got = leg.reader.read(self.max_message_size, taken)
         except PeerClosed as closed:
             self._closed(leg, closed)
             return True
@@ -201,6 +208,58 @@ class Relay:
             if leg.outbox and not leg.outbox.blocked:
                 self._flush(leg)
 
+    # ------------------------------------------------------------- the C lane
+
+    def lane_ready(self) -> bool:
+        """Every next message may take the C lane (:mod:`vfioproxy.fastpath`):
+        no fault injector or checks on the path, nothing queued, held,
+        part-read or ended, and the trace (if any) takes plain appends."""
+        ledger = self.ledger
+        if (ledger.injector is not None or ledger.checks is not None or self.closed
+                or ledger.stop_reason is not None):
+            return False
+        for leg in self.legs:
+            if (leg.eof or leg.gone or leg.stream is not None or not leg.reader.idle
+                    or leg.outbox.items or leg.outbox.blocked):
+                return False
+        writer = ledger.writer
+        return writer is None or bool(writer.appender.fast)
+
+    def run_lane(self, lane: Callable[..., tuple[Any, ...]], wake_fd: int) -> bool:
+        """Let the C lane forward and record plain messages until it returns,
+        then take on what it handed back, with the same steps as any message
+        (:meth:`readable`, :meth:`_message`). False when the caller's own poll
+        must see the sockets before the lane runs again (a hang-up, a poll
+        error); the lane also returns when ``wake_fd`` is readable."""
+        ledger = self.ledger
+        writer = ledger.writer
+        if writer is None:
+            appender, c2s_parts, s2c_parts = None, None, None
+        else:
+            appender = writer.appender
+            c2s_parts = writer.plain_parts(ledger.id, Direction.C2S)
+            s2c_parts = writer.plain_parts(ledger.id, Direction.S2C)
+        result = lane(self.client.fd, self.server.fd, wake_fd, self.max_message_size,
+                      self.client.reader.buffer_limit, appender, c2s_parts, s2c_parts,
+                      LANE_BATCH, LANE_IDLE_MS)
+        code, c2s_messages, c2s_bytes, s2c_messages, s2c_bytes, index = result[:6]
+        if c2s_messages:
+            ledger.forwarded(Direction.C2S, c2s_messages, c2s_bytes)
+        if s2c_messages:
+            ledger.forwarded(Direction.S2C, s2c_messages, s2c_bytes)
+        if code == 0:
+            return bool(index < 0)
+        leg = self.legs[index]
+        if code == 1:  # a header it does not take (fds, VERSION, a part, EOF, ...)
+            self.readable(leg, Taken(*result[6:]))
+        else:  # a framed message whose send or record it did not finish
+            data, t_ns, sent, error, cut = result[6:]
+            if cut and writer is not None:
+                writer.cut_back()
+            self._message(leg, Message(data, _NO_FDS, len(data)), t_ns=t_ns,
+                          offered=(sent, error))
+        return True
+
     def hangup(self, leg: Leg) -> None:
         """``leg``'s peer closed its socket (``POLLHUP``): it receives no more."""
         if not leg.gone:
@@ -208,13 +267,17 @@ class Relay:
 
     # ------------------------------------------------------------- a message
 
-    def _message(self, src: Leg, message: Message) -> None:
+    def _message(self, src: Leg, message: Message, *, t_ns: int = 0,
+                 offered: tuple[int, int] | None = None) -> None:
+        """Handle one message read from ``src`` (``t_ns``: when it arrived, if
+        known; ``offered``: (bytes, errno) of the C lane's send of it)."""
         ledger = self.ledger
         direction = src.direction
         dst = src.peer
         data = message.data
         fds = message.fds
-        t_ns = time.monotonic_ns()
+        if not t_ns:
+            t_ns = time.monotonic_ns()
         version = data[2] == _VERSION_BYTE and is_version(data)
         if version and fds:  # a twin socket must be swapped before the reply goes on
             version = False
@@ -226,7 +289,7 @@ class Relay:
             fd_records = self._fd_records(fds)  # contents as they passed; held fds now
         item = None
         if decision is None:
-            item = self._send(dst, data, fds, None, length=message.length)
+            item = self._send(dst, data, fds, None, length=message.length, offered=offered)
         elif decision.forward:
             close_after = None
             if decision.close_after:
@@ -289,14 +352,19 @@ class Relay:
         message_start: bool = True,
         forwarded: bool = True,
         close_after: str | None = None,
+        offered: tuple[int, int] | None = None,
     ) -> Outgoing | None:
         """Send a message to ``dst`` now if nothing waits before it and it is due,
-        else queue it. Returns None when it went whole at once, else its queue
-        item (``dropped`` when ``dst`` is gone: the caller records that)."""
+        else queue it (``offered``: the C lane sent it already, with this
+        result). Returns None when it went whole at once, else its queue item
+        (``dropped`` when ``dst`` is gone: the caller records that)."""
         sent = -1
         if not dst.gone and (release_at is None or release_at <= self.clock()):
             try:
-                sent = dst.outbox.offer(data, fds)
+                if offered is None:
+                    sent = dst.outbox.offer(data, fds)
+                else:
+                    sent = dst.outbox.offered(data, *offered)
             except PeerGone as exc:
                 self._gone(dst, f"EOF while forwarding ({exc})")
             if sent == len(data):

@@ -9,6 +9,12 @@ wake-up each time. Everything it does between two polls is a
 or a peer that does not read, only changes what the next ``poll`` waits
 for.
 
+While every message is plain (no fds, not VERSION, within the buffer limit)
+and nothing waits, the thread hands the polling to the C lane
+(:mod:`vfioproxy.fastpath`), which forwards and records such messages
+without the GIL and hands anything else back to the same
+:class:`~vfioproxy.proxy.relay.Relay` steps.
+
 Held messages (fault injection) wake the thread through a timerfd armed a
 little early (a running estimate of how late it wakes) and the last
 microseconds are spun, so delays of tens of microseconds come out right.
@@ -24,6 +30,7 @@ import select
 import threading
 import time
 
+from vfioproxy import fastpath
 from vfioproxy.proxy.relay import Relay
 from vfioproxy.timer import TimerFd, WakeLatency
 
@@ -81,7 +88,10 @@ class ThreadForwarder:
         armed_for: float | None = None
         if timer is not None:
             poller.register(timer.fd, _POLLIN)
+        lane = fastpath.lane
         while not relay.finished and ledger.stop_reason is None and not self.stopping:
+            if lane is not None and relay.lane_ready() and relay.run_lane(lane, self._wakeup):
+                continue
             if relay.changed:
                 relay.changed = False
                 for fd, leg in legs.items():

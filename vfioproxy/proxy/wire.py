@@ -22,6 +22,7 @@ Neither decides anything: :mod:`vfioproxy.proxy.ledger` does.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from array import array
@@ -39,6 +40,7 @@ __all__ = [
     "PeerClosed",
     "PeerGone",
     "Piece",
+    "Taken",
 ]
 
 #: Linux's limit on fds in one ``sendmsg`` (include/net/scm.h)
@@ -133,6 +135,36 @@ class Piece:
 _NO_FDS: list[OwnedFd] = []  # shared by messages without fds: never appended to
 
 
+class Taken:
+    """What the C lane (:mod:`vfioproxy.fastpath`) read of a message before
+    handing it back: the header's ``recvmsg`` (``chunk``, ``ancdata``,
+    ``flags`` as :meth:`socket.socket.recvmsg` gives them; ``error`` its
+    errno, 0 when it read) and, when ``body_read``, one ``recv`` of the body:
+    ``body`` (``b""``: EOF), or None with ``body_error`` its errno."""
+
+    __slots__ = ("ancdata", "body", "body_error", "body_read", "chunk", "error", "flags")
+
+    def __init__(self, chunk: bytes, ancdata: list[tuple[int, int, bytes]], flags: int,
+                 error: int, body: bytes | None, body_error: int) -> None:
+        self.chunk = chunk
+        self.ancdata = ancdata
+        self.flags = flags
+        self.error = error
+        self.body = body
+        self.body_error = body_error
+        self.body_read = body is not None or body_error != 0
+
+    def received_body(self) -> bytes:
+        """The body's ``recv`` as it went (raising its error, as ``recv`` would)."""
+        if self.body is not None:
+            return self.body
+        if self.body_error == errno.EAGAIN:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        if self.body_error == errno.ECONNRESET:
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+        raise OSError(self.body_error, os.strerror(self.body_error))
+
+
 class MessageReader:
     """Frames one peer's byte stream into :class:`Message` s, never blocking.
 
@@ -157,17 +189,34 @@ class MessageReader:
         self._streamed = 0  # bytes of a streamed message handed on so far
         self._resume = False  # a message is part-way: the next read continues it
 
-    def read(self, max_message_size: int) -> Message | Piece | None:
-        """The next message or piece, or None when the socket would block."""
+    @property
+    def idle(self) -> bool:
+        """At a message boundary, holding nothing."""
+        return not self._resume
+
+    def read(self, max_message_size: int, taken: Taken | None = None) -> Message | Piece | None:
+        """The next message or piece, or None when the socket would block.
+
+        ``taken``: what the C lane already read of the next message (its
+        header's ``recvmsg``, maybe one ``recv`` of its body), in place of
+        those reads."""
         if self._resume:
             return self._read_slowly(max_message_size)
         # the usual case, kept short: a whole header without fds, then its whole body
-        try:
-            chunk, ancdata, flags, _ = self.sock.recvmsg(HEADER_SIZE, _ANCBUFSIZE, _RECV_FLAGS)
-        except BlockingIOError:
-            return None
-        except ConnectionResetError:
-            raise self._closed(b"", reset=True) from None
+        if taken is None:
+            try:
+                chunk, ancdata, flags, _ = self.sock.recvmsg(HEADER_SIZE, _ANCBUFSIZE,
+                                                             _RECV_FLAGS)
+            except BlockingIOError:
+                return None
+            except ConnectionResetError:
+                raise self._closed(b"", reset=True) from None
+        else:
+            chunk, ancdata, flags, error = taken.chunk, taken.ancdata, taken.flags, taken.error
+            if error == errno.ECONNRESET:
+                raise self._closed(b"", reset=True)
+            if error:
+                raise OSError(error, os.strerror(error))
         if ancdata or flags & _CTRUNC or len(chunk) != HEADER_SIZE:
             self._resume = True
             self._took(chunk, ancdata, flags)
@@ -178,7 +227,10 @@ class MessageReader:
             return Message(chunk, _NO_FDS, HEADER_SIZE, unframable=size != HEADER_SIZE)
         if HEADER_SIZE + body_len <= self.buffer_limit:
             try:
-                body = self.sock.recv(body_len)
+                if taken is None or not taken.body_read:
+                    body = self.sock.recv(body_len)
+                else:
+                    body = taken.received_body()
             except BlockingIOError:
                 body = None
             except ConnectionResetError:
@@ -406,6 +458,17 @@ class Outbox:
             self.blocked = True
         return n
 
+    def offered(self, data: bytes, sent: int, error: int) -> int:
+        """:meth:`offer` of a message the C lane already sent ``sent`` bytes of
+        (``error``: the send's errno, 0 when it took some or all)."""
+        if error in _GONE:
+            raise PeerGone(os.strerror(error))
+        if error and error != errno.EAGAIN:
+            raise OSError(error, os.strerror(error))
+        if sent < len(data):
+            self.blocked = True
+        return sent
+
     def append(self, item: Outgoing) -> None:
         """Queue ``item`` (after what waits; ``item.sent`` bytes of it went already)."""
         self.items.append(item)
@@ -480,3 +543,4 @@ class Outbox:
         self.blocked = False
         self.close_sent()
         return dropped
+
