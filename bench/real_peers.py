@@ -452,8 +452,15 @@ def open_tree(path: Path) -> Tree:
     commit = git("rev-parse", "HEAD") or "?"
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "vfioproxy",
                      "recorder"))
-    probe = ("import json, importlib.util as u; print(json.dumps({n: (u.find_spec(n).origin "
-             "if u.find_spec(n) else None) for n in ('vfioproxy', 'recorder')}))")
+    probe = ("import json, importlib.util as u\n"
+             "d = {n: (u.find_spec(n).origin if u.find_spec(n) else None)\n"
+             "     for n in ('vfioproxy', 'recorder')}\n"
+             "try:\n"
+             "    import vfioproxy.fastpath as f\n"
+             "    d['lane'] = 'C' if f.lane else f'Python ({f.without})'\n"
+             "except ImportError:\n"
+             "    d['lane'] = 'Python (no C lane in this tree)'\n"
+             "print(json.dumps(d))")
     env = dict(os.environ, PYTHONPATH=str(path))
     out = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, cwd=path,
                          env=env, timeout=60)
@@ -1114,7 +1121,8 @@ def main() -> int:
         "skipped": peers.skip,
     }
     print(f"vfioproxy from {tree.path} at {tree.commit[:12]}"
-          + (" (with uncommitted changes in vfioproxy/ or recorder/)" if tree.dirty else ""),
+          + (" (with uncommitted changes in vfioproxy/ or recorder/)" if tree.dirty else "")
+          + f"; plain messages take the {tree.imported.get('lane', '?')} lane",
           file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="vfioproxy-realpeers-"))
     global QEMU_LOG_DIR

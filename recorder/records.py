@@ -360,6 +360,43 @@ class PlainMessagePacker:
                          bin_header(len(data)), data))
 
 
+class EventPacker:
+    """Packs the events of one session and kind whose data differ only in the
+    integer entry ``field`` (fault injection's ``inject`` events while the
+    same fixed delays apply to every message) straight to bytes: exactly what
+    msgpack makes of :func:`event_wire` (tested), the parts that never change
+    packed once. :meth:`parts` hands them to the proxy's C lane."""
+
+    __slots__ = ("_after", "_before", "_head", "_middle", "_pack")
+
+    def __init__(self, packer: Any, session: int, kind: str, data: dict[str, Any],
+                 field: str) -> None:
+        pack = packer.pack
+        keys = list(data)
+        at = keys.index(field)
+
+        def entries(names: list[str]) -> bytes:
+            return b"".join(pack(name) + pack(data[name]) for name in names)
+
+        self._pack = pack
+        # the keys in event_wire's order: k, q | s, t | e, a: {..., field | ...}
+        self._head = packer.pack_map_header(6) + pack("k") + pack("e") + pack("q")
+        self._middle = pack("s") + pack(session) + pack("t")
+        self._before = (pack("e") + pack(kind) + pack("a") + packer.pack_map_header(len(keys))
+                        + entries(keys[:at]) + pack(field))
+        self._after = entries(keys[at + 1:])
+
+    def parts(self) -> tuple[bytes, bytes, bytes, bytes]:
+        """The bytes before seq, between seq and t, between t and the field's
+        value, after it."""
+        return self._head, self._middle, self._before, self._after
+
+    def __call__(self, seq: int, t_ns: int, value: int) -> bytes:
+        pack = self._pack
+        return b"".join((self._head, pack(seq), self._middle, pack(t_ns), self._before,
+                         pack(value), self._after))
+
+
 def event_wire(
     seq: int, session: int | None, t_ns: int, kind: str, data: dict[str, Any]
 ) -> dict[str, Any]:

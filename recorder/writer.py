@@ -17,6 +17,7 @@ from recorder.errors import TraceLimitError
 from recorder.framing import object_end
 from recorder.limits import DEFAULT_LIMITS
 from recorder.records import (
+    EventPacker,
     EventRecord,
     FdRecord,
     MessageRecord,
@@ -45,6 +46,8 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: their bytes never copied into the record
 _INLINE = 4096
 _FALLOC_FL_KEEP_SIZE = 1
+#: an event written with a message: (kind, data), or (EventPacker, its field's value)
+Event = tuple[str, dict[str, Any]] | tuple[EventPacker, int]
 
 
 def _fallocate_function() -> Any:
@@ -177,6 +180,17 @@ class TraceWriter:
         """Let the C lane append plain records while nothing needs the careful way."""
         self.appender.fast = int(self._fd >= 0 and self._lost_counts is None and not self._fsync)
 
+    def event_packer(self, session: int, kind: str, data: dict[str, Any],
+                     field: str) -> EventPacker:
+        """An :class:`~recorder.records.EventPacker` of ``session``'s ``kind``
+        events, ``field`` of ``data`` varying (an event a reader would refuse
+        is refused here, once). In :meth:`append_message`'s ``events``,
+        ``(packer, value)`` stands for ``(kind, data with field=value)``."""
+        widest = {**data, field: (1 << 64) - 1}
+        self._check(EventRecord(1 << 62, session, 1 << 62, kind, widest).to_wire(),
+                    "max_event_bytes", check=True)
+        return EventPacker(self._packer, session, kind, data, field)
+
     def plain_parts(self, session: int, direction: Direction) -> tuple[bytes, bytes, bytes]:
         """The parts of a plain message record of ``session`` and ``direction``
         that never change, for the C lane (:meth:`PlainMessagePacker.parts`)."""
@@ -228,7 +242,7 @@ class TraceWriter:
         *,
         length: int | None = None,
         torn: bool = False,
-        events: Sequence[tuple[str, dict[str, Any]]] = (),
+        events: Sequence[Event] = (),
     ) -> int:
         """Append one message record (and ``events``, each ``(kind, data)``, in
         the same ``write``), without building record objects: the proxy's path.
@@ -238,8 +252,8 @@ class TraceWriter:
         finished (FORMAT.md §4). Returns the message's ``seq`` (0 when the
         disk is full and recording is paused, see the class docstring).
         """
-        if not fds and length is None and not torn and not events:
-            return self._append_plain(session, direction, t_ns, data)
+        if not fds and length is None and not torn:
+            return self._append_plain(session, direction, t_ns, data, events)
         return self._append_whole(session, direction, t_ns, data, fds, length, torn, events)
 
     def _append_whole(
@@ -251,7 +265,7 @@ class TraceWriter:
         fds: Sequence[FdRecord],
         length: int | None,
         torn: bool,
-        events: Sequence[tuple[str, dict[str, Any]]],
+        events: Sequence[Event],
     ) -> int:
         """:meth:`append_message` the careful way: any record, room checked,
         the disk being full handled."""
@@ -288,28 +302,39 @@ class TraceWriter:
             self._count_lost(len(data), len(events))
             return 0
 
-    def _append_plain(self, session: int, direction: Direction, t_ns: int, data: bytes) -> int:
-        """:meth:`append_message` of a message without fds, length, torn mark or
-        events (nearly every one), kept short: packed by a per-direction
-        :class:`~recorder.records.PlainMessagePacker`, one plain write while
-        the reserve has room; anything else the careful way."""
-        with self._lock:
+    def _append_plain(
+        self,
+        session: int,
+        direction: Direction,
+        t_ns: int,
+        data: bytes,
+        events: Sequence[Event] = (),
+    ) -> int:
+        """:meth:`append_message` of a message without fds, length or torn mark
+        (nearly every one), kept short: packed by a per-direction
+        :class:`~recorder.records.PlainMessagePacker`, with its events (fault
+        injection's) one plain write while the reserve has room; anything else
+        the careful way."""
+        app = self.appender
+        with app:
             plain = self._plain.get((session, direction)) or self._plain_packer(session,
                                                                                 direction)
-            if len(data) <= _INLINE and self._lost is None and self._fd >= 0:
-                seq = self._seq + 1
+            if len(data) <= _INLINE and app.fast:
+                seq = app.seq + 1
                 blob = plain(seq, t_ns, data)
-                if self._size + len(blob) + RESERVE <= self._reserved_end and not self._fsync:
+                if events:
+                    blob = b"".join((blob, *self._event_blobs(seq, session, t_ns, events)))
+                if app.size + len(blob) + RESERVE <= app.reserved_end:
                     try:
-                        written = os.write(self._fd, blob)
+                        written = os.write(app.fd, blob)
                     except OSError:
                         written = -1
                     if written == len(blob):
-                        self._size += written
-                        self._seq = seq
+                        app.size += written
+                        app.seq = seq + len(events)
                         return seq
                     self._cut_back()  # and go the careful way below
-        return self._append_whole(session, direction, t_ns, data, (), None, False, ())
+        return self._append_whole(session, direction, t_ns, data, (), None, False, events)
 
     def _plain_packer(self, session: int, direction: Direction) -> PlainMessagePacker:
         plain = self._plain.get((session, direction))
@@ -383,10 +408,11 @@ class TraceWriter:
     # ------------------------------------------------------------------ internals
 
     def _event_blobs(
-        self, seq: int, session: int, t_ns: int, events: Sequence[tuple[str, dict[str, Any]]]
+        self, seq: int, session: int, t_ns: int, events: Sequence[Event]
     ) -> list[bytes]:
         """The events written with message ``seq`` (see :meth:`_event_blob`)."""
-        return [self._event_blob(i, session, t_ns, kind, data)
+        return [kind(i, t_ns, data) if type(kind) is EventPacker  # type: ignore[arg-type]
+                else self._event_blob(i, session, t_ns, kind, data)  # type: ignore[arg-type]
                 for i, (kind, data) in enumerate(events, start=seq + 1)]
 
     def _event_blob(

@@ -210,14 +210,26 @@ typedef struct {
     Py_ssize_t head_len, middle_len, tail_len;
 } Parts;
 
+/* An event written with each message of a direction (fault injection's
+ * inject event of zero delays): recorder/records.py EventPacker's parts;
+ * seq, t and the message's index filled in. */
+#define EVENT_MAX 2048
+typedef struct {
+    int on;
+    const char *head, *middle, *before, *after;
+    Py_ssize_t head_len, middle_len, before_len, after_len;
+    unsigned long long index; /* the index of the next message */
+} Event;
+
 /* Append a message's record; 1 written, 0 not tried (no room, paused,
  * closed, too large), -1 a write that failed or fell short (the caller cuts
  * it back). Holds the appender's lock, never the GIL. */
-static int append_record(Appender *app, const Parts *parts, unsigned long long t_ns,
-                         const char *data, size_t len)
+static int append_record(Appender *app, const Parts *parts, Event *event,
+                         unsigned long long t_ns, const char *data, size_t len)
 {
     unsigned char head[RECORD_HEAD_MAX];
-    size_t n = 0;
+    unsigned char ev[EVENT_MAX];
+    size_t n = 0, evn = 0;
     int result = 0;
     pthread_mutex_lock(&app->mutex);
     if (!app->fast || app->fd < 0 || (long long)len > app->inline_max)
@@ -232,13 +244,26 @@ static int append_record(Appender *app, const Parts *parts, unsigned long long t
     memcpy(head + n, parts->tail, (size_t)parts->tail_len);
     n += (size_t)parts->tail_len;
     n += pack_bin_header(head + n, len);
-    long long total = (long long)(n + len);
+    if (event->on) {
+        memcpy(ev, event->head, (size_t)event->head_len);
+        evn = (size_t)event->head_len;
+        evn += pack_uint(ev + evn, seq + 1);
+        memcpy(ev + evn, event->middle, (size_t)event->middle_len);
+        evn += (size_t)event->middle_len;
+        evn += pack_uint(ev + evn, t_ns);
+        memcpy(ev + evn, event->before, (size_t)event->before_len);
+        evn += (size_t)event->before_len;
+        evn += pack_uint(ev + evn, event->index);
+        memcpy(ev + evn, event->after, (size_t)event->after_len);
+        evn += (size_t)event->after_len;
+    }
+    long long total = (long long)(n + len + evn);
     if (app->size + total + app->reserve > app->reserved_end)
         goto out;
-    struct iovec iov[2] = {{head, n}, {(void *)data, len}};
-    ssize_t written = writev(app->fd, iov, len ? 2 : 1);
+    struct iovec iov[3] = {{head, n}, {(void *)data, len}, {ev, evn}};
+    ssize_t written = writev(app->fd, iov, 3);
     if (written == total) {
-        app->seq = seq;
+        app->seq = seq + (event->on ? 1 : 0);
         app->size += total;
         result = 1;
     } else {
@@ -284,16 +309,40 @@ static unsigned long long monotonic_ns(void)
     return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
 }
 
+/* Each thread keeps a buffer of KEEP bytes for the messages it relays across
+ * calls (a call per handed-back message must not cost an allocation); a
+ * larger message gets a larger one for the rest of the call. */
+#define KEEP 65536
+static pthread_key_t kept_key; /* the thread's kept buffer, freed when the thread ends */
+
 static int grow(char **buf, size_t *cap, size_t need)
 {
     if (need <= *cap)
         return 1;
-    size_t cap2 = *cap ? *cap : 65536;
+    if (*buf == NULL && need <= KEEP) {
+        char *kept = pthread_getspecific(kept_key);
+        if (kept == NULL) {
+            if ((kept = malloc(KEEP)) == NULL)
+                return 0;
+            if (pthread_setspecific(kept_key, kept) != 0) {
+                free(kept);
+                return 0;
+            }
+        }
+        *buf = kept;
+        *cap = KEEP;
+        return 1;
+    }
+    size_t cap2 = KEEP;
     while (cap2 < need)
         cap2 *= 2;
-    char *p = realloc(*buf, cap2);
+    char *p = malloc(cap2);
     if (p == NULL)
         return 0;
+    if (*cap)
+        memcpy(p, *buf, *cap < cap2 ? *cap : cap2);
+    if (*buf != pthread_getspecific(kept_key))
+        free(*buf);
     *buf = p;
     *cap = cap2;
     return 1;
@@ -303,7 +352,8 @@ static int grow(char **buf, size_t *cap, size_t need)
  * recorded whole (counted), 0 when there was nothing to read, -1 when `h`
  * holds a handoff. */
 static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_limit,
-                Appender *app, const Parts *parts, char **buf, size_t *cap, Handoff *h)
+                int handback, Appender *app, const Parts *parts, Event *event, char **buf,
+                size_t *cap, Handoff *h)
 {
     struct iovec iov = {h->chunk, HEADER_SIZE};
     struct msghdr msg;
@@ -333,8 +383,8 @@ static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_
     if (k != HEADER_SIZE || msg.msg_controllen || (msg.msg_flags & MSG_CTRUNC))
         return -1; /* short, fds, EOF: the Python reader's slow way */
     const unsigned char *hdr = (const unsigned char *)h->chunk;
-    if (hdr[2] == VERSION_COMMAND && hdr[3] == 0)
-        return -1;
+    if ((handback & (1 << leg)) || (hdr[2] == VERSION_COMMAND && hdr[3] == 0))
+        return -1; /* fault rules decide this direction's messages; VERSION */
     uint32_t size = (uint32_t)hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 |
                     (uint32_t)hdr[7] << 24;
     if (size < HEADER_SIZE || size > max_size || size > buffer_limit)
@@ -366,12 +416,51 @@ static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_
     if (h->sent != (ssize_t)size)
         return -1;
     if (app != NULL) {
-        int recorded = append_record(app, parts, h->t_ns, *buf, size);
+        int recorded = append_record(app, parts, event, h->t_ns, *buf, size);
         if (recorded <= 0) {
             h->cut = recorded < 0;
             return -1;
         }
     }
+    event->index++;
+    return 1;
+}
+
+static int get_event(PyObject *obj, unsigned long long index, Event *event)
+{
+    event->on = 0;
+    event->index = index;
+    if (obj == Py_None)
+        return 1;
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 4) {
+        PyErr_SetString(PyExc_TypeError, "event parts must be a 4-tuple of bytes");
+        return 0;
+    }
+    const char *ptr[4];
+    Py_ssize_t len[4], total = 0;
+    for (int i = 0; i < 4; i++) {
+        PyObject *item = PyTuple_GET_ITEM(obj, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "event parts must be bytes");
+            return 0;
+        }
+        ptr[i] = PyBytes_AS_STRING(item);
+        len[i] = PyBytes_GET_SIZE(item);
+        total += len[i];
+    }
+    if (total > EVENT_MAX - 32) { /* room for seq, t and the index */
+        PyErr_SetString(PyExc_ValueError, "event parts too long");
+        return 0;
+    }
+    event->on = 1;
+    event->head = ptr[0];
+    event->head_len = len[0];
+    event->middle = ptr[1];
+    event->middle_len = len[1];
+    event->before = ptr[2];
+    event->before_len = len[2];
+    event->after = ptr[3];
+    event->after_len = len[3];
     return 1;
 }
 
@@ -428,16 +517,22 @@ static PyObject *ancillary_list(const Handoff *h)
 
 PyDoc_STRVAR(relay_doc,
 "relay(client_fd, server_fd, wake_fd, max_message_size, buffer_limit, appender, c2s_parts,\n"
-"      s2c_parts, max_messages, idle_ms) -> tuple\n"
+"      s2c_parts, c2s_event, s2c_event, c2s_index, s2c_index, handback, max_messages,\n"
+"      idle_ms) -> tuple\n"
 "\n"
 "Forward and record plain messages between two non-blocking sockets until\n"
 "something is not plain, wake_fd is readable, max_messages were handled, or\n"
 "nothing came for idle_ms after one was handled. appender is None when\n"
 "nothing is recorded; the parts are PlainMessagePacker.parts() per direction.\n"
+"The events (None, or EventPacker.parts()) are written with each message of\n"
+"their direction, numbered from its index (fault injection's zero delays).\n"
+"handback: bit 0 (c2s), bit 1 (s2c): hand every header of that direction back\n"
+"(fault rules decide its messages).\n"
 "\n"
 "Returns (code, c2s_messages, c2s_bytes, s2c_messages, s2c_bytes, leg, ...):\n"
-"  (0, counts..., pending): returned; pending is -1, or a leg (2: poll\n"
-"     itself) whose events the caller's own poll must see before it calls again;\n"
+"  (0, counts..., pending): returned; pending is -1, 3 when wake_fd is\n"
+"     readable, or a leg (2: poll itself) whose events the caller's own poll\n"
+"     must see before it calls again;\n"
 "  (1, counts..., leg, chunk, ancdata, flags, error, body, body_error): the\n"
 "     header's recvmsg as the socket module gives it (error: its errno, 0 when\n"
 "     it read), then body: None when the body was not read, else what one recv\n"
@@ -449,12 +544,19 @@ PyDoc_STRVAR(relay_doc,
 
 static PyObject *fastpath_relay(PyObject *module, PyObject *args)
 {
-    int fds[2], wake, max_messages, idle_ms;
+    int fds[2], wake, handback, max_messages, idle_ms;
     unsigned int max_size;
     Py_ssize_t buffer_limit;
-    PyObject *app_obj, *parts_obj[2];
-    if (!PyArg_ParseTuple(args, "iiiInOOOii", &fds[0], &fds[1], &wake, &max_size, &buffer_limit,
-                          &app_obj, &parts_obj[0], &parts_obj[1], &max_messages, &idle_ms))
+    unsigned long long index[2];
+    PyObject *app_obj, *parts_obj[2], *event_obj[2];
+    if (!PyArg_ParseTuple(args, "iiiInOOOOOKKiii", &fds[0], &fds[1], &wake, &max_size,
+                          &buffer_limit, &app_obj, &parts_obj[0], &parts_obj[1], &event_obj[0],
+                          &event_obj[1], &index[0], &index[1], &handback, &max_messages,
+                          &idle_ms))
+        return NULL;
+    Event events[2];
+    if (!get_event(event_obj[0], index[0], &events[0]) ||
+        !get_event(event_obj[1], index[1], &events[1]))
         return NULL;
     Appender *app = NULL;
     Parts parts[2];
@@ -488,13 +590,17 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
             pending = 2; /* the Python forwarding polls again and sees it */
             break;
         }
-        if (r == 0 || p[2].revents)
+        if (r == 0)
             break;
+        if (p[2].revents) {
+            pending = 3;
+            break;
+        }
         for (int leg = 0; leg < 2 && !done; leg++) {
             if (!p[leg].revents)
                 continue;
-            int got = step(leg, fds[leg], fds[1 - leg], max_size, (size_t)buffer_limit, app,
-                           &parts[leg], &buf, &cap, h);
+            int got = step(leg, fds[leg], fds[1 - leg], max_size, (size_t)buffer_limit,
+                           handback, app, &parts[leg], &events[leg], &buf, &cap, h);
             if (got > 0) {
                 count[leg][0] += 1;
                 count[leg][1] += (long long)h->length;
@@ -534,7 +640,8 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
         result = Py_BuildValue("(iLLLLi)", YIELD, count[0][0], count[0][1], count[1][0],
                                count[1][1], pending);
     }
-    free(buf);
+    if (buf != pthread_getspecific(kept_key))
+        free(buf);
     PyMem_RawFree(h);
     return result;
 }
@@ -556,6 +663,10 @@ PyMODINIT_FUNC PyInit__fastpath(void)
 {
     if (PyType_Ready(&AppenderType) < 0)
         return NULL;
+    if (pthread_key_create(&kept_key, free) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_key_create failed");
+        return NULL;
+    }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
         return NULL;

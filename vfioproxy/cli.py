@@ -24,6 +24,7 @@ from recorder.errors import TraceError
 from recorder.rawcap import import_rawcap
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
+from vfioproxy import fastpath
 from vfioproxy.control import control_request, serve_control
 from vfioproxy.demo import run_demo
 from vfioproxy.errors import VfioProxyError
@@ -137,6 +138,9 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
     listener = await open_unix_listener(args.listen, mode=options.mode)
     print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
           + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
+    if options.threads and fastpath.without is not None:
+        print(f"vfioproxy: no C lane: {fastpath.without}: every message takes the Python path "
+              "(the same behaviour, more CPU per message)", file=sys.stderr)
     if injector is not None:
         for rule in injector.rules:
             print(f"vfioproxy: rule {rule.id}: {rule.text}", file=sys.stderr)

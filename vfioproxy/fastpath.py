@@ -6,9 +6,10 @@ not VERSION, within the buffer limit) without the GIL, and hands everything
 else back to :mod:`vfioproxy.proxy.relay`; its :class:`Appender` is the lock
 and shared state of a trace file, which the :class:`~recorder.writer.TraceWriter`
 uses either way. Where the extension was not built, or with
-``VFIOPROXY_PURE_PYTHON=1`` in the environment, :data:`lane` is None and
-:class:`Appender` is the Python class below: every message then takes the
-Python path, which behaves the same (the proxy's tests run both).
+``VFIOPROXY_PURE_PYTHON=1`` in the environment, :data:`lane` is None
+(:data:`without` says why) and every message takes the Python path, which
+behaves the same and costs more CPU (the proxy's tests run both); without
+the extension :class:`Appender` is the Python class below.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Appender", "lane", "lane_name"]
+__all__ = ["Appender", "lane", "without"]
 
 
 class PyAppender:
@@ -54,15 +55,16 @@ class PyAppender:
 Appender: type[PyAppender]
 #: the C lane's ``relay`` function (see ``vfioproxy/_fastpath.c``), or None
 lane: Callable[..., tuple[Any, ...]] | None
+#: why there is no C lane (None: there is one)
+without: str | None = None
 try:
     from vfioproxy import _fastpath
-except ImportError:  # not built: the Python path only
+except ImportError as exc:  # not built: the Python path only
     Appender, lane = PyAppender, None
+    without = (f"vfioproxy._fastpath is not built ({exc}; `pip install -e .` builds it with a "
+               "C compiler and Python's headers)")
 else:
     Appender = _fastpath.Appender  # type: ignore[assignment]
-    lane = None if os.environ.get("VFIOPROXY_PURE_PYTHON") == "1" else _fastpath.relay
-
-
-def lane_name() -> str:
-    """``"C"`` or ``"Python"``: which lane forwards plain messages in this process."""
-    return "Python" if lane is None else "C"
+    lane = _fastpath.relay
+    if os.environ.get("VFIOPROXY_PURE_PYTHON") == "1":
+        lane, without = None, "VFIOPROXY_PURE_PYTHON=1"

@@ -76,7 +76,7 @@ import collections
 import math
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import attrs
@@ -413,6 +413,8 @@ class Injector:
         self.seed = seed
         # held to change rules and lanes, and to read counters; never to decide
         self._lock = threading.Lock()
+        #: called (from the thread that changed them) after the rules change
+        self._watchers: list[Callable[[], None]] = []
         self._compiled: tuple[_Compiled, ...] = ()
         self._next_id = 1
         self._remembered: set[Direction] = set()
@@ -448,6 +450,7 @@ class Injector:
             self._compiled = (*self._compiled, compiled)
             self._remembered |= compiled.remembered()
             self._replan()
+        self._changed()
         return rule
 
     def remove(self, rule_id: int) -> Rule:
@@ -457,8 +460,29 @@ class Injector:
                 if compiled.rule.id == rule_id:
                     self._compiled = tuple(c for c in self._compiled if c is not compiled)
                     self._replan()
-                    return compiled.rule
-        raise InjectError(f"no rule with id {rule_id}")
+                    break
+            else:
+                raise InjectError(f"no rule with id {rule_id}")
+        self._changed()
+        return compiled.rule
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the changing thread) whenever rules are added
+        or removed: whoever lets messages by undecided (:meth:`unchanged`)
+        asks again."""
+        with self._lock:
+            self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+    def _changed(self) -> None:
+        with self._lock:
+            watchers = list(self._watchers)
+        for callback in watchers:
+            callback()
 
     def statistics(self) -> InjectorStatistics:
         """Counters per current rule (see :class:`RuleStatistics`)."""
@@ -529,6 +553,49 @@ class Injector:
             return (self._c2s if direction is _C2S else self._s2c)[session]
 
     # ----------------------------------------------------------------- deciding
+
+    def unchanged(
+        self, session: int, direction: Direction, now: float
+    ) -> tuple[Applied, ...] | None:
+        """What every next message of this session direction gets at ``now``
+        when that is the same for each and leaves it as it is: ``()`` when no
+        rule serves the direction, else the records of the rules that serve it,
+        all fixed zero delays that apply to every message (and nothing is
+        tracked for the other direction's rules, the direction is not stalled,
+        nothing of it is held). None: :meth:`decide` each message. While it is
+        not None, messages may be forwarded at once without :meth:`decide`,
+        their inject records made from what it returned and counted with
+        :meth:`passed`, until the rules change (:meth:`watch`)."""
+        lane = (self._c2s if direction is _C2S else self._s2c).get(session)
+        if lane is None:
+            lane = self._open(session, direction)
+        constant = lane.constant
+        if (constant is None or lane.plan.remember or lane.stalled_until > now
+                or lane.last_release > now):
+            return None
+        applied, delays = constant
+        for _, seconds in delays:
+            if seconds:
+                return None
+        return applied
+
+    def next_index(self, session: int, direction: Direction) -> int:
+        """The index the next message of this session direction will have."""
+        lane = (self._c2s if direction is _C2S else self._s2c).get(session)
+        return 0 if lane is None else lane.index
+
+    def passed(self, session: int, direction: Direction, messages: int) -> None:
+        """Count messages forwarded without :meth:`decide` while :meth:`unchanged`
+        (their indexes, which rules match on, and the zero delays applied)."""
+        lane = (self._c2s if direction is _C2S else self._s2c).get(session)
+        if lane is None:
+            lane = self._open(session, direction)
+        lane.index += messages
+        constant = lane.constant
+        if constant is not None:
+            for entry, _ in constant[1]:
+                entry.matched += messages
+                entry.applied += messages
 
     def decide(self, session: int, direction: Direction, data: bytes, now: float) -> Decision:
         """Decide the fate of one message arriving at ``now``; never raises on bad bytes."""

@@ -106,7 +106,11 @@ class Proxy:
             options.strict or options.check_live or self.observer is not None)
 
     def statistics(self) -> ProxyStatistics:
-        """Sessions, messages/bytes/fds per direction, and live-check violations."""
+        """Sessions, messages/bytes/fds per direction, and live-check violations.
+
+        Messages the C lane forwards are counted when it returns: after at
+        most :data:`~vfioproxy.proxy.relay.LANE_BATCH` messages, or
+        :data:`~vfioproxy.proxy.relay.LANE_IDLE_MS` after the last one."""
         sessions = list(self.sessions.values())
         totals = {}
         for direction, ended in self._ended.items():

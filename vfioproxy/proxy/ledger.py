@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from recorder.errors import TraceError
-from recorder.records import FdRecord
-from recorder.writer import TraceWriter
-from vfioproxy.inject import Decision, Injector
+from recorder.records import EventPacker, FdRecord
+from recorder.writer import Event, TraceWriter
+from vfioproxy.inject import Applied, Decision, Injector
 from vfioproxy.protocol.negotiation import Negotiation, TwinSocket
 from vfioproxy.proxy.checks import LiveChecks
 from vfioproxy.proxy.model import Counters
@@ -70,6 +70,9 @@ class SessionLedger:
         #: the session's close has been recorded
         self.closed = False
         self._record_error_logged = False
+        #: per direction: the last applied records, their inject event packer, their dicts
+        self._inject: dict[Direction, tuple[tuple[Applied, ...], EventPacker | None,
+                                            list[dict[str, Any]]]] = {}
 
     @property
     def max_message_size(self) -> int:
@@ -96,10 +99,18 @@ class SessionLedger:
     # ------------------------------------------------------------------ recording
 
     def forwarded(self, direction: Direction, messages: int, nbytes: int) -> None:
-        """Count plain messages the C lane forwarded and recorded (no fds)."""
+        """Count plain messages the C lane forwarded and recorded (no fds; the
+        fault injector let them by undecided: it counts them too)."""
         counters = self.counters[direction]
         counters.messages += messages
         counters.bytes += nbytes
+        self.passed(direction, messages)
+
+    def passed(self, direction: Direction, messages: int) -> None:
+        """Messages the C lane let by without asking the fault injector (its
+        direction :meth:`~vfioproxy.inject.Injector.unchanged`): it counts them."""
+        if self.injector is not None:
+            self.injector.passed(self.id, direction, messages)
 
     def record(
         self,
@@ -127,13 +138,10 @@ class SessionLedger:
         seq = 0
         writer = self.writer
         if writer is not None:
-            events: Sequence[tuple[str, dict[str, Any]]] = ()
+            events: Sequence[Event] = ()
             if decision is not None and decision.applied:
-                events = [("inject", {
-                    "direction": direction.value,
-                    "index": decision.index,
-                    "applied": [applied.to_dict() for applied in decision.applied],
-                })]
+                events = [self._inject_event(writer, direction, decision.applied,
+                                             decision.index)]
             try:
                 seq = writer.append_message(
                     self.id, direction, t_ns, data, fds, length=length, torn=torn, events=events
@@ -149,6 +157,38 @@ class SessionLedger:
             if reason is not None:
                 self.stop(reason)
         return seq
+
+    def _inject_event(self, writer: TraceWriter, direction: Direction,
+                      applied: tuple[Applied, ...], index: int) -> Event:
+        """The ``inject`` event of message ``index``. The injector hands the same
+        ``applied`` for every message of fixed delays: from its second time,
+        the event is packed from parts packed once (:meth:`inject_parts`)."""
+        cached = self._inject.get(direction)
+        if cached is not None and cached[0] is applied:
+            packer = cached[1]
+            if packer is None:
+                packer = writer.event_packer(self.id, "inject", {
+                    "direction": direction.value, "index": 0, "applied": cached[2]}, "index")
+                self._inject[direction] = (applied, packer, cached[2])
+            return packer, index
+        dicts = [entry.to_dict() for entry in applied]
+        self._inject[direction] = (applied, None, dicts)
+        return "inject", {"direction": direction.value, "index": index, "applied": dicts}
+
+    def inject_parts(
+        self, direction: Direction, applied: tuple[Applied, ...]
+    ) -> tuple[bytes, bytes, bytes, bytes] | None:
+        """The parts of the ``inject`` events of ``direction`` while every message
+        gets ``applied`` (the C lane writes them); None when nothing is recorded
+        or nothing is applied."""
+        if self.writer is None or not applied:
+            return None
+        event = self._inject_event(self.writer, direction, applied, 0)
+        if type(event[0]) is str:  # the first time: packed once from now on
+            event = self._inject_event(self.writer, direction, applied, 0)
+        packer = event[0]
+        assert isinstance(packer, EventPacker)
+        return packer.parts()
 
     def event(self, kind: str, data: dict[str, Any], t_ns: int | None = None) -> int:
         """Record an event of this session; returns its ``seq`` (0: not recorded)."""

@@ -39,7 +39,7 @@ import socket
 import termios
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -73,6 +73,24 @@ _NO_FDS: list[OwnedFd] = []
 LANE_BATCH = 4096
 #: ... and once nothing came for this long after a message (ms): statistics stay fresh
 LANE_IDLE_MS = 50
+#: what :meth:`Relay.run_lane` returns when the lane's wake-up fd became readable
+LANE_WOKEN = 3
+
+
+class LanePlan(NamedTuple):
+    """What the C lane does with each direction (:meth:`Relay.lane_plan`):
+    ``handback`` bit 0 (c2s) / bit 1 (s2c): hand its messages back for the
+    fault rules to decide; else forward them, writing the inject event whose
+    parts are given with each (None: none), numbered from the index given."""
+
+    handback: int
+    c2s_event: tuple[bytes, bytes, bytes, bytes] | None
+    s2c_event: tuple[bytes, bytes, bytes, bytes] | None
+    c2s_index: int
+    s2c_index: int
+
+
+_PLAIN = LanePlan(0, None, None, 0, 0)
 
 
 class _Stream:
@@ -210,27 +228,49 @@ class Relay:
 
     # ------------------------------------------------------------- the C lane
 
-    def lane_ready(self) -> bool:
-        """Every next message may take the C lane (:mod:`vfioproxy.fastpath`):
-        no fault injector or checks on the path, nothing queued, held,
-        part-read or ended, and the trace (if any) takes plain appends."""
+    def lane_plan(self) -> LanePlan | None:
+        """Whether the next messages may take the C lane
+        (:mod:`vfioproxy.fastpath`): None when not (live checks on the path,
+        something queued, held, part-read or ended, a trace that takes no plain
+        appends now, fault rules deciding both directions); else what it is
+        to do with each direction: hand it back for the fault rules to decide,
+        or forward it, with the inject events of its zero delays (see
+        :meth:`~vfioproxy.inject.Injector.unchanged`)."""
         ledger = self.ledger
-        if (ledger.injector is not None or ledger.checks is not None or self.closed
-                or ledger.stop_reason is not None):
-            return False
+        if ledger.checks is not None or self.closed or ledger.stop_reason is not None:
+            return None
         for leg in self.legs:
             if (leg.eof or leg.gone or leg.stream is not None or not leg.reader.idle
                     or leg.outbox.items or leg.outbox.blocked):
-                return False
+                return None
         writer = ledger.writer
-        return writer is None or bool(writer.appender.fast)
+        if writer is not None and not writer.appender.fast:
+            return None
+        injector = ledger.injector
+        if injector is None:
+            return _PLAIN
+        now = self.clock()
+        handback = 0
+        events: list[tuple[bytes, bytes, bytes, bytes] | None] = [None, None]
+        indexes = [0, 0]
+        for bit, direction in enumerate((Direction.C2S, Direction.S2C)):
+            applied = injector.unchanged(ledger.id, direction, now)
+            if applied is None:
+                handback |= 1 << bit
+            else:
+                events[bit] = ledger.inject_parts(direction, applied)
+                indexes[bit] = injector.next_index(ledger.id, direction)
+        if handback == 3:
+            return None
+        return LanePlan(handback, events[0], events[1], indexes[0], indexes[1])
 
-    def run_lane(self, lane: Callable[..., tuple[Any, ...]], wake_fd: int) -> bool:
-        """Let the C lane forward and record plain messages until it returns,
-        then take on what it handed back, with the same steps as any message
-        (:meth:`readable`, :meth:`_message`). False when the caller's own poll
-        must see the sockets before the lane runs again (a hang-up, a poll
-        error); the lane also returns when ``wake_fd`` is readable."""
+    def run_lane(self, lane: Callable[..., tuple[Any, ...]], wake_fd: int, plan: LanePlan) -> int:
+        """Let the C lane forward and record plain messages as ``plan`` says
+        until it returns, then take on what it handed back, with the same steps
+        as any message (:meth:`readable`, :meth:`_message`). Returns -1 when
+        the lane may go on, :data:`LANE_WOKEN` when ``wake_fd`` became
+        readable, else the caller's own poll must see the sockets before the
+        lane runs again (a hang-up, a poll error)."""
         ledger = self.ledger
         writer = ledger.writer
         if writer is None:
@@ -241,14 +281,15 @@ class Relay:
             s2c_parts = writer.plain_parts(ledger.id, Direction.S2C)
         result = lane(self.client.fd, self.server.fd, wake_fd, self.max_message_size,
                       self.client.reader.buffer_limit, appender, c2s_parts, s2c_parts,
-                      LANE_BATCH, LANE_IDLE_MS)
+                      plan.c2s_event, plan.s2c_event, plan.c2s_index, plan.s2c_index,
+                      plan.handback, LANE_BATCH, LANE_IDLE_MS)
         code, c2s_messages, c2s_bytes, s2c_messages, s2c_bytes, index = result[:6]
         if c2s_messages:
             ledger.forwarded(Direction.C2S, c2s_messages, c2s_bytes)
         if s2c_messages:
             ledger.forwarded(Direction.S2C, s2c_messages, s2c_bytes)
         if code == 0:
-            return bool(index < 0)
+            return int(index)
         leg = self.legs[index]
         if code == 1:  # a header it does not take (fds, VERSION, a part, EOF, ...)
             self.readable(leg, Taken(*result[6:]))
@@ -258,7 +299,7 @@ class Relay:
                 writer.cut_back()
             self._message(leg, Message(data, _NO_FDS, len(data)), t_ns=t_ns,
                           offered=(sent, error))
-        return True
+        return -1
 
     def hangup(self, leg: Leg) -> None:
         """``leg``'s peer closed its socket (``POLLHUP``): it receives no more."""
@@ -282,8 +323,13 @@ class Relay:
         if version and fds:  # a twin socket must be swapped before the reply goes on
             version = False
             self._version(direction, data, fds)
+        # (a message the C lane sent is of a direction whose decisions forward at
+        # once, unchanged: the decision records that; rules changed meanwhile
+        # cannot take back what was sent)
         decision = None if ledger.injector is None else ledger.decide(direction, data,
                                                                       self.clock())
+        if offered is not None and decision is not None and not decision.forward:
+            decision = None
         fd_records: list[FdRecord] = []
         if fds and self.inspect_fds and (self.capture_fd_contents or decision is not None):
             fd_records = self._fd_records(fds)  # contents as they passed; held fds now
@@ -295,7 +341,8 @@ class Relay:
             if decision.close_after:
                 close_after = f"injected close after {self._where(direction, decision)}"
             item = self._send(dst, decision.data, fds, decision.release_at,
-                              length=message.length, close_after=close_after)
+                              length=message.length, close_after=close_after,
+                              offered=offered)
         else:
             for fd in fds:
                 fd.close()

@@ -25,13 +25,14 @@ the session (:meth:`~vfioproxy.proxy.relay.Relay.stop`) and returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
 import time
 
 from vfioproxy import fastpath
-from vfioproxy.proxy.relay import Relay
+from vfioproxy.proxy.relay import LANE_WOKEN, Relay
 from vfioproxy.timer import TimerFd, WakeLatency
 
 __all__ = ["ThreadForwarder"]
@@ -55,22 +56,38 @@ class ThreadForwarder:
     def wake(self) -> None:
         """Stop the forwarding (from any thread): the session ends as stopped."""
         self.stopping = True
+        self.recheck()
+
+    def recheck(self) -> None:
+        """Make the thread look again at what it may let the C lane do (from any
+        thread; the fault rules changed)."""
         with self._lock:
             if self._wakeup >= 0:
                 os.eventfd_write(self._wakeup, 1)
+
+    def _rechecked(self) -> None:
+        """Clear a :meth:`recheck` (a :meth:`wake` is left for the loop to see)."""
+        if not self.stopping:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wakeup)
 
     def run(self) -> None:
         """Forward until both directions are done, the ledger asks to stop, or
         :meth:`wake`; then end the session. An exception ends the session
         first ("internal error"), then propagates."""
         relay = self.relay
-        timer = TimerFd() if relay.ledger.injector is not None else None
+        injector = relay.ledger.injector
+        timer = TimerFd() if injector is not None else None
+        if injector is not None:
+            injector.watch(self.recheck)
         try:
             self._forward(relay, timer)
         except BaseException as exc:
             relay.end(exc)
             raise
         finally:
+            if injector is not None:
+                injector.unwatch(self.recheck)
             if timer is not None:
                 timer.close()
             with self._lock:
@@ -90,8 +107,14 @@ class ThreadForwarder:
             poller.register(timer.fd, _POLLIN)
         lane = fastpath.lane
         while not relay.finished and ledger.stop_reason is None and not self.stopping:
-            if lane is not None and relay.lane_ready() and relay.run_lane(lane, self._wakeup):
-                continue
+            if lane is not None:
+                plan = relay.lane_plan()
+                if plan is not None:
+                    pending = relay.run_lane(lane, self._wakeup, plan)
+                    if pending == LANE_WOKEN:
+                        self._rechecked()
+                    if pending < 0 or pending == LANE_WOKEN:
+                        continue
             if relay.changed:
                 relay.changed = False
                 for fd, leg in legs.items():
@@ -133,7 +156,9 @@ class ThreadForwarder:
                 if ready is None:
                     if timer is not None and fd == timer.fd:
                         timer.clear()
-                    continue  # the wake-up eventfd: the loop condition sees it
+                    else:
+                        self._rechecked()  # the wake-up eventfd: the loop condition sees a wake
+                    continue
                 if events & _POLLOUT:
                     relay.writable(ready)
                 if events & _POLLIN:
