@@ -42,7 +42,8 @@
 #define HEADER_SIZE 16
 #define SCM_MAX_FD 253
 #define VERSION_COMMAND 1
-#define RECORD_HEAD_MAX 256 /* the packed parts that never change, and the rest of a record's head */
+#define RECORD_HEAD_MAX 256
+#define KEEP 65536 /* the largest message the lane reads whole */ /* the packed parts that never change, and the rest of a record's head */
 
 /* ------------------------------------------------------------------ Appender */
 
@@ -309,51 +310,32 @@ static unsigned long long monotonic_ns(void)
     return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
 }
 
-/* Each thread keeps a buffer of KEEP bytes for the messages it relays across
- * calls (a call per handed-back message must not cost an allocation); a
- * larger message gets a larger one for the rest of the call. */
-#define KEEP 65536
-static pthread_key_t kept_key; /* the thread's kept buffer, freed when the thread ends */
+/* The messages the lane reads whole are at most KEEP bytes (a larger one
+ * is handed back after its header: copying it is what costs, not the
+ * Python around it). Each thread keeps one buffer of that size across
+ * calls (a call per handed-back message must not cost an allocation). */
+static pthread_key_t kept_key; /* the thread's buffer, freed when the thread ends */
 
-static int grow(char **buf, size_t *cap, size_t need)
+static char *kept_buffer(void)
 {
-    if (need <= *cap)
-        return 1;
-    if (*buf == NULL && need <= KEEP) {
-        char *kept = pthread_getspecific(kept_key);
-        if (kept == NULL) {
-            if ((kept = malloc(KEEP)) == NULL)
-                return 0;
-            if (pthread_setspecific(kept_key, kept) != 0) {
-                free(kept);
-                return 0;
-            }
+    char *kept = pthread_getspecific(kept_key);
+    if (kept == NULL) {
+        if ((kept = malloc(KEEP)) == NULL)
+            return NULL;
+        if (pthread_setspecific(kept_key, kept) != 0) {
+            free(kept);
+            return NULL;
         }
-        *buf = kept;
-        *cap = KEEP;
-        return 1;
     }
-    size_t cap2 = KEEP;
-    while (cap2 < need)
-        cap2 *= 2;
-    char *p = malloc(cap2);
-    if (p == NULL)
-        return 0;
-    if (*cap)
-        memcpy(p, *buf, *cap < cap2 ? *cap : cap2);
-    if (*buf != pthread_getspecific(kept_key))
-        free(*buf);
-    *buf = p;
-    *cap = cap2;
-    return 1;
+    return kept;
 }
 
 /* One message from leg `leg`'s socket. Returns 1 when it was forwarded and
  * recorded whole (counted), 0 when there was nothing to read, -1 when `h`
  * holds a handoff. */
 static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_limit,
-                int handback, Appender *app, const Parts *parts, Event *event, char **buf,
-                size_t *cap, Handoff *h)
+                int handback, Appender *app, const Parts *parts, Event *event, char *buf,
+                Handoff *h)
 {
     struct iovec iov = {h->chunk, HEADER_SIZE};
     struct msghdr msg;
@@ -387,14 +369,13 @@ static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_
         return -1; /* fault rules decide this direction's messages; VERSION */
     uint32_t size = (uint32_t)hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 |
                     (uint32_t)hdr[7] << 24;
-    if (size < HEADER_SIZE || size > max_size || size > buffer_limit)
-        return -1; /* not framable here, or streamed: Python */
+    if (size < HEADER_SIZE || size > max_size || size > buffer_limit || size > KEEP)
+        return -1; /* not framable here, streamed, or large enough that Python's
+                      way costs nothing more: Python reads the body */
     size_t body_len = size - HEADER_SIZE;
-    if (!grow(buf, cap, size))
-        return -1;
-    memcpy(*buf, h->chunk, HEADER_SIZE);
+    memcpy(buf, h->chunk, HEADER_SIZE);
     if (body_len) {
-        ssize_t got = recv(src, *buf + HEADER_SIZE, body_len, MSG_DONTWAIT);
+        ssize_t got = recv(src, buf + HEADER_SIZE, body_len, MSG_DONTWAIT);
         if (got != (ssize_t)body_len) { /* part of it, EOF, nothing yet, an error */
             if (got >= 0) {
                 h->body_state = 1;
@@ -409,14 +390,14 @@ static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_
     }
     h->t_ns = monotonic_ns();
     h->length = size;
-    h->sent = send(dst, *buf, size, MSG_NOSIGNAL | MSG_DONTWAIT);
+    h->sent = send(dst, buf, size, MSG_NOSIGNAL | MSG_DONTWAIT);
     h->send_error = h->sent < 0 ? (errno == EWOULDBLOCK ? EAGAIN : errno) : 0;
     h->cut = 0;
     h->code = MESSAGE;
     if (h->sent != (ssize_t)size)
         return -1;
     if (app != NULL) {
-        int recorded = append_record(app, parts, event, h->t_ns, *buf, size);
+        int recorded = append_record(app, parts, event, h->t_ns, buf, size);
         if (recorded <= 0) {
             h->cut = recorded < 0;
             return -1;
@@ -515,6 +496,25 @@ static PyObject *ancillary_list(const Handoff *h)
     return list;
 }
 
+/* Close the fds a handed-back header brought (when they cannot be handed back). */
+static void close_fds(const Handoff *h)
+{
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_control = (void *)h->control.buf;
+    msg.msg_controllen = h->control_len;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < n; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            close(fd);
+        }
+    }
+}
+
 PyDoc_STRVAR(relay_doc,
 "relay(client_fd, server_fd, wake_fd, max_message_size, buffer_limit, appender, c2s_parts,\n"
 "      s2c_parts, c2s_event, s2c_event, c2s_index, s2c_index, handback, max_messages,\n"
@@ -570,10 +570,11 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
             return NULL;
     }
     Handoff *h = PyMem_RawMalloc(sizeof(Handoff));
-    if (h == NULL)
+    char *buf = kept_buffer();
+    if (h == NULL || buf == NULL) {
+        PyMem_RawFree(h);
         return PyErr_NoMemory();
-    char *buf = NULL;
-    size_t cap = 0;
+    }
     long long count[2][2] = {{0, 0}, {0, 0}};
     int handled = 0;
     h->code = YIELD;
@@ -600,7 +601,7 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
             if (!p[leg].revents)
                 continue;
             int got = step(leg, fds[leg], fds[1 - leg], max_size, (size_t)buffer_limit,
-                           handback, app, &parts[leg], &events[leg], &buf, &cap, h);
+                           handback, app, &parts[leg], &events[leg], buf, h);
             if (got > 0) {
                 count[leg][0] += 1;
                 count[leg][1] += (long long)h->length;
@@ -631,6 +632,8 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
                                    h->body_state == 2 ? h->body_error : 0);
         Py_XDECREF(anc);
         Py_XDECREF(body);
+        if (result == NULL)
+            close_fds(h); /* nobody else will: every fd is passed on or closed once */
     } else if (done && h->code == MESSAGE) {
         result = Py_BuildValue("(iLLLLiy#Knii)", MESSAGE, count[0][0], count[0][1], count[1][0],
                                count[1][1], h->leg, buf, (Py_ssize_t)h->length, h->t_ns,
@@ -640,8 +643,6 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
         result = Py_BuildValue("(iLLLLi)", YIELD, count[0][0], count[0][1], count[1][0],
                                count[1][1], pending);
     }
-    if (buf != pthread_getspecific(kept_key))
-        free(buf);
     PyMem_RawFree(h);
     return result;
 }

@@ -2,7 +2,7 @@
 
 :mod:`vfioproxy._fastpath` (``vfioproxy/_fastpath.c``, built by ``pip
 install``) forwards and records the plain messages of a session (no fds,
-not VERSION, within the buffer limit) without the GIL, and hands everything
+not VERSION, at most 64 KiB) without the GIL, and hands everything
 else back to :mod:`vfioproxy.proxy.relay`; its :class:`Appender` is the lock
 and shared state of a trace file, which the :class:`~recorder.writer.TraceWriter`
 uses either way. Where the extension was not built, or with

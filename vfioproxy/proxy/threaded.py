@@ -9,7 +9,7 @@ wake-up each time. Everything it does between two polls is a
 or a peer that does not read, only changes what the next ``poll`` waits
 for.
 
-While every message is plain (no fds, not VERSION, within the buffer limit)
+While every message is plain (no fds, not VERSION, at most 64 KiB)
 and nothing waits, the thread hands the polling to the C lane
 (:mod:`vfioproxy.fastpath`), which forwards and records such messages
 without the GIL and hands anything else back to the same
