@@ -21,7 +21,6 @@ import trio
 
 import vfioproxy.fastpath
 from recorder.records import EventRecord, MessageRecord
-from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from tests.test_proxy_hostile import (
     Peer,
@@ -37,7 +36,6 @@ from tests.test_proxy_hostile import (
 from vfioproxy.fds import make_eventfd
 from vfioproxy.inject import Injector
 from vfioproxy.protocol.header import HEADER_STRUCT, Command
-from vfioproxy.proxy import ProxyOptions, open_proxy
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.side import Direction
 
@@ -258,35 +256,30 @@ async def test_fault_rules_take_their_direction_out_of_the_lane(tmp_path, server
     session runs apply from the next message, at the message index they name
     (the lane's messages count)."""
     injector = Injector(["c2s REGION_WRITE delay fixed(0us)"])
-    sink = TraceSink(tmp_path / "t.trace")
-    try:
-        async with open_proxy(tmp_path / "p.sock", server.path, sink=sink, injector=injector,
-                              options=ProxyOptions(threads=True)) as proxy:
-            client = await connect(tmp_path)
-            srv = await server.accept()
-            await ping_pong(client, srv, [plain(i, 4) for i in range(1, 11)])
-            await trio.sleep(0.2)  # the lane's counts come back once it is idle
-            if lane == "C":
-                assert lane_counts == {Direction.C2S: 0, Direction.S2C: 10}
-            injector.remove(1)  # both directions in the lane
-            await ping_pong(client, srv, [plain(i, 4) for i in range(11, 16)])
-            await trio.sleep(0.2)
-            if lane == "C":
-                assert lane_counts == {Direction.C2S: 5, Direction.S2C: 15}
-            # nothing is handed back now: the rule must reach the lane by itself
-            injector.add("s2c * index=17..18 drop")
-            for i in range(16, 21):
-                message = plain(i, 4)
-                await client.send(message)
-                assert await srv.receive_message() == message
-                await srv.send(reply_to(message))
-                if i != 18:
-                    assert await client.receive_message() == reply_to(message)
-            client.close()
-            await settle(proxy)
-    finally:
-        sink.close()
-    injected = [r for r in records(tmp_path / "t.trace")
+    async with proxied(tmp_path, server.path, "threads", injector=injector) as (proxy, trace):
+        client = await connect(tmp_path)
+        srv = await server.accept()
+        await ping_pong(client, srv, [plain(i, 4) for i in range(1, 11)])
+        await trio.sleep(0.2)  # the lane's counts come back once it is idle
+        if lane == "C":
+            assert lane_counts == {Direction.C2S: 0, Direction.S2C: 10}
+        injector.remove(1)  # both directions in the lane
+        await ping_pong(client, srv, [plain(i, 4) for i in range(11, 16)])
+        await trio.sleep(0.2)
+        if lane == "C":
+            assert lane_counts == {Direction.C2S: 5, Direction.S2C: 15}
+        # nothing is handed back now: the rule must reach the lane by itself
+        injector.add("s2c * index=17..18 drop")
+        for i in range(16, 21):
+            message = plain(i, 4)
+            await client.send(message)
+            assert await srv.receive_message() == message
+            await srv.send(reply_to(message))
+            if i != 18:
+                assert await client.receive_message() == reply_to(message)
+        client.close()
+        await settle(proxy)
+    injected = [r for r in records(trace)
                 if isinstance(r, EventRecord) and r.kind == "inject"]
     c2s_events = [e.data["index"] for e in injected if e.data["direction"] == "c2s"]
     assert c2s_events == list(range(10))  # decided in Python while the rule was there
@@ -301,28 +294,23 @@ async def test_a_message_the_lane_sent_is_not_sent_again(tmp_path, server, lane)
     trace's allocated room runs out every MiB); with fault rules on the other
     direction it is recorded, not decided and sent again."""
     injector = Injector(["c2s * delay fixed(0us)"])
-    sink = TraceSink(tmp_path / "t.trace")
     messages = [plain(i, 4) for i in range(1, 801)]
-    try:
-        async with open_proxy(tmp_path / "p.sock", server.path, sink=sink, injector=injector,
-                              options=ProxyOptions(threads=True)) as proxy:
-            client = await connect(tmp_path)
-            srv = await server.accept()
-            for message in messages:
-                await client.send(message)
-                assert await srv.receive_message() == message
-                await srv.send(plain(message[0] | message[1] << 8, 4000, flags=1))
-                assert await client.receive_message() == plain(message[0] | message[1] << 8,
-                                                               4000, flags=1)
-            client.close()
-            assert await srv.read_to_eof() == b""  # nothing more came
-            srv.close()
-            await settle(proxy)
-    finally:
-        sink.close()
-    got = [r for r in records(tmp_path / "t.trace") if isinstance(r, MessageRecord)]
+    async with proxied(tmp_path, server.path, "threads", injector=injector) as (proxy, trace):
+        client = await connect(tmp_path)
+        srv = await server.accept()
+        for message in messages:
+            await client.send(message)
+            assert await srv.receive_message() == message
+            await srv.send(plain(message[0] | message[1] << 8, 4000, flags=1))
+            assert await client.receive_message() == plain(message[0] | message[1] << 8,
+                                                           4000, flags=1)
+        client.close()
+        assert await srv.read_to_eof() == b""  # nothing more came
+        srv.close()
+        await settle(proxy)
+    got = [r for r in records(trace) if isinstance(r, MessageRecord)]
     assert len(got) == 2 * len(messages)
-    assert (tmp_path / "t.trace").stat().st_size > 3 << 20
+    assert trace.stat().st_size > 3 << 20
     assert injector.statistics().messages == 2 * len(messages)
 
 
@@ -332,23 +320,18 @@ async def test_zero_delays_for_every_message_stay_in_the_lane(tmp_path, server, 
     lane, which writes each message's inject event (the bytes msgpack makes,
     the indexes and counters the Python lane gives)."""
     injector = Injector(["c2s * delay fixed(0us)", "c2s * delay fixed(0ms)"])
-    sink = TraceSink(tmp_path / "t.trace")
     messages = [plain(i, 4) for i in range(1, 301)]
-    try:
-        async with open_proxy(tmp_path / "p.sock", server.path, sink=sink, injector=injector,
-                              options=ProxyOptions(threads=True)) as proxy:
-            client = await connect(tmp_path)
-            srv = await server.accept()
-            await ping_pong(client, srv, messages)
-            client.close()
-            await settle(proxy)
-    finally:
-        sink.close()
+    async with proxied(tmp_path, server.path, "threads", injector=injector) as (proxy, trace):
+        client = await connect(tmp_path)
+        srv = await server.accept()
+        await ping_pong(client, srv, messages)
+        client.close()
+        await settle(proxy)
     if lane == "C":
         assert lane_counts[Direction.C2S] > 250
-    for obj, blob in raw_records(tmp_path / "t.trace"):
+    for obj, blob in raw_records(trace):
         assert msgpack.packb(obj, use_bin_type=True) == blob
-    everything = records(tmp_path / "t.trace")
+    everything = records(trace)
     injected = [r for r in everything if isinstance(r, EventRecord) and r.kind == "inject"]
     assert [e.data["index"] for e in injected] == list(range(300))
     assert all(e.data["direction"] == "c2s" for e in injected)

@@ -160,14 +160,15 @@ async def server(tmp_path):
 
 
 @asynccontextmanager
-async def proxied(tmp_path, server_path, mode, **options):
-    """A recording proxy (both forwarders) and the path of its trace; on exit
-    the proxy is gone and the trace closed."""
+async def proxied(tmp_path, server_path, mode, *, injector=None, **options):
+    """A recording proxy (both forwarders; ``injector``: its fault rules) and the
+    path of its trace; on exit the proxy is gone and the trace closed."""
     trace = tmp_path / "t.trace"
     sink = TraceSink(trace)
     opts = ProxyOptions(threads=mode.startswith("threads"), **options)
     try:
-        async with open_proxy(tmp_path / "p.sock", server_path, sink=sink, options=opts) as p:
+        async with open_proxy(tmp_path / "p.sock", server_path, sink=sink, options=opts,
+                              injector=injector) as p:
             yield p, trace
     finally:
         sink.close()
