@@ -196,11 +196,6 @@ class TraceWriter:
         that never change, for the C lane (:meth:`PlainMessagePacker.parts`)."""
         return self._plain_packer(session, direction).parts()
 
-    def cut_back(self) -> None:
-        """Remove what a failed append (the C lane's) left at the end of the file."""
-        with self._lock:
-            self._cut_back()
-
     @property
     def seq(self) -> int:
         """The ``seq`` of the last record written (0 before the first)."""

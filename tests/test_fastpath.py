@@ -11,6 +11,7 @@ test with the threads both with the lane (``threads``) and without it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -20,7 +21,7 @@ import pytest
 import trio
 
 import vfioproxy.fastpath
-from recorder.records import EventRecord, MessageRecord
+from recorder.records import EventRecord, MessageRecord, PlainMessagePacker
 from tests.conftest import FD_HYGIENE
 from tests.test_proxy_hostile import (
     Peer,
@@ -345,3 +346,47 @@ async def test_zero_delays_for_every_message_stay_in_the_lane(tmp_path, server, 
     stats = injector.statistics()
     assert stats.messages == 600
     assert [(r.matched, r.applied) for r in stats.rules] == [(300, 300), (300, 300)]
+
+
+def test_a_record_the_lane_cannot_write_whole_leaves_the_file_closed_or_cut(tmp_path):
+    """A write that fails or falls short is cut off before anyone appends
+    again; when even that fails (here: the "trace" is a full pipe) the lane
+    closes the file, as the Python writer does, and hands the message back
+    unrecorded. The message itself was forwarded."""
+    from vfioproxy import _fastpath
+
+    client, client_proxy = socket.socketpair()
+    server_proxy, device = socket.socketpair()
+    wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_end, bytes(65536))
+        for sock in (client_proxy, server_proxy):
+            sock.setblocking(False)
+        appender = _fastpath.Appender()
+        appender.fd, appender.fast, appender.inline_max = write_end, 1, 4096
+        appender.reserved_end = 1 << 40
+        packer = msgpack.Packer(use_bin_type=True)
+        parts = [PlainMessagePacker(packer, 1, d).parts() for d in (Direction.C2S,
+                                                                     Direction.S2C)]
+        message = plain(1, 8)
+        client.sendall(message)
+        result = _fastpath.relay(client_proxy.fileno(), server_proxy.fileno(), wake, 1 << 20,
+                                 1 << 20, appender, parts[0], parts[1], None, None, 0, 0, 0,
+                                 64, 10)
+        assert result[0] == 2 and result[5] == 0  # the client's message, handed back
+        assert result[1:5] == (0, 0, 0, 0)  # not counted as recorded
+        assert result[6:] == (message, result[7], len(message), 0)  # sent whole
+        assert device.recv(100) == message
+        assert appender.fd == -1 and appender.fast == 0 and appender.seq == 0
+        with pytest.raises(OSError):
+            os.fstat(write_end)  # closed by the lane (nothing was opened since)
+        write_end = -1
+    finally:
+        for fd in (read_end, write_end, wake):
+            if fd >= 0:
+                os.close(fd)
+        for sock in (client, client_proxy, server_proxy, device):
+            sock.close()

@@ -137,7 +137,10 @@ def test_the_default_session_cap_follows_the_fd_limit(limited):
     assert "sessions running (--max-sessions): new clients wait" in err
 
 
-def test_a_full_disk_pauses_the_recording_while_forwarding_goes_on(tmp_path):
+@pytest.mark.parametrize(("body", "count"), [(4096, 2000), (1000, 4000)])
+def test_a_full_disk_pauses_the_recording_while_forwarding_goes_on(tmp_path, body, count):
+    """8 or 4 MiB of messages through a 2 MiB "disk" (1000-byte ones are
+    recorded by the C lane, 4096-byte ones by Python)."""
     listen, trace = tmp_path / "p.sock", tmp_path / "t.trace"
     server_path = tmp_path / "server.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,9 +162,9 @@ def test_a_full_disk_pauses_the_recording_while_forwarding_goes_on(tmp_path):
         reader = threading.Thread(target=read_all)
         reader.start()
         sent = bytearray()
-        for msg_id in range(2000):  # 8 MiB of messages through a 2 MiB "disk"
+        for msg_id in range(count):
             message = encode(build_command(Command.REGION_WRITE, msg_id, RegionAccessBody(
-                0, 2, 4096, os.urandom(4096)), no_reply=True))[0]
+                0, 2, body, os.urandom(body)), no_reply=True))[0]
             client.sendall(message)
             sent += message
         client.close()
@@ -182,8 +185,8 @@ def test_a_full_disk_pauses_the_recording_while_forwarding_goes_on(tmp_path):
         assert reader.truncation is None  # whole records only
     messages = [r for r in records if isinstance(r, MessageRecord)]
     kinds = [r.kind for r in records if isinstance(r, EventRecord)]
-    assert 0 < len(messages) < 2000
+    assert 0 < len(messages) < count
     assert kinds[0] == "session_open" and "disk_full" in kinds and kinds[-1] == "session_close"
     close = records[-1].data
-    assert close["unrecorded"] == 2000 - len(messages)
+    assert close["unrecorded"] == count - len(messages)
     assert b"".join(m.data for m in messages) == bytes(sent)[: sum(len(m.data) for m in messages)]

@@ -222,9 +222,10 @@ typedef struct {
     unsigned long long index; /* the index of the next message */
 } Event;
 
-/* Append a message's record; 1 written, 0 not tried (no room, paused,
- * closed, too large), -1 a write that failed or fell short (the caller cuts
- * it back). Holds the appender's lock, never the GIL. */
+/* Append a message's record; 1 written, 0 not (no room, paused, closed,
+ * too large, or the write failed or fell short: what it wrote is cut off
+ * before anyone else appends, and when even that fails the file is closed,
+ * as TraceWriter._cut_back does). Holds the appender's lock, never the GIL. */
 static int append_record(Appender *app, const Parts *parts, Event *event,
                          unsigned long long t_ns, const char *data, size_t len)
 {
@@ -267,8 +268,10 @@ static int append_record(Appender *app, const Parts *parts, Event *event,
         app->seq = seq + (event->on ? 1 : 0);
         app->size += total;
         result = 1;
-    } else {
-        result = -1;
+    } else if (ftruncate(app->fd, app->size) != 0) {
+        close(app->fd);
+        app->fd = -1;
+        app->fast = 0;
     }
 out:
     pthread_mutex_unlock(&app->mutex);
@@ -299,7 +302,6 @@ typedef struct {
     size_t length;
     ssize_t sent;
     int send_error;
-    int cut;
     unsigned long long t_ns;
 } Handoff;
 
@@ -392,16 +394,12 @@ static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_
     h->length = size;
     h->sent = send(dst, buf, size, MSG_NOSIGNAL | MSG_DONTWAIT);
     h->send_error = h->sent < 0 ? (errno == EWOULDBLOCK ? EAGAIN : errno) : 0;
-    h->cut = 0;
     h->code = MESSAGE;
     if (h->sent != (ssize_t)size)
         return -1;
     if (app != NULL) {
-        int recorded = append_record(app, parts, event, h->t_ns, buf, size);
-        if (recorded <= 0) {
-            h->cut = recorded < 0;
+        if (!append_record(app, parts, event, h->t_ns, buf, size))
             return -1;
-        }
     }
     event->index++;
     return 1;
@@ -537,9 +535,8 @@ PyDoc_STRVAR(relay_doc,
 "     header's recvmsg as the socket module gives it (error: its errno, 0 when\n"
 "     it read), then body: None when the body was not read, else what one recv\n"
 "     of it gave (b'' is EOF) or None with body_error its errno;\n"
-"  (2, counts..., leg, data, t_ns, sent, send_error, cut): a framed message,\n"
-"     sent bytes of it went (send_error: the send's errno), not recorded\n"
-"     (cut: a record of it was partly written and must be cut off).\n"
+"  (2, counts..., leg, data, t_ns, sent, send_error): a framed message,\n"
+"     sent bytes of it went (send_error: the send's errno), not recorded.\n"
 "The counts are the messages (and bytes) forwarded and recorded here.");
 
 static PyObject *fastpath_relay(PyObject *module, PyObject *args)
@@ -635,10 +632,10 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
         if (result == NULL)
             close_fds(h); /* nobody else will: every fd is passed on or closed once */
     } else if (done && h->code == MESSAGE) {
-        result = Py_BuildValue("(iLLLLiy#Knii)", MESSAGE, count[0][0], count[0][1], count[1][0],
+        result = Py_BuildValue("(iLLLLiy#Kni)", MESSAGE, count[0][0], count[0][1], count[1][0],
                                count[1][1], h->leg, buf, (Py_ssize_t)h->length, h->t_ns,
-                               h->sent < 0 ? (Py_ssize_t)0 : (Py_ssize_t)h->sent, h->send_error,
-                               h->cut);
+                               h->sent < 0 ? (Py_ssize_t)0 : (Py_ssize_t)h->sent,
+                               h->send_error);
     } else {
         result = Py_BuildValue("(iLLLLi)", YIELD, count[0][0], count[0][1], count[1][0],
                                count[1][1], pending);

@@ -294,9 +294,7 @@ class Relay:
         if code == 1:  # a header it does not take (fds, VERSION, a part, EOF, ...)
             self.readable(leg, Taken(*result[6:]))
         else:  # a framed message whose send or record it did not finish
-            data, t_ns, sent, error, cut = result[6:]
-            if cut and writer is not None:
-                writer.cut_back()
+            data, t_ns, sent, error = result[6:]
             self._message(leg, Message(data, _NO_FDS, len(data)), t_ns=t_ns,
                           offered=(sent, error))
         return -1
