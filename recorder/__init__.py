@@ -1,11 +1,14 @@
-"""recorder: the vfioproxy trace format (writer, reader, tools).
+"""recorder: the vfioproxy trace format (records, writer, reader, sink, limits, migration).
 
-The format is specified in ``recorder/FORMAT.md``.
+The format is specified in ``recorder/FORMAT.md``. This package imports
+nothing from ``vfioproxy`` (an import-linter contract checks it): a tool in
+another language can be written from FORMAT.md alone, and reading the
+records back as protocol messages (decoding, statistics, the listing of
+``vfioproxy trace show``, rawcap import) lives in :mod:`vfioproxy.trace`.
 """
 
 from recorder.errors import TraceError, TraceFormatError, TraceLimitError, TraceVersionError
 from recorder.limits import DEFAULT_LIMITS, ReaderLimits
-from recorder.rawcap import ImportResult, import_rawcap
 from recorder.reader import SessionSummary, TraceReader
 from recorder.records import (
     FORMAT_VERSION,
@@ -27,7 +30,6 @@ __all__ = [
     "EventRecord",
     "FdKind",
     "FdRecord",
-    "ImportResult",
     "InvalidField",
     "MessageRecord",
     "ReaderLimits",
@@ -40,5 +42,4 @@ __all__ = [
     "TraceReader",
     "TraceVersionError",
     "TraceWriter",
-    "import_rawcap",
 ]

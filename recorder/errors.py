@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import os
 
-from vfioproxy.errors import VfioProxyError
+__all__ = [
+    "TraceError",
+    "TraceFormatError",
+    "TraceLimitError",
+    "TraceVersionError",
+    "VfioProxyError",
+]
 
-__all__ = ["TraceError", "TraceFormatError", "TraceLimitError", "TraceVersionError"]
+
+class VfioProxyError(Exception):
+    """Base class of every error vfioproxy (and this package) raises on purpose.
+
+    The project's one exception root is defined here, in its lowest layer,
+    so that the trace errors derive from it without this package importing
+    ``vfioproxy``; :mod:`vfioproxy.errors` re-exports it with the rest of the
+    hierarchy."""
 
 
 class TraceError(VfioProxyError):

@@ -9,6 +9,7 @@ stores: ``to_wire()`` and ``from_wire()`` (which turns a bad field into a
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 import socket
 import sys
 import time
@@ -19,15 +20,14 @@ from typing import Any, TypeAlias
 
 import attrs
 
-import vfioproxy
 from recorder.errors import TraceFormatError, TraceLimitError
 from recorder.limits import DEFAULT_LIMITS, ReaderLimits
-from vfioproxy.fds import FdKind
-from vfioproxy.side import Direction
+from recorder.side import Direction
 
 __all__ = [
     "FORMAT_MAGIC",
     "FORMAT_VERSION",
+    "TOOL_VERSION",
     "EventKind",
     "EventRecord",
     "FdKind",
@@ -44,6 +44,17 @@ __all__ = [
 ]
 
 FORMAT_MAGIC = "vfioproxy-trace"
+
+
+def _tool_version() -> str:
+    try:
+        return importlib.metadata.version("vfioproxy")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+#: the version of vfioproxy writing (the distribution's, from pyproject.toml)
+TOOL_VERSION = _tool_version()
 #: (major, minor) of the format this code writes
 FORMAT_VERSION = (1, 1)
 
@@ -205,6 +216,16 @@ def _sha256(instance: FdRecord, attribute: attrs.Attribute[Any], value: Any) -> 
     _bytes(instance, attribute, value)
     if len(value) != SHA256_BYTES:
         raise InvalidField(attribute.name, f"expected {SHA256_BYTES} bytes, got {len(value)}")
+
+
+class FdKind(enum.StrEnum):
+    """What an fd refers to; the values are the strings written to trace files."""
+
+    MEMFD = "memfd"
+    EVENTFD = "eventfd"
+    SOCKET = "socket"
+    FILE = "file"
+    OTHER = "other"
 
 
 _FD_KINDS = {kind.value: kind for kind in FdKind}
@@ -599,7 +620,7 @@ class TraceHeader:
     host: str | None = attrs.field(default=None, validator=_opt_text)
     info: dict[str, Any] = attrs.field(factory=dict, validator=_data)
     tool: str = attrs.field(default="vfioproxy", validator=_text)
-    tool_version: str = attrs.field(default=vfioproxy.__version__, validator=_text)
+    tool_version: str = attrs.field(default=TOOL_VERSION, validator=_text)
     byte_order: str = attrs.field(default=sys.byteorder, validator=_byte_order)
     version: tuple[int, int] = attrs.field(default=FORMAT_VERSION, validator=_version)
 

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -28,10 +29,9 @@ from recorder.records import (
     event_wire,
     message_wire,
 )
-from vfioproxy.fastpath import Appender
-from vfioproxy.side import Direction
+from recorder.side import Direction
 
-__all__ = ["RESERVE", "RETRY_INTERVAL", "TraceWriter"]
+__all__ = ["RESERVE", "RETRY_INTERVAL", "Appender", "TraceWriter", "use_appender"]
 
 #: bytes kept allocated on disk beyond the end of the file, so that the events
 #: saying the disk is full (and the sessions' closes) still fit when it is
@@ -48,6 +48,48 @@ _INLINE = 4096
 _FALLOC_FL_KEEP_SIZE = 1
 #: an event written with a message: (kind, data), or (EventPacker, its field's value)
 Event = tuple[str, dict[str, Any]] | tuple[EventPacker, int]
+
+
+class Appender:
+    """A trace file's lock, and the state every writer of it shares: fd, the
+    seq of the last record, size, the allocated end, and whether plain
+    appends may go the short way (``fast``). The proxy's C lane appends
+    through its own class with the same attributes and methods
+    (:func:`use_appender`)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.seq = 0
+        self.size = 0
+        self.reserved_end = 0
+        self.reserve = 0
+        self.fast = 0
+        self.inline_max = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> Appender:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_appender_type: type[Appender] = Appender
+
+
+def use_appender(kind: type[Appender]) -> None:
+    """Make writers created from now on use ``kind`` for their shared state
+    (:mod:`vfioproxy.fastpath` gives its C class, which the C lane appends
+    through)."""
+    global _appender_type
+    _appender_type = kind
 
 
 def _fallocate_function() -> Any:
@@ -109,7 +151,7 @@ class TraceWriter:
         self._plain: dict[tuple[int, Direction], PlainMessagePacker] = {}
         #: the file's lock, and the state every writer of it shares: fd, last seq,
         #: size, allocated end (the proxy's C lane appends through it too)
-        self.appender = Appender()
+        self.appender = _appender_type()
         self.appender.reserve = RESERVE
         self.appender.inline_max = _INLINE
         self._lock = self.appender

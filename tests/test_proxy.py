@@ -10,7 +10,6 @@ import trio.testing
 
 import vfioproxy.fastpath
 import vfioproxy.proxy
-from recorder.decoded import DecodedMessage, TornMessage, decoded_records
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
@@ -23,6 +22,7 @@ from vfioproxy.protocol.codec import build_command, build_error_reply, build_rep
 from vfioproxy.protocol.header import Command, Header
 from vfioproxy.proxy import ProxyOptions, open_proxy
 from vfioproxy.side import Direction, Side
+from vfioproxy.trace.decoded import DecodedMessage, TornMessage, decoded_records
 from vfioproxy.transport import FdStream, open_unix_fd_stream
 from vfioproxy.unix import open_unix_listener
 

@@ -26,7 +26,6 @@ import trio
 from hypothesis import HealthCheck, given, settings
 
 import vfioproxy.fastpath
-from recorder.decoded import DecodedMessage, TornMessage, decoded_records
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
@@ -40,6 +39,7 @@ from vfioproxy.protocol.header import HEADER_STRUCT, Command
 from vfioproxy.proxy import ProxyOptions, open_proxy
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.side import Direction
+from vfioproxy.trace.decoded import DecodedMessage, TornMessage, decoded_records
 
 pytestmark = FD_HYGIENE
 

@@ -11,7 +11,6 @@ import attrs
 import pytest
 
 from recorder.errors import TraceFormatError
-from recorder.rawcap import ImportResult, import_rawcap
 from recorder.reader import TraceReader
 from recorder.records import (
     FORMAT_VERSION,
@@ -25,6 +24,7 @@ from recorder.records import (
 from tests.realdata import RAWCAP as REAL
 from tests.realdata import TRACES
 from vfioproxy.side import Direction
+from vfioproxy.trace.rawcap import ImportResult, import_rawcap
 
 #: message counts from the tables of REAL/README.md
 COUNTS = {

@@ -1,3 +1,8 @@
 """vfioproxy: a man-in-the-middle proxy, recorder and replay engine for vfio-user."""
 
-__version__ = "0.1.0"
+from recorder.records import TOOL_VERSION
+
+__all__ = ["__version__"]
+
+#: the distribution's version (pyproject.toml), as traces record it
+__version__ = TOOL_VERSION

@@ -18,10 +18,7 @@ from pathlib import Path
 import trio
 
 import vfioproxy
-from recorder import show, stats
-from recorder.decoded import decoded_records
 from recorder.errors import TraceError
-from recorder.rawcap import import_rawcap
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
 from vfioproxy import fastpath
@@ -44,6 +41,9 @@ from vfioproxy.proxy import (
 )
 from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT, MAX_MESSAGE_BUFFER
 from vfioproxy.replay.cli import add_replay_commands
+from vfioproxy.trace import show, stats
+from vfioproxy.trace.decoded import decoded_records
+from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.tuning import tune_allocator
 from vfioproxy.unix import open_unix_listener
 

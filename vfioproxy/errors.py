@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from recorder.errors import VfioProxyError
 from vfioproxy.side import Side
 
 __all__ = [
@@ -23,10 +24,6 @@ __all__ = [
     "TransportError",
     "VfioProxyError",
 ]
-
-class VfioProxyError(Exception):
-    """Base class of every error vfioproxy raises on purpose."""
-
 
 class ProtocolError(VfioProxyError):
     """A vfio-user protocol rule was broken.

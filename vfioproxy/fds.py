@@ -9,14 +9,16 @@ says about it (``/proc/self/fd``, ``fstat``, ``fcntl``), never by guessing.
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
+import hashlib
 import os
 import stat
 import warnings
 from types import TracebackType
 
 import attrs
+
+from recorder.records import FdKind, FdRecord
 
 __all__ = [
     "FdInfo",
@@ -101,15 +103,6 @@ def fd_number(fd: int | OwnedFd) -> int:
     """The fd number of an int or an :class:`OwnedFd`."""
     return fd if isinstance(fd, int) else fd.fileno()
 
-
-class FdKind(enum.StrEnum):
-    """What an fd refers to; the values are the strings written to trace files."""
-
-    MEMFD = "memfd"
-    EVENTFD = "eventfd"
-    SOCKET = "socket"
-    FILE = "file"
-    OTHER = "other"
 
 
 @attrs.frozen
@@ -221,3 +214,26 @@ def count_open_fds() -> int:
     The directory fd used to list them is not counted.
     """
     return len(os.listdir("/proc/self/fd")) - 1
+
+
+def fd_record(fd: int | OwnedFd, position: int, *, contents_limit: int = 0) -> FdRecord:
+    """What a trace keeps of one passed fd: kind, size, flags, seals, inode and,
+    for memfds of at most ``contents_limit`` bytes, their contents and SHA-256."""
+    info = inspect_fd(fd)
+    contents = None
+    digest = None
+    if contents_limit and info.kind is FdKind.MEMFD and info.size is not None:
+        data = read_fd_contents(fd, contents_limit)
+        if data is not None and len(data) == info.size:
+            contents = data
+            digest = hashlib.sha256(data).digest()
+    return FdRecord(
+        position=position,
+        kind=info.kind,
+        size=info.size,
+        flags=info.flags,
+        seals=info.seals,
+        inode=info.inode,
+        contents=contents,
+        sha256=digest,
+    )

@@ -8,10 +8,10 @@ from typing import TextIO
 
 import trio
 
-from recorder.decoded import describe
 from vfioproxy.pci_view import PciView
 from vfioproxy.protocol.session import Observation
 from vfioproxy.proxy import Proxy, ProxyStatistics, SessionLedger
+from vfioproxy.trace.decoded import describe
 
 
 class MessageLog:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import attrs
 
-from recorder.decoded import DecodedMessage, decoded_records
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from vfioproxy.protocol.bodies import RawBody
 from vfioproxy.protocol.header import Command
 from vfioproxy.side import Direction
+from vfioproxy.trace.decoded import DecodedMessage, decoded_records
 
 
 @attrs.frozen

@@ -9,12 +9,12 @@ from typing import Any
 
 import attrs
 
-from recorder import stats
-from recorder.decoded import DecodedMessage, decoded_records
 from recorder.reader import TraceReader
 from recorder.records import EventRecord
 from vfioproxy.experiment.model import CommandLatency
 from vfioproxy.inject import Delay, Rule
+from vfioproxy.trace import stats
+from vfioproxy.trace.decoded import DecodedMessage, decoded_records
 
 __all__ = ["TraceFacts", "analyse_trace", "expected_delay", "inject_items"]
 

@@ -2,7 +2,7 @@
 
 By default the proxy decodes nothing: violations, pairing and statistics
 are derived from the trace by whoever reads it
-(:mod:`recorder.decoded`). ``-v`` (a live line per message), ``--strict``
+(:mod:`vfioproxy.trace.decoded`). ``-v`` (a live line per message), ``--strict``
 (close a session at its first violation) and ``--check-live`` (log and
 record violations as they happen) need the decoding on the path:
 :class:`LiveChecks` runs the same sans-IO

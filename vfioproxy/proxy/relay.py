@@ -43,9 +43,9 @@ from typing import Any, NamedTuple
 
 import trio
 
-from recorder.fdmeta import fd_record
 from recorder.records import FdRecord
-from vfioproxy.fds import OwnedFd
+from vfioproxy import fastpath
+from vfioproxy.fds import OwnedFd, fd_record
 from vfioproxy.inject import Decision
 from vfioproxy.protocol.negotiation import TwinSocket, is_version
 from vfioproxy.proxy.ledger import SessionLedger
@@ -244,7 +244,8 @@ class Relay:
                     or leg.outbox.items or leg.outbox.blocked):
                 return None
         writer = ledger.writer
-        if writer is not None and not writer.appender.fast:
+        if writer is not None and not (writer.appender.fast
+                                       and type(writer.appender) is fastpath.Appender):
             return None
         injector = ledger.injector
         if injector is None:

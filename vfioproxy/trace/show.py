@@ -8,10 +8,10 @@ from typing import Any, TextIO
 
 import attrs
 
-from recorder.decoded import DecodedItem, DecodedMessage, SessionNegotiated, TornMessage
 from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.protocol.pci import format_size
+from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNegotiated, TornMessage
 
 
 def describe_fd(fd: FdRecord) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 
 import attrs
 
-from recorder.decoded import DecodedItem, DecodedMessage, TornMessage
 from recorder.records import EventRecord, MessageRecord
+from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, TornMessage
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
