@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import FD_HYGIENE
 from vfioproxy.blocking_transport import BlockingFdSocket
 from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError
-from vfioproxy.fds import make_eventfd, make_memfd
+from vfioproxy.fds import close_all, make_eventfd, make_memfd
 
 pytestmark = FD_HYGIENE
 
@@ -37,8 +37,7 @@ def test_a_message_and_its_fds_cross_in_one_piece(pair):
     data, fds = right.receive_message()
     assert data == message and len(fds) == 2
     assert os.fstat(fds[0].fileno()).st_size == 4096
-    for fd in fds:
-        fd.close()
+    close_all(fds)
 
 
 def test_messages_are_framed_by_their_size_field_however_they_arrive(pair):
@@ -119,8 +118,7 @@ def test_more_fds_than_allowed_is_an_error_and_the_arrivals_are_closed():
     try:
         fds = [make_eventfd() for _ in range(3)]
         left.send_message(header(16), fds)
-        for fd in fds:
-            fd.close()
+        close_all(fds)
         with pytest.raises(FdsTruncatedError):
             right.receive_message()
     finally:

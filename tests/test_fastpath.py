@@ -34,7 +34,7 @@ from tests.test_proxy_hostile import (
     version,
     version_reply,
 )
-from vfioproxy.fds import make_eventfd
+from vfioproxy.fds import close_all, make_eventfd
 from vfioproxy.inject import Injector
 from vfioproxy.protocol.header import HEADER_STRUCT, Command
 from vfioproxy.proxy.ledger import SessionLedger
@@ -171,8 +171,7 @@ async def _scripted(tmp_path, server) -> tuple[list[bytes], list[int], list[tupl
         try:
             await client.send(plain(4, 8, Command.DEVICE_SET_IRQS), fds)
         finally:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
         assert await srv.receive_message() == plain(4, 8, Command.DEVICE_SET_IRQS)
         await ping_pong(client, srv, [plain(5, 4)])
         split = plain(6, 64)

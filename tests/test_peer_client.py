@@ -30,7 +30,7 @@ from recorder.records import FdRecord
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
 from vfioproxy.errors import TransportError, VfioProxyError
-from vfioproxy.fds import FdKind, OwnedFd, inspect_fd, make_eventfd, make_memfd
+from vfioproxy.fds import FdKind, OwnedFd, close_all, inspect_fd, make_eventfd, make_memfd
 from vfioproxy.peers import layout
 from vfioproxy.peers.client import (
     QEMU_VERSION_JSON,
@@ -41,7 +41,7 @@ from vfioproxy.peers.client import (
     realize,
     workload_payload,
 )
-from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError, close_fds
+from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError
 from vfioproxy.peers.guest_memory import (
     BIOS,
     RAM,
@@ -174,7 +174,7 @@ class CaptureServer:
     async def handle(self, message: Message) -> None:
         raw = encode(message)[0]
         self.seen.append(wire(raw, message.fds))
-        close_fds(message.fds)
+        close_all(message.fds)
         recorded = self.recorded_reply(message, raw)
         sends = (
             self.script(message, None if recorded is None else recorded[0]) if self.script else None
@@ -184,7 +184,7 @@ class CaptureServer:
                 return
             sends = [recorded] if recorded is not None else [(self.fallback(message), [])]
         elif recorded is not None:
-            close_fds(recorded[1])
+            close_all(recorded[1])
         assert self.endpoint is not None
         try:
             for data, fds in sends:
@@ -192,7 +192,7 @@ class CaptureServer:
                     await self.endpoint.stream.send_message(data, fds)  # unless the client left
         finally:
             for _, fds in sends:
-                close_fds(fds)
+                close_all(fds)
 
 
 @asynccontextmanager
@@ -1085,7 +1085,7 @@ class FakeDevice:
         for _, _, mapping in self.windows:
             if mapping is not None:
                 mapping.close()
-        close_fds(list(self.irqs.values()))
+        close_all(list(self.irqs.values()))
         self.bar2.close()
 
     async def reply(
@@ -1105,7 +1105,7 @@ class FakeDevice:
             await self.reply(message, type(body)(0, 0, text))
         elif command == Command.DMA_MAP:
             mapping = mmap.mmap(fds[0].fileno(), body.size, offset=body.offset) if fds else None
-            close_fds(fds)
+            close_all(fds)
             self.windows.append((body.iova, body.size, mapping))
             await self.reply(message)
         elif command == Command.DMA_UNMAP:
@@ -1156,7 +1156,7 @@ class FakeDevice:
             self.regs = dict.fromkeys(self.regs, 0)
             await self.reply(message)
         else:
-            close_fds(fds)
+            close_all(fds)
             assert self.endpoint is not None
             await self.endpoint.send(build_error_reply(message, errno.ENOSYS))
 

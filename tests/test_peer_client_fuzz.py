@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import FD_HYGIENE
 from tests.test_peer_client import E1K, GPIO, LVU, NVME, CaptureServer, serving
-from vfioproxy.fds import OwnedFd, count_open_fds, make_eventfd, make_memfd
+from vfioproxy.fds import OwnedFd, close_all, count_open_fds, make_eventfd, make_memfd
 from vfioproxy.peers.client import RealizeError, RealizeOptions, open_realize_client, realize
 from vfioproxy.peers.endpoint import ErrorReplyError, ReplyTimeoutError
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaLayout
@@ -105,8 +105,7 @@ def mutate(
         return [(data, fds + random_fds(m.b % 20 + 1)), *rest]
     if m.kind == "silence":
         for _, extra in sends:
-            for fd in extra:
-                fd.close()
+            close_all(extra)
         return []
     if m.kind == "duplicate":
         return [(data, fds), (data, []), *rest]
@@ -213,8 +212,7 @@ def test_random_server_commands_never_break_the_dma_answerer(
                     try:
                         await out.send_message(header.pack() + payload, fds)
                     finally:
-                        for fd in fds:
-                            fd.close()
+                        close_all(fds)
                 client.memory.write_ram(0x200000, b"still here")
                 try:
                     reply = await server.endpoint.request(

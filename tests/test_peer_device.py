@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from tests.conftest import FD_HYGIENE
-from vfioproxy.fds import OwnedFd, make_eventfd, make_memfd
+from vfioproxy.fds import OwnedFd, close_all, make_eventfd, make_memfd
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.device import (
     MAX_INCOMING_STREAM,
@@ -640,8 +640,7 @@ def test_data_none_and_bool_triggers_fire_the_eventfds_directly(device):
                         b"\x01\x00\x00\x01", [])
         assert [signals(fd) for fd in fds] == [1, 0, 0, 1]
     finally:
-        for fd in fds:
-            fd.close()
+        close_all(fds)
 
 
 def test_mask_and_unmask_with_eventfds_unmask_at_once_and_close_the_fds(device):

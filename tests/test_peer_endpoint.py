@@ -6,7 +6,7 @@ import trio.testing
 
 from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import make_memfd
+from vfioproxy.fds import close_all, make_memfd
 from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError, ReplyTimeoutError
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, RegionAccessBody
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, decode, encode
@@ -19,8 +19,7 @@ pytestmark = FD_HYGIENE
 
 async def echo_handler(message):
     body = message.body
-    for fd in message.fds:
-        fd.close()
+    close_all(message.fds)
     if message.command == Command.REGION_READ:
         if body.region == 9:
             return build_error_reply(message, errno.EINVAL)

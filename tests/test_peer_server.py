@@ -15,7 +15,7 @@ import trio
 
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
-from vfioproxy.fds import FdKind, count_open_fds, inspect_fd, make_eventfd, make_memfd
+from vfioproxy.fds import FdKind, close_all, count_open_fds, inspect_fd, make_eventfd, make_memfd
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError
 from vfioproxy.peers.server import DeviceOptions, ServerSession, open_device_server, serve_device
@@ -178,8 +178,7 @@ async def exchange(stream, data, fds=()):
     await stream.send_message(data, fds)
     with trio.fail_after(5):
         reply, reply_fds = await stream.receive_message()
-    for fd in reply_fds:
-        fd.close()
+    close_all(reply_fds)
     return Header.parse(reply), reply[16:]
 
 
@@ -813,15 +812,13 @@ async def replay_client_side(path):
                 fds = fresh_fds(record)
                 await a.send_message(record.data, fds)
                 state.observe(Direction.C2S, record.data, fds)
-                for fd in fds:
-                    fd.close()
+                close_all(fds)
                 waiting.append(record.data)
             elif record.direction is Direction.S2C and header.is_reply:
                 with trio.fail_after(10):
                     data, fds = await a.receive_message()
                 observation = state.observe(Direction.S2C, data, fds)
-                for fd in fds:
-                    fd.close()
+                close_all(fds)
                 command = waiting.popleft()
                 assert data[:4] == command[:4], "replies come in command order"
                 exchanges.append(Exchange(command, record.data, data, observation.violations))

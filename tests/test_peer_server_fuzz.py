@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import count_open_fds, make_eventfd, make_memfd
+from vfioproxy.fds import close_all, count_open_fds, make_eventfd, make_memfd
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.server import ServerSession
 from vfioproxy.protocol.codec import build_error_reply, build_reply, decode, encode
@@ -170,8 +170,7 @@ async def serve_and_check(messages, *, memfd_size=0x10000, dma_answer="error", v
                 data, fds = await a.receive_message()
             except (ConnectionClosedError, trio.ClosedResourceError):
                 return
-            for fd in fds:
-                fd.close()
+            close_all(fds)
             header = Header.parse(data)
             if header.is_command:
                 await answer_dma(data)
@@ -187,8 +186,7 @@ async def serve_and_check(messages, *, memfd_size=0x10000, dma_answer="error", v
                 fds = make_fds(kinds, memfd_size)
                 async with send_lock:
                     await a.send_message(data, fds)
-                for fd in fds:
-                    fd.close()
+                close_all(fds)
                 header = Header.parse(data)
                 if header.type != 1 and not header.no_reply:
                     expected.append(header.msg_id)

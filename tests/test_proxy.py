@@ -15,7 +15,7 @@ from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import FdKind, make_eventfd, make_memfd
+from vfioproxy.fds import FdKind, close_all, make_eventfd, make_memfd
 from vfioproxy.peers.endpoint import Endpoint
 from vfioproxy.protocol.bodies import DmaMapBody, IrqSetBody, RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, encode
@@ -408,8 +408,7 @@ async def test_more_fds_than_the_server_allows_are_forwarded_and_recorded(server
     async with proxied_client(server, tmp_path, sink=sink) as (_, client, _):
         fds = [make_memfd(f"m{i}", 4096) for i in range(3)]
         await client.request(Command.DMA_MAP, DmaMapBody(32, 3, 0, 0, 4096), fds=fds)
-        for fd in fds:
-            fd.close()
+        close_all(fds)
     sink.close()
     recs = records(trace)
     dma_map = next(r for r in recs if isinstance(r, MessageRecord) and r.data[2] == 2)

@@ -31,7 +31,7 @@ from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
-from vfioproxy.fds import FdKind, OwnedFd, make_eventfd, make_memfd
+from vfioproxy.fds import FdKind, OwnedFd, close_all, make_eventfd, make_memfd
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.capabilities import Capabilities, parse_capabilities
 from vfioproxy.protocol.codec import build_command, build_reply, encode
@@ -229,8 +229,7 @@ async def test_more_fds_than_one_sendmsg_carries_are_capped_and_recorded(tmp_pat
                 await client.send(header[i:i + 1], fds[20 * i:20 * (i + 1)])
             await client.send(header[15:])
         finally:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
         assert await srv.receive(16) == header
         assert srv.fds_received == 253
         # the session goes on
@@ -704,8 +703,7 @@ async def _send_all(peer: Peer, writes) -> None:
         try:
             await peer.send(chunk, fds)
         finally:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
     peer.sock.shutdown(socket.SHUT_WR)
 
 
@@ -793,8 +791,7 @@ async def test_every_bundled_session_passes_byte_exact_and_its_violations_derive
             try:
                 await sender.send(record.data, fds)
             finally:
-                for fd in fds:
-                    fd.close()
+                close_all(fds)
             with trio.fail_after(5):
                 assert await receiver.receive(len(record.data)) == record.data
         client.close()

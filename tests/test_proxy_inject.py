@@ -14,7 +14,7 @@ from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import make_memfd
+from vfioproxy.fds import close_all, make_memfd
 from vfioproxy.inject import Injector
 from vfioproxy.protocol.bodies import DmaMapBody, RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, build_reply, decode
@@ -57,8 +57,7 @@ class RawServer:
                     return
                 header = Header.parse(data)
                 self.received.append((trio.current_time(), header, len(fds)))
-                for fd in fds:
-                    fd.close()
+                close_all(fds)
                 if header.is_reply or header.no_reply:
                     continue
                 message = decode(data)
@@ -110,8 +109,7 @@ async def connect(tmp_path):
 async def roundtrip(stream, data, fds=()):
     await stream.send_message(data, fds)
     reply, got = await stream.receive_message()
-    for fd in got:
-        fd.close()
+    close_all(got)
     return Header.parse(reply), reply
 
 

@@ -14,7 +14,7 @@ from recorder.records import MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES
-from vfioproxy.fds import OwnedFd, make_memfd
+from vfioproxy.fds import OwnedFd, close_all, make_memfd
 from vfioproxy.peers import device, layout
 from vfioproxy.peers.server import DeviceOptions, open_device_server
 from vfioproxy.proxy import open_proxy
@@ -150,16 +150,14 @@ async def strict_server(stream: FdStream, path: Path) -> None:
         if step.direction is Direction.C2S:
             with trio.fail_after(1):  # a client that waited instead of pipelining stalls here
                 data, fds = await stream.receive_message()
-            for fd in fds:
-                fd.close()
+            close_all(fds)
             assert data == step.data, step.describe()
             continue
         await trio.testing.wait_all_tasks_blocked()
         assert not _readable(stream), f"the client did not wait for {step.describe()}"
         fds = rebuilder.fresh(Direction.S2C, step.fds)
         await stream.send_message(step.data, fds)
-        for fd in fds:
-            fd.close()
+        close_all(fds)
     rebuilder.close()
 
 
@@ -225,8 +223,7 @@ async def test_a_server_that_closes_early_is_reported_where_it_left(tmp_path):
             await stream.send_message(load_script(REALIZE).steps[1].data)
             for _ in range(2):  # the DMA_MAP burst, then leave without answering it
                 _, fds = await stream.receive_message()
-                for fd in fds:
-                    fd.close()
+                close_all(fds)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(answer_version_then_quit)

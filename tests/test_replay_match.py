@@ -11,7 +11,7 @@ import pytest
 from recorder.records import FdRecord
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES
-from vfioproxy.fds import FdKind, inspect_fd, make_memfd
+from vfioproxy.fds import FdKind, close_all, inspect_fd, make_memfd
 from vfioproxy.protocol.bodies import (
     DmaAccessBody,
     DmaLayout,
@@ -204,8 +204,7 @@ def test_fresh_fds_have_the_recorded_kind_size_and_contents():
                              (FdKind.EVENTFD, None), (FdKind.SOCKET, None)]
             assert os.pread(fds[0].fileno(), 6, 0) == b"region"
         finally:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
     finally:
         rebuilder.close()
 

@@ -18,6 +18,7 @@ from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, Transport
 from vfioproxy.fds import (
     FdKind,
     OwnedFd,
+    close_all,
     count_open_fds,
     inspect_fd,
     make_eventfd,
@@ -43,11 +44,6 @@ def message(body: bytes = b"", *, msg_id: int = 1, command: int = 9) -> bytes:
 
 def header_announcing(size: int, *, msg_id: int = 1) -> bytes:
     return Header(msg_id, 9, size).pack()
-
-
-def close_all(fds: list[OwnedFd]) -> None:
-    for fd in fds:
-        fd.close()
 
 
 async def raw_send(stream: FdStream, data: bytes, fds: list[int] | None = None) -> None:

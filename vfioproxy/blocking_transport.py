@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Sequence
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.fds import OwnedFd, fd_number
+from vfioproxy.fds import OwnedFd, close_all, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 from vfioproxy.transport import (
     SCM_MAX_FD,
@@ -112,8 +112,7 @@ class BlockingFdSocket:
                 pieces.append(piece)
                 got += len(piece)
         except BaseException as exc:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
             if isinstance(exc, ConnectionResetError):
                 raise reset_error(got, total, "message", b"".join(pieces)) from exc
             raise
@@ -138,8 +137,7 @@ class BlockingFdSocket:
                 if len(header) == HEADER_SIZE:
                     return header, fds
         except BaseException as exc:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
             if isinstance(exc, ConnectionResetError):
                 raise reset_error(len(header), HEADER_SIZE, "header", header) from exc
             if isinstance(exc, OSError) and not isinstance(exc, TransportError):

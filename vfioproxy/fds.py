@@ -14,6 +14,7 @@ import hashlib
 import os
 import stat
 import warnings
+from collections.abc import Iterable
 from types import TracebackType
 
 import attrs
@@ -24,6 +25,7 @@ __all__ = [
     "FdInfo",
     "FdKind",
     "OwnedFd",
+    "close_all",
     "count_open_fds",
     "fd_number",
     "inspect_fd",
@@ -97,6 +99,15 @@ class OwnedFd:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
             with contextlib.suppress(OSError):
                 self.close()
+
+
+def close_all(fds: Iterable[object]) -> None:
+    """Close every :class:`OwnedFd` of ``fds`` (each closes once: an already
+    closed one does nothing; anything else, such as None or a number someone
+    else owns, is left alone): the one loop for dropping fds."""
+    for fd in fds:
+        if isinstance(fd, OwnedFd):
+            fd.close()
 
 
 def fd_number(fd: int | OwnedFd) -> int:

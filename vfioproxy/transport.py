@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, TransportError
-from vfioproxy.fds import OwnedFd, fd_number
+from vfioproxy.fds import OwnedFd, close_all, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 
 __all__ = [
@@ -291,8 +291,7 @@ class FdStream(trio.abc.AsyncResource):
                 try:
                     first, rest = await self._read_body(body_len, HEADER_SIZE)
                 except BaseException as exc:
-                    for fd in fds:
-                        fd.close()
+                    close_all(fds)
                     if isinstance(exc, ConnectionClosedError):
                         exc.partial = message + exc.partial
                     raise
@@ -408,8 +407,7 @@ class FdStream(trio.abc.AsyncResource):
     def _fail_receive(
         self, what: str, fds: list[OwnedFd], done: int, total: int, exc: BaseException
     ) -> None:
-        for fd in fds:
-            fd.close()
+        close_all(fds)
         if done:
             self._break(what, done, total, exc)
 

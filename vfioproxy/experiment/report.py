@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TextIO
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bar
+from rich.table import Table
 
 from vfioproxy.experiment.model import ExperimentResults, SummaryRow
 from vfioproxy.experiment.runner import Progress
@@ -19,14 +24,6 @@ HEADERS = (
     ("session", "ms"), ("added", "ms"), ("expected", "ms"), ("", "ratio"),
     ("per turn", "ms"), ("", "ratio"), ("", "msgs"), ("", "status"),
 )
-
-
-def _rich(module: str) -> Any:
-    """A module of ``rich`` (untyped here: rich is optional), or None without rich."""
-    try:
-        return importlib.import_module(f"rich.{module}")
-    except ImportError:
-        return None
 
 
 def _ms(value: float | None, signed: bool = False) -> str:
@@ -90,15 +87,10 @@ def summary_lines(results: ExperimentResults) -> list[str]:
 
 
 def print_summary(results: ExperimentResults, file: TextIO | None = None) -> None:
-    """The summary table (on stdout by default), with ``rich`` when it is installed."""
+    """The summary table (on stdout by default), drawn by ``rich``."""
     file = sys.stdout if file is None else file
-    console, tables = _rich("console"), _rich("table")
-    if console is None or tables is None:
-        print("\n".join(summary_lines(results)), file=file)
-        return
     title = results.config.sweep or "; ".join(results.config.rules) or "proxy"
-    box = importlib.import_module("rich.box")
-    table = tables.Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                          collapse_padding=True)
     last = len(HEADERS) - 1
     for number, header in enumerate(HEADERS):
@@ -107,7 +99,7 @@ def print_summary(results: ExperimentResults, file: TextIO | None = None) -> Non
     for row in results.summary:
         style = None if row.ok == row.runs else "yellow"
         table.add_row(*summary_cells(row), style=style)
-    out = console.Console(file=file, width=None if file.isatty() else 160)
+    out = Console(file=file, width=None if file.isatty() else 160)
     out.print(table)
     for line in _notes(results):
         out.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -115,37 +107,18 @@ def print_summary(results: ExperimentResults, file: TextIO | None = None) -> Non
 
 @contextmanager
 def progress_display(stream: TextIO | None = None) -> Iterator[Progress | None]:
-    """A progress callback for :func:`run_experiment`: a rich progress bar, else a
-    one-line counter when ``stream`` (stderr) is a terminal, else None (no display)."""
+    """A progress callback for :func:`run_experiment`: a rich progress bar when
+    ``stream`` (stderr) is a terminal, else None (no display)."""
     stream = sys.stderr if stream is None else stream
     if not stream.isatty():
         yield None
         return
-    console, rp = _rich("console"), _rich("progress")
-    if console is not None and rp is not None:
-        with rp.Progress(
-            rp.TextColumn("{task.description}"),
-            rp.BarColumn(),
-            rp.MofNCompleteColumn(),
-            rp.TimeElapsedColumn(),
-            console=console.Console(file=stream),
-            transient=True,
-        ) as bar:
-            task = bar.add_task("experiment", total=None)
+    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+             TimeElapsedColumn(), console=Console(file=stream), transient=True) as bar:
+        task = bar.add_task("experiment", total=None)
 
-            def update(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=what)
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
 
-            yield update
-        return
-
-    def line(done: int, total: int, what: str) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<30}")
-        if done == total:
-            stream.write("\r" + " " * (width + 45) + "\r")
-        stream.flush()
-
-    yield line
+        yield update
 

@@ -46,7 +46,7 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError, VfioProxyError
-from vfioproxy.fds import OwnedFd, make_eventfd
+from vfioproxy.fds import OwnedFd, close_all, make_eventfd
 from vfioproxy.peers import layout
 from vfioproxy.peers.endpoint import (
     DEFAULT_REPLY_TIMEOUT,
@@ -54,7 +54,6 @@ from vfioproxy.peers.endpoint import (
     ErrorReplyError,
     PendingReply,
     ReplyTimeoutError,
-    close_fds,
 )
 from vfioproxy.peers.guest_memory import (
     DmaWindow,
@@ -729,13 +728,13 @@ class RealizeClient:
             try:
                 info = _decode(RegionInfoBody.parse, reply)
             except BaseException:
-                close_fds(reply.fds)
+                close_all(reply.fds)
                 raise
             if info.flags & RegionFlags.MMAP:
                 self.no_post = True
             if info.argsz <= argsz:
                 return _Region(info, asks, fd)
-            close_fds(reply.fds)
+            close_all(reply.fds)
             argsz = info.argsz
         raise _Problem(f"reply argsz keeps growing ({argsz} after {MAX_REGION_INFO_ASKS} asks)")
 
@@ -1019,7 +1018,7 @@ class RealizeClient:
                 with self._step(step, "MSI-X disable"):
                     await self._set_irqs(IrqIndex.MSIX, _NONE_TRIGGER, 0, 0)
         finally:
-            close_fds(fds)
+            close_all(fds)
         await self._intx_enable(step)
 
     async def _set_irqs(self, index: int, flags: int, start: int, count: int) -> None:
@@ -1237,12 +1236,12 @@ class RealizeClient:
             raise
         self._outstanding.remove(pending)
         if len(reply.fds) > max_fds:
-            close_fds(reply.fds)
+            close_all(reply.fds)
             raise _Problem(
                 f"unexpected fds: the reply carries {len(reply.fds)}", errno_module.EINVAL
             )
         if reply.header.size > rsize:
-            close_fds(reply.fds)
+            close_all(reply.fds)
             raise _Problem(
                 f"reply larger than recv buffer ({reply.header.size} > {rsize} bytes)",
                 errno_module.EINVAL,
@@ -1340,7 +1339,7 @@ class RealizeClient:
         because QEMU answers errors even to no_reply commands."""
         header = message.header
         if not header.is_command:
-            close_fds(message.fds)
+            close_all(message.fds)
             self._fatal = (
                 f"server sent a message of invalid type {header.type} ({header.describe()}); "
                 f"QEMU drops the connection"
@@ -1446,9 +1445,9 @@ class RealizeClient:
                     reply = await pending.wait()
                 except (VfioProxyError, trio.ClosedResourceError):
                     continue
-                close_fds(reply.fds)
+                close_all(reply.fds)
             self._outstanding.clear()
-            close_fds([*self.msix_fds, self.intx_fd, self.err_fd])
+            close_all([*self.msix_fds, self.intx_fd, self.err_fd])
             self.msix_fds, self.intx_fd, self.err_fd = [], None, None
             for region in self.regions.values():
                 region.close()

@@ -38,7 +38,7 @@ from typing import Protocol
 import attrs
 
 from vfioproxy.errors import VfioProxyError
-from vfioproxy.fds import FdKind, OwnedFd, inspect_fd, make_memfd
+from vfioproxy.fds import FdKind, OwnedFd, close_all, inspect_fd, make_memfd
 from vfioproxy.peers import layout as L
 from vfioproxy.protocol.constants import (
     IRQ_SET_ACTION_MASK,
@@ -654,8 +654,7 @@ class Interrupts:
                     if flag == 1:
                         line.fire()
         finally:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
 
     @staticmethod
     def _validate(

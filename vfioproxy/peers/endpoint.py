@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError, VfioProxyError
-from vfioproxy.fds import OwnedFd
+from vfioproxy.fds import OwnedFd, close_all
 from vfioproxy.protocol.bodies import Body
 from vfioproxy.protocol.codec import (
     DEFAULT_DIALECTS,
@@ -60,13 +60,6 @@ class ErrorReplyError(VfioProxyError):
 
 class ReplyTimeoutError(VfioProxyError):
     """No reply came within the timeout (the command is forgotten, as QEMU does)."""
-
-
-def close_fds(fds: Sequence[Any]) -> None:
-    """Close every :class:`OwnedFd` in ``fds``."""
-    for fd in fds:
-        if isinstance(fd, OwnedFd):
-            fd.close()
 
 
 class PendingReply:
@@ -111,7 +104,7 @@ class PendingReply:
             raise self._failure
         assert self._reply is not None
         if self._reply.header.is_error:
-            close_fds(self._reply.fds)
+            close_all(self._reply.fds)
             raise ErrorReplyError(self.request, self._reply)
         return self._reply
 
@@ -239,7 +232,7 @@ class Endpoint:
             if not queue:
                 self.unexpected_replies += 1
                 log.warning("unexpected reply %s", header.describe())
-                close_fds(fds)
+                close_all(fds)
                 return
             pending = queue.popleft()
             if not queue:
@@ -252,7 +245,7 @@ class Endpoint:
         message = decode(data, fds, sender=sender, dialects=self.dialects)
         self.received[_kind(header)] += 1
         if self.handler is None:
-            close_fds(fds)
+            close_all(fds)
             return
         self._commands_in.send_nowait(message)
 
@@ -280,7 +273,7 @@ class Endpoint:
                 message = self._commands_out.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
-            close_fds(message.fds)
+            close_all(message.fds)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

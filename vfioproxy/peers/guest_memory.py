@@ -18,8 +18,7 @@ import mmap
 import attrs
 
 from vfioproxy.errors import VfioProxyError
-from vfioproxy.fds import OwnedFd, make_memfd
-from vfioproxy.peers.endpoint import close_fds
+from vfioproxy.fds import OwnedFd, close_all, make_memfd
 from vfioproxy.peers.layout import BIOS_IOVA, BIOS_SIZE, GUEST_RAM_SIZE
 from vfioproxy.protocol.bodies import BodyContext, DmaAccessBody, DmaLayout
 from vfioproxy.protocol.codec import Message, build_error_reply, build_reply
@@ -248,7 +247,7 @@ class GuestMemory:
         """
         header = command.header
         if command.fds:
-            close_fds(command.fds)
+            close_all(command.fds)
             return build_error_reply(command, errno.EINVAL)
         if header.command not in (Command.DMA_READ, Command.DMA_WRITE):
             return build_error_reply(command, errno.ENOSYS)

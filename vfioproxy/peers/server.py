@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, VfioProxyError
-from vfioproxy.fds import OwnedFd
+from vfioproxy.fds import OwnedFd, close_all
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.device import (
     IRQ_COUNTS,
@@ -40,7 +40,7 @@ from vfioproxy.peers.device import (
     DeviceError,
     DmaFault,
 )
-from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError, ReplyTimeoutError, close_fds
+from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError, ReplyTimeoutError
 from vfioproxy.protocol.bodies import (
     DeviceFeatureBody,
     DeviceInfoBody,
@@ -275,7 +275,7 @@ class ServerSession:
             log.exception("%s: internal error on %s", self.name, message.header.describe())
             reply = build_error_reply(message, errno.EINVAL)
         finally:
-            close_fds(fds)
+            close_all(fds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %s -> %s%s", self.name, message.describe(), reply.describe(), why)
         if not reply.fds:
@@ -284,7 +284,7 @@ class ServerSession:
             if not message.header.no_reply:
                 await self.endpoint.send(reply)
         finally:
-            close_fds(reply.fds)
+            close_all(reply.fds)
         return None
 
     async def _dispatch(self, message: Message, fds: list[OwnedFd]) -> Message:

@@ -42,7 +42,6 @@ from vfioproxy.protocol.constants import (
 )
 from vfioproxy.protocol.header import HEADER_SIZE
 
-U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 
 

@@ -114,10 +114,6 @@ class Header:
     def command_name(self) -> str:
         return command_name(self.command)
 
-    @property
-    def body_size(self) -> int:
-        return self.size - HEADER_SIZE
-
     def describe(self) -> str:
         """Short text such as ``REGION_READ reply #7`` or ``DMA_MAP cmd #3 (no_reply)``."""
         kind = "reply" if self.is_reply else "cmd" if self.is_command else f"type{self.type}"

@@ -45,7 +45,7 @@ import trio
 
 from recorder.records import FdRecord
 from vfioproxy import fastpath
-from vfioproxy.fds import OwnedFd, fd_record
+from vfioproxy.fds import OwnedFd, close_all, fd_record
 from vfioproxy.inject import Decision
 from vfioproxy.protocol.negotiation import TwinSocket, is_version
 from vfioproxy.proxy.ledger import SessionLedger
@@ -343,8 +343,7 @@ class Relay:
                               length=message.length, close_after=close_after,
                               offered=offered)
         else:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
         if version:  # after the send: the negotiation sets the limit of the next messages
             self._version(direction, data, fds)
         if fds:
@@ -424,8 +423,7 @@ class Relay:
             item.sent = sent
         if dst.gone:
             item.dropped = True
-            for fd in item.fds:
-                fd.close()
+            close_all(item.fds)
             item.fds = []
             return item
         dst.outbox.append(item)
@@ -482,8 +480,7 @@ class Relay:
             ledger.torn(direction, self._record_torn_stream(src), stream.received)
             reason = f"EOF mid-message (after {stream.received} of {stream.length} bytes)"
         else:
-            for fd in closed.fds:
-                fd.close()
+            close_all(closed.fds)
         src.eof = True
         self.changed = True
         ledger.end(src.name, reason)

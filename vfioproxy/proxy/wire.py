@@ -28,7 +28,7 @@ import struct
 from array import array
 from collections import deque
 
-from vfioproxy.fds import OwnedFd
+from vfioproxy.fds import OwnedFd, close_all
 from vfioproxy.protocol.header import HEADER_SIZE, framed_body_length
 
 __all__ = [
@@ -371,8 +371,7 @@ class MessageReader:
         return PeerClosed(b"", reset=reset, streamed=True, received=received)
 
     def _close_fds(self) -> None:
-        for fd in self._fds:
-            fd.close()
+        close_all(self._fds)
         self._fds = []
 
     def close(self) -> None:
@@ -525,8 +524,7 @@ class Outbox:
 
     def close_sent(self) -> None:
         """Close the proxy's copies of the fds sent so far."""
-        for fd in self.sent_fds:
-            fd.close()
+        close_all(self.sent_fds)
         self.sent_fds.clear()
 
     def drop_all(self) -> list[Outgoing]:
@@ -535,8 +533,7 @@ class Outbox:
         self.items.clear()
         for item in dropped:
             item.dropped = True
-            for fd in item.fds:
-                fd.close()
+            close_all(item.fds)
             item.fds = []
         self.bytes = 0
         self.fds = 0

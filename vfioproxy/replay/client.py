@@ -44,7 +44,7 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.fds import OwnedFd
+from vfioproxy.fds import OwnedFd, close_all
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, DmaUnmapBody
 from vfioproxy.protocol.codec import Message, decode, encode
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
@@ -211,8 +211,7 @@ class _ClientReplay:
                 return
             self._stop("closed", step, f"the server closed the connection ({exc})")
         finally:
-            for fd in fds:
-                fd.close()
+            close_all(fds)
         self.sent += 1
 
     async def _send_command(self, step: Step) -> None:
@@ -275,8 +274,7 @@ class _ClientReplay:
                 else:
                     await self._on_server_command(data, fds)
             finally:
-                for fd in fds:
-                    fd.close()
+                close_all(fds)
 
     def _arrive(self, position: int) -> None:
         self.arrived.add(position)

@@ -43,7 +43,7 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.fds import OwnedFd
+from vfioproxy.fds import OwnedFd, close_all
 from vfioproxy.protocol.codec import Message, build_error_reply, decode, encode
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
 from vfioproxy.replay.fdrebuild import FdRebuilder
@@ -503,5 +503,4 @@ class _ServerReplay:
 
 
 def _close(fds: Sequence[OwnedFd]) -> None:
-    for fd in fds:
-        fd.close()
+    close_all(fds)
