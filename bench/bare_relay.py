@@ -3,7 +3,7 @@
     .venv/bin/python bench/bare_relay.py --listen CLIENT_SOCK --server SERVER_SOCK
 
 For every client, connect to the server and run one task per direction that
-receives a whole message with :class:`vfioproxy.transport.FdStream`
+receives a whole message with :class:`vfioproxy.io.transport.FdStream`
 (``recvmsg`` of the header with an ancillary buffer, then the body), sends it
 in one ``sendmsg`` with its fds and closes its copies of the fds. Nothing
 else: no decoding, no counters, no session state, no recording. What
@@ -21,8 +21,8 @@ import sys
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.transport import FdStream, open_unix_fd_stream
-from vfioproxy.tuning import tune_allocator
+from vfioproxy.io.transport import FdStream, open_unix_fd_stream
+from vfioproxy.proxy.tuning import tune_allocator
 
 
 async def pump(src: FdStream, dst: FdStream, done: trio.CancelScope) -> None:
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--listen", required=True, metavar="CLIENT_SOCK")
     parser.add_argument("--server", required=True, metavar="SERVER_SOCK")
     args = parser.parse_args()
-    tune_allocator()  # as the proxy does (vfioproxy/tuning.py)
+    tune_allocator()  # as the proxy does (vfioproxy/proxy/tuning.py)
     try:
         trio.run(serve, args.listen, args.server)
     finally:

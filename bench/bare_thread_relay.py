@@ -4,7 +4,7 @@
 
 For every client, connect to the server and run one OS thread that polls
 both sockets and, for each that is readable, receives a whole message with
-:class:`vfioproxy.blocking_transport.BlockingFdSocket` (``recvmsg`` of the
+:class:`vfioproxy.io.blocking_transport.BlockingFdSocket` (``recvmsg`` of the
 header with an ancillary buffer, then ``recv`` of the body), sends it in one
 ``sendmsg`` with its fds and closes its copies of the fds.
 Nothing else: no decoding, no counters, no session state, no recording, no
@@ -28,9 +28,9 @@ import sys
 import threading
 from types import FrameType
 
-from vfioproxy.blocking_transport import BlockingFdSocket
 from vfioproxy.errors import TransportError
-from vfioproxy.tuning import tune_allocator
+from vfioproxy.io.blocking_transport import BlockingFdSocket
+from vfioproxy.proxy.tuning import tune_allocator
 
 
 def relay(client: BlockingFdSocket, server: BlockingFdSocket) -> None:
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--listen", required=True, metavar="CLIENT_SOCK")
     parser.add_argument("--server", required=True, metavar="SERVER_SOCK")
     args = parser.parse_args()
-    tune_allocator()  # as the proxy does (vfioproxy/tuning.py)
+    tune_allocator()  # as the proxy does (vfioproxy/proxy/tuning.py)
     signal.signal(signal.SIGINT, _exit_on_signal)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:

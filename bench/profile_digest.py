@@ -19,7 +19,7 @@ untimed warm-up pass):
   ``--check-live``) does;
 - ``append``: ``TraceWriter.append_message`` to a temporary trace file
   (one ``write(2)`` per message), what ``vfioproxy record`` adds;
-- ``fd_record`` (``--with-fds``): ``vfioproxy.fds.fd_record`` of every fd
+- ``fd_record`` (``--with-fds``): ``vfioproxy.io.fds.fd_record`` of every fd
   a message carries, on real fds made for it (an eventfd for a recorded
   eventfd, a memfd of the recorded size for anything else), what
   ``vfioproxy record`` does on the forwarding path after the send;
@@ -56,7 +56,7 @@ from typing import Any
 from recorder.reader import TraceReader
 from recorder.records import FdRecord, MessageRecord, TraceHeader
 from recorder.writer import TraceWriter
-from vfioproxy.fds import FdKind, OwnedFd, fd_record, make_eventfd, make_memfd
+from vfioproxy.io.fds import FdKind, OwnedFd, fd_record, make_eventfd, make_memfd
 from vfioproxy.live import MessageLog
 from vfioproxy.protocol.session import Observation, SessionState
 

@@ -455,11 +455,15 @@ def open_tree(path: Path) -> Tree:
     probe = ("import json, importlib.util as u\n"
              "d = {n: (u.find_spec(n).origin if u.find_spec(n) else None)\n"
              "     for n in ('vfioproxy', 'recorder')}\n"
-             "try:\n"
-             "    import vfioproxy.fastpath as f\n"
+             "import importlib\n"
+             "d['lane'] = 'Python (no C lane in this tree)'\n"
+             "for name in ('vfioproxy.proxy.fastpath', 'vfioproxy.fastpath'):  # now, before\n"
+             "    try:\n"
+             "        f = importlib.import_module(name)\n"
+             "    except ImportError:\n"
+             "        continue\n"
              "    d['lane'] = 'C' if f.lane else f'Python ({f.without})'\n"
-             "except ImportError:\n"
-             "    d['lane'] = 'Python (no C lane in this tree)'\n"
+             "    break\n"
              "print(json.dumps(d))")
     env = dict(os.environ, PYTHONPATH=str(path))
     out = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, cwd=path,

@@ -27,12 +27,12 @@ from typing import Any
 
 import trio
 
+from vfioproxy.io.transport import open_unix_fd_stream
 from vfioproxy.peers.client import QEMU_VERSION_JSON, RealizeOptions, open_realize_client
 from vfioproxy.peers.endpoint import Endpoint
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.header import Command
 from vfioproxy.side import Side
-from vfioproxy.transport import open_unix_fd_stream
 
 
 def percentile(ordered: Sequence[float], p: float) -> float:

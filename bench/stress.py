@@ -57,11 +57,11 @@ sys.path.insert(0, str(ROOT))
 
 from recorder.reader import TraceReader  # noqa: E402
 from recorder.records import EventRecord, MessageRecord  # noqa: E402
+from vfioproxy.io.unix import is_listening  # noqa: E402
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody  # noqa: E402
 from vfioproxy.protocol.capabilities import Capabilities  # noqa: E402
 from vfioproxy.protocol.codec import build_command, build_reply, encode  # noqa: E402
 from vfioproxy.protocol.header import HEADER_STRUCT, Command  # noqa: E402
-from vfioproxy.unix import is_listening  # noqa: E402
 
 VFIOPROXY = [sys.executable, "-m", "vfioproxy"]
 SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)

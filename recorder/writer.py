@@ -86,7 +86,7 @@ _appender_type: type[Appender] = Appender
 
 def use_appender(kind: type[Appender]) -> None:
     """Make writers created from now on use ``kind`` for their shared state
-    (:mod:`vfioproxy.fastpath` gives its C class, which the C lane appends
+    (:mod:`vfioproxy.proxy.fastpath` gives its C class, which the C lane appends
     through)."""
     global _appender_type
     _appender_type = kind

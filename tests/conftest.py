@@ -2,7 +2,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vfioproxy.fds import count_open_fds
+from vfioproxy.io.fds import count_open_fds
 
 #: module marks for tests that pass real fds: leaks and unclosed fds fail the test
 FD_HYGIENE = [

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from tests.conftest import FD_HYGIENE
-from vfioproxy.blocking_transport import BlockingFdSocket
 from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError
-from vfioproxy.fds import close_all, make_eventfd, make_memfd
+from vfioproxy.io.blocking_transport import BlockingFdSocket
+from vfioproxy.io.fds import close_all, make_eventfd, make_memfd
 
 pytestmark = FD_HYGIENE
 

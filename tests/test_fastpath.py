@@ -1,4 +1,4 @@
-"""The C lane (``vfioproxy/_fastpath.c``): what it records is byte for byte
+"""The C lane (``vfioproxy/proxy/_fastpath.c``): what it records is byte for byte
 what msgpack makes, it numbers records in one sequence with every other
 writer of the trace, and whatever it hands back to the Python forwarding
 comes out as the Python lane alone would give it: what each receiver got,
@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import trio
 
-import vfioproxy.fastpath
+import vfioproxy.proxy.fastpath
 from recorder.records import EventRecord, MessageRecord, PlainMessagePacker
 from tests.conftest import FD_HYGIENE
 from tests.test_proxy_hostile import (
@@ -34,24 +34,24 @@ from tests.test_proxy_hostile import (
     version,
     version_reply,
 )
-from vfioproxy.fds import close_all, make_eventfd
 from vfioproxy.inject import Injector
+from vfioproxy.io.fds import close_all, make_eventfd
 from vfioproxy.protocol.header import HEADER_STRUCT, Command
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.side import Direction
 
-BUILT = vfioproxy.fastpath.lane is not None
+BUILT = vfioproxy.proxy.fastpath.lane is not None
 pytestmark = [
     *FD_HYGIENE,
     pytest.mark.skipif(not BUILT and not os.environ.get("CI"),
-                       reason="vfioproxy._fastpath is not built (pip install -e . builds it) "
+                       reason="vfioproxy.proxy._fastpath is not built (pip install -e . builds it) "
                               "or VFIOPROXY_PURE_PYTHON=1"),
 ]
 
 
 def test_the_lane_is_built():
     """CI installs with a compiler: the lane must be there (else the rest skips)."""
-    assert BUILT, "vfioproxy._fastpath was not built: see the pip install log"
+    assert BUILT, "vfioproxy.proxy._fastpath was not built: see the pip install log"
 
 
 def plain(msg_id: int, n: int, command: int = Command.REGION_WRITE, flags: int = 0) -> bytes:
@@ -224,7 +224,7 @@ async def test_what_the_lane_hands_back_comes_out_as_python_gives_it(
     assert with_lane[-1] == (Direction.C2S, plain(12, 100)[:50], 0, None, True)
     assert [m for d, m, *_ in with_lane if m in blocked] == blocked
     # the same script without the lane: the same trace
-    monkeypatch.setattr(vfioproxy.fastpath, "lane", None)
+    monkeypatch.setattr(vfioproxy.proxy.fastpath, "lane", None)
     before = dict(lane_counts)
     python_dir = tmp_path / "python"
     python_dir.mkdir()
@@ -245,7 +245,7 @@ async def test_what_the_lane_hands_back_comes_out_as_python_gives_it(
 @pytest.fixture(params=["C", "Python"])
 def lane(request, monkeypatch):
     if request.param == "Python":
-        monkeypatch.setattr(vfioproxy.fastpath, "lane", None)
+        monkeypatch.setattr(vfioproxy.proxy.fastpath, "lane", None)
     return request.param
 
 
@@ -352,7 +352,7 @@ def test_a_record_the_lane_cannot_write_whole_leaves_the_file_closed_or_cut(tmp_
     again; when even that fails (here: the "trace" is a full pipe) the lane
     closes the file, as the Python writer does, and hands the message back
     unrecorded. The message itself was forwarded."""
-    from vfioproxy import _fastpath
+    from vfioproxy.proxy import _fastpath
 
     client, client_proxy = socket.socketpair()
     server_proxy, device = socket.socketpair()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FD_HYGIENE
-from vfioproxy.fds import (
+from vfioproxy.io.fds import (
     FdInfo,
     FdKind,
     OwnedFd,

@@ -30,7 +30,8 @@ from recorder.records import FdRecord
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
 from vfioproxy.errors import TransportError, VfioProxyError
-from vfioproxy.fds import FdKind, OwnedFd, close_all, inspect_fd, make_eventfd, make_memfd
+from vfioproxy.io.fds import FdKind, OwnedFd, close_all, inspect_fd, make_eventfd, make_memfd
+from vfioproxy.io.transport import FdStream, fd_stream_pair
 from vfioproxy.peers import layout
 from vfioproxy.peers.client import (
     QEMU_VERSION_JSON,
@@ -71,7 +72,6 @@ from vfioproxy.protocol.codec import (
 )
 from vfioproxy.protocol.header import FLAG_NO_REPLY, HEADER_SIZE, Command, Header
 from vfioproxy.side import Direction, Side
-from vfioproxy.transport import FdStream, fd_stream_pair
 
 pytestmark = FD_HYGIENE
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import FD_HYGIENE
 from tests.test_peer_client import E1K, GPIO, LVU, NVME, CaptureServer, serving
-from vfioproxy.fds import OwnedFd, close_all, count_open_fds, make_eventfd, make_memfd
+from vfioproxy.io.fds import OwnedFd, close_all, count_open_fds, make_eventfd, make_memfd
 from vfioproxy.peers.client import RealizeError, RealizeOptions, open_realize_client, realize
 from vfioproxy.peers.endpoint import ErrorReplyError, ReplyTimeoutError
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaLayout

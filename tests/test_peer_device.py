@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from tests.conftest import FD_HYGIENE
-from vfioproxy.fds import OwnedFd, close_all, make_eventfd, make_memfd
+from vfioproxy.io.fds import OwnedFd, close_all, make_eventfd, make_memfd
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.device import (
     MAX_INCOMING_STREAM,

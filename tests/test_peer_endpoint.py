@@ -6,13 +6,13 @@ import trio.testing
 
 from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import close_all, make_memfd
+from vfioproxy.io.fds import close_all, make_memfd
+from vfioproxy.io.transport import fd_stream_pair
 from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError, ReplyTimeoutError
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, RegionAccessBody
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, decode, encode
 from vfioproxy.protocol.header import Command
 from vfioproxy.side import Side
-from vfioproxy.transport import fd_stream_pair
 
 pytestmark = FD_HYGIENE
 

@@ -15,7 +15,8 @@ import trio
 
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
-from vfioproxy.fds import FdKind, close_all, count_open_fds, inspect_fd, make_eventfd, make_memfd
+from vfioproxy.io.fds import FdKind, close_all, count_open_fds, inspect_fd, make_eventfd, make_memfd
+from vfioproxy.io.transport import fd_stream_pair, open_unix_fd_stream
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError
 from vfioproxy.peers.server import DeviceOptions, ServerSession, open_device_server, serve_device
@@ -55,7 +56,6 @@ from vfioproxy.protocol.constants import (
 from vfioproxy.protocol.header import HEADER_STRUCT, Command, Header
 from vfioproxy.protocol.session import SessionState
 from vfioproxy.side import Direction, Side
-from vfioproxy.transport import fd_stream_pair, open_unix_fd_stream
 
 pytestmark = FD_HYGIENE
 

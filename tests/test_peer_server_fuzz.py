@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import close_all, count_open_fds, make_eventfd, make_memfd
+from vfioproxy.io.fds import close_all, count_open_fds, make_eventfd, make_memfd
+from vfioproxy.io.transport import fd_stream_pair
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.server import ServerSession
 from vfioproxy.protocol.codec import build_error_reply, build_reply, decode, encode
 from vfioproxy.protocol.header import HEADER_STRUCT, Command, Header
 from vfioproxy.side import Direction
-from vfioproxy.transport import fd_stream_pair
 
 pytestmark = FD_HYGIENE
 

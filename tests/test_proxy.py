@@ -8,14 +8,16 @@ import pytest
 import trio
 import trio.testing
 
-import vfioproxy.fastpath
 import vfioproxy.proxy
+import vfioproxy.proxy.fastpath
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import FdKind, close_all, make_eventfd, make_memfd
+from vfioproxy.io.fds import FdKind, close_all, make_eventfd, make_memfd
+from vfioproxy.io.transport import FdStream, open_unix_fd_stream
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.peers.endpoint import Endpoint
 from vfioproxy.protocol.bodies import DmaMapBody, IrqSetBody, RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, encode
@@ -23,8 +25,6 @@ from vfioproxy.protocol.header import Command, Header
 from vfioproxy.proxy import ProxyOptions, open_proxy
 from vfioproxy.side import Direction, Side
 from vfioproxy.trace.decoded import DecodedMessage, TornMessage, decoded_records
-from vfioproxy.transport import FdStream, open_unix_fd_stream
-from vfioproxy.unix import open_unix_listener
 
 pytestmark = FD_HYGIENE
 
@@ -78,7 +78,7 @@ def forwarding(request, monkeypatch):
     init = vfioproxy.proxy.Proxy.__init__
     threads = request.param.startswith("threads")
     if request.param == "threads-python":
-        monkeypatch.setattr(vfioproxy.fastpath, "lane", None)
+        monkeypatch.setattr(vfioproxy.proxy.fastpath, "lane", None)
 
     def patched(self, server_path, *, options=None, **kwargs):
         options = attrs.evolve(options or ProxyOptions(), threads=threads)
@@ -303,7 +303,7 @@ async def test_a_twin_socket_is_replaced_by_a_proxy_owned_one_and_relayed(tmp_pa
     client's reply cross the proxy and are recorded as a session of their own."""
     import socket as pysocket
 
-    from vfioproxy.fds import OwnedFd
+    from vfioproxy.io.fds import OwnedFd
     from vfioproxy.protocol.bodies import DmaAccessBody
     from vfioproxy.protocol.capabilities import Capabilities, TwinSocketCapability
     from vfioproxy.protocol.codec import decode

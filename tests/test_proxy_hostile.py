@@ -25,13 +25,13 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 
-import vfioproxy.fastpath
+import vfioproxy.proxy.fastpath
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES, capture_messages
-from vfioproxy.fds import FdKind, OwnedFd, close_all, make_eventfd, make_memfd
+from vfioproxy.io.fds import FdKind, OwnedFd, close_all, make_eventfd, make_memfd
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.capabilities import Capabilities, parse_capabilities
 from vfioproxy.protocol.codec import build_command, build_reply, encode
@@ -50,7 +50,7 @@ _SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 def mode(request, monkeypatch):
     """The threads (with and without the C lane) or trio tasks."""
     if request.param == "threads-python":
-        monkeypatch.setattr(vfioproxy.fastpath, "lane", None)
+        monkeypatch.setattr(vfioproxy.proxy.fastpath, "lane", None)
     return request.param
 
 

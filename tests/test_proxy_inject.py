@@ -14,8 +14,10 @@ from recorder.records import EventRecord, MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import close_all, make_memfd
 from vfioproxy.inject import Injector
+from vfioproxy.io.fds import close_all, make_memfd
+from vfioproxy.io.transport import FdStream, open_unix_fd_stream
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.protocol.bodies import DmaMapBody, RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, build_reply, decode
 from vfioproxy.protocol.codec import encode as encode_with_fds
@@ -23,8 +25,6 @@ from vfioproxy.protocol.header import Command, Header
 from vfioproxy.proxy import ProxyOptions
 from vfioproxy.proxy import open_proxy as _open_proxy
 from vfioproxy.side import Direction
-from vfioproxy.transport import FdStream, open_unix_fd_stream
-from vfioproxy.unix import open_unix_listener
 
 pytestmark = FD_HYGIENE
 

@@ -16,14 +16,14 @@ from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from tests.test_proxy_inject import RawServer, encode, read_cmd, roundtrip
 from vfioproxy.errors import ConnectionClosedError
-from vfioproxy.fds import make_memfd
 from vfioproxy.inject import Injector
+from vfioproxy.io.fds import make_memfd
+from vfioproxy.io.transport import open_unix_fd_stream
 from vfioproxy.protocol.bodies import DmaMapBody, RegionAccessBody
 from vfioproxy.protocol.codec import build_command, decode
 from vfioproxy.protocol.header import Command, Header
 from vfioproxy.proxy import open_proxy
 from vfioproxy.side import Direction
-from vfioproxy.transport import open_unix_fd_stream
 
 pytestmark = FD_HYGIENE
 

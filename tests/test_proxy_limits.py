@@ -18,10 +18,10 @@ import pytest
 
 from recorder.reader import TraceReader
 from recorder.records import EventRecord, MessageRecord
+from vfioproxy.io.unix import is_listening
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, encode
 from vfioproxy.protocol.header import Command
-from vfioproxy.unix import is_listening
 
 VFIOPROXY = [sys.executable, "-m", "vfioproxy"]
 ROOT = Path(__file__).resolve().parent.parent

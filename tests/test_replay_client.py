@@ -14,7 +14,9 @@ from recorder.records import MessageRecord
 from recorder.sink import TraceSink
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES
-from vfioproxy.fds import OwnedFd, close_all, make_memfd
+from vfioproxy.io.fds import OwnedFd, close_all, make_memfd
+from vfioproxy.io.transport import FdStream, fd_stream_pair
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.peers import device, layout
 from vfioproxy.peers.server import DeviceOptions, open_device_server
 from vfioproxy.proxy import open_proxy
@@ -22,8 +24,6 @@ from vfioproxy.replay.client import ClientReplayOptions, replay_client, replay_c
 from vfioproxy.replay.fdrebuild import FdRebuilder
 from vfioproxy.replay.script import load_script
 from vfioproxy.side import Direction
-from vfioproxy.transport import FdStream, fd_stream_pair
-from vfioproxy.unix import open_unix_listener
 
 pytestmark = FD_HYGIENE
 

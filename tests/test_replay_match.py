@@ -11,7 +11,7 @@ import pytest
 from recorder.records import FdRecord
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES
-from vfioproxy.fds import FdKind, close_all, inspect_fd, make_memfd
+from vfioproxy.io.fds import FdKind, close_all, inspect_fd, make_memfd
 from vfioproxy.protocol.bodies import (
     DmaAccessBody,
     DmaLayout,

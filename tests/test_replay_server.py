@@ -12,13 +12,13 @@ from recorder.records import EventRecord
 from recorder.writer import TraceWriter
 from tests.conftest import FD_HYGIENE
 from tests.realdata import TRACES
+from vfioproxy.io.transport import open_unix_fd_stream
 from vfioproxy.peers.client import RealizeError, RealizeOptions, realize
 from vfioproxy.peers.server import open_device_server
 from vfioproxy.replay.client import replay_client
 from vfioproxy.replay.report import ReplayReport
 from vfioproxy.replay.script import Script, load_script
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
-from vfioproxy.transport import open_unix_fd_stream
 
 pytestmark = FD_HYGIENE
 

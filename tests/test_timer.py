@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from tests.conftest import FD_HYGIENE
-from vfioproxy.timer import PreciseSleeper
+from vfioproxy.proxy.timer import PreciseSleeper
 
 pytestmark = FD_HYGIENE
 

@@ -15,7 +15,7 @@ import trio.testing
 
 from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, TransportError
-from vfioproxy.fds import (
+from vfioproxy.io.fds import (
     FdKind,
     OwnedFd,
     close_all,
@@ -25,8 +25,8 @@ from vfioproxy.fds import (
     make_memfd,
     read_fd_contents,
 )
+from vfioproxy.io.transport import FdStream, fd_stream_pair, open_unix_fd_stream
 from vfioproxy.protocol.header import HEADER_SIZE, Header
-from vfioproxy.transport import FdStream, fd_stream_pair, open_unix_fd_stream
 
 pytestmark = FD_HYGIENE
 

@@ -2,7 +2,7 @@ import platform
 
 import pytest
 
-from vfioproxy.tuning import tune_allocator
+from vfioproxy.proxy.tuning import tune_allocator
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

@@ -5,8 +5,8 @@ import stat
 import pytest
 
 from tests.conftest import FD_HYGIENE
-from vfioproxy.transport import open_unix_fd_stream
-from vfioproxy.unix import SocketPathError, is_listening, open_unix_listener
+from vfioproxy.io.transport import open_unix_fd_stream
+from vfioproxy.io.unix import SocketPathError, is_listening, open_unix_listener
 
 pytestmark = FD_HYGIENE
 

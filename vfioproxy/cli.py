@@ -21,12 +21,12 @@ import vfioproxy
 from recorder.errors import TraceError
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
-from vfioproxy import fastpath
 from vfioproxy.control import control_request, serve_control
 from vfioproxy.demo import run_demo
 from vfioproxy.errors import VfioProxyError
 from vfioproxy.experiment.cli import add_experiment_command
 from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.live import MessageLog, run_status_line
 from vfioproxy.peers.client import RealizeError, RealizeOptions, realize
 from vfioproxy.peers.server import DeviceOptions, serve_device
@@ -38,14 +38,14 @@ from vfioproxy.proxy import (
     DEFAULT_MAX_QUEUE,
     Proxy,
     ProxyOptions,
+    fastpath,
 )
 from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT, MAX_MESSAGE_BUFFER
+from vfioproxy.proxy.tuning import tune_allocator
 from vfioproxy.replay.cli import add_replay_commands
 from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import decoded_records
 from vfioproxy.trace.rawcap import import_rawcap
-from vfioproxy.tuning import tune_allocator
-from vfioproxy.unix import open_unix_listener
 
 LAYOUTS = [layout.value for layout in DmaLayout]
 

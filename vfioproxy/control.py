@@ -37,8 +37,8 @@ import trio
 
 from vfioproxy.errors import VfioProxyError
 from vfioproxy.inject import InjectError, Injector, Rule
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.proxy import Proxy
-from vfioproxy.unix import open_unix_listener
 
 __all__ = ["ControlError", "control_request", "parse_request", "serve_control"]
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vfioproxy.unix import is_listening
+from vfioproxy.io.unix import is_listening
 
 #: the vfioproxy program as the tests run it (the one installed in this venv)
 VFIOPROXY = [sys.executable, "-m", "vfioproxy"]

@@ -66,7 +66,9 @@ from tests.interop.conftest import SUMMARY, LvuBuild, short_dir
 from tests.interop.peers import REAPER, Peers, Proc, deadline, read_json
 from tests.interop.tracecheck import Recording, read_recording, shape
 from tests.realdata import TRACES
-from vfioproxy.fds import OwnedFd
+from vfioproxy.io.fds import OwnedFd
+from vfioproxy.io.transport import FdStream
+from vfioproxy.io.unix import is_listening
 from vfioproxy.protocol.bodies import RegionAccessBody, RegionInfoBody, SparseMmapCap
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
 from vfioproxy.replay.client import ClientReplayOptions, replay_client
@@ -74,8 +76,6 @@ from vfioproxy.replay.match import Matcher
 from vfioproxy.replay.report import ReplayReport
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
 from vfioproxy.side import Direction
-from vfioproxy.transport import FdStream
-from vfioproxy.unix import is_listening
 
 #: a REGION_WRITE of the fake guest thread: 16 KiB to BAR1 (header 16 + access 16 + data)
 FAKE_GUEST_WRITE = ("REGION_WRITE", "c2s", "cmd", 16 + 16 + 0x4000, ())

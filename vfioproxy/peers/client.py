@@ -46,7 +46,8 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError, VfioProxyError
-from vfioproxy.fds import OwnedFd, close_all, make_eventfd
+from vfioproxy.io.fds import OwnedFd, close_all, make_eventfd
+from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.peers import layout
 from vfioproxy.peers.endpoint import (
     DEFAULT_REPLY_TIMEOUT,
@@ -95,7 +96,6 @@ from vfioproxy.protocol.pci import (
     walk_capabilities,
 )
 from vfioproxy.side import Side
-from vfioproxy.transport import FdStream, open_unix_fd_stream
 
 __all__ = [
     "QEMU_VERSION_JSON",

@@ -38,7 +38,7 @@ from typing import Protocol
 import attrs
 
 from vfioproxy.errors import VfioProxyError
-from vfioproxy.fds import FdKind, OwnedFd, close_all, inspect_fd, make_memfd
+from vfioproxy.io.fds import FdKind, OwnedFd, close_all, inspect_fd, make_memfd
 from vfioproxy.peers import layout as L
 from vfioproxy.protocol.constants import (
     IRQ_SET_ACTION_MASK,

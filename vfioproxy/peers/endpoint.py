@@ -1,6 +1,6 @@
 """One end of a vfio-user connection, for peers that speak the protocol.
 
-An :class:`Endpoint` owns an :class:`~vfioproxy.transport.FdStream`. It
+An :class:`Endpoint` owns an :class:`~vfioproxy.io.transport.FdStream`. It
 numbers and sends its own commands and routes each incoming reply to the
 command waiting for it (by msg_id, FIFO for reused ids); incoming commands
 are handed, strictly in arrival order, to a handler whose answer is sent
@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError, VfioProxyError
-from vfioproxy.fds import OwnedFd, close_all
+from vfioproxy.io.fds import OwnedFd, close_all
 from vfioproxy.protocol.bodies import Body
 from vfioproxy.protocol.codec import (
     DEFAULT_DIALECTS,

@@ -18,7 +18,7 @@ import mmap
 import attrs
 
 from vfioproxy.errors import VfioProxyError
-from vfioproxy.fds import OwnedFd, close_all, make_memfd
+from vfioproxy.io.fds import OwnedFd, close_all, make_memfd
 from vfioproxy.peers.layout import BIOS_IOVA, BIOS_SIZE, GUEST_RAM_SIZE
 from vfioproxy.protocol.bodies import BodyContext, DmaAccessBody, DmaLayout
 from vfioproxy.protocol.codec import Message, build_error_reply, build_reply

@@ -28,7 +28,9 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, VfioProxyError
-from vfioproxy.fds import OwnedFd, close_all
+from vfioproxy.io.fds import OwnedFd, close_all
+from vfioproxy.io.transport import FdStream
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.peers import layout as L
 from vfioproxy.peers.device import (
     IRQ_COUNTS,
@@ -86,8 +88,6 @@ from vfioproxy.protocol.constants import (
 from vfioproxy.protocol.header import HEADER_SIZE, Command
 from vfioproxy.protocol.pci import Region
 from vfioproxy.side import Side
-from vfioproxy.transport import FdStream
-from vfioproxy.unix import open_unix_listener
 
 __all__ = [
     "MAX_DATA_XFER_SIZE",

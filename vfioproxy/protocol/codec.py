@@ -145,7 +145,7 @@ def detect_client_dma_layout(version: VersionBody) -> DmaLayout:
 class Message:
     """One vfio-user message: header, typed body, and the fds it carries.
 
-    ``fds`` are opaque to the codec (ints, :class:`~vfioproxy.fds.OwnedFd`, or
+    ``fds`` are opaque to the codec (ints, :class:`~vfioproxy.io.fds.OwnedFd`, or
     recorded fd metadata): they ride along unchanged.
     """
 

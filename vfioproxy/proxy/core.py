@@ -33,6 +33,7 @@ import trio
 from recorder.sink import TraceSink
 from recorder.writer import TraceWriter
 from vfioproxy.inject import Injector
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.proxy.checks import LiveChecks, MessageObserver
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.proxy.model import (
@@ -46,7 +47,6 @@ from vfioproxy.proxy.relay import Relay
 from vfioproxy.proxy.tasks import TaskForwarder
 from vfioproxy.proxy.threaded import ThreadForwarder
 from vfioproxy.side import Direction
-from vfioproxy.unix import open_unix_listener
 
 log = logging.getLogger("vfioproxy.proxy")
 

@@ -44,10 +44,10 @@ from typing import Any, NamedTuple
 import trio
 
 from recorder.records import FdRecord
-from vfioproxy import fastpath
-from vfioproxy.fds import OwnedFd, close_all, fd_record
 from vfioproxy.inject import Decision
+from vfioproxy.io.fds import OwnedFd, close_all, fd_record
 from vfioproxy.protocol.negotiation import TwinSocket, is_version
+from vfioproxy.proxy import fastpath
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.proxy.wire import (
     Message,
@@ -230,7 +230,7 @@ class Relay:
 
     def lane_plan(self) -> LanePlan | None:
         """Whether the next messages may take the C lane
-        (:mod:`vfioproxy.fastpath`): None when not (live checks on the path,
+        (:mod:`vfioproxy.proxy.fastpath`): None when not (live checks on the path,
         something queued, held, part-read or ended, a trace that takes no plain
         appends now, fault rules deciding both directions); else what it is
         to do with each direction: hand it back for the fault rules to decide,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import trio
 
 from vfioproxy.proxy.relay import Leg, Relay
-from vfioproxy.timer import PreciseSleeper
+from vfioproxy.proxy.timer import PreciseSleeper
 
 __all__ = ["TaskForwarder"]
 

@@ -11,7 +11,7 @@ for.
 
 While every message is plain (no fds, not VERSION, at most 64 KiB)
 and nothing waits, the thread hands the polling to the C lane
-(:mod:`vfioproxy.fastpath`), which forwards and records such messages
+(:mod:`vfioproxy.proxy.fastpath`), which forwards and records such messages
 without the GIL and hands anything else back to the same
 :class:`~vfioproxy.proxy.relay.Relay` steps.
 
@@ -31,9 +31,9 @@ import select
 import threading
 import time
 
-from vfioproxy import fastpath
+from vfioproxy.proxy import fastpath
 from vfioproxy.proxy.relay import LANE_WOKEN, Relay
-from vfioproxy.timer import TimerFd, WakeLatency
+from vfioproxy.proxy.timer import TimerFd, WakeLatency
 
 __all__ = ["ThreadForwarder"]
 

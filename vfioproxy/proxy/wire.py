@@ -28,7 +28,7 @@ import struct
 from array import array
 from collections import deque
 
-from vfioproxy.fds import OwnedFd, close_all
+from vfioproxy.io.fds import OwnedFd, close_all
 from vfioproxy.protocol.header import HEADER_SIZE, framed_body_length
 
 __all__ = [
@@ -136,7 +136,7 @@ _NO_FDS: list[OwnedFd] = []  # shared by messages without fds: never appended to
 
 
 class Taken:
-    """What the C lane (:mod:`vfioproxy.fastpath`) read of a message before
+    """What the C lane (:mod:`vfioproxy.proxy.fastpath`) read of a message before
     handing it back: the header's ``recvmsg`` (``chunk``, ``ancdata``,
     ``flags`` as :meth:`socket.socket.recvmsg` gives them; ``error`` its
     errno, 0 when it read) and, when ``body_read``, one ``recv`` of the body:

@@ -44,7 +44,8 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.fds import OwnedFd, close_all
+from vfioproxy.io.fds import OwnedFd, close_all
+from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, DmaUnmapBody
 from vfioproxy.protocol.codec import Message, decode, encode
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
@@ -55,7 +56,6 @@ from vfioproxy.replay.memory import ReplayMemory
 from vfioproxy.replay.report import Divergence, DivergenceKind, ReplayReport, StopReplay
 from vfioproxy.replay.script import ReplayError, Script, Step, load_script
 from vfioproxy.side import Direction, Side
-from vfioproxy.transport import FdStream, open_unix_fd_stream
 
 __all__ = ["ClientReplayOptions", "replay_client", "replay_client_on"]
 

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Sequence
 
 from recorder.records import FdRecord
-from vfioproxy.fds import FdKind, OwnedFd, make_eventfd, make_memfd
+from vfioproxy.io.fds import FdKind, OwnedFd, make_eventfd, make_memfd
 from vfioproxy.side import Direction
 
 __all__ = ["FdRebuilder"]

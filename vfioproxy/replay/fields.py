@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from recorder.records import FdRecord
-from vfioproxy.fds import OwnedFd, inspect_fd, read_fd_contents
+from vfioproxy.io.fds import OwnedFd, inspect_fd, read_fd_contents
 from vfioproxy.protocol.bodies import (
     DeviceFeatureBody,
     DmaAccessBody,

@@ -23,7 +23,7 @@ import os
 
 import attrs
 
-from vfioproxy.fds import OwnedFd
+from vfioproxy.io.fds import OwnedFd
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaLayout, DmaMapBody, DmaUnmapBody
 from vfioproxy.protocol.codec import Message, build_error_reply, build_reply
 from vfioproxy.protocol.constants import DmaMapFlags, DmaUnmapFlags

@@ -43,7 +43,9 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.fds import OwnedFd, close_all
+from vfioproxy.io.fds import OwnedFd, close_all
+from vfioproxy.io.transport import FdStream, open_unix_fd_stream
+from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.protocol.codec import Message, build_error_reply, decode, encode
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
 from vfioproxy.replay.fdrebuild import FdRebuilder
@@ -52,8 +54,6 @@ from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
 from vfioproxy.replay.report import Divergence, FieldDiff, Nearest, ReplayReport, StopReplay
 from vfioproxy.replay.script import ReplayError, Script, Step, load_script
 from vfioproxy.side import Direction, Side
-from vfioproxy.transport import FdStream, open_unix_fd_stream
-from vfioproxy.unix import open_unix_listener
 
 __all__ = ["ServerReplayOptions", "replay_server_on", "serve_replay"]
 

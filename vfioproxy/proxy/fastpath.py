@@ -1,6 +1,6 @@
 """Which plain-message lane the threaded forwarding uses: C or Python.
 
-:mod:`vfioproxy._fastpath` (``vfioproxy/_fastpath.c``, built by ``pip
+:mod:`vfioproxy.proxy._fastpath` (``vfioproxy/proxy/_fastpath.c``, built by ``pip
 install``) forwards and records the plain messages of a session (no fds,
 not VERSION, at most 64 KiB) without the GIL, and hands everything else back
 to :mod:`vfioproxy.proxy.relay`. Its :class:`Appender` is the lock and
@@ -26,16 +26,16 @@ __all__ = ["Appender", "lane", "without"]
 
 #: the trace files' shared state: the C class where it was built
 Appender: type[writer.Appender]
-#: the C lane's ``relay`` function (see ``vfioproxy/_fastpath.c``), or None
+#: the C lane's ``relay`` function (see ``vfioproxy/proxy/_fastpath.c``), or None
 lane: Callable[..., tuple[Any, ...]] | None
 #: why there is no C lane (None: there is one)
 without: str | None = None
 try:
-    from vfioproxy import _fastpath
+    from vfioproxy.proxy import _fastpath
 except ImportError as exc:  # not built: the Python path only
     Appender, lane = writer.Appender, None
-    without = (f"vfioproxy._fastpath is not built ({exc}; `pip install -e .` builds it with a "
-               "C compiler and Python's headers)")
+    without = (f"vfioproxy.proxy._fastpath is not built ({exc}; `pip install -e .` builds it "
+               "with a C compiler and Python's headers)")
 else:
     Appender = _fastpath.Appender  # type: ignore[assignment]
     writer.use_appender(Appender)

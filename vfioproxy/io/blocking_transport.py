@@ -1,7 +1,7 @@
 """Blocking message I/O for the proxy's forwarding threads.
 
 :class:`BlockingFdSocket` frames messages exactly as
-:class:`vfioproxy.transport.FdStream` does (header and its fds with one
+:class:`vfioproxy.io.transport.FdStream` does (header and its fds with one
 ``recvmsg``, the body without an ancillary buffer, sizes that cannot be
 framed taken as a header alone, one ``sendmsg`` per message with its fds on
 the first byte), but on a blocking socket: a thread blocked in ``recvmsg``
@@ -22,15 +22,15 @@ from array import array
 from collections.abc import Sequence
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
-from vfioproxy.fds import OwnedFd, close_all, fd_number
-from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
-from vfioproxy.transport import (
+from vfioproxy.io.fds import OwnedFd, close_all, fd_number
+from vfioproxy.io.transport import (
     SCM_MAX_FD,
     eof_in_header,
     fds_truncated,
     reset_error,
     take_fds,
 )
+from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 
 __all__ = ["BlockingFdSocket"]
 
@@ -48,7 +48,7 @@ class BlockingFdSocket:
     """vfio-user messages and their fds over a blocking AF_UNIX stream socket.
 
     One thread may receive while another sends. Errors are those of
-    :class:`~vfioproxy.transport.FdStream`: EOF and resets raise
+    :class:`~vfioproxy.io.transport.FdStream`: EOF and resets raise
     :class:`~vfioproxy.errors.ConnectionClosedError` (``mid_message``,
     ``received`` and ``partial`` say how much of a message had arrived), too
     many fds raise :class:`~vfioproxy.errors.FdsTruncatedError`.

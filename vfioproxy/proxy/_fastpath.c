@@ -1,5 +1,5 @@
 /*
- * vfioproxy._fastpath: the proxy's plain-message lane, in C.
+ * vfioproxy.proxy._fastpath: the proxy's plain-message lane, in C.
  *
  * What nearly every message of a running device is (a REGION_READ or
  * REGION_WRITE and its reply: no fds, not VERSION, small) takes the same four
@@ -145,7 +145,7 @@ static PyMemberDef Appender_members[] = {
 
 static PyTypeObject AppenderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "vfioproxy._fastpath.Appender",
+    .tp_name = "vfioproxy.proxy._fastpath.Appender",
     .tp_doc = "A trace file's lock and the state its writers share (see the module docstring).",
     .tp_basicsize = sizeof(Appender),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -651,8 +651,8 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "vfioproxy._fastpath",
-    .m_doc = "The proxy's plain-message lane in C (see vfioproxy/fastpath.py).",
+    .m_name = "vfioproxy.proxy._fastpath",
+    .m_doc = "The proxy's plain-message lane in C (see vfioproxy/proxy/fastpath.py).",
     .m_size = -1,
     .m_methods = module_methods,
 };

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, TransportError
-from vfioproxy.fds import OwnedFd, close_all, fd_number
+from vfioproxy.io.fds import OwnedFd, close_all, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 
 __all__ = [
