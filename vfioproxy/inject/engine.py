@@ -72,7 +72,6 @@ the counters under the lock, from any thread.
 
 from __future__ import annotations
 
-import collections
 import math
 import random
 import threading
@@ -107,6 +106,7 @@ from vfioproxy.protocol.offsets import (
     MSG_ID,
     layout,
 )
+from vfioproxy.protocol.pairing import MAX_OUTSTANDING, Outstanding
 from vfioproxy.side import Direction
 
 __all__ = ["Applied", "Decision", "Injector", "InjectorStatistics", "RuleStatistics"]
@@ -397,7 +397,8 @@ class _Lane:
         self.stalled_until = -math.inf
         self.plan = _Plan.of((), remember=False, recall=False)
         self.constant = self.plan.constant()
-        self.sent: dict[int, collections.deque[_Pending]] = {}
+        self.sent: Outstanding[_Pending] = Outstanding(MAX_OUTSTANDING,
+                                                       per_id=_MAX_PENDING_PER_ID)
         self.other = self
 
 
@@ -626,7 +627,7 @@ class Injector:
                 if command in regions and len(data) >= _ACCESS_END:
                     offset, region = ACCESS.unpack_from(data, HEADER_SIZE)
                 if recall and message_type == _REPLY_TYPE and command in ACCESS_COMMANDS:
-                    pending = _recall(lane.other.sent, msg_id, command)
+                    pending = lane.other.sent.take(msg_id, lambda p: p[0] == command)
                     if pending is not None:
                         _, region, offset = pending
             fired: list[_Entry] | None = None
@@ -805,23 +806,4 @@ def _remember(
     if len(data) >= _ACCESS_END:
         offset, region = ACCESS.unpack_from(data, HEADER_SIZE)
     (msg_id,) = _MSG_ID.unpack_from(sent, MSG_ID.offset)
-    queue = lane.sent.get(msg_id)
-    if queue is None:
-        queue = lane.sent[msg_id] = collections.deque(maxlen=_MAX_PENDING_PER_ID)
-    queue.append((command, region, offset))
-
-
-def _recall(
-    sent: dict[int, collections.deque[_Pending]], msg_id: int, command: int
-) -> _Pending | None:
-    """Take the oldest tracked request with ``msg_id`` and ``command`` out of ``sent``."""
-    queue = sent.get(msg_id)
-    if not queue:
-        return None
-    for pending in queue:
-        if pending[0] == command:
-            queue.remove(pending)
-            if not queue:
-                del sent[msg_id]
-            return pending
-    return None
+    lane.sent.add(msg_id, (command, region, offset))

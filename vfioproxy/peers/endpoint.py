@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,6 +31,7 @@ from vfioproxy.protocol.codec import (
     encode,
 )
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Header, command_name
+from vfioproxy.protocol.pairing import Outstanding
 from vfioproxy.side import Side
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Endpoint:
         self.received: Counter[str] = Counter()
         self.unexpected_replies = 0
         self.closed: BaseException | None = None
-        self._waiting: dict[int, deque[PendingReply]] = {}
+        self._waiting: Outstanding[PendingReply] = Outstanding()
         self._send_lock = trio.Lock()
         self._commands_in, self._commands_out = trio.open_memory_channel[Message](math.inf)
 
@@ -169,7 +170,7 @@ class Endpoint:
         pending = None
         if not no_reply:
             pending = PendingReply(self, message)
-            self._waiting.setdefault(message.msg_id, deque()).append(pending)
+            self._waiting.add(message.msg_id, pending)
         try:
             await self.send(message)
         except BaseException:
@@ -192,11 +193,7 @@ class Endpoint:
         return await pending.wait(timeout)
 
     def _forget(self, pending: PendingReply) -> None:
-        queue = self._waiting.get(pending.request.msg_id)
-        if queue and pending in queue:
-            queue.remove(pending)
-            if not queue:
-                del self._waiting[pending.request.msg_id]
+        self._waiting.discard(pending.request.msg_id, pending)
 
     # ------------------------------------------------------------- receiving
 
@@ -228,15 +225,12 @@ class Endpoint:
         header = Header.parse(data)
         sender = self.side.other
         if header.is_reply:
-            queue = self._waiting.get(header.msg_id)
-            if not queue:
+            pending = self._waiting.take(header.msg_id)
+            if pending is None:
                 self.unexpected_replies += 1
                 log.warning("unexpected reply %s", header.describe())
                 close_all(fds)
                 return
-            pending = queue.popleft()
-            if not queue:
-                del self._waiting[header.msg_id]
             reply = decode(data, fds, sender=sender, dialects=self.dialects,
                            request=pending.request)
             self.received[_kind(header)] += 1
@@ -262,10 +256,8 @@ class Endpoint:
                     return  # the peer left or the stream broke; the reader ends the endpoint
 
     def _fail_waiting(self, exc: BaseException) -> None:
-        for queue in self._waiting.values():
-            for pending in queue:
-                pending._fail(exc)
-        self._waiting.clear()
+        for pending in self._waiting.clear():
+            pending._fail(exc)
 
     def _drain(self) -> None:
         while True:

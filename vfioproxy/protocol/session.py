@@ -44,6 +44,7 @@ from vfioproxy.protocol.header import (
     MessageType,
 )
 from vfioproxy.protocol.negotiation import MESSAGE_OVERHEAD, Negotiation
+from vfioproxy.protocol.pairing import MAX_OUTSTANDING, Outstanding
 from vfioproxy.side import Direction, Side
 
 __all__ = [
@@ -57,9 +58,6 @@ __all__ = [
 
 #: how many no_reply commands per direction are remembered for late error replies
 POSTED_MEMORY = 64
-#: how many commands per direction may wait for their reply before the oldest
-#: is forgotten (reported as ``outstanding_overflow``): bounds a session's memory
-MAX_OUTSTANDING = 4096
 
 
 @attrs.frozen
@@ -154,18 +152,10 @@ class SessionState:
         self.negotiation = Negotiation()
         self.max_outstanding = max_outstanding
         self._counts = {Direction.C2S: 0, Direction.S2C: 0}
-        self._outstanding = {Direction.C2S: 0, Direction.S2C: 0}
-        # (index, msg_id) of commands in the order they were sent, for forgetting
-        # the oldest on overflow; answered ones are skipped (and pruned) lazily
-        self._order: dict[Direction, deque[tuple[int, int]]] = {
-            Direction.C2S: deque(),
-            Direction.S2C: deque(),
-        }
-        # outstanding commands sent in a direction, by id, FIFO for reused ids:
-        # (index, message); lists and tuples because every command makes one
-        self._pending: dict[Direction, dict[int, list[tuple[int, Message]]]] = {
-            Direction.C2S: {},
-            Direction.S2C: {},
+        # outstanding commands sent in a direction: (index, message) by msg_id
+        self._pending: dict[Direction, Outstanding[tuple[int, Message]]] = {
+            Direction.C2S: Outstanding(max_outstanding),
+            Direction.S2C: Outstanding(max_outstanding),
         }
         self._posted: dict[Direction, deque[tuple[int, Message]]] = {
             Direction.C2S: deque(maxlen=POSTED_MEMORY),
@@ -202,8 +192,7 @@ class SessionState:
 
     def outstanding(self, direction: Direction) -> list[Message]:
         """Commands sent in ``direction`` that still wait for their reply, oldest first."""
-        waiting = [p for q in self._pending[direction].values() for p in q]
-        return [message for _, message in sorted(waiting, key=lambda p: p[0])]
+        return [message for _, message in sorted(self._pending[direction], key=lambda p: p[0])]
 
     # ------------------------------------------------------------- observing
 
@@ -348,53 +337,24 @@ class SessionState:
             self._posted[direction].append((header.msg_id, message))
             return
         pending = self._pending[direction]
-        if self._outstanding[direction] >= self.max_outstanding:
-            forgotten = self._forget_oldest(direction)
+        entry = (index, message)
+        forgotten = pending.add(header.msg_id, entry)
+        if forgotten is not None:
             violation(
                 "outstanding_overflow",
                 f"more than {self.max_outstanding} {direction.sender.value} commands wait for "
-                f"a reply; the oldest ({forgotten}) is no longer tracked",
+                f"a reply; the oldest ({forgotten[1].header.describe()}, #{forgotten[0]}) is "
+                "no longer tracked",
                 header, got=self.max_outstanding,
             )
-        self._outstanding[direction] += 1
-        order = self._order[direction]
-        order.append((index, header.msg_id))
-        if len(order) > 2 * self.max_outstanding:
-            self._prune_order(direction)
-        queue = pending.get(header.msg_id)
-        if queue is None:
-            pending[header.msg_id] = [(index, message)]
-            return
-        if queue:
+        waiting = pending.first(header.msg_id)
+        if waiting is not entry and waiting is not None:
             violation(
                 "duplicate_outstanding_id",
                 f"msg_id {header.msg_id} is still outstanding "
-                f"({queue[0][1].header.command_name} #{queue[0][0]})",
+                f"({waiting[1].header.command_name} #{waiting[0]})",
                 header, field="msg_id", offset=0, got=header.msg_id,
             )
-        queue.append((index, message))
-
-    def _forget_oldest(self, direction: Direction) -> str:
-        """Drop the oldest outstanding command of ``direction``; returns its description."""
-        pending = self._pending[direction]
-        order = self._order[direction]
-        while True:
-            index, msg_id = order.popleft()
-            queue = pending.get(msg_id)
-            if queue and queue[0][0] == index:
-                break
-        _, message = queue.pop(0)
-        if not queue:
-            del pending[msg_id]
-        self._outstanding[direction] -= 1
-        return f"{message.header.describe()}, #{index}"
-
-    def _prune_order(self, direction: Direction) -> None:
-        """Keep only the still outstanding commands in the send order."""
-        waiting = {index for queue in self._pending[direction].values() for index, _ in queue}
-        self._order[direction] = deque(
-            entry for entry in self._order[direction] if entry[0] in waiting
-        )
 
     def _check_count(self, direction: Direction, message: Message, violation: Any) -> None:
         body = message.body
@@ -411,12 +371,9 @@ class SessionState:
 
     def _match_reply(self, direction: Direction, header: Header, violation: Any) -> Message | None:
         sent_by = _REVERSE[direction]
-        queue = self._pending[sent_by].get(header.msg_id)
-        if queue:
-            _, request = queue.pop(0)
-            self._outstanding[sent_by] -= 1
-            if not queue:
-                del self._pending[sent_by][header.msg_id]
+        taken = self._pending[sent_by].take(header.msg_id)
+        if taken is not None:
+            request = taken[1]
             if request.header.command != header.command:
                 violation(
                     "reply_command_mismatch",

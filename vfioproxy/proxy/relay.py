@@ -67,7 +67,6 @@ __all__ = ["Leg", "Relay", "SpawnTwin"]
 #: client's pair) -> the twin session's id
 SpawnTwin = Callable[[socket.socket, socket.socket], int]
 
-_VERSION_BYTE = 1  # the low byte of the VERSION command number (abs 2)
 _NO_FDS: list[OwnedFd] = []
 #: the C lane hands the counts back at least this often (messages) ...
 LANE_BATCH = 4096
@@ -318,7 +317,7 @@ class Relay:
         fds = message.fds
         if not t_ns:
             t_ns = time.monotonic_ns()
-        version = data[2] == _VERSION_BYTE and is_version(data)
+        version = is_version(data)
         if version and fds:  # a twin socket must be swapped before the reply goes on
             version = False
             self._version(direction, data, fds)

@@ -49,6 +49,7 @@ from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, DmaUnmapBody
 from vfioproxy.protocol.codec import Message, decode, encode
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
+from vfioproxy.protocol.pairing import Outstanding
 from vfioproxy.replay.fdrebuild import FdRebuilder
 from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, compare
@@ -121,7 +122,7 @@ class _ClientReplay:
         self.waited = 0  # how many of them (in order) the player has seen arrive
         self.arrived: set[int] = set()
         #: sent commands waiting for their reply, by msg_id (FIFO for reused ids)
-        self.expect: dict[int, deque[int]] = {}
+        self.expect: Outstanding[int] = Outstanding()
         #: recorded server commands not yet met live, in order
         self.server_commands = deque(s.position for s in s2c if s.is_command)
         #: live server commands the replay answers at their recorded reply's place
@@ -222,7 +223,7 @@ class _ClientReplay:
         elif isinstance(body, DmaUnmapBody):
             self.memory.unmap(body)
         if not step.no_reply or step.reply is not None:  # a posted write may get an error
-            self.expect.setdefault(step.message.msg_id, deque()).append(step.position)
+            self.expect.add(step.message.msg_id, step.position)
         await self._send(step.data, self.fds.fresh(Direction.C2S, step.fds), step)
         self.replayed += 1
 
@@ -282,13 +283,13 @@ class _ClientReplay:
 
     def _on_reply(self, data: bytes, fds: list[OwnedFd]) -> None:
         header = Header.parse(data)
-        waiting = self.expect.get(header.msg_id)
-        if not waiting:
+        position = self.expect.take(header.msg_id)
+        if position is None:
             self.divergences.append(Divergence(
                 "unexpected", f"{header.command_name} reply #{header.msg_id}",
                 detail="a reply to no command the replay is waiting for"))
             return
-        command = self.steps[waiting.popleft()]
+        command = self.steps[position]
         live = decode(data, fds, sender=Side.SERVER, dialects=self.script.dialects,
                       request=command.message)
         if command.reply is None:
