@@ -604,16 +604,18 @@ class Stall:
 
 
 Action = Delay | Bandwidth | Error | Drop | Close | Corrupt | Stall
+#: every action class by its name (the one list of them; checks derive from it)
 ACTIONS: dict[str, type[Action]] = {
     cls.name: cls for cls in (Delay, Bandwidth, Error, Drop, Close, Corrupt, Stall)
 }
+_ACTION_TYPES = tuple(ACTIONS.values())
 
 
 # --------------------------------------------------------------------- rule
 
 
 def _check_action(instance: Rule, attribute: attrs.Attribute[Action], action: Action) -> None:
-    if not isinstance(action, (Delay, Bandwidth, Error, Drop, Close, Corrupt, Stall)):
+    if not isinstance(action, _ACTION_TYPES):
         raise RuleSyntaxError(f"not an action: {action!r}")
     match = instance.match
     if isinstance(action, Error) and match.kind is Kind.REPLY:
@@ -634,7 +636,7 @@ def _check_id(instance: Rule, attribute: attrs.Attribute[int], value: int) -> No
 
 def _canonical(rule: Rule) -> str:
     # runs before the validators: an invalid action is reported by them
-    if not isinstance(rule.action, (Delay, Bandwidth, Error, Drop, Close, Corrupt, Stall)):
+    if not isinstance(rule.action, _ACTION_TYPES):
         return repr(rule.action)
     return rule.to_text()
 
