@@ -34,7 +34,6 @@ connection, ends the replay with a divergence saying what was awaited.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, DmaUnmapBody
 from vfioproxy.protocol.codec import Message, decode, encode
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
 from vfioproxy.protocol.pairing import Outstanding
-from vfioproxy.replay.fdrebuild import FdRebuilder
+from vfioproxy.replay.base import Replay
 from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, compare
 from vfioproxy.replay.memory import ReplayMemory
@@ -103,16 +102,14 @@ async def replay_client_on(
     return await _ClientReplay(script, stream, options, peer).run()
 
 
-class _ClientReplay:
+class _ClientReplay(Replay):
+    mode = "client"
+    options: ClientReplayOptions
+
     def __init__(
         self, script: Script, stream: FdStream, options: ClientReplayOptions, peer: str
     ) -> None:
-        self.script = script
-        self.steps = script.steps
-        self.stream = stream
-        self.options = options
-        self.peer = peer
-        self.fds = FdRebuilder()
+        super().__init__(script, stream, options, peer)
         self.memory = ReplayMemory()
         self.send_lock = trio.Lock()
         s2c = script.of_direction(Direction.S2C)
@@ -127,40 +124,16 @@ class _ClientReplay:
         self.server_commands = deque(s.position for s in s2c if s.is_command)
         #: live server commands the replay answers at their recorded reply's place
         self.live_commands: dict[int, Message] = {}
-        self.divergences: list[Divergence] = []
-        self.notes = list(script.notes)
-        self.sent = self.received = self.compared = self.matched = self.replayed = 0
-        self.stopped: str | None = None
-        self.closed: str | None = None
         for step in s2c:
             if step.is_reply and step.answers is None:
                 self._arrive(step.position)  # a reply to nothing: nothing to wait for
 
     # ------------------------------------------------------------- running
 
-    async def run(self) -> ReplayReport:
-        start = trio.current_time()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read)
-                with contextlib.suppress(StopReplay):
-                    await self._play()
-                nursery.cancel_scope.cancel()
-        finally:
-            self.memory.close()
-            self.fds.close()
-            with trio.CancelScope(shield=True):
-                await self.stream.aclose()
-        self.stopped = self.stopped or self.script.end()
-        return ReplayReport(
-            mode="client", trace=self.script.path, session=self.script.session, peer=self.peer,
-            recorded=len(self.steps), replayed=self.replayed, sent=self.sent,
-            received=self.received, compared=self.compared, matched=self.matched,
-            elapsed=trio.current_time() - start, divergences=tuple(self.divergences),
-            stopped=self.stopped, notes=tuple(self.notes),
-        )
+    def _release(self) -> None:
+        self.memory.close()
 
-    async def _play(self) -> None:
+    async def _main(self) -> None:
         origin: tuple[float, int] | None = None
         for step in self.steps:
             if step.direction is Direction.S2C:

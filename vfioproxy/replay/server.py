@@ -48,7 +48,7 @@ from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.protocol.codec import Message, build_error_reply, decode, encode
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
-from vfioproxy.replay.fdrebuild import FdRebuilder
+from vfioproxy.replay.base import Replay
 from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
 from vfioproxy.replay.report import Divergence, FieldDiff, Nearest, ReplayReport, StopReplay
@@ -125,16 +125,14 @@ async def replay_server_on(
 Live = tuple[bytes, list[OwnedFd]]
 
 
-class _ServerReplay:
+class _ServerReplay(Replay):
+    mode = "server"
+    options: ServerReplayOptions
+
     def __init__(
         self, script: Script, stream: FdStream, options: ServerReplayOptions, peer: str
     ) -> None:
-        self.script = script
-        self.steps = script.steps
-        self.stream = stream
-        self.options = options
-        self.peer = peer
-        self.fds = FdRebuilder()
+        super().__init__(script, stream, options, peer)
         self.requests = [s.position for s in self.steps
                          if s.direction is Direction.C2S and s.is_command]
         self.used: set[int] = set()
@@ -145,37 +143,16 @@ class _ServerReplay:
         self.deferred: deque[Live] = deque()
         self.client_version: bytes | None = None
         self.passthrough: FdStream | None = None
-        self.divergences: list[Divergence] = []
-        self.notes = list(script.notes)
-        self.sent = self.received = self.compared = self.matched = self.replayed = 0
-        self.stopped: str | None = None
-        self.closed: str | None = None
 
     # ------------------------------------------------------------- running
 
-    async def run(self) -> ReplayReport:
-        start = trio.current_time()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read)
-                with contextlib.suppress(StopReplay):
-                    await self._serve()
-                nursery.cancel_scope.cancel()
-        finally:
-            self.fds.close()
-            for data_fds in [*self.deferred, *self._drain_inbox()]:
-                _close(data_fds[1])
-            with trio.CancelScope(shield=True):
-                await self.stream.aclose()
-                if self.passthrough is not None:
-                    await self.passthrough.aclose()
-        return ReplayReport(
-            mode="server", trace=self.script.path, session=self.script.session, peer=self.peer,
-            recorded=len(self.steps), replayed=self.replayed, sent=self.sent,
-            received=self.received, compared=self.compared, matched=self.matched,
-            elapsed=trio.current_time() - start, divergences=tuple(self.divergences),
-            stopped=self.stopped, notes=tuple(self.notes),
-        )
+    def _release(self) -> None:
+        for data_fds in [*self.deferred, *self._drain_inbox()]:
+            close_all(data_fds[1])
+
+    async def _aclose(self) -> None:
+        if self.passthrough is not None:
+            await self.passthrough.aclose()
 
     def _drain_inbox(self) -> list[Live]:
         items = []
@@ -196,7 +173,7 @@ class _ServerReplay:
                 self.received += 1
                 self.inbox_in.send_nowait(item)
 
-    async def _serve(self) -> None:
+    async def _main(self) -> None:
         await self._server_commands_after(-1)
         while True:
             item = await self._next()
@@ -205,11 +182,10 @@ class _ServerReplay:
             data, fds = item
             if Header.parse(data).is_reply:
                 self._unexpected_reply(data)
-                _close(fds)
+                close_all(fds)
                 continue
             await self._request(data, fds)
         self._report_missing()
-        self.stopped = self.stopped or self.script.end()
 
     async def _next(self) -> Live | None:
         """The next live message, None once the client closed."""
@@ -288,7 +264,7 @@ class _ServerReplay:
         if match is None:
             await self._unmatched(live, flat, data, fds)
             return
-        _close(fds)
+        close_all(fds)
         self.used.add(match.position)
         self.compared += 1
         self.replayed += 1
@@ -328,7 +304,7 @@ class _ServerReplay:
         if mode == "passthrough":
             await self._pass_through(live, data, fds)
             return
-        _close(fds)
+        close_all(fds)
         if mode == "close":
             self.stopped = (f"closed the connection at the unmatched {live.header.describe()} "
                             "(on_mismatch close)")
@@ -394,7 +370,7 @@ class _ServerReplay:
             else:
                 self.matched += 1
         finally:
-            _close(fds)
+            close_all(fds)
 
     async def _client_reply(self, msg_id: int, *, other_replies_unexpected: bool) -> Live | None:
         """The client's reply to ``msg_id`` (None: none before the timeout or
@@ -411,7 +387,7 @@ class _ServerReplay:
                     return data, fds
                 if header.is_reply and other_replies_unexpected:
                     self._unexpected_reply(data)
-                    _close(fds)
+                    close_all(fds)
                 else:
                     self.deferred.append((data, fds))
         return None
@@ -439,7 +415,7 @@ class _ServerReplay:
         try:
             server = await self._passthrough_server(live)
             await server.send_message(data, fds)
-            _close(fds)
+            close_all(fds)
             if live.header.no_reply:
                 return
             reply, reply_fds = await self._passthrough_reply(server, live.msg_id)
@@ -450,7 +426,7 @@ class _ServerReplay:
                 await self._send(encode(build_error_reply(live, errno.EINVAL))[0], [])
             return
         finally:
-            _close(fds)
+            close_all(fds)
         await self._send(reply, reply_fds)
 
     async def _passthrough_server(self, live: Message) -> FdStream:
@@ -461,7 +437,7 @@ class _ServerReplay:
         if self.client_version is not None and live.command != Command.VERSION:
             await server.send_message(self.client_version)
             _, fds = await self._passthrough_reply(server, Header.parse(self.client_version).msg_id)
-            _close(fds)
+            close_all(fds)
         return server
 
     async def _passthrough_reply(self, server: FdStream, msg_id: int) -> Live:
@@ -473,13 +449,13 @@ class _ServerReplay:
                 if header.is_reply and header.msg_id == msg_id:
                     return data, fds
                 if header.is_reply:
-                    _close(fds)
+                    close_all(fds)
                     continue
                 await self._send(data, fds)
                 if not header.no_reply:
                     reply, reply_fds = await self._relay_reply(header)
                     await server.send_message(reply, reply_fds)
-                    _close(reply_fds)
+                    close_all(reply_fds)
 
     async def _relay_reply(self, header: Header) -> Live:
         """The client's reply to a command of the passthrough server's."""
@@ -498,9 +474,7 @@ class _ServerReplay:
             self.stopped = f"the client closed the connection ({exc})"
             raise StopReplay from exc
         finally:
-            _close(fds)
+            close_all(fds)
         self.sent += 1
 
 
-def _close(fds: Sequence[OwnedFd]) -> None:
-    close_all(fds)
