@@ -8,14 +8,13 @@ session, in order, and gets one line per message back.
 from __future__ import annotations
 
 from vfioproxy.protocol.pci import (
-    BAR_COUNT,
     EXT_CONFIG_SIZE,
     ROM_BAR,
     BarKind,
     Capability,
     bar_index,
-    bar_kinds,
     bar_offset,
+    config_bar_kinds,
     describe_config_access,
     is_sizing_write,
     walk_capabilities,
@@ -88,20 +87,10 @@ class PciView:
         self._extent = max(self._extent, end)
         self._caps = walk_capabilities(self.config)
 
-    def _bar_kinds(self) -> tuple[BarKind | None, ...]:
-        values: list[int | None] = []
-        for index in range(BAR_COUNT):
-            start = bar_offset(index)
-            known = all(self._known[start : start + 4])
-            values.append(
-                int.from_bytes(self._image[start : start + 4], "little") if known else None
-            )
-        return bar_kinds(values)
-
     def _describe(
         self, offset: int, count: int, data: bytes | None, *, is_write: bool, sizing: bool
     ) -> str:
-        kinds = self._bar_kinds()
+        kinds = config_bar_kinds(self._image, self._known)
         index = bar_index(offset)
         lower_mask = None
         if sizing and index and kinds[index] is BarKind.MEM64_HIGH:

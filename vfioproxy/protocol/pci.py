@@ -173,6 +173,21 @@ def bar_kinds(values: Sequence[int | None]) -> tuple[BarKind | None, ...]:
     return tuple(kinds)
 
 
+def config_bar_kinds(
+    config: bytes | bytearray, known: bytes | bytearray | None = None
+) -> tuple[BarKind | None, ...]:
+    """Kinds of the six BARs of a config-space image: a BAR whose four bytes
+    the image lacks (or, with ``known``, a map of the bytes read, has not
+    all read) is not known."""
+    values: list[int | None] = []
+    for index in range(BAR_COUNT):
+        start = bar_offset(index)
+        chunk = config[start : start + 4]
+        whole = len(chunk) == 4 and (known is None or all(known[start : start + 4]))
+        values.append(int.from_bytes(chunk, "little") if whole else None)
+    return bar_kinds(values)
+
+
 def bar_address(value: int, kind: BarKind) -> int:
     """The address bits of a BAR or ROM BAR value of the given kind."""
     if kind is BarKind.IO:

@@ -41,13 +41,11 @@ from vfioproxy.protocol.bodies import (
 from vfioproxy.protocol.codec import Message
 from vfioproxy.protocol.constants import IrqIndex, enum_name
 from vfioproxy.protocol.pci import (
-    BAR_COUNT,
     EXT_CONFIG_SIZE,
     BarKind,
     Capability,
     Region,
-    bar_kinds,
-    bar_offset,
+    config_bar_kinds,
     config_register_name,
     region_name,
     walk_capabilities,
@@ -104,12 +102,7 @@ class PciContext:
 
     @classmethod
     def from_config(cls, config: bytes) -> PciContext:
-        values: list[int | None] = []
-        for index in range(BAR_COUNT):
-            start = bar_offset(index)
-            chunk = config[start : start + 4]
-            values.append(int.from_bytes(chunk, "little") if len(chunk) == 4 else None)
-        return cls(config, walk_capabilities(config), bar_kinds(values))
+        return cls(config, walk_capabilities(config), config_bar_kinds(config))
 
     def register_name(self, offset: int, count: int) -> str:
         return config_register_name(offset, count, self.caps, self.kinds)
