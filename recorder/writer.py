@@ -84,6 +84,20 @@ class Appender:
 _appender_type: type[Appender] = Appender
 
 
+class _Shared:
+    """An attribute of a :class:`TraceWriter` that lives in its appender."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __get__(self, writer: TraceWriter, owner: type | None = None) -> int:
+        value: int = getattr(writer.appender, self.field)
+        return value
+
+    def __set__(self, writer: TraceWriter, value: int) -> None:
+        setattr(writer.appender, self.field, value)
+
+
 def use_appender(kind: type[Appender]) -> None:
     """Make writers created from now on use ``kind`` for their shared state
     (:mod:`vfioproxy.proxy.fastpath` gives its C class, which the C lane appends
@@ -176,29 +190,9 @@ class TraceWriter:
             raise
 
     # the shared state lives in the appender (read and changed with its lock held)
-    @property
-    def _seq(self) -> int:
-        return self.appender.seq
-
-    @_seq.setter
-    def _seq(self, value: int) -> None:
-        self.appender.seq = value
-
-    @property
-    def _size(self) -> int:
-        return self.appender.size
-
-    @_size.setter
-    def _size(self, value: int) -> None:
-        self.appender.size = value
-
-    @property
-    def _reserved_end(self) -> int:
-        return self.appender.reserved_end
-
-    @_reserved_end.setter
-    def _reserved_end(self, value: int) -> None:
-        self.appender.reserved_end = value
+    _seq = _Shared("seq")
+    _size = _Shared("size")
+    _reserved_end = _Shared("reserved_end")
 
     @property
     def _fd(self) -> int:
