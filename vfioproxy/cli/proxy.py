@@ -1,0 +1,280 @@
+"""``vfioproxy proxy``, ``record`` and ``ctl``: the proxy and its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import resource
+import signal
+import stat
+import sys
+from pathlib import Path
+
+import trio
+
+from recorder.reader import TraceReader
+from recorder.sink import TraceSink
+from vfioproxy.cli.args import LAYOUTS, dialects, positive_int, size, size_in
+from vfioproxy.control import control_request, serve_control
+from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
+from vfioproxy.io.unix import open_unix_listener
+from vfioproxy.live import MessageLog, run_status_line
+from vfioproxy.proxy import (
+    DEFAULT_GRACE,
+    DEFAULT_MAX_MESSAGE_BUFFER,
+    DEFAULT_MAX_QUEUE,
+    Proxy,
+    ProxyOptions,
+    fastpath,
+)
+from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT, MAX_MESSAGE_BUFFER
+from vfioproxy.proxy.tuning import tune_allocator
+from vfioproxy.trace import stats
+from vfioproxy.trace.decoded import decoded_records
+
+__all__ = ["add_ctl_command", "add_proxy_commands", "raise_fd_limit"]
+
+
+def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``proxy`` and ``record``."""
+    def add_proxy_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--listen", required=True, metavar="CLIENT_SOCK",
+                       help="UNIX socket the client (QEMU) connects to")
+        p.add_argument("--server", required=True, metavar="SERVER_SOCK",
+                       help="UNIX socket of the device server")
+        p.add_argument("--mode", default="0600", help="permissions of CLIENT_SOCK (octal)")
+        p.add_argument("--strict", action="store_true",
+                       help="close a session at its first protocol violation")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="one decoded line per forwarded message")
+        p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                       help="seconds in-flight sessions get after SIGINT/SIGTERM")
+        p.add_argument("--no-decode", action="store_true",
+                       help="a pure relay: nothing decoded on the path even for -v/--strict")
+        p.add_argument("--check-live", action="store_true",
+                       help="decode and check every message as it passes: violations are "
+                       "logged (rate-limited) and recorded as they happen (by default they "
+                       "are derived from the trace when it is read)")
+        limits = p.add_argument_group(
+            "limits", "what one session or peer may make the proxy hold (see README)")
+        limits.add_argument("--max-sessions", type=positive_int, metavar="N",
+                            help="sessions at once; more clients wait in the listen queue "
+                            "(default: what the fd limit allows, at most 4096)")
+        limits.add_argument("--max-message-buffer", type=size_in(16, MAX_MESSAGE_BUFFER),
+                            metavar="SIZE",
+                            default=DEFAULT_MAX_MESSAGE_BUFFER,
+                            help="largest message buffered and recorded whole; larger ones "
+                            "are handed on as they arrive and recorded truncated "
+                            "(default 16M)")
+        limits.add_argument("--max-queue", type=size_in(1), metavar="SIZE",
+                            default=DEFAULT_MAX_QUEUE,
+                            help="bytes queued for a peer that does not read before the proxy "
+                            "stops reading its sender (default 4M, per direction)")
+        limits.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                            default=DEFAULT_CONNECT_TIMEOUT,
+                            help="how long to retry a server whose listen queue is full "
+                            "(default 5)")
+        p.add_argument("--forwarding", choices=("threads", "trio"), default="threads",
+                       help="forward on a blocking thread per direction (default, fastest) "
+                       "or on trio tasks (always so with fault injection)")
+        p.add_argument("--client-dma", choices=LAYOUTS, help="client DMA layout (else detected)")
+        p.add_argument("--server-dma", choices=LAYOUTS, help="server DMA layout (spec)")
+        inject = p.add_argument_group(
+            "fault injection", "rules: DIRECTION COMMANDS [FILTERS] ACTION, e.g. "
+            "'c2s REGION_READ delay normal(200us,50us)' (see README)")
+        inject.add_argument("--rule", action="append", default=[], metavar="RULE",
+                            help="an injection rule (repeatable)")
+        inject.add_argument("--rules", action="append", default=[], metavar="FILE.toml",
+                            help="injection rules from a TOML file (repeatable)")
+        inject.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+        inject.add_argument("--control", metavar="CTL_SOCK",
+                            help="control socket: change rules while running (vfioproxy ctl)")
+
+    p_proxy = commands.add_parser("proxy", help="relay vfio-user sessions without recording")
+    add_proxy_options(p_proxy)
+    p_proxy.set_defaults(func=cmd_proxy)
+
+    p_record = commands.add_parser("record", help="relay and record vfio-user sessions")
+    add_proxy_options(p_record)
+    p_record.add_argument("-o", "--output", required=True, metavar="TRACE",
+                          help="trace file, or DIR/ for one file per session")
+    p_record.add_argument("--capture-fd-contents", type=size, default=0, metavar="SIZE",
+                          help="record the contents of memfds up to SIZE bytes (e.g. 64k)")
+    p_record.add_argument("--fsync", action="store_true", help="fsync every record")
+    p_record.add_argument("--force", action="store_true", help="replace an existing trace")
+    p_record.add_argument("--client-desc", default="", help="what the client is, for the trace")
+    p_record.add_argument("--server-desc", default="", help="what the server is, for the trace")
+    p_record.set_defaults(func=cmd_record)
+
+
+def add_ctl_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``ctl``."""
+    p_ctl = commands.add_parser("ctl", help="talk to a running proxy's control socket")
+    p_ctl.add_argument("--control", required=True, metavar="CTL_SOCK")
+    p_ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    ctl = p_ctl.add_subparsers(dest="op", metavar="OP", required=True)
+    ctl.add_parser("list", help="the rules in force")
+    ctl_add = ctl.add_parser("add", help="add a rule")
+    ctl_add.add_argument("rule", help="rule text, e.g. 'c2s * delay 100us'")
+    ctl_remove = ctl.add_parser("remove", help="remove a rule")
+    ctl_remove.add_argument("id", type=int, help="rule id (see list)")
+    ctl.add_parser("stats", help="proxy and per-rule counters")
+    p_ctl.set_defaults(func=cmd_ctl)
+
+
+def _injector(args: argparse.Namespace) -> Injector | None:
+    """The rules of ``--rules`` files then ``--rule``s; None when injection is off."""
+    rules: list[Rule] = []
+    for path in args.rules:
+        rules.extend(load_rules(path))
+    rules.extend(parse_rule(text) for text in args.rule)
+    if not rules and args.control is None and args.seed is None:
+        return None
+    return Injector(rules, seed=args.seed or 0)
+
+
+async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Proxy:
+    tune_allocator()
+    raise_fd_limit()
+    injector = _injector(args)
+    options = ProxyOptions(
+        strict=args.strict,
+        capture_fd_contents=getattr(args, "capture_fd_contents", 0),
+        dialects=dialects(args),
+        decode=not args.no_decode,
+        mode=int(args.mode, 8),
+        threads=args.forwarding == "threads",
+        check_live=args.check_live,
+        max_sessions=args.max_sessions,
+        max_message_buffer=args.max_message_buffer,
+        max_queue=args.max_queue,
+        connect_timeout=args.connect_timeout,
+    )
+    if args.no_decode and args.verbose:
+        print("vfioproxy: --no-decode: nothing is decoded on the path, so -v prints no "
+              "message lines", file=sys.stderr)
+    proxy = Proxy(args.server, sink=sink, options=options,
+                  observer=MessageLog() if args.verbose and not args.no_decode else None,
+                  injector=injector)
+    listener = await open_unix_listener(args.listen, mode=options.mode)
+    print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
+          + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
+    if options.threads and fastpath.without is not None:
+        print(f"vfioproxy: no C lane: {fastpath.without}: every message takes the Python path "
+              "(the same behaviour, more CPU per message)", file=sys.stderr)
+    if injector is not None:
+        for rule in injector.rules:
+            print(f"vfioproxy: rule {rule.id}: {rule.text}", file=sys.stderr)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve, listener)
+                if args.control is not None:
+                    assert injector is not None
+                    await nursery.start(functools.partial(
+                        serve_control, args.control, proxy, injector, mode=options.mode))
+                    print(f"vfioproxy: control socket {args.control}", file=sys.stderr)
+                if sys.stderr.isatty() and not args.verbose:
+                    nursery.start_soon(run_status_line, proxy)
+                async for signum in signals:
+                    print(f"\nvfioproxy: {signal.Signals(signum).name}: stopping "
+                          f"(grace {args.grace} s)", file=sys.stderr)
+                    break
+                await proxy.shutdown(args.grace)
+                nursery.cancel_scope.cancel()
+    finally:
+        _remove_socket(args.listen)
+    stats = proxy.statistics()
+    print(f"vfioproxy: {stats.sessions_total} session(s), "
+          f"{stats.c2s.messages} c2s and {stats.s2c.messages} s2c messages"
+          + (f", {stats.violations} violation(s)" if proxy.checks_live else ""),
+          file=sys.stderr)
+    return proxy
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    trio.run(_serve_proxy, args, None)
+    return 0
+
+
+def _report_violations(files: list[Path]) -> None:
+    """Derive each recorded session's violations from the trace, off the
+    forwarding path, and print a line per session that had any."""
+    try:
+        for path in files:
+            with TraceReader(path) as reader:
+                found = stats.violations_by_session(decoded_records(reader))
+            for session, kinds in sorted(found.items()):
+                listed = ", ".join(f"{kind} x{n}" for kind, n in sorted(kinds.items()))
+                print(f"vfioproxy: {path} session {session}: {sum(kinds.values())} "
+                      f"violation(s): {listed} (`vfioproxy trace show` lists them)",
+                      file=sys.stderr)
+            if not found:
+                print(f"vfioproxy: {path}: no protocol violations", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("vfioproxy: violation check skipped", file=sys.stderr)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    info = {
+        "listen_path": os.path.abspath(args.listen),
+        "server_path": os.path.abspath(args.server),
+        "client": args.client_desc,
+        "server": args.server_desc,
+        "options": {"strict": args.strict, "capture_fd_contents": args.capture_fd_contents},
+    }
+    with TraceSink(args.output, info=info, fsync=args.fsync, overwrite=args.force) as sink:
+        trio.run(_serve_proxy, args, sink)
+        files = sink.files()
+    for path in files:
+        print(f"vfioproxy: wrote {path}", file=sys.stderr)
+    _report_violations(files)
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    request: dict[str, object] = {"op": args.op}
+    if args.op == "add":
+        request["rule"] = args.rule
+    elif args.op == "remove":
+        request["id"] = args.id
+    answer = control_request(args.control, request)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.op == "list":
+        print(f"seed {answer['seed']}")
+        for rule in answer["rules"]:
+            print(f"{rule['id']:>4}  {rule['text']}")
+    elif args.op in ("add", "remove"):
+        verb = "added" if args.op == "add" else "removed"
+        print(f"{verb} rule {answer['rule']['id']}: {answer['rule']['text']}")
+    else:
+        proxy, inject = answer["proxy"], answer["inject"]
+        print(f"sessions {proxy['sessions_active']} active / {proxy['sessions_total']} total, "
+              f"c2s {proxy['c2s']['messages']} s2c {proxy['s2c']['messages']} messages, "
+              f"{proxy['violations']} violation(s)")
+        for rule in inject["rules"]:
+            print(f"{rule['rule_id']:>4}  matched {rule['matched']:>7}  applied "
+                  f"{rule['applied']:>7}  delay {rule['injected_delay']:.6f} s  {rule['text']}")
+    return 0
+
+
+def raise_fd_limit() -> None:
+    """Let the proxy use as many fds as it may (the soft RLIMIT_NOFILE up to the
+    hard one, at most 65536): each session holds two sockets and the fds in flight."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
