@@ -85,7 +85,7 @@ async def test_region_fd_contents_are_compared_where_the_recording_has_them(
     def scribbled_memfd(name: str, size: int = 0, data: bytes = b"") -> OwnedFd:
         return make_memfd(name, size, data or b"\x01")
 
-    monkeypatch.setattr(device, "make_memfd", scribbled_memfd)  # BAR2's RAM, not all zero
+    monkeypatch.setattr(device.model, "make_memfd", scribbled_memfd)  # BAR2's RAM, not all zero
     async with open_device_server(tmp_path / "dev.sock"):
         report = await replay_client(REALIZE, tmp_path / "dev.sock")
     (divergence,) = report.divergences
