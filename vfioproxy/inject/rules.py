@@ -90,6 +90,7 @@ __all__ = [
     "Error",
     "Kind",
     "Match",
+    "Param",
     "Predicate",
     "Rule",
     "Stall",
@@ -420,11 +421,31 @@ def _positive_finite(instance: Any, attribute: attrs.Attribute[float], value: fl
 
 
 @attrs.frozen
+class Param:
+    """A parameter of an action, as a rule file's ``[[rule]]`` table gives it:
+    its ``key``, the TOML ``types`` the key accepts, ``what`` it is (for
+    errors), ``convert`` (its value on its own, as the action's constructor
+    takes it; raises :class:`RuleSyntaxError`) and whether it is
+    ``optional``. An action's parameters are its constructor's, in order."""
+
+    key: str
+    types: tuple[type, ...]
+    what: str
+    convert: Callable[[Any], Any]
+    optional: bool = False
+
+
+@attrs.frozen
 class Delay:
     """Hold the message for a duration drawn from ``distribution``."""
 
     distribution: Distribution = attrs.field(converter=_to_distribution)
     name: ClassVar[str] = "delay"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("distribution", (str,), "a distribution such as 'normal(200us,50us)'",
+              parse_distribution),)
+    #: what the text form's one argument is (None: the parser knows the grammar)
+    argument: ClassVar[str | None] = "distribution, e.g. fixed(100us) or normal(200us,50us)"
 
     def to_text(self) -> str:
         return f"delay {self.distribution.to_text()}"
@@ -439,6 +460,10 @@ class Bandwidth:
 
     bytes_per_second: float = attrs.field(converter=_to_rate, validator=_positive_finite)
     name: ClassVar[str] = "bandwidth"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("rate", (str, int, float), "a rate such as '10MiB/s' or bytes per second",
+              lambda v: Bandwidth(v).bytes_per_second),)
+    argument: ClassVar[str | None] = "rate, e.g. 10MiB/s"
 
     def to_text(self) -> str:
         return f"bandwidth {format_rate(self.bytes_per_second)}"
@@ -458,6 +483,9 @@ class Error:
 
     errno: int = attrs.field(converter=_to_errno, validator=_errno_range)
     name: ClassVar[str] = "error"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("errno", (str, int), "an errno name or number", lambda v: Error(v).errno),)
+    argument: ClassVar[str | None] = "errno, e.g. EINVAL or 22"
 
     def to_text(self) -> str:
         return f"error {format_errno(self.errno)}"
@@ -471,6 +499,8 @@ class Drop:
     """Don't forward the message."""
 
     name: ClassVar[str] = "drop"
+    params: ClassVar[tuple[Param, ...]] = ()
+    argument: ClassVar[str | None] = None
 
     def to_text(self) -> str:
         return self.name
@@ -494,6 +524,9 @@ class Close:
 
     when: str = attrs.field(default="before", converter=_lower, validator=_when)
     name: ClassVar[str] = "close"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("when", (str,), "before or after", lambda v: Close(v).when, optional=True),)
+    argument: ClassVar[str | None] = None
 
     def to_text(self) -> str:
         return f"close {self.when}"
@@ -535,6 +568,13 @@ class Corrupt:
     field: str = attrs.field(converter=_to_field)
     mask: int = attrs.field(default=1, validator=_mask)
     name: ClassVar[str] = "corrupt"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("field", (str,), "a field name such as 'offset' or 'body+4'",
+              lambda v: Corrupt(v).field),
+        Param("mask", (int, str), "an integer",
+              lambda v: parse_uint(v, "mask") if isinstance(v, str) else v, optional=True),
+    )
+    argument: ClassVar[str | None] = None
 
     def field_width(self) -> int | None:
         """Bytes the field spans everywhere it exists (the narrowest); None for body+N."""
@@ -595,6 +635,10 @@ class Stall:
 
     duration: float = attrs.field(converter=_to_duration, validator=_positive_finite)
     name: ClassVar[str] = "stall"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("duration", (str,), "a duration with a unit such as '5ms'",
+              lambda v: Stall(v).duration),)
+    argument: ClassVar[str | None] = "duration, e.g. 5ms"
 
     def to_text(self) -> str:
         return f"stall {format_duration(self.duration)}"
@@ -604,7 +648,8 @@ class Stall:
 
 
 Action = Delay | Bandwidth | Error | Drop | Close | Corrupt | Stall
-#: every action class by its name (the one list of them; checks derive from it)
+#: every action class by its name (the one list of them): the checks here and the
+#: text and TOML syntax (:mod:`vfioproxy.inject.syntax`) derive from it
 ACTIONS: dict[str, type[Action]] = {
     cls.name: cls for cls in (Delay, Bandwidth, Error, Drop, Close, Corrupt, Stall)
 }

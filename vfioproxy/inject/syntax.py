@@ -60,29 +60,24 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 
-from vfioproxy.inject.distributions import parse_distribution
 from vfioproxy.inject.errors import InjectError, RuleSyntaxError
 from vfioproxy.inject.rules import (
     ACTIONS,
     Action,
-    Bandwidth,
     Close,
     Corrupt,
-    Delay,
     Drop,
-    Error,
     Match,
+    Param,
     Rule,
-    Stall,
     parse_command,
     parse_region,
 )
 from vfioproxy.inject.values import (
-    parse_duration,
     parse_probability,
     parse_range,
     parse_uint,
@@ -261,8 +256,10 @@ class _RuleParser:
                 return Corrupt(name, mask)
             except RuleSyntaxError as exc:
                 raise exc.located(offset=field.position, text=self.text, token=field.text) from None
-        argument = self.next(_ARGUMENT_HINTS[word])
-        return self.value(argument, 0, _ARGUMENT_PARSERS[word])
+        kind = ACTIONS[word]  # drop, close and corrupt have their grammar above
+        assert kind.argument is not None
+        argument = self.next(kind.argument)
+        return self.value(argument, 0, cast(Callable[[str], Action], kind))
 
 
 def _direction(text: str) -> str | None:
@@ -278,7 +275,7 @@ def _kind(text: str) -> str:
 
 
 def _corrupt_field(text: str) -> str:
-    return Corrupt(text).field
+    return str(_PARAMS["field"].convert(text))
 
 
 _FILTER_PARSERS: dict[str, Callable[[str], Any]] = {
@@ -290,19 +287,6 @@ _FILTER_PARSERS: dict[str, Callable[[str], Any]] = {
     "probability": parse_probability,
 }
 
-_ARGUMENT_HINTS = {
-    "delay": "distribution, e.g. fixed(100us) or normal(200us,50us)",
-    "bandwidth": "rate, e.g. 10MiB/s",
-    "error": "errno, e.g. EINVAL or 22",
-    "stall": "duration, e.g. 5ms",
-}
-
-_ARGUMENT_PARSERS: dict[str, Callable[[str], Action]] = {
-    "delay": Delay,
-    "bandwidth": Bandwidth,
-    "error": Error,
-    "stall": lambda t: Stall(parse_duration(t)),
-}
 
 
 def parse_rule(text: str, *, id: int | None = None) -> Rule:
@@ -315,17 +299,8 @@ def parse_rule(text: str, *, id: int | None = None) -> Rule:
 
 _MATCH_KEYS = ("direction", "command", "kind", "session", "index", "region", "offset",
                "probability")
-_ACTION_PARAMS: dict[str, tuple[str, ...]] = {
-    "delay": ("distribution",),
-    "bandwidth": ("rate",),
-    "error": ("errno",),
-    "drop": (),
-    "close": ("when",),
-    "corrupt": ("field", "mask"),
-    "stall": ("duration",),
-}
-_OPTIONAL_PARAMS = frozenset({"when", "mask"})
-_ALL_PARAMS = frozenset(p for params in _ACTION_PARAMS.values() for p in params)
+#: every action's parameters by key (from the action classes)
+_PARAMS: dict[str, Param] = {p.key: p for kind in ACTIONS.values() for p in kind.params}
 
 
 def _typed(key: str, value: Any, types: tuple[type, ...], what: str) -> Any:
@@ -359,15 +334,7 @@ _KEY_TYPES: dict[str, tuple[tuple[type, ...], str, Callable[[Any], Any]]] = {
                         parse_probability(v) if isinstance(v, str) else v)),
     "id": ((int,), "an integer", lambda v: v),
     "action": ((str,), "an action name", lambda v: v),
-    "distribution": ((str,), "a distribution such as 'normal(200us,50us)'", parse_distribution),
-    "rate": ((str, int, float), "a rate such as '10MiB/s' or bytes per second",
-             lambda v: Bandwidth(v).bytes_per_second),
-    "errno": ((str, int), "an errno name or number", lambda v: Error(v).errno),
-    "when": ((str,), "before or after", lambda v: Close(v).when),
-    "field": ((str,), "a field name such as 'offset' or 'body+4'", _corrupt_field),
-    "mask": ((int, str), "an integer",
-             lambda v: parse_uint(v, "mask") if isinstance(v, str) else v),
-    "duration": ((str,), "a duration with a unit such as '5ms'", lambda v: Stall(v).duration),
+    **{p.key: (p.types, p.what, p.convert) for p in _PARAMS.values()},
 }
 
 
@@ -391,15 +358,16 @@ def rule_from_dict(table: Mapping[str, Any]) -> Rule:
     if "action" not in table:
         raise RuleSyntaxError("a rule needs 'rule' (its text) or 'action'", key="action")
     action_name = str(_read(table, "action")).lower()
-    if action_name not in _ACTION_PARAMS:
+    if action_name not in ACTIONS:
         raise RuleSyntaxError(
-            f"unknown action (use {', '.join(_ACTION_PARAMS)})", token=action_name, key="action"
+            f"unknown action (use {', '.join(ACTIONS)})", token=action_name, key="action"
         )
-    params = _ACTION_PARAMS[action_name]
+    kind = ACTIONS[action_name]
+    params = [p.key for p in kind.params]
     for key in table:
         if key in _MATCH_KEYS or key in params or key in ("action", "id"):
             continue
-        if key in _ALL_PARAMS:
+        if key in _PARAMS:
             raise RuleSyntaxError(f"not a parameter of action {action_name!r}", key=key)
         raise RuleSyntaxError("unknown key", key=key)
     match_args = {key: _read(table, key) for key in _MATCH_KEYS if key in table}
@@ -408,12 +376,13 @@ def rule_from_dict(table: Mapping[str, Any]) -> Rule:
     except RuleSyntaxError as exc:  # region/offset on commands without them
         blame = "region" if "region" in table else "offset"
         raise exc.located(key=blame) from None
-    for key in params:
-        if key not in table and key not in _OPTIONAL_PARAMS:
-            raise RuleSyntaxError(f"action {action_name!r} needs this key", key=key)
-    args = {key: _read(table, key) for key in params if key in table}
+    for param in kind.params:
+        if param.key not in table and not param.optional:
+            raise RuleSyntaxError(f"action {action_name!r} needs this key", key=param.key)
+    # the constructor's arguments in order (the optional ones last)
+    args = [_read(table, p.key) for p in kind.params if p.key in table]
     try:
-        action = _ACTION_FROM_KEYS[action_name](args)
+        action = kind(*args)
     except RuleSyntaxError as exc:  # the corrupt mask, the only check across keys
         raise exc.located(key="mask") from None
     rule_id = _read(table, "id") if "id" in table else 0
@@ -421,17 +390,6 @@ def rule_from_dict(table: Mapping[str, Any]) -> Rule:
         return Rule(match, action, rule_id)
     except RuleSyntaxError as exc:
         raise exc.located(key="id" if "id" in table else "action") from None
-
-
-_ACTION_FROM_KEYS: dict[str, Callable[[dict[str, Any]], Action]] = {
-    "delay": lambda a: Delay(a["distribution"]),
-    "bandwidth": lambda a: Bandwidth(a["rate"]),
-    "error": lambda a: Error(a["errno"]),
-    "drop": lambda a: Drop(),
-    "close": lambda a: Close(a.get("when", "before")),
-    "corrupt": lambda a: Corrupt(a["field"], a.get("mask", 1)),
-    "stall": lambda a: Stall(a["duration"]),
-}
 
 
 def _rule_from_text(table: Mapping[str, Any]) -> Rule:
