@@ -258,14 +258,14 @@ class _Compiled:
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
         action = rule.action
-        self.fate = isinstance(action, (Drop, Error, Close))
+        traits = action.traits
+        self.fate = traits.fate
         self.delay = action.distribution if isinstance(action, Delay) else None
-        requests_only = isinstance(action, Error)  # error rules answer requests only
         self.commands = rule.match.command
         self.test: Predicate | None = rule.match.predicate(
-            requests_only=requests_only, screened=True
+            requests_only=traits.requests_only, screened=True
         )
-        self.reads_header = rule.match.needs_header or isinstance(action, (Error, Corrupt))
+        self.reads_header = rule.match.needs_header or traits.reads_header
         self.regions: frozenset[int] = frozenset()
         if rule.match.region is not None or rule.match.offset is not None:
             self.regions = ACCESS_COMMANDS & (rule.match.command or ACCESS_COMMANDS)
@@ -292,7 +292,7 @@ class _Compiled:
         match = self.rule.match
         if match.region is None and match.offset is None:
             return set()
-        if match.kind is Kind.REQUEST or isinstance(self.rule.action, Error):
+        if match.kind is Kind.REQUEST or self.rule.action.traits.requests_only:
             return set()
         replied = list(Direction) if match.direction is None else [match.direction]
         return {direction.reverse for direction in replied}
@@ -781,9 +781,7 @@ def _finish(
         if record is not None:
             applied.append(record)
             entry.applied += 1
-            if isinstance(record.action, (Delay, Bandwidth, Stall)) and isinstance(
-                record.value, (int, float)
-            ):
+            if record.action.traits.delays and isinstance(record.value, (int, float)):
                 entry.injected_delay += record.value
     return _decision(
         Decision,

@@ -82,6 +82,7 @@ from vfioproxy.side import Direction
 
 __all__ = [
     "Action",
+    "ActionTraits",
     "Bandwidth",
     "Close",
     "Corrupt",
@@ -421,6 +422,24 @@ def _positive_finite(instance: Any, attribute: attrs.Attribute[float], value: fl
 
 
 @attrs.frozen
+class ActionTraits:
+    """What the injection engine needs to know of an action, besides its effect.
+
+    ``fate``: it decides what becomes of the message (forwarded, dropped,
+    answered, the session closed) and is the only such rule applied to it;
+    ``reads_header``: it needs the message's header; ``requests_only``: it
+    applies to requests only (it answers them); ``delays``: the value of its
+    records is seconds added to the message's release (counted as injected
+    delay).
+    """
+
+    fate: bool = False
+    reads_header: bool = False
+    requests_only: bool = False
+    delays: bool = False
+
+
+@attrs.frozen
 class Param:
     """A parameter of an action, as a rule file's ``[[rule]]`` table gives it:
     its ``key``, the TOML ``types`` the key accepts, ``what`` it is (for
@@ -441,6 +460,8 @@ class Delay:
 
     distribution: Distribution = attrs.field(converter=_to_distribution)
     name: ClassVar[str] = "delay"
+    #: what the engine needs to know of it (see :class:`ActionTraits`)
+    traits: ClassVar[ActionTraits] = ActionTraits(delays=True)
     params: ClassVar[tuple[Param, ...]] = (
         Param("distribution", (str,), "a distribution such as 'normal(200us,50us)'",
               parse_distribution),)
@@ -460,6 +481,7 @@ class Bandwidth:
 
     bytes_per_second: float = attrs.field(converter=_to_rate, validator=_positive_finite)
     name: ClassVar[str] = "bandwidth"
+    traits: ClassVar[ActionTraits] = ActionTraits(delays=True)
     params: ClassVar[tuple[Param, ...]] = (
         Param("rate", (str, int, float), "a rate such as '10MiB/s' or bytes per second",
               lambda v: Bandwidth(v).bytes_per_second),)
@@ -483,6 +505,7 @@ class Error:
 
     errno: int = attrs.field(converter=_to_errno, validator=_errno_range)
     name: ClassVar[str] = "error"
+    traits: ClassVar[ActionTraits] = ActionTraits(fate=True, reads_header=True, requests_only=True)
     params: ClassVar[tuple[Param, ...]] = (
         Param("errno", (str, int), "an errno name or number", lambda v: Error(v).errno),)
     argument: ClassVar[str | None] = "errno, e.g. EINVAL or 22"
@@ -499,6 +522,7 @@ class Drop:
     """Don't forward the message."""
 
     name: ClassVar[str] = "drop"
+    traits: ClassVar[ActionTraits] = ActionTraits(fate=True)
     params: ClassVar[tuple[Param, ...]] = ()
     argument: ClassVar[str | None] = None
 
@@ -524,6 +548,7 @@ class Close:
 
     when: str = attrs.field(default="before", converter=_lower, validator=_when)
     name: ClassVar[str] = "close"
+    traits: ClassVar[ActionTraits] = ActionTraits(fate=True)
     params: ClassVar[tuple[Param, ...]] = (
         Param("when", (str,), "before or after", lambda v: Close(v).when, optional=True),)
     argument: ClassVar[str | None] = None
@@ -568,6 +593,7 @@ class Corrupt:
     field: str = attrs.field(converter=_to_field)
     mask: int = attrs.field(default=1, validator=_mask)
     name: ClassVar[str] = "corrupt"
+    traits: ClassVar[ActionTraits] = ActionTraits(reads_header=True)
     params: ClassVar[tuple[Param, ...]] = (
         Param("field", (str,), "a field name such as 'offset' or 'body+4'",
               lambda v: Corrupt(v).field),
@@ -635,6 +661,7 @@ class Stall:
 
     duration: float = attrs.field(converter=_to_duration, validator=_positive_finite)
     name: ClassVar[str] = "stall"
+    traits: ClassVar[ActionTraits] = ActionTraits(delays=True)
     params: ClassVar[tuple[Param, ...]] = (
         Param("duration", (str,), "a duration with a unit such as '5ms'",
               lambda v: Stall(v).duration),)
