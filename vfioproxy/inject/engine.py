@@ -76,7 +76,7 @@ import math
 import random
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import attrs
 
@@ -85,19 +85,16 @@ from vfioproxy.inject.errors import InjectError
 from vfioproxy.inject.rules import (
     Action,
     Bandwidth,
-    Close,
     Corrupt,
     Delay,
-    Drop,
-    Error,
+    FateAction,
     Kind,
     Predicate,
     Rule,
     Stall,
 )
 from vfioproxy.inject.syntax import parse_rule
-from vfioproxy.protocol.codec import build_error_reply, encode
-from vfioproxy.protocol.header import FLAG_NO_REPLY, HEADER_SIZE, TYPE_MASK, Header, MessageType
+from vfioproxy.protocol.header import FLAG_NO_REPLY, HEADER_SIZE, TYPE_MASK, MessageType
 from vfioproxy.protocol.offsets import (
     ACCESS,
     ACCESS_COMMANDS,
@@ -746,22 +743,12 @@ def _act(
 
 
 def _fate(rule: Rule, data: bytes) -> tuple[bool, bool, bytes | None, bool, bool, Applied]:
-    """(forward, acts, reply, close_before, close_after, record) of a drop, error or close."""
+    """(forward, acts, reply, close_before, close_after, record) of a fate action."""
     action = rule.action
-    if isinstance(action, Drop):
-        return False, False, None, False, False, Applied(rule.id, action)
-    if isinstance(action, Error):
-        header = Header.parse(data)  # error rules fire on requests only: a header is there
-        if header.no_reply:
-            note = "no_reply request: dropped without an error reply"
-            return False, False, None, False, False, Applied(rule.id, action, action.errno, note)
-        reply = encode(build_error_reply(header, action.errno))[0]
-        return False, True, reply, False, False, Applied(rule.id, action, action.errno)
-    assert isinstance(action, Close)
-    record = Applied(rule.id, action, action.when)
-    if action.when == "before":
-        return False, True, None, True, False, record
-    return True, True, None, False, True, record
+    assert action.traits.fate
+    fate = cast(FateAction, action).fate(data)
+    record = Applied(rule.id, action, fate.value, fate.note)
+    return fate.forward, fate.acts, fate.reply, fate.close_before, fate.close_after, record
 
 
 def _finish(

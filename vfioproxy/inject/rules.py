@@ -55,7 +55,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import attrs
 
@@ -75,7 +75,8 @@ from vfioproxy.inject.values import (
     parse_uint,
 )
 from vfioproxy.inject.view import MessageView
-from vfioproxy.protocol.header import HEADER_SIZE, Command, MessageType, command_name
+from vfioproxy.protocol.codec import build_error_reply, encode
+from vfioproxy.protocol.header import HEADER_SIZE, Command, Header, MessageType, command_name
 from vfioproxy.protocol.offsets import ACCESS_COMMANDS, BODY_FIELDS, HEADER_FIELDS
 from vfioproxy.protocol.pci import Region
 from vfioproxy.side import Direction
@@ -89,6 +90,7 @@ __all__ = [
     "Delay",
     "Drop",
     "Error",
+    "Fate",
     "Kind",
     "Match",
     "Param",
@@ -440,6 +442,23 @@ class ActionTraits:
 
 
 @attrs.frozen
+class Fate:
+    """What a fate action (:attr:`ActionTraits.fate`) makes of a message:
+    ``forward`` it or not, whether the other rules still ``act`` on it (its
+    timing), the ``reply`` sent back in place of the receiver's, whether the
+    session closes before or after it, and the ``value`` and ``note`` of its
+    record."""
+
+    forward: bool = False
+    acts: bool = False
+    reply: bytes | None = None
+    close_before: bool = False
+    close_after: bool = False
+    value: float | int | str | None = None
+    note: str = ""
+
+
+@attrs.frozen
 class Param:
     """A parameter of an action, as a rule file's ``[[rule]]`` table gives it:
     its ``key``, the TOML ``types`` the key accepts, ``what`` it is (for
@@ -510,6 +529,14 @@ class Error:
         Param("errno", (str, int), "an errno name or number", lambda v: Error(v).errno),)
     argument: ClassVar[str | None] = "errno, e.g. EINVAL or 22"
 
+    def fate(self, data: bytes) -> Fate:
+        header = Header.parse(data)  # error rules fire on requests only: a header is there
+        if header.no_reply:
+            return Fate(value=self.errno,
+                        note="no_reply request: dropped without an error reply")
+        reply = encode(build_error_reply(header, self.errno))[0]
+        return Fate(acts=True, reply=reply, value=self.errno)
+
     def to_text(self) -> str:
         return f"error {format_errno(self.errno)}"
 
@@ -525,6 +552,9 @@ class Drop:
     traits: ClassVar[ActionTraits] = ActionTraits(fate=True)
     params: ClassVar[tuple[Param, ...]] = ()
     argument: ClassVar[str | None] = None
+
+    def fate(self, data: bytes) -> Fate:
+        return Fate()
 
     def to_text(self) -> str:
         return self.name
@@ -552,6 +582,11 @@ class Close:
     params: ClassVar[tuple[Param, ...]] = (
         Param("when", (str,), "before or after", lambda v: Close(v).when, optional=True),)
     argument: ClassVar[str | None] = None
+
+    def fate(self, data: bytes) -> Fate:
+        if self.when == "before":
+            return Fate(acts=True, close_before=True, value=self.when)
+        return Fate(forward=True, acts=True, close_after=True, value=self.when)
 
     def to_text(self) -> str:
         return f"close {self.when}"
@@ -675,6 +710,12 @@ class Stall:
 
 
 Action = Delay | Bandwidth | Error | Drop | Close | Corrupt | Stall
+
+
+class FateAction(Protocol):
+    """An action whose ``traits.fate`` is set: it says what becomes of a message."""
+
+    def fate(self, data: bytes) -> Fate: ...
 #: every action class by its name (the one list of them): the checks here and the
 #: text and TOML syntax (:mod:`vfioproxy.inject.syntax`) derive from it
 ACTIONS: dict[str, type[Action]] = {
