@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
-from types import TracebackType
 from typing import Any
 
 import attrs
 import msgpack  # type: ignore[import-untyped]
 
+from recorder.closing import Closing
 from recorder.errors import TraceError, TraceFormatError, TraceLimitError, TraceVersionError
 from recorder.framing import Incomplete, object_end
 from recorder.limits import DEFAULT_LIMITS, ReaderLimits
@@ -43,7 +43,7 @@ class SessionSummary:
     closed: EventRecord | None
 
 
-class TraceReader:
+class TraceReader(Closing):
     """An open trace file: its ``header``, and its records when iterated.
 
     Opening reads and checks the header: a file that is not a trace raises
@@ -136,16 +136,6 @@ class TraceReader:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> TraceReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _read_header(self) -> None:
         self._check_signature()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recorder.closing import Closing
 from recorder.errors import TraceError
 from recorder.records import TraceHeader
 from recorder.writer import TraceWriter
@@ -17,7 +18,7 @@ from recorder.writer import TraceWriter
 SOURCE = "vfioproxy record"
 
 
-class TraceSink:
+class TraceSink(Closing):
     """Trace writers for a proxy's sessions.
 
     ``path`` is a file (every session in it) or, when it ends with ``/`` or
@@ -110,11 +111,6 @@ class TraceSink:
                     os.close(self._dir_fd)
                 self._dir_fd = None
 
-    def __enter__(self) -> TraceSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _refuse_symlink(path: Path) -> None:

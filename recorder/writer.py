@@ -9,11 +9,11 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from recorder.closing import Closing
 from recorder.errors import TraceLimitError
 from recorder.framing import object_end
 from recorder.limits import DEFAULT_LIMITS
@@ -119,7 +119,7 @@ def _fallocate_function() -> Any:
 _FALLOCATE = _fallocate_function()
 
 
-class TraceWriter:
+class TraceWriter(Closing):
     """A trace file being recorded.
 
     Creating one creates ``path`` with mode 0600 (a trace holds device
@@ -425,16 +425,6 @@ class TraceWriter:
                         os.ftruncate(fd, self._size)  # frees the blocks beyond the end
                 os.close(fd)
 
-    def __enter__(self) -> TraceWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ internals
 

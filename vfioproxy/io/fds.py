@@ -15,10 +15,10 @@ import os
 import stat
 import warnings
 from collections.abc import Iterable
-from types import TracebackType
 
 import attrs
 
+from recorder.closing import Closing
 from recorder.records import FdKind, FdRecord
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-class OwnedFd:
+class OwnedFd(Closing):
     """Sole owner of one open file descriptor.
 
     :meth:`close` closes it exactly once; later calls do nothing. An
@@ -80,16 +80,6 @@ class OwnedFd:
         """A new owner of a close-on-exec duplicate (same open file description)."""
         return OwnedFd(os.dup(self.fileno()))
 
-    def __enter__(self) -> OwnedFd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return "<OwnedFd closed>" if self._fd < 0 else f"<OwnedFd fd={self._fd}>"
