@@ -579,7 +579,7 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
     PyThreadState *ts = PyEval_SaveThread();
     struct pollfd p[3] = {{fds[0], POLLIN, 0}, {fds[1], POLLIN, 0}, {wake, POLLIN, 0}};
     int done = 0;
-    int pending = -1; /* YIELD: a leg (or 2: poll itself) the Python forwarding must poll */
+    int pending = -1; /* YIELD: a leg (2: poll itself, 3: wake_fd) the Python side must see */
     while (!done && pending < 0 && handled < max_messages) {
         int r = poll(p, 3, handled ? idle_ms : -1);
         if (r < 0) {

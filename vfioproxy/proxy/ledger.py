@@ -104,12 +104,7 @@ class SessionLedger:
         counters = self.counters[direction]
         counters.messages += messages
         counters.bytes += nbytes
-        self.passed(direction, messages)
-
-    def passed(self, direction: Direction, messages: int) -> None:
-        """Messages the C lane let by without asking the fault injector (its
-        direction :meth:`~vfioproxy.inject.Injector.unchanged`): it counts them."""
-        if self.injector is not None:
+        if self.injector is not None:  # it let them by undecided (Injector.unchanged)
             self.injector.passed(self.id, direction, messages)
 
     def record(
@@ -162,18 +157,11 @@ class SessionLedger:
                       applied: tuple[Applied, ...], index: int) -> Event:
         """The ``inject`` event of message ``index``. The injector hands the same
         ``applied`` for every message of fixed delays: from its second time,
-        the event is packed from parts packed once (:meth:`inject_parts`)."""
-        cached = self._inject.get(direction)
-        if cached is not None and cached[0] is applied:
-            packer = cached[1]
-            if packer is None:
-                packer = writer.event_packer(self.id, "inject", {
-                    "direction": direction.value, "index": 0, "applied": cached[2]}, "index")
-                self._inject[direction] = (applied, packer, cached[2])
-            return packer, index
-        dicts = [entry.to_dict() for entry in applied]
-        self._inject[direction] = (applied, None, dicts)
-        return "inject", {"direction": direction.value, "index": index, "applied": dicts}
+        the event is packed from parts packed once."""
+        if not self._cache_applied(direction, applied):
+            return "inject", {"direction": direction.value, "index": index,
+                              "applied": self._inject[direction][2]}
+        return self._inject_packer(writer, direction), index
 
     def inject_parts(
         self, direction: Direction, applied: tuple[Applied, ...]
@@ -183,12 +171,26 @@ class SessionLedger:
         or nothing is applied."""
         if self.writer is None or not applied:
             return None
-        event = self._inject_event(self.writer, direction, applied, 0)
-        if type(event[0]) is str:  # the first time: packed once from now on
-            event = self._inject_event(self.writer, direction, applied, 0)
-        packer = event[0]
-        assert isinstance(packer, EventPacker)
-        return packer.parts()
+        self._cache_applied(direction, applied)
+        return self._inject_packer(self.writer, direction).parts()
+
+    def _cache_applied(self, direction: Direction, applied: tuple[Applied, ...]) -> bool:
+        """Keep ``applied`` (and its records' dicts) as ``direction``'s last; True
+        when it was already."""
+        cached = self._inject.get(direction)
+        if cached is not None and cached[0] is applied:
+            return True
+        self._inject[direction] = (applied, None, [entry.to_dict() for entry in applied])
+        return False
+
+    def _inject_packer(self, writer: TraceWriter, direction: Direction) -> EventPacker:
+        """The event packer of ``direction``'s last applied records (made once)."""
+        applied, packer, dicts = self._inject[direction]
+        if packer is None:
+            packer = writer.event_packer(self.id, "inject", {
+                "direction": direction.value, "index": 0, "applied": dicts}, "index")
+            self._inject[direction] = (applied, packer, dicts)
+        return packer
 
     def event(self, kind: str, data: dict[str, Any], t_ns: int | None = None) -> int:
         """Record an event of this session; returns its ``seq`` (0: not recorded)."""

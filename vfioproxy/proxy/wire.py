@@ -154,14 +154,17 @@ class Taken:
         self.body_error = body_error
         self.body_read = body is not None or body_error != 0
 
+    def header(self) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        """The header's ``recvmsg`` as it went (raising its error, as it would:
+        ``OSError`` picks the subclass of the errno)."""
+        if self.error:
+            raise OSError(self.error, os.strerror(self.error))
+        return self.chunk, self.ancdata, self.flags
+
     def received_body(self) -> bytes:
         """The body's ``recv`` as it went (raising its error, as ``recv`` would)."""
         if self.body is not None:
             return self.body
-        if self.body_error == errno.EAGAIN:
-            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-        if self.body_error == errno.ECONNRESET:
-            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
         raise OSError(self.body_error, os.strerror(self.body_error))
 
 
@@ -203,20 +206,16 @@ class MessageReader:
         if self._resume:
             return self._read_slowly(max_message_size)
         # the usual case, kept short: a whole header without fds, then its whole body
-        if taken is None:
-            try:
+        try:
+            if taken is None:
                 chunk, ancdata, flags, _ = self.sock.recvmsg(HEADER_SIZE, _ANCBUFSIZE,
                                                              _RECV_FLAGS)
-            except BlockingIOError:
-                return None
-            except ConnectionResetError:
-                raise self._closed(b"", reset=True) from None
-        else:
-            chunk, ancdata, flags, error = taken.chunk, taken.ancdata, taken.flags, taken.error
-            if error == errno.ECONNRESET:
-                raise self._closed(b"", reset=True)
-            if error:
-                raise OSError(error, os.strerror(error))
+            else:
+                chunk, ancdata, flags = taken.header()
+        except BlockingIOError:
+            return None
+        except ConnectionResetError:
+            raise self._closed(b"", reset=True) from None
         if ancdata or flags & _CTRUNC or len(chunk) != HEADER_SIZE:
             self._resume = True
             self._took(chunk, ancdata, flags)
