@@ -153,7 +153,7 @@ def test_rule_text_is_kept_but_not_compared():
         ("c2s * bandwidth fast", "fast", 16, "expected a rate"),
         ("c2s * bandwidth 10Mbit/s", "Mbit/s", 18, "unknown rate unit"),
         ("c2s * error ENOTANERRNO", "ENOTANERRNO", 12, "unknown errno"),
-        ("c2s * close later", "later", 12, "before or after"),
+        ("c2s * close later", "later", 12, "'before' or 'after'"),
         ("c2s * corrupt", None, 13, "missing field"),
         ("c2s * corrupt payload", "payload", 14, "unknown corrupt field"),
         ("c2s * corrupt body+x", "x", 19, "body offset"),

@@ -13,13 +13,14 @@ from recorder.reader import TraceReader
 from recorder.records import EventRecord
 from vfioproxy.experiment.model import CommandLatency
 from vfioproxy.inject import Delay, Rule
+from vfioproxy.inject.actions import ACTIONS, DELAYING
 from vfioproxy.trace import stats
 from vfioproxy.trace.decoded import DecodedMessage, decoded_records
 
 __all__ = ["TraceFacts", "analyse_trace", "expected_delay", "inject_items"]
 
 #: actions whose value is seconds added to the message
-_TIMED = ("delay", "bandwidth", "stall")
+_TIMED = frozenset(name for name, kind in ACTIONS.items() if kind.phase in DELAYING)
 
 
 @attrs.frozen

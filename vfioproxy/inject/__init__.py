@@ -7,6 +7,17 @@ closing) and records every applied action as an :class:`Applied`. Time is a
 float of seconds the caller passes in; nothing here sleeps or does I/O.
 """
 
+from vfioproxy.inject.actions import (
+    ACTIONS,
+    Action,
+    Bandwidth,
+    Close,
+    Corrupt,
+    Delay,
+    Drop,
+    Error,
+    Stall,
+)
 from vfioproxy.inject.distributions import (
     MAX_DELAY,
     Distribution,
@@ -26,23 +37,12 @@ from vfioproxy.inject.engine import (
     RuleStatistics,
 )
 from vfioproxy.inject.errors import InjectError, RuleSyntaxError
-from vfioproxy.inject.rules import (
-    Action,
-    Bandwidth,
-    Close,
-    Corrupt,
-    Delay,
-    Drop,
-    Error,
-    Kind,
-    Match,
-    Rule,
-    Stall,
-)
+from vfioproxy.inject.rules import Kind, Match, Rule
 from vfioproxy.inject.syntax import load_rules, loads_rules, parse_rule, rule_from_dict
 from vfioproxy.inject.values import IntRange, format_duration, parse_duration
 
 __all__ = [
+    "ACTIONS",
     "MAX_DELAY",
     "Action",
     "Applied",

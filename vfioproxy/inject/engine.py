@@ -13,30 +13,34 @@ decisions; ``release_at`` never decreases within a (session, direction)
 for messages that are acted on, so a FIFO per direction is enough.
 Nothing here sleeps or does I/O.
 
-Combination, when several rules match one message (in rule order):
+Combination, when several rules match one message (in rule order). Each
+action acts in the phase of its class (:mod:`vfioproxy.inject.actions`);
+the engine runs the phases in this order and knows no action by name:
 
 1. Each rule whose filters match counts as matched and then fires with its
    probability.
-2. Fate: the first firing drop, error or close rule decides what happens to
-   the message; later ones in that group are ignored. Drop: not forwarded.
+2. Fate (drop, error, close): the first firing fate rule decides what
+   happens to the message; later ones are ignored. Drop: not forwarded.
    Error: not forwarded, answered with an error reply (a no_reply request
    is dropped without reply, as libvfio-user does on failure). Close
    before: not forwarded, the session closed. Close after: forwarded, then
    closed.
-3. Stall: a firing stall rule, when its direction is not already stalled,
-   holds the direction until ``now + duration``; the message and every
-   later message of the direction are released no earlier. It applies
-   whatever the fate.
-4. Timing, unless the message is simply dropped: starting from
-   ``max(now, stalled until)``, delays add their drawn value and bandwidth
-   rules queue the message on their link (``t = max(t, link free) +
-   len / rate``; not for error replies or closes, which send nothing on the
-   link), in rule order. Finally ``release_at = max(t, previous release_at
-   of the direction)``: delays never reorder a direction, and a direction
-   never waits for the other. An error reply is due at ``release_at`` too
-   and holds back later messages of its request's direction (the device
-   would have answered in order).
-5. Corrupt rules flip bits, in rule order, when the message is forwarded.
+3. Hold (stall): a firing hold rule, when its direction is not already
+   held, holds the direction until ``now + duration``; the message and
+   every later message of the direction are released no earlier. It
+   applies whatever the fate.
+4. Timing (delay, bandwidth), unless the fate leaves the message alone
+   (a plain drop): starting from ``max(now, held until)``, each firing
+   timing rule moves the due time on, in rule order: delays add their
+   drawn value, bandwidth rules queue the message on their link (``t =
+   max(t, link free) + len / rate``; not for error replies or closes,
+   which send nothing on the link). Finally ``release_at = max(t,
+   previous release_at of the direction)``: delays never reorder a
+   direction, and a direction never waits for the other. An error reply
+   is due at ``release_at`` too and holds back later messages of its
+   request's direction (the device would have answered in order).
+5. Rewrite (corrupt): the rules change the bytes, in rule order, when the
+   message is forwarded.
 
 Every action that took effect is listed in ``Decision.applied`` with the
 drawn value, so an experiment can be rebuilt from a trace alone.
@@ -80,19 +84,17 @@ from typing import Any, NamedTuple, cast
 
 import attrs
 
-from vfioproxy.inject.distributions import Fixed, capped
-from vfioproxy.inject.errors import InjectError
-from vfioproxy.inject.rules import (
+from vfioproxy.inject.actions import (
     Action,
-    Bandwidth,
-    Corrupt,
-    Delay,
+    Fate,
     FateAction,
-    Kind,
-    Predicate,
-    Rule,
-    Stall,
+    HoldAction,
+    Phase,
+    RewriteAction,
+    TimingAction,
 )
+from vfioproxy.inject.errors import InjectError
+from vfioproxy.inject.rules import Kind, Predicate, Rule
 from vfioproxy.inject.syntax import parse_rule
 from vfioproxy.protocol.header import FLAG_NO_REPLY, HEADER_SIZE, TYPE_MASK, MessageType
 from vfioproxy.protocol.offsets import (
@@ -110,6 +112,12 @@ __all__ = ["Applied", "Decision", "Injector", "InjectorStatistics", "RuleStatist
 
 _MAX_PENDING_PER_ID = 64
 _C2S = Direction.C2S
+_FATE, _HOLD, _TIMING, _REWRITE = Phase.FATE, Phase.HOLD, Phase.TIMING, Phase.REWRITE
+#: the method of each phase's actions that says their effect
+_EFFECTS = {
+    _FATE: FateAction.fate.__name__, _HOLD: HoldAction.hold.__name__,
+    _TIMING: TimingAction.time.__name__, _REWRITE: RewriteAction.apply.__name__,
+}
 _COMMAND_TYPE = int(MessageType.COMMAND)
 _REPLY_TYPE = int(MessageType.REPLY)
 #: the bytes a region access needs to tell its offset and region
@@ -236,19 +244,21 @@ class _Counts:
 class _Compiled:
     """A rule made ready for deciding, once, when it is added.
 
+    ``phase``: its action's (:class:`~vfioproxy.inject.actions.Phase`),
+    ``effect`` the action's method of that phase (``fate``, ``hold``,
+    ``time`` or ``apply``);
     ``commands``: its command filter, checked before ``test``, the
     predicate of its other message filters (None: none);
     ``reads_header``: whether it needs the header's fields, ``regions``
-    the commands whose region and offset it needs; ``delay``: the
-    distribution of a delay rule (None for other actions), and ``fixed``
-    the record (in a tuple of one) and seconds of a fixed one, the same
-    every time; ``always`` its record and seconds when it applies to every
-    message of the session directions it serves;
+    the commands whose region and offset it needs; ``fixed``: the record
+    (in a tuple of one) and seconds of a timing action that adds the same
+    seconds every time; ``always`` its record and seconds when it also
+    applies to every message of the session directions it serves;
     ``retired``: the counters of the sessions already forgotten.
     """
 
     __slots__ = (
-        "always", "commands", "delay", "fate", "fixed", "probability", "reads_header", "regions",
+        "always", "commands", "effect", "fixed", "phase", "probability", "reads_header", "regions",
         "retired", "rule", "test",
     )
 
@@ -256,8 +266,8 @@ class _Compiled:
         self.rule = rule
         action = rule.action
         traits = action.traits
-        self.fate = traits.fate
-        self.delay = action.distribution if isinstance(action, Delay) else None
+        self.phase = action.phase
+        self.effect: Callable[..., Any] = getattr(action, _EFFECTS[action.phase])
         self.commands = rule.match.command
         self.test: Predicate | None = rule.match.predicate(
             requests_only=traits.requests_only, screened=True
@@ -269,8 +279,8 @@ class _Compiled:
         self.probability = rule.match.probability
         self.fixed: tuple[tuple[Applied], float] | None = None
         self.always: tuple[Applied, float] | None = None
-        if isinstance(action, Delay) and isinstance(action.distribution, Fixed):
-            seconds = action.distribution.value
+        seconds = action.fixed_seconds() if isinstance(action, TimingAction) else None
+        if seconds is not None:
             record = Applied(rule.id, action, seconds)
             self.fixed = (record,), seconds
             if self.commands is None and self.test is None and self.probability >= 1.0:
@@ -314,15 +324,18 @@ class _Entry(_Counts):
             stream = self._stream = random.Random(self._seed)
         return stream
 
-    def draw_delay(self) -> tuple[Applied, float]:
-        """The record and seconds of one application of a delay rule (uncounted)."""
+    def time(self, t: float, size: int, forward: bool) -> tuple[Applied | None, float]:
+        """The record (None: no effect) of one application of a timing rule to a
+        ``size``-byte message due at ``t``, and its due time after it (uncounted)."""
         compiled = self.compiled
         if compiled.fixed is not None:
             (record,), seconds = compiled.fixed
-            return record, seconds
-        assert compiled.delay is not None
-        seconds, note = capped(compiled.delay.draw(self.stream()))
-        return Applied(compiled.rule.id, compiled.rule.action, seconds, note), seconds
+            return record, t + seconds
+        timed = compiled.effect(t, size, forward, self)
+        if timed is None:
+            return None, t
+        after, seconds, note = timed
+        return Applied(compiled.rule.id, compiled.rule.action, seconds, note), after
 
 
 #: a tracked request: command, region, offset
@@ -628,7 +641,7 @@ class Injector:
                     if pending is not None:
                         _, region, offset = pending
             fired: list[_Entry] | None = None
-            delays_only = True
+            timing_only = True
             for entry in entries:
                 compiled = entry.compiled
                 commands = compiled.commands
@@ -647,12 +660,12 @@ class Injector:
                     fired = [entry]
                 else:
                     fired.append(entry)
-                if compiled.delay is None:
-                    delays_only = False
+                if compiled.phase is not _TIMING:
+                    timing_only = False
             track = (
                 remember and message_type == _COMMAND_TYPE and command in ACCESS_COMMANDS
             )
-            if not delays_only:
+            if not timing_only:
                 assert fired is not None
                 decision = _act(lane, fired, data, now, index, command)
                 if track and decision.forward:
@@ -660,19 +673,20 @@ class Injector:
                 return decision
             if track:
                 _remember(lane, data, data, command, flags)
-            # the release time and delays alone (module docstring, step 4)
+            # the release time and timing alone (module docstring, step 4)
             t = lane.stalled_until if lane.stalled_until > now else now
             applied = ()
             if fired is not None:
-                applied, t = _delays(fired, t)
+                applied, t = _timing(fired, t, len(data))
         if lane.last_release > t:
             t = lane.last_release
         lane.last_release = t
         return _decision(Decision, (t, True, data, None, False, False, applied, index))
 
 
-def _delays(fired: list[_Entry], t: float) -> tuple[tuple[Applied, ...], float]:
-    """The records of the delay rules that fired on a message, and ``t`` after them."""
+def _timing(fired: list[_Entry], t: float, size: int) -> tuple[tuple[Applied, ...], float]:
+    """The records of the timing rules that fired on a forwarded message, and
+    ``t`` after them."""
     if len(fired) == 1:  # the common case, made once
         entry = fired[0]
         fixed = entry.compiled.fixed
@@ -682,37 +696,42 @@ def _delays(fired: list[_Entry], t: float) -> tuple[tuple[Applied, ...], float]:
             return fixed[0], t + fixed[1]
     applied = []
     for entry in fired:
-        record, seconds = entry.draw_delay()
-        t += seconds
-        entry.applied += 1
-        entry.injected_delay += seconds
-        applied.append(record)
+        record, after = entry.time(t, size, True)
+        if record is not None:
+            entry.applied += 1
+            entry.injected_delay += cast(float, record.value)
+            applied.append(record)
+        t = after
     return tuple(applied), t
 
 
 def _act(
     lane: _Lane, fired: list[_Entry], data: bytes, now: float, index: int, command: int | None
 ) -> Decision:
-    """The decision on a message some rules fired on (module docstring, steps 2-5)."""
+    """The decision on a message some rules fired on: the phases in order
+    (module docstring, steps 2-5), each rule acting in its action's phase."""
     records: list[Applied | None] = [None] * len(fired)
     forward, acts = True, True
     reply: bytes | None = None
     close_before = close_after = False
     for position, entry in enumerate(fired):
-        if entry.compiled.fate:
-            fate = _fate(entry.compiled.rule, data)
-            forward, acts, reply, close_before, close_after, records[position] = fate
+        if entry.compiled.phase is _FATE:
+            rule = entry.compiled.rule
+            fate: Fate = entry.compiled.effect(data)
+            records[position] = Applied(rule.id, rule.action, fate.value, fate.note)
+            forward, acts, reply = fate.forward, fate.acts, fate.reply
+            close_before, close_after = fate.close_before, fate.close_after
             break
 
     stalled = lane.stalled_until
     if now >= stalled:
         for position, entry in enumerate(fired):
-            stall = entry.compiled.rule.action
-            if isinstance(stall, Stall):
-                stalled = max(stalled, now + stall.duration)
+            if entry.compiled.phase is _HOLD:
+                rule = entry.compiled.rule
+                seconds = entry.compiled.effect()
+                stalled = max(stalled, now + seconds)
                 records[position] = Applied(
-                    entry.compiled.rule.id, stall, stall.duration,
-                    f"direction held until {stalled!r}",
+                    rule.id, rule.action, seconds, f"direction held until {stalled!r}"
                 )
         lane.stalled_until = stalled
     if not acts:
@@ -721,34 +740,19 @@ def _act(
     t = max(now, stalled)
     buffer: bytearray | None = None
     for position, entry in enumerate(fired):
-        compiled = entry.compiled
-        action = compiled.rule.action
-        if isinstance(action, Delay):
-            records[position], seconds = entry.draw_delay()
-            t += seconds
-        elif isinstance(action, Bandwidth) and forward:
-            start = t
-            t = max(t, entry.link_free) + len(data) / action.bytes_per_second
-            entry.link_free = t
-            records[position] = Applied(compiled.rule.id, action, t - start)
-        elif isinstance(action, Corrupt) and forward:
+        phase = entry.compiled.phase
+        if phase is _TIMING:
+            records[position], t = entry.time(t, len(data), forward)
+        elif phase is _REWRITE and forward:
             if buffer is None:
                 buffer = bytearray(data)
-            flipped, note = action.apply(buffer, command)
-            records[position] = Applied(compiled.rule.id, action, flipped, note)
+            rule = entry.compiled.rule
+            value, note = entry.compiled.effect(buffer, command)
+            records[position] = Applied(rule.id, rule.action, value, note)
     release = max(t, lane.last_release)
     lane.last_release = release
     out = data if buffer is None else bytes(buffer)
     return _finish(fired, records, release, forward, out, reply, close_before, close_after, index)
-
-
-def _fate(rule: Rule, data: bytes) -> tuple[bool, bool, bytes | None, bool, bool, Applied]:
-    """(forward, acts, reply, close_before, close_after, record) of a fate action."""
-    action = rule.action
-    assert action.traits.fate
-    fate = cast(FateAction, action).fate(data)
-    record = Applied(rule.id, action, fate.value, fate.note)
-    return fate.forward, fate.acts, fate.reply, fate.close_before, fate.close_after, record
 
 
 def _finish(
@@ -768,7 +772,7 @@ def _finish(
         if record is not None:
             applied.append(record)
             entry.applied += 1
-            if record.action.traits.delays and isinstance(record.value, (int, float)):
+            if record.action.delays and isinstance(record.value, (int, float)):
                 entry.injected_delay += record.value
     return _decision(
         Decision,

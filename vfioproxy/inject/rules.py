@@ -28,77 +28,40 @@ Matching. Every filter left at None matches anything:
 A message shorter than the 16-byte header has no command, kind, region or
 offset: only rules without those filters can match it.
 
-Corrupt fields (bits flipped with ``mask``, little endian; the table is
-:mod:`vfioproxy.protocol.offsets`):
-
-- header: ``msg_id`` (abs 0, u16), ``command`` (2, u16), ``size`` (4, u32),
-  ``flags`` (8, u32), ``error`` (12, u32);
-- ``body+N``: the ``mask``'s bytes from body offset N (abs 16 + N);
-- named body fields (body offsets, protocol.md §2): ``offset`` (REGION_*
-  0 u64, DMA_MAP 8 u64, DEVICE_GET_REGION_INFO 24 u64), ``region`` (REGION_*
-  8 u32), ``count`` (REGION_* 12 u32, DMA_READ/DMA_WRITE 8 u64 — spec
-  layout, the same first bytes as QEMU's u32, DEVICE_GET_REGION_IO_FDS and
-  DEVICE_GET_IRQ_INFO 12 u32, DEVICE_SET_IRQS 16 u32), ``address``
-  (DMA_READ/DMA_WRITE 0 u64), ``iova`` (DMA_MAP 16 u64, DMA_UNMAP 8 u64),
-  ``index`` (DEVICE_GET_REGION_INFO, DEVICE_GET_REGION_IO_FDS,
-  DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS 8 u32), ``start`` (DEVICE_SET_IRQS
-  12 u32), ``argsz`` (0 u32 of every command that has one), ``major`` /
-  ``minor`` (VERSION 0 / 2 u16).
-
-A field past the end of the message, or a named field the message's command
-does not have, leaves the message unchanged; the injector says so in the
-applied record.
+The actions, one class each, are in :mod:`vfioproxy.inject.actions`.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 import attrs
 
-from vfioproxy.inject.distributions import Distribution, parse_distribution
+from vfioproxy.inject.actions import ACTIONS, Action
 from vfioproxy.inject.errors import RuleSyntaxError
 from vfioproxy.inject.values import (
     U32_MAX,
     IntRange,
-    format_duration,
-    format_errno,
     format_probability,
-    format_rate,
-    parse_duration,
-    parse_errno,
     parse_range,
-    parse_rate,
     parse_uint,
 )
 from vfioproxy.inject.view import MessageView
-from vfioproxy.protocol.codec import build_error_reply, encode
-from vfioproxy.protocol.header import HEADER_SIZE, Command, Header, MessageType, command_name
-from vfioproxy.protocol.offsets import ACCESS_COMMANDS, BODY_FIELDS, HEADER_FIELDS
+from vfioproxy.protocol.header import Command, MessageType
+from vfioproxy.protocol.offsets import ACCESS_COMMANDS
 from vfioproxy.protocol.pci import Region
 from vfioproxy.side import Direction
 
 __all__ = [
-    "Action",
-    "ActionTraits",
-    "Bandwidth",
-    "Close",
-    "Corrupt",
-    "Delay",
-    "Drop",
-    "Error",
-    "Fate",
     "Kind",
     "Match",
-    "Param",
     "Predicate",
     "Rule",
-    "Stall",
     "command_token",
     "parse_command",
+    "parse_region",
 ]
 
 
@@ -270,6 +233,11 @@ class Match:
             )
 
     @property
+    def replies_only(self) -> bool:
+        """Whether only replies can match."""
+        return self.kind is Kind.REPLY
+
+    @property
     def needs_header(self) -> bool:
         """Whether only messages with a full header can match."""
         return any(
@@ -399,347 +367,13 @@ class Match:
         return result
 
 
-# --------------------------------------------------------------------- actions
-
-
-def _to_distribution(value: Distribution | str) -> Distribution:
-    return parse_distribution(value) if isinstance(value, str) else value
-
-
-def _to_rate(value: float | str) -> float:
-    return parse_rate(value) if isinstance(value, str) else float(value)
-
-
-def _to_errno(value: int | str) -> int:
-    return parse_errno(value) if isinstance(value, str) else value
-
-
-def _to_duration(value: float | str) -> float:
-    return parse_duration(value) if isinstance(value, str) else float(value)
-
-
-def _positive_finite(instance: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    if not math.isfinite(value) or value <= 0:
-        raise RuleSyntaxError(f"{instance.name}: {attribute.name} must be > 0, got {value!r}")
-
-
-@attrs.frozen
-class ActionTraits:
-    """What the injection engine needs to know of an action, besides its effect.
-
-    ``fate``: it decides what becomes of the message (forwarded, dropped,
-    answered, the session closed) and is the only such rule applied to it;
-    ``reads_header``: it needs the message's header; ``requests_only``: it
-    applies to requests only (it answers them); ``delays``: the value of its
-    records is seconds added to the message's release (counted as injected
-    delay).
-    """
-
-    fate: bool = False
-    reads_header: bool = False
-    requests_only: bool = False
-    delays: bool = False
-
-
-@attrs.frozen
-class Fate:
-    """What a fate action (:attr:`ActionTraits.fate`) makes of a message:
-    ``forward`` it or not, whether the other rules still ``act`` on it (its
-    timing), the ``reply`` sent back in place of the receiver's, whether the
-    session closes before or after it, and the ``value`` and ``note`` of its
-    record."""
-
-    forward: bool = False
-    acts: bool = False
-    reply: bytes | None = None
-    close_before: bool = False
-    close_after: bool = False
-    value: float | int | str | None = None
-    note: str = ""
-
-
-@attrs.frozen
-class Param:
-    """A parameter of an action, as a rule file's ``[[rule]]`` table gives it:
-    its ``key``, the TOML ``types`` the key accepts, ``what`` it is (for
-    errors), ``convert`` (its value on its own, as the action's constructor
-    takes it; raises :class:`RuleSyntaxError`) and whether it is
-    ``optional``. An action's parameters are its constructor's, in order."""
-
-    key: str
-    types: tuple[type, ...]
-    what: str
-    convert: Callable[[Any], Any]
-    optional: bool = False
-
-
-@attrs.frozen
-class Delay:
-    """Hold the message for a duration drawn from ``distribution``."""
-
-    distribution: Distribution = attrs.field(converter=_to_distribution)
-    name: ClassVar[str] = "delay"
-    #: what the engine needs to know of it (see :class:`ActionTraits`)
-    traits: ClassVar[ActionTraits] = ActionTraits(delays=True)
-    params: ClassVar[tuple[Param, ...]] = (
-        Param("distribution", (str,), "a distribution such as 'normal(200us,50us)'",
-              parse_distribution),)
-    #: what the text form's one argument is (None: the parser knows the grammar)
-    argument: ClassVar[str | None] = "distribution, e.g. fixed(100us) or normal(200us,50us)"
-
-    def to_text(self) -> str:
-        return f"delay {self.distribution.to_text()}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.name, "distribution": self.distribution.to_text()}
-
-
-@attrs.frozen
-class Bandwidth:
-    """Pass the direction's messages through a link of ``bytes_per_second``."""
-
-    bytes_per_second: float = attrs.field(converter=_to_rate, validator=_positive_finite)
-    name: ClassVar[str] = "bandwidth"
-    traits: ClassVar[ActionTraits] = ActionTraits(delays=True)
-    params: ClassVar[tuple[Param, ...]] = (
-        Param("rate", (str, int, float), "a rate such as '10MiB/s' or bytes per second",
-              lambda v: Bandwidth(v).bytes_per_second),)
-    argument: ClassVar[str | None] = "rate, e.g. 10MiB/s"
-
-    def to_text(self) -> str:
-        return f"bandwidth {format_rate(self.bytes_per_second)}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.name, "rate": format_rate(self.bytes_per_second)}
-
-
-def _errno_range(instance: Error, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
-        raise RuleSyntaxError(f"error: errno must be 0..{U32_MAX:#x}, got {value!r}")
-
-
-@attrs.frozen
-class Error:
-    """Answer a request with an error reply carrying ``errno``; don't forward it."""
-
-    errno: int = attrs.field(converter=_to_errno, validator=_errno_range)
-    name: ClassVar[str] = "error"
-    traits: ClassVar[ActionTraits] = ActionTraits(fate=True, reads_header=True, requests_only=True)
-    params: ClassVar[tuple[Param, ...]] = (
-        Param("errno", (str, int), "an errno name or number", lambda v: Error(v).errno),)
-    argument: ClassVar[str | None] = "errno, e.g. EINVAL or 22"
-
-    def fate(self, data: bytes) -> Fate:
-        header = Header.parse(data)  # error rules fire on requests only: a header is there
-        if header.no_reply:
-            return Fate(value=self.errno,
-                        note="no_reply request: dropped without an error reply")
-        reply = encode(build_error_reply(header, self.errno))[0]
-        return Fate(acts=True, reply=reply, value=self.errno)
-
-    def to_text(self) -> str:
-        return f"error {format_errno(self.errno)}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.name, "errno": format_errno(self.errno)}
-
-
-@attrs.frozen
-class Drop:
-    """Don't forward the message."""
-
-    name: ClassVar[str] = "drop"
-    traits: ClassVar[ActionTraits] = ActionTraits(fate=True)
-    params: ClassVar[tuple[Param, ...]] = ()
-    argument: ClassVar[str | None] = None
-
-    def fate(self, data: bytes) -> Fate:
-        return Fate()
-
-    def to_text(self) -> str:
-        return self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.name}
-
-
-def _lower(value: str) -> str:
-    return value.lower() if isinstance(value, str) else value
-
-
-def _when(instance: Close, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in ("before", "after"):
-        raise RuleSyntaxError(f"close: when must be 'before' or 'after', got {value!r}")
-
-
-@attrs.frozen
-class Close:
-    """Close both legs of the session ``before`` the message (not forwarding it) or ``after``."""
-
-    when: str = attrs.field(default="before", converter=_lower, validator=_when)
-    name: ClassVar[str] = "close"
-    traits: ClassVar[ActionTraits] = ActionTraits(fate=True)
-    params: ClassVar[tuple[Param, ...]] = (
-        Param("when", (str,), "before or after", lambda v: Close(v).when, optional=True),)
-    argument: ClassVar[str | None] = None
-
-    def fate(self, data: bytes) -> Fate:
-        if self.when == "before":
-            return Fate(acts=True, close_before=True, value=self.when)
-        return Fate(forward=True, acts=True, close_after=True, value=self.when)
-
-    def to_text(self) -> str:
-        return f"close {self.when}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.name, "when": self.when}
-
-
-def _to_field(value: str) -> str:
-    text = value.strip().lower()
-    if text.startswith("body+"):
-        number = text[len("body+") :]
-        try:
-            return f"body+{parse_uint(number, 'body offset')}"
-        except RuleSyntaxError as exc:
-            raise exc.located(offset=len("body+"), token=value) from None
-    if text in HEADER_FIELDS or text in BODY_FIELDS:
-        return text
-    known = ", ".join([*HEADER_FIELDS, *BODY_FIELDS])
-    raise RuleSyntaxError(
-        f"unknown corrupt field (use body+N or one of {known})", token=value, position=0
-    )
-
-
-def _mask(instance: Corrupt, attribute: attrs.Attribute[int], value: int) -> None:
-    width = instance.field_width()
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise RuleSyntaxError(f"corrupt: mask must be a positive integer, got {value!r}")
-    if width is not None and value.bit_length() > 8 * width:
-        raise RuleSyntaxError(
-            f"corrupt: mask {value:#x} is wider than field {instance.field} ({width} bytes)"
-        )
-
-
-@attrs.frozen
-class Corrupt:
-    """Flip the bits of ``mask`` in ``field`` (see the module docstring for fields)."""
-
-    field: str = attrs.field(converter=_to_field)
-    mask: int = attrs.field(default=1, validator=_mask)
-    name: ClassVar[str] = "corrupt"
-    traits: ClassVar[ActionTraits] = ActionTraits(reads_header=True)
-    params: ClassVar[tuple[Param, ...]] = (
-        Param("field", (str,), "a field name such as 'offset' or 'body+4'",
-              lambda v: Corrupt(v).field),
-        Param("mask", (int, str), "an integer",
-              lambda v: parse_uint(v, "mask") if isinstance(v, str) else v, optional=True),
-    )
-    argument: ClassVar[str | None] = None
-
-    def field_width(self) -> int | None:
-        """Bytes the field spans everywhere it exists (the narrowest); None for body+N."""
-        if self.field in HEADER_FIELDS:
-            return HEADER_FIELDS[self.field].size
-        if self.field in BODY_FIELDS:
-            return min(field.size for field in BODY_FIELDS[self.field].values())
-        return None
-
-    def commands(self) -> frozenset[int] | None:
-        """The commands that have this field; None when every message has it."""
-        if self.field in BODY_FIELDS:
-            return frozenset(BODY_FIELDS[self.field])
-        return None
-
-    def locate(self, command: int | None) -> tuple[int, int] | None:
-        """Absolute offset and width of the field in a message of ``command``.
-
-        None when the command has no such named field (or the message has no
-        header to tell its command).
-        """
-        if self.field in HEADER_FIELDS:
-            return HEADER_FIELDS[self.field]
-        if self.field.startswith("body+"):
-            return HEADER_SIZE + int(self.field[len("body+") :]), (self.mask.bit_length() + 7) // 8
-        if command is None or command not in BODY_FIELDS[self.field]:
-            return None
-        offset, width = BODY_FIELDS[self.field][command]
-        return HEADER_SIZE + offset, width
-
-    def apply(self, data: bytearray, command: int | None) -> tuple[int | None, str]:
-        """Flip the bits in place; returns the absolute offset, or None and why not."""
-        where = self.locate(command)
-        if where is None:
-            name = "a message without header" if command is None else command_name(command)
-            return None, f"{name} has no field {self.field}: unchanged"
-        offset, width = where
-        if offset + width > len(data):
-            return None, (
-                f"field {self.field} (bytes {offset}..{offset + width}) is outside the "
-                f"{len(data)}-byte message: unchanged"
-            )
-        value = int.from_bytes(data[offset : offset + width], "little") ^ self.mask
-        data[offset : offset + width] = value.to_bytes(width, "little")
-        return offset, ""
-
-    def to_text(self) -> str:
-        mask = f" mask={self.mask:#x}" if self.mask != 1 else ""
-        return f"corrupt {self.field}{mask}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.name, "field": self.field, "mask": self.mask}
-
-
-@attrs.frozen
-class Stall:
-    """Stop forwarding the direction for ``duration`` seconds from this message on."""
-
-    duration: float = attrs.field(converter=_to_duration, validator=_positive_finite)
-    name: ClassVar[str] = "stall"
-    traits: ClassVar[ActionTraits] = ActionTraits(delays=True)
-    params: ClassVar[tuple[Param, ...]] = (
-        Param("duration", (str,), "a duration with a unit such as '5ms'",
-              lambda v: Stall(v).duration),)
-    argument: ClassVar[str | None] = "duration, e.g. 5ms"
-
-    def to_text(self) -> str:
-        return f"stall {format_duration(self.duration)}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.name, "duration": format_duration(self.duration)}
-
-
-Action = Delay | Bandwidth | Error | Drop | Close | Corrupt | Stall
-
-
-class FateAction(Protocol):
-    """An action whose ``traits.fate`` is set: it says what becomes of a message."""
-
-    def fate(self, data: bytes) -> Fate: ...
-#: every action class by its name (the one list of them): the checks here and the
-#: text and TOML syntax (:mod:`vfioproxy.inject.syntax`) derive from it
-ACTIONS: dict[str, type[Action]] = {
-    cls.name: cls for cls in (Delay, Bandwidth, Error, Drop, Close, Corrupt, Stall)
-}
-_ACTION_TYPES = tuple(ACTIONS.values())
-
-
 # --------------------------------------------------------------------- rule
 
 
 def _check_action(instance: Rule, attribute: attrs.Attribute[Action], action: Action) -> None:
-    if not isinstance(action, _ACTION_TYPES):
+    if not isinstance(action, Action) or type(action) not in ACTIONS.values():
         raise RuleSyntaxError(f"not an action: {action!r}")
-    match = instance.match
-    if isinstance(action, Error) and match.kind is Kind.REPLY:
-        raise RuleSyntaxError("error answers requests; this rule only matches replies")
-    if isinstance(action, Corrupt):
-        having = action.commands()
-        if having is not None and match.command is not None and not having & match.command:
-            raise RuleSyntaxError(
-                f"corrupt: none of the rule's commands ({match.command_text()}) "
-                f"has a field {action.field}"
-            )
+    action.check(instance.match)
 
 
 def _check_id(instance: Rule, attribute: attrs.Attribute[int], value: int) -> None:
@@ -749,7 +383,7 @@ def _check_id(instance: Rule, attribute: attrs.Attribute[int], value: int) -> No
 
 def _canonical(rule: Rule) -> str:
     # runs before the validators: an invalid action is reported by them
-    if not isinstance(rule.action, _ACTION_TYPES):
+    if type(rule.action) not in ACTIONS.values():
         return repr(rule.action)
     return rule.to_text()
 

@@ -60,23 +60,13 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import attrs
 
+from vfioproxy.inject.actions import ACTIONS, Action, Param
 from vfioproxy.inject.errors import InjectError, RuleSyntaxError
-from vfioproxy.inject.rules import (
-    ACTIONS,
-    Action,
-    Close,
-    Corrupt,
-    Drop,
-    Match,
-    Param,
-    Rule,
-    parse_command,
-    parse_region,
-)
+from vfioproxy.inject.rules import Match, Rule, parse_command, parse_region
 from vfioproxy.inject.values import (
     parse_probability,
     parse_range,
@@ -234,32 +224,29 @@ class _RuleParser:
             raise exc.located(offset=token.position, text=self.text, token=token.text) from None
 
     def _action(self, word: str) -> Action:
-        if word == "drop":
-            return Drop()
-        if word == "close":
-            if self.pos == len(self.tokens):
-                return Close()
-            when = self.next("before or after")
-            if when.text.lower() not in ("before", "after"):
-                raise self.error("close takes before or after", when)
-            return Close(when.text.lower())
-        if word == "corrupt":
-            field = self.next("field to corrupt (msg_id, command, size, flags, error, body+N...)")
-            name = self.value(field, 0, _corrupt_field)
-            mask = 1
-            if self.pos < len(self.tokens) and self.tokens[self.pos].text.lower().startswith(
-                "mask="
-            ):
-                mask_token = self.next("mask")
-                mask = self.value(mask_token, len("mask="), lambda t: parse_uint(t, "mask"))
-            try:
-                return Corrupt(name, mask)
-            except RuleSyntaxError as exc:
-                raise exc.located(offset=field.position, text=self.text, token=field.text) from None
-        kind = ACTIONS[word]  # drop, close and corrupt have their grammar above
-        assert kind.argument is not None
-        argument = self.next(kind.argument)
-        return self.value(argument, 0, cast(Callable[[str], Action], kind))
+        """The action's parameters from the tokens after its name, as its
+        :class:`~vfioproxy.inject.actions.Param` list says."""
+        kind = ACTIONS[word]
+        values: dict[str, Any] = {}
+        first: _Token | None = None
+        for param in kind.params:
+            following = self.tokens[self.pos] if self.pos < len(self.tokens) else None
+            skip = 0
+            if param.keyword:
+                skip = len(param.key) + 1
+                if following is None or not following.text.lower().startswith(param.key + "="):
+                    continue
+            elif param.optional and following is None:
+                continue
+            token = self.next(param.hint or param.what)
+            first = first or token
+            values[param.name] = self.value(token, skip, param.convert)
+        try:
+            return kind(**values)
+        except RuleSyntaxError as exc:  # a check across parameters (the corrupt mask)
+            if first is None:
+                raise
+            raise exc.located(offset=first.position, text=self.text, token=first.text) from None
 
 
 def _direction(text: str) -> str | None:
@@ -272,10 +259,6 @@ def _kind(text: str) -> str:
     if text.lower() not in _KINDS:
         raise RuleSyntaxError("unknown kind (use request or reply)", token=text, position=0)
     return text.lower()
-
-
-def _corrupt_field(text: str) -> str:
-    return str(_PARAMS["field"].convert(text))
 
 
 _FILTER_PARSERS: dict[str, Callable[[str], Any]] = {
@@ -299,8 +282,6 @@ def parse_rule(text: str, *, id: int | None = None) -> Rule:
 
 _MATCH_KEYS = ("direction", "command", "kind", "session", "index", "region", "offset",
                "probability")
-#: every action's parameters by key (from the action classes)
-_PARAMS: dict[str, Param] = {p.key: p for kind in ACTIONS.values() for p in kind.params}
 
 
 def _typed(key: str, value: Any, types: tuple[type, ...], what: str) -> Any:
@@ -334,12 +315,16 @@ _KEY_TYPES: dict[str, tuple[tuple[type, ...], str, Callable[[Any], Any]]] = {
                         parse_probability(v) if isinstance(v, str) else v)),
     "id": ((int,), "an integer", lambda v: v),
     "action": ((str,), "an action name", lambda v: v),
-    **{p.key: (p.types, p.what, p.convert) for p in _PARAMS.values()},
 }
 
 
-def _read(table: Mapping[str, Any], key: str) -> Any:
-    types, what, convert = _KEY_TYPES[key]
+def _read(table: Mapping[str, Any], key: str, param: Param | None = None) -> Any:
+    """The value of ``key``, checked and converted (by the action's ``param``
+    when it is one of its parameters)."""
+    if param is None:
+        types, what, convert = _KEY_TYPES[key]
+    else:
+        types, what, convert = param.types, param.what, param.convert
     value = table[key]
     try:
         return convert(_typed(key, value, types, what))
@@ -367,7 +352,7 @@ def rule_from_dict(table: Mapping[str, Any]) -> Rule:
     for key in table:
         if key in _MATCH_KEYS or key in params or key in ("action", "id"):
             continue
-        if key in _PARAMS:
+        if any(key in (p.key for p in other.params) for other in ACTIONS.values()):
             raise RuleSyntaxError(f"not a parameter of action {action_name!r}", key=key)
         raise RuleSyntaxError("unknown key", key=key)
     match_args = {key: _read(table, key) for key in _MATCH_KEYS if key in table}
@@ -379,10 +364,9 @@ def rule_from_dict(table: Mapping[str, Any]) -> Rule:
     for param in kind.params:
         if param.key not in table and not param.optional:
             raise RuleSyntaxError(f"action {action_name!r} needs this key", key=param.key)
-    # the constructor's arguments in order (the optional ones last)
-    args = [_read(table, p.key) for p in kind.params if p.key in table]
+    values = {p.name: _read(table, p.key, p) for p in kind.params if p.key in table}
     try:
-        action = kind(*args)
+        action = kind(**values)
     except RuleSyntaxError as exc:  # the corrupt mask, the only check across keys
         raise exc.located(key="mask") from None
     rule_id = _read(table, "id") if "id" in table else 0
