@@ -24,7 +24,7 @@ untimed warm-up pass):
   eventfd, a memfd of the recorded size for anything else), what
   ``vfioproxy record`` does on the forwarding path after the send;
   charged per message (messages without fds cost nothing);
-- ``live``: the live view's line (``vfioproxy.live.MessageLog``, ``-v``)
+- ``live``: the live view's line (``vfioproxy.proxy.live.MessageLog``, ``-v``)
   written to an ``io.StringIO``.
 
 Printed: per trace and stage us/msg, then per stage the p50 over the traces
@@ -57,8 +57,8 @@ from recorder.reader import TraceReader
 from recorder.records import FdRecord, MessageRecord, TraceHeader
 from recorder.writer import TraceWriter
 from vfioproxy.io.fds import FdKind, OwnedFd, fd_record, make_eventfd, make_memfd
-from vfioproxy.live import MessageLog
 from vfioproxy.protocol.session import Observation, SessionState
+from vfioproxy.proxy.live import MessageLog
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("observe", "append", "fd_record", "live")

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FD_HYGIENE
-from vfioproxy.control import (
+from vfioproxy.inject import Injector
+from vfioproxy.proxy import Proxy
+from vfioproxy.proxy.control import (
     MAX_DEPTH,
     MAX_REQUEST,
     ControlError,
@@ -18,8 +20,6 @@ from vfioproxy.control import (
     parse_request,
     serve_control,
 )
-from vfioproxy.inject import Injector
-from vfioproxy.proxy import Proxy
 
 pytestmark = FD_HYGIENE
 

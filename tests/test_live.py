@@ -4,11 +4,11 @@ import trio
 
 from tests.test_proxy import Server, settle
 from vfioproxy.io.transport import open_unix_fd_stream
-from vfioproxy.live import MessageLog, run_status_line, status_text
 from vfioproxy.peers.endpoint import Endpoint
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.header import Command
 from vfioproxy.proxy import DirectionStatistics, ProxyStatistics, open_proxy
+from vfioproxy.proxy.live import MessageLog, run_status_line, status_text
 from vfioproxy.side import Side
 
 

@@ -11,7 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.realdata import TRACES, capture_messages
-from vfioproxy.pci_view import PciView
 from vfioproxy.protocol.pci import (
     BarKind,
     CapId,
@@ -39,6 +38,7 @@ from vfioproxy.protocol.pci import (
     region_name,
     walk_capabilities,
 )
+from vfioproxy.protocol.pci_view import PciView
 
 REAL = TRACES
 E1K = REAL / "qemu-realize-qemu-server-e1000e-001.trace"

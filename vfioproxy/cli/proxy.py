@@ -18,10 +18,8 @@ import trio
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
 from vfioproxy.cli.args import LAYOUTS, dialects, positive_int, size, size_in
-from vfioproxy.control import control_request, serve_control
 from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
 from vfioproxy.io.unix import open_unix_listener
-from vfioproxy.live import MessageLog, run_status_line
 from vfioproxy.proxy import (
     DEFAULT_GRACE,
     DEFAULT_MAX_MESSAGE_BUFFER,
@@ -30,6 +28,8 @@ from vfioproxy.proxy import (
     ProxyOptions,
     fastpath,
 )
+from vfioproxy.proxy.control import control_request, serve_control
+from vfioproxy.proxy.live import MessageLog, run_status_line
 from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT, MAX_MESSAGE_BUFFER
 from vfioproxy.proxy.tuning import tune_allocator
 from vfioproxy.trace import stats

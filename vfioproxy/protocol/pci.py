@@ -5,7 +5,7 @@ capability walk (standard list from 0x34, PCIe extended list from 0x100),
 value decoders for display, BAR/ROM sizing arithmetic, and
 :func:`describe_config_access`, which turns one REGION_READ/REGION_WRITE on
 region 7 into a line such as ``cfg RD4 @0x30 ROM BAR = 0xfffc0000 → ROM size
-256 KiB``. The one stateful companion is :class:`vfioproxy.pci_view.PciView`.
+256 KiB``. The one stateful companion is :class:`vfioproxy.protocol.pci_view.PciView`.
 """
 
 from __future__ import annotations

@@ -25,12 +25,12 @@ import attrs
 from recorder.reader import TraceReader
 from recorder.records import EventKind, EventRecord, FdRecord, MessageRecord, Record
 from vfioproxy.errors import VfioProxyError
-from vfioproxy.pci_view import PciView
 from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.capabilities import Capabilities
 from vfioproxy.protocol.codec import Dialects, Message
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.pci import Region
+from vfioproxy.protocol.pci_view import PciView
 from vfioproxy.protocol.session import SessionState
 from vfioproxy.replay.fields import PciContext
 from vfioproxy.side import Direction

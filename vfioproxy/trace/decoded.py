@@ -2,7 +2,7 @@
 
 :func:`decoded_records` walks a trace once, keeps one
 :class:`~vfioproxy.protocol.session.SessionState` and one
-:class:`~vfioproxy.pci_view.PciView` per session, and yields each record with
+:class:`~vfioproxy.protocol.pci_view.PciView` per session, and yields each record with
 what the tools need: the decoded message, the command a reply answers, the
 request-to-reply latency, protocol violations, and a PCI-aware description.
 """
@@ -14,11 +14,9 @@ from collections.abc import Iterable, Iterator
 import attrs
 
 from recorder.records import EventRecord, MessageRecord, Record
-from vfioproxy.pci_view import PciView
-from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
-from vfioproxy.protocol.pci import Region, region_name
+from vfioproxy.protocol.pci_view import PciView, describe
 from vfioproxy.protocol.session import Observation, SessionState, Violation
 from vfioproxy.side import Direction
 
@@ -106,33 +104,3 @@ def decoded_records(
         ):
             state.announced = True
             yield SessionNegotiated(record.session, state.state, dialects is None)
-
-
-def describe(obs: Observation, pci: PciView) -> str:
-    """The body summary, in PCI terms for region accesses."""
-    message = obs.message
-    body = message.body
-    if message.is_error or not isinstance(body, RegionAccessBody):
-        return body.summary()
-    if message.command not in (Command.REGION_READ, Command.REGION_WRITE):
-        return body.summary()
-    if body.region != Region.CONFIG:
-        return _describe_region_io(message.command, message.is_reply, body)
-    if message.command == Command.REGION_WRITE:
-        if message.is_reply:
-            return f"cfg WR{body.count} @{body.offset:#x} done"
-        return pci.describe_write(body.offset, body.count, body.data)
-    if message.is_reply:
-        return pci.describe_read_reply(body.offset, body.count, body.data)
-    return pci.describe_read_request(body.offset, body.count)
-
-
-def _describe_region_io(command: int, is_reply: bool, body: RegionAccessBody) -> str:
-    op = "RD" if command == Command.REGION_READ else "WR"
-    where = f"{region_name(body.region)} {op}{body.count} @{body.offset:#x}"
-    if not body.data:
-        return where + (" done" if is_reply else "")
-    if len(body.data) <= 8:
-        value = int.from_bytes(body.data, "little")
-        return f"{where} = {value:#0{2 + 2 * len(body.data)}x}"
-    return f"{where} data {body.data[:16].hex()}… ({len(body.data)}B)"

@@ -38,7 +38,7 @@ import trio
 from vfioproxy.errors import VfioProxyError
 from vfioproxy.inject import InjectError, Injector, Rule
 from vfioproxy.io.unix import open_unix_listener
-from vfioproxy.proxy import Proxy
+from vfioproxy.proxy.core import Proxy
 
 __all__ = ["ControlError", "control_request", "parse_request", "serve_control"]
 

@@ -8,10 +8,11 @@ from typing import TextIO
 
 import trio
 
-from vfioproxy.pci_view import PciView
+from vfioproxy.protocol.pci_view import PciView, describe
 from vfioproxy.protocol.session import Observation
-from vfioproxy.proxy import Proxy, ProxyStatistics, SessionLedger
-from vfioproxy.trace.decoded import describe
+from vfioproxy.proxy.core import Proxy
+from vfioproxy.proxy.ledger import SessionLedger
+from vfioproxy.proxy.model import ProxyStatistics
 
 
 class MessageLog:

@@ -7,18 +7,23 @@ session, in order, and gets one line per message back.
 
 from __future__ import annotations
 
+from vfioproxy.protocol.bodies import RegionAccessBody
+from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.pci import (
     EXT_CONFIG_SIZE,
     ROM_BAR,
     BarKind,
     Capability,
+    Region,
     bar_index,
     bar_offset,
     config_bar_kinds,
     describe_config_access,
     is_sizing_write,
+    region_name,
     walk_capabilities,
 )
+from vfioproxy.protocol.session import Observation
 
 
 class PciView:
@@ -105,3 +110,33 @@ class PciView:
             bar_kinds=kinds,
             lower_mask=lower_mask,
         )
+
+
+def describe(obs: Observation, pci: PciView) -> str:
+    """The body summary, in PCI terms for region accesses."""
+    message = obs.message
+    body = message.body
+    if message.is_error or not isinstance(body, RegionAccessBody):
+        return body.summary()
+    if message.command not in (Command.REGION_READ, Command.REGION_WRITE):
+        return body.summary()
+    if body.region != Region.CONFIG:
+        return _describe_region_io(message.command, message.is_reply, body)
+    if message.command == Command.REGION_WRITE:
+        if message.is_reply:
+            return f"cfg WR{body.count} @{body.offset:#x} done"
+        return pci.describe_write(body.offset, body.count, body.data)
+    if message.is_reply:
+        return pci.describe_read_reply(body.offset, body.count, body.data)
+    return pci.describe_read_request(body.offset, body.count)
+
+
+def _describe_region_io(command: int, is_reply: bool, body: RegionAccessBody) -> str:
+    op = "RD" if command == Command.REGION_READ else "WR"
+    where = f"{region_name(body.region)} {op}{body.count} @{body.offset:#x}"
+    if not body.data:
+        return where + (" done" if is_reply else "")
+    if len(body.data) <= 8:
+        value = int.from_bytes(body.data, "little")
+        return f"{where} = {value:#0{2 + 2 * len(body.data)}x}"
+    return f"{where} data {body.data[:16].hex()}… ({len(body.data)}B)"
