@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import struct
 from array import array
 from collections.abc import Sequence
 
@@ -31,10 +30,10 @@ from vfioproxy.io.transport import (
     take_fds,
 )
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
+from vfioproxy.protocol.offsets import SIZE, SIZE_ONLY
 
 __all__ = ["BlockingFdSocket"]
 
-_SIZE_FIELD = struct.Struct("<I")
 # plain ints: the socket module's flags are IntFlag members, and every
 # operation on those builds a new enum member (a microsecond on each message)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
@@ -92,7 +91,7 @@ class BlockingFdSocket:
     ) -> tuple[bytes, list[OwnedFd]]:
         """Receive one framed message and the fds of its header (the caller owns them)."""
         header, fds = self._read_header()
-        body_len = framed_body_length(_SIZE_FIELD.unpack_from(header, 4)[0], max_size)
+        body_len = framed_body_length(SIZE_ONLY.unpack_from(header, SIZE.offset)[0], max_size)
         if not body_len:
             return header, fds
         total = HEADER_SIZE + body_len

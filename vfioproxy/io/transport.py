@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 from array import array
 from collections.abc import Sequence
 
@@ -27,6 +26,7 @@ import trio
 from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, TransportError
 from vfioproxy.io.fds import OwnedFd, close_all, fd_number
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
+from vfioproxy.protocol.offsets import SIZE, SIZE_ONLY
 
 __all__ = [
     "SCM_MAX_FD",
@@ -41,7 +41,6 @@ __all__ = [
 #: Linux's limit on fds in one ``sendmsg`` (include/net/scm.h)
 SCM_MAX_FD = 253
 
-_SIZE_FIELD = struct.Struct("<I")  # ``size``, at offset 4 of the header
 _FD_SIZE = array("i").itemsize
 _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 _SEND_FLAGS = socket.MSG_NOSIGNAL
@@ -286,7 +285,7 @@ class FdStream(trio.abc.AsyncResource):
         self._receiving = True
         try:
             message, fds = await self._read_header()
-            body_len = framed_body_length(_SIZE_FIELD.unpack_from(message, 4)[0], max_size)
+            body_len = framed_body_length(SIZE_ONLY.unpack_from(message, SIZE.offset)[0], max_size)
             if body_len:
                 try:
                     first, rest = await self._read_body(body_len, HEADER_SIZE)

@@ -35,7 +35,6 @@ import math
 import mmap
 import os
 import random
-import struct
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -86,6 +85,7 @@ from vfioproxy.protocol.constants import (
     flag_names,
 )
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, Command
+from vfioproxy.protocol.offsets import VERSION_NUMBERS
 from vfioproxy.protocol.pci import (
     Capability,
     CapId,
@@ -627,7 +627,7 @@ class RealizeClient:
             payload = reply.body.serialize()
             if len(payload) < 5:
                 raise _Problem(f"corrupt version reply: {len(payload)}-byte payload")
-            major, minor = struct.unpack_from("<HH", payload)
+            major, minor = VERSION_NUMBERS.unpack_from(payload)
             if major != 0 or minor > 0:
                 raise _Problem(f"incompatible server version {major}.{minor} (QEMU speaks 0.0)")
             if payload[-1] != 0:

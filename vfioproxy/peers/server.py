@@ -51,6 +51,7 @@ from vfioproxy.protocol.bodies import (
     DmaAccessBody,
     DmaLayout,
     DmaLoggingReportData,
+    DmaLoggingStartData,
     DmaMapBody,
     DmaUnmapBody,
     EmptyBody,
@@ -549,11 +550,12 @@ class ServerSession:
         if body.feature == Feature.DMA_LOGGING_STOP:
             dma.stop_logging()
             return
-        if body.feature == Feature.DMA_LOGGING_START and len(body.data) >= 16:
-            dma.start_logging(int.from_bytes(body.data[:8], "little"))
+        data = body.feature_data  # None when too short for its feature
+        if isinstance(data, DmaLoggingStartData):
+            dma.start_logging(data.page_size)
             return
-        if body.feature == Feature.MIG_DEVICE_STATE and len(body.data) >= 8:
-            await self.device.set_migration_state(int.from_bytes(body.data[:4], "little"))
+        if isinstance(data, DeviceStateData):
+            await self.device.set_migration_state(data.device_state)
             return
         raise _refuse("feature data too short")
 

@@ -22,6 +22,7 @@ from vfioproxy.protocol.capabilities import (
 )
 from vfioproxy.protocol.codec import decode
 from vfioproxy.protocol.header import FLAG_ERROR, HEADER_SIZE, TYPE_MASK, Command, MessageType
+from vfioproxy.protocol.offsets import COMMAND
 from vfioproxy.side import Direction, Side
 
 __all__ = ["MESSAGE_OVERHEAD", "Negotiation", "TwinSocket", "is_version"]
@@ -34,9 +35,13 @@ _COMMAND = int(MessageType.COMMAND)
 _REPLY = int(MessageType.REPLY)
 
 
+_COMMAND_LOW, _COMMAND_HIGH = COMMAND.offset, COMMAND.offset + 1
+
+
 def is_version(data: bytes | bytearray | memoryview) -> bool:
-    """True when ``data`` starts with a header whose command is VERSION (abs 2, u16)."""
-    return len(data) >= HEADER_SIZE and data[2] == _VERSION and data[3] == 0
+    """True when ``data`` starts with a header whose command is VERSION."""
+    return (len(data) >= HEADER_SIZE and data[_COMMAND_LOW] == _VERSION
+            and data[_COMMAND_HIGH] == 0)
 
 
 @attrs.frozen

@@ -29,7 +29,12 @@ __all__ = [
     "HEADER",
     "HEADER_FIELDS",
     "MSG_ID",
+    "MSG_ID_ONLY",
     "SIZE",
+    "SIZE_ONLY",
+    "VERSION_MAJOR",
+    "VERSION_MINOR",
+    "VERSION_NUMBERS",
     "Field",
     "layout",
 ]
@@ -69,6 +74,10 @@ HEADER_FIELDS: dict[str, Field] = {
 #: the whole header in one unpack: msg_id, command, size, flags, error
 HEADER = layout(MSG_ID, COMMAND, SIZE, FLAGS, ERROR)
 assert HEADER.size == HEADER_SIZE
+#: the header's size alone (``unpack_from(data, SIZE.offset)``): what framing reads
+SIZE_ONLY = layout(SIZE)
+#: the header's msg_id alone (``pack``/``unpack_from(data, MSG_ID.offset)``)
+MSG_ID_ONLY = layout(MSG_ID)
 
 # region access, body offsets (REGION_READ/REGION_WRITE, protocol.md §2.9/§2.10)
 ACCESS_OFFSET = Field(0, 8)
@@ -78,6 +87,12 @@ ACCESS_COUNT = Field(12, 4)
 ACCESS_COMMANDS = frozenset({Command.REGION_READ, Command.REGION_WRITE})
 #: where a region access goes, in one unpack at ``HEADER_SIZE``: offset, region
 ACCESS = layout(ACCESS_OFFSET, ACCESS_REGION)
+
+# VERSION, body offsets (protocol.md §2.1)
+VERSION_MAJOR = Field(0, 2)
+VERSION_MINOR = Field(2, 2)
+#: major, minor in one unpack of the VERSION payload
+VERSION_NUMBERS = layout(VERSION_MAJOR, VERSION_MINOR)
 
 _ARGSZ = Field(0, 4)
 _ARGSZ_COMMANDS = (
@@ -122,6 +137,6 @@ BODY_FIELDS: dict[str, dict[int, Field]] = {
     },
     "start": {Command.DEVICE_SET_IRQS: Field(12, 4)},
     "argsz": {command: _ARGSZ for command in _ARGSZ_COMMANDS},
-    "major": {Command.VERSION: Field(0, 2)},
-    "minor": {Command.VERSION: Field(2, 2)},
+    "major": {Command.VERSION: VERSION_MAJOR},
+    "minor": {Command.VERSION: VERSION_MINOR},
 }

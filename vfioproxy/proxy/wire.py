@@ -24,12 +24,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import struct
 from array import array
 from collections import deque
 
 from vfioproxy.io.fds import OwnedFd, close_all
 from vfioproxy.protocol.header import HEADER_SIZE, framed_body_length
+from vfioproxy.protocol.offsets import SIZE, SIZE_ONLY
 
 __all__ = [
     "SCM_MAX_FD",
@@ -48,7 +48,8 @@ SCM_MAX_FD = 253
 #: the most a streamed (over-limit) message is read in at a time
 PIECE_SIZE = 256 * 1024
 
-_SIZE = struct.Struct("<I")
+_SIZE = SIZE_ONLY
+_SIZE_AT = SIZE.offset
 _FD_SIZE = array("i").itemsize
 _ANCBUFSIZE = socket.CMSG_LEN(SCM_MAX_FD * _FD_SIZE)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
@@ -220,7 +221,7 @@ class MessageReader:
             self._resume = True
             self._took(chunk, ancdata, flags)
             return self._read_slowly(max_message_size)
-        size = _SIZE.unpack_from(chunk, 4)[0]
+        size = _SIZE.unpack_from(chunk, _SIZE_AT)[0]
         body_len = framed_body_length(size, max_message_size)
         if not body_len:
             return Message(chunk, _NO_FDS, HEADER_SIZE, unframable=size != HEADER_SIZE)
@@ -257,7 +258,7 @@ class MessageReader:
             if not self._read_header():
                 return None
             header = self._header
-            size = _SIZE.unpack_from(header, 4)[0]
+            size = _SIZE.unpack_from(header, _SIZE_AT)[0]
             body_len = framed_body_length(size, max_message_size)
             if not body_len:
                 return self._finish(bytes(header), HEADER_SIZE, unframable=size != HEADER_SIZE)

@@ -16,7 +16,6 @@ after the other was seen.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +28,7 @@ from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.capabilities import Capabilities
 from vfioproxy.protocol.codec import Dialects, Message
 from vfioproxy.protocol.header import Command
+from vfioproxy.protocol.offsets import MSG_ID, MSG_ID_ONLY
 from vfioproxy.protocol.pci import Region
 from vfioproxy.protocol.pci_view import PciView
 from vfioproxy.protocol.session import SessionState
@@ -37,7 +37,6 @@ from vfioproxy.side import Direction
 
 __all__ = ["ReplayError", "Script", "Step", "load_script", "script_from_records"]
 
-_MSG_ID = struct.Struct("<H")
 
 
 class ReplayError(VfioProxyError):
@@ -88,7 +87,7 @@ class Step:
 
     def with_id(self, msg_id: int) -> bytes:
         """The recorded bytes with the header's msg_id replaced."""
-        return _MSG_ID.pack(msg_id) + self.data[_MSG_ID.size :]
+        return MSG_ID_ONLY.pack(msg_id) + self.data[MSG_ID.end :]
 
 
 @attrs.frozen
