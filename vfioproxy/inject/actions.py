@@ -37,7 +37,7 @@ import enum
 import math
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import attrs
 
@@ -56,9 +56,6 @@ from vfioproxy.inject.values import (
 from vfioproxy.protocol.codec import build_error_reply, encode
 from vfioproxy.protocol.header import HEADER_SIZE, Header, command_name
 from vfioproxy.protocol.offsets import BODY_FIELDS, HEADER_FIELDS
-
-if TYPE_CHECKING:
-    from vfioproxy.inject.rules import Match
 
 __all__ = [
     "ACTIONS",
@@ -141,6 +138,17 @@ class Param:
     def name(self) -> str:
         """The action attribute that holds it."""
         return self.attribute or self.key
+
+
+class Match(Protocol):
+    """What an action's :meth:`~Action.check` reads of its rule's
+    :class:`~vfioproxy.inject.rules.Match`."""
+
+    @property
+    def command(self) -> frozenset[int] | None: ...
+    @property
+    def replies_only(self) -> bool: ...
+    def command_text(self) -> str: ...
 
 
 class Action:

@@ -16,6 +16,7 @@ message takes the Python path, which behaves the same and costs more CPU
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,13 +32,14 @@ lane: Callable[..., tuple[Any, ...]] | None
 #: why there is no C lane (None: there is one)
 without: str | None = None
 try:
-    from vfioproxy.proxy import _fastpath
+    # by name: the extension is no Python module of the package's import graph
+    _fastpath = importlib.import_module("vfioproxy.proxy._fastpath")
 except ImportError as exc:  # not built: the Python path only
     Appender, lane = writer.Appender, None
     without = (f"vfioproxy.proxy._fastpath is not built ({exc}; `pip install -e .` builds it "
                "with a C compiler and Python's headers)")
 else:
-    Appender = _fastpath.Appender  # type: ignore[assignment]
+    Appender = _fastpath.Appender
     writer.use_appender(Appender)
     lane = _fastpath.relay
     if os.environ.get("VFIOPROXY_PURE_PYTHON") == "1":
