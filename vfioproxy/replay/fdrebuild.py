@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Sequence
 
 from recorder.records import FdRecord
-from vfioproxy.io.fds import FdKind, OwnedFd, make_eventfd, make_memfd
+from vfioproxy.io.fds import FdKind, OwnedFd, close_all, make_eventfd, make_memfd
 from vfioproxy.side import Direction
 
 __all__ = ["FdRebuilder"]
@@ -82,8 +82,7 @@ class FdRebuilder:
 
     def close(self) -> None:
         """Close every fd made; idempotent."""
-        for fd in [*self._made.values(), *self._kept]:
-            fd.close()
+        close_all([*self._made.values(), *self._kept])
         self._made.clear()
         self._kept.clear()
 
