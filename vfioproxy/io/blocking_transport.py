@@ -22,7 +22,9 @@ from collections.abc import Sequence
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.io.fds import OwnedFd, close_all, fd_number
-from vfioproxy.io.transport import (
+from vfioproxy.io.receive import (
+    FD_SIZE,
+    RECV_FLAGS,
     SCM_MAX_FD,
     eof_in_header,
     fds_truncated,
@@ -36,7 +38,6 @@ __all__ = ["BlockingFdSocket"]
 
 # plain ints: the socket module's flags are IntFlag members, and every
 # operation on those builds a new enum member (a microsecond on each message)
-_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _WAITALL = int(socket.MSG_WAITALL)
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _CTRUNC = int(socket.MSG_CTRUNC)
@@ -60,7 +61,7 @@ class BlockingFdSocket:
         sock.setblocking(True)
         self.socket = sock
         self.max_fds = max_fds
-        self._ancbufsize = socket.CMSG_LEN(max_fds * array("i").itemsize)
+        self._ancbufsize = socket.CMSG_LEN(max_fds * FD_SIZE)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -124,7 +125,7 @@ class BlockingFdSocket:
         try:
             while True:
                 chunk, ancdata, flags, _ = sock.recvmsg(
-                    HEADER_SIZE - len(header), self._ancbufsize, _RECV_FLAGS
+                    HEADER_SIZE - len(header), self._ancbufsize, RECV_FLAGS
                 )
                 if ancdata:
                     take_fds(ancdata, fds)

@@ -23,73 +23,24 @@ from collections.abc import Sequence
 
 import trio
 
-from vfioproxy.errors import ConnectionClosedError, FdsTruncatedError, TransportError
+from vfioproxy.errors import ConnectionClosedError, TransportError
 from vfioproxy.io.fds import OwnedFd, close_all, fd_number
+from vfioproxy.io.receive import (
+    FD_SIZE,
+    RECV_FLAGS,
+    SCM_MAX_FD,
+    check_max_fds,
+    eof_in_header,
+    fds_truncated,
+    reset_error,
+    take_fds,
+)
 from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, framed_body_length
 from vfioproxy.protocol.offsets import SIZE, SIZE_ONLY
 
-__all__ = [
-    "SCM_MAX_FD",
-    "FdStream",
-    "eof_in_header",
-    "fd_stream_pair",
-    "fds_truncated",
-    "open_unix_fd_stream",
-    "take_fds",
-]
+__all__ = ["SCM_MAX_FD", "FdStream", "fd_stream_pair", "open_unix_fd_stream"]
 
-#: Linux's limit on fds in one ``sendmsg`` (include/net/scm.h)
-SCM_MAX_FD = 253
-
-_FD_SIZE = array("i").itemsize
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 _SEND_FLAGS = socket.MSG_NOSIGNAL
-
-
-def _check_max_fds(max_fds: int) -> None:
-    if not 0 <= max_fds <= SCM_MAX_FD:
-        raise ValueError(f"max_fds must be in 0..{SCM_MAX_FD}, got {max_fds}")
-
-
-def take_fds(ancdata: list[tuple[int, int, bytes]], into: list[OwnedFd]) -> None:
-    """Wrap the fds of every SCM_RIGHTS cmsg in ``ancdata`` (the kernel installed them)."""
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            numbers = array("i")
-            numbers.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-            into.extend(map(OwnedFd, numbers))
-
-
-def eof_in_header(received: bytes) -> ConnectionClosedError:
-    """The error for EOF before a header was whole (``received``: its bytes so far)."""
-    if not received:
-        return ConnectionClosedError("peer closed the connection", mid_message=False)
-    return ConnectionClosedError(
-        f"peer closed the connection after {len(received)} of {HEADER_SIZE} header bytes",
-        mid_message=True,
-        received=len(received),
-        partial=received,
-    )
-
-
-def reset_error(received: int, total: int, unit: str, partial: bytes) -> ConnectionClosedError:
-    """The error for a reset after ``received`` of ``total`` bytes of a ``unit``
-    (``"header"`` or ``"message"``); ``partial``: the bytes that did arrive."""
-    return ConnectionClosedError(
-        f"peer reset the connection after {received} of {total} {unit} bytes",
-        mid_message=received > 0,
-        received=received,
-        partial=partial,
-    )
-
-
-def fds_truncated(max_fds: int, arrived: int) -> FdsTruncatedError:
-    """The error for a header whose fds did not all fit (``MSG_CTRUNC``)."""
-    return FdsTruncatedError(
-        f"a message header arrived with more fds than fit (max_fds={max_fds}) or than "
-        f"this process may open; the kernel dropped the rest and the {arrived} that "
-        f"arrived were closed"
-    )
 
 
 class FdStream(trio.abc.AsyncResource):
@@ -120,7 +71,7 @@ class FdStream(trio.abc.AsyncResource):
         """
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             raise ValueError(f"FdStream needs an AF_UNIX SOCK_STREAM socket, got {sock!r}")
-        _check_max_fds(max_fds)
+        check_max_fds(max_fds)
         # trio has no public accessor for the stdlib socket it wraps; we need it
         # to make the syscalls without trio's per-call checkpoints.
         raw = getattr(sock, "_sock", None)
@@ -132,7 +83,7 @@ class FdStream(trio.abc.AsyncResource):
         # CMSG_LEN, not CMSG_SPACE: the kernel fills whatever fits, and
         # CMSG_SPACE's padding to 8 bytes makes room for one more fd when
         # max_fds is odd (CMSG_SPACE(4) takes 2 fds without MSG_CTRUNC).
-        self._ancbufsize = socket.CMSG_LEN(max_fds * _FD_SIZE)
+        self._ancbufsize = socket.CMSG_LEN(max_fds * FD_SIZE)
         self._broken: str | None = None
         self._closed = False
         self._sending = False
@@ -309,7 +260,7 @@ class FdStream(trio.abc.AsyncResource):
             while True:
                 try:
                     chunk, ancdata, flags, _ = raw.recvmsg(
-                        HEADER_SIZE - len(header), self._ancbufsize, _RECV_FLAGS
+                        HEADER_SIZE - len(header), self._ancbufsize, RECV_FLAGS
                     )
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(raw)
@@ -431,7 +382,7 @@ async def open_unix_fd_stream(
 
     Cancellation: the half-made socket is closed and nothing is returned.
     """
-    _check_max_fds(max_fds)
+    check_max_fds(max_fds)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(os.fspath(path))
@@ -443,6 +394,6 @@ async def open_unix_fd_stream(
 
 def fd_stream_pair(*, max_fds: int = SCM_MAX_FD) -> tuple[FdStream, FdStream]:
     """Two connected streams over a socketpair (tests, in-process peers)."""
-    _check_max_fds(max_fds)
+    check_max_fds(max_fds)
     a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     return FdStream(a, max_fds=max_fds), FdStream(b, max_fds=max_fds)

@@ -28,6 +28,7 @@ from array import array
 from collections import deque
 
 from vfioproxy.io.fds import OwnedFd, close_all
+from vfioproxy.io.receive import FD_SIZE, RECV_FLAGS, SCM_MAX_FD
 from vfioproxy.protocol.header import HEADER_SIZE, framed_body_length
 from vfioproxy.protocol.offsets import SIZE, SIZE_ONLY
 
@@ -43,16 +44,12 @@ __all__ = [
     "Taken",
 ]
 
-#: Linux's limit on fds in one ``sendmsg`` (include/net/scm.h)
-SCM_MAX_FD = 253
 #: the most a streamed (over-limit) message is read in at a time
 PIECE_SIZE = 256 * 1024
 
 _SIZE = SIZE_ONLY
 _SIZE_AT = SIZE.offset
-_FD_SIZE = array("i").itemsize
-_ANCBUFSIZE = socket.CMSG_LEN(SCM_MAX_FD * _FD_SIZE)
-_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_ANCBUFSIZE = socket.CMSG_LEN(SCM_MAX_FD * FD_SIZE)
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _SOL_SOCKET = socket.SOL_SOCKET
@@ -210,7 +207,7 @@ class MessageReader:
         try:
             if taken is None:
                 chunk, ancdata, flags, _ = self.sock.recvmsg(HEADER_SIZE, _ANCBUFSIZE,
-                                                             _RECV_FLAGS)
+                                                             RECV_FLAGS)
             else:
                 chunk, ancdata, flags = taken.header()
         except BlockingIOError:
@@ -296,7 +293,7 @@ class MessageReader:
         while len(header) < HEADER_SIZE:
             try:
                 chunk, ancdata, flags, _ = self.sock.recvmsg(
-                    HEADER_SIZE - len(header), _ANCBUFSIZE, _RECV_FLAGS
+                    HEADER_SIZE - len(header), _ANCBUFSIZE, RECV_FLAGS
                 )
             except BlockingIOError:
                 return False
@@ -323,7 +320,7 @@ class MessageReader:
             if level != _SOL_SOCKET or kind != _SCM_RIGHTS:
                 continue
             numbers = array("i")
-            numbers.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+            numbers.frombytes(data[: len(data) - len(data) % FD_SIZE])
             for number in numbers:
                 fd = OwnedFd(number)
                 if len(self._fds) < SCM_MAX_FD:
