@@ -200,7 +200,7 @@ CLIENT = textwrap.dedent("""
     sock.connect(sys.argv[1])
     time.sleep(float(sys.argv[3]))
     if sys.argv[2] != "0":
-        print("starting\\nclient: device refused (errno 22)", file=sys.stderr)
+        print("\\nclient: device refused (errno 22)\\n  at realize step R4", file=sys.stderr)
     sys.exit(int(sys.argv[2]))
 """)
 
@@ -219,8 +219,38 @@ async def test_a_command_per_run_records_its_exit_status(
     assert [(r.status, r.exit_code) for r in results.rows] == [(status, code)] * 2
     for row in results.rows:
         assert row.realize_s is None and row.total_s is not None and row.messages == 0
-        assert row.error == ("" if code == 0 else "starting | client: device refused (errno 22)")
         assert row.trace is not None and (tmp_path / "out" / row.trace).exists()
+        if code == 0:  # nothing on stderr: no file
+            assert (row.error, row.stderr) == ("", None)
+            continue
+        # the first line in the results, the whole stderr next to the run's trace
+        assert row.error == "client: device refused (errno 22)"
+        assert row.stderr == row.trace.removesuffix(".trace") + ".stderr"
+        assert (tmp_path / "out" / row.stderr).read_text() == (
+            "\nclient: device refused (errno 22)\n  at realize step R4\n")
+    assert sorted(p.name for p in (tmp_path / "out" / "traces").iterdir()) == sorted(
+        [Path(r.trace or "").name for r in results.rows]
+        + [Path(r.stderr).name for r in results.rows if r.stderr])
+
+
+async def test_a_command_that_fails_silently_gets_its_exit_status_as_error(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "client.py"
+    script.write_text("import os, signal, sys\n"
+                      "os.kill(os.getpid(), signal.SIGTERM) if sys.argv[2] == 'kill' "
+                      "else sys.exit(4)\n")
+    results = await run_experiment(ExperimentConfig(
+        tmp_path / "out", sweep="c2s * error {EIO,EINVAL}", runs=1, plot=False,
+        command=(sys.executable, str(script), "{socket}", "exit")))
+    assert [(r.status, r.error, r.stderr) for r in results.rows] == [
+        ("exit 4", "exit status 4, nothing on stderr", None)] * 2
+    assert [s.error for s in results.summary] == ["exit status 4, nothing on stderr"] * 2
+    results = await run_experiment(ExperimentConfig(
+        tmp_path / "out2", runs=1, plot=False,
+        command=(sys.executable, str(script), "{socket}", "kill")))
+    assert [(r.status, r.error) for r in results.rows] == [
+        ("exit -15", "killed by SIGTERM, nothing on stderr")]
 
 
 async def test_a_command_that_hangs_is_killed_at_the_timeout(tmp_path: Path) -> None:
@@ -270,6 +300,41 @@ def test_the_cli_runs_an_experiment_and_prints_the_summary(
     assert [row["seed"] for row in data["rows"]] == [7, 7]
     assert data["settings"][1]["rules"] == [
         "c2s * id=1 delay fixed(200us)", "c2s DEVICE_RESET id=2 delay fixed(1ms)"]
+
+
+def test_the_cli_exits_1_after_all_runs_when_a_client_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the client fails through the proxy only: the direct runs succeed
+    script = tmp_path / "client.py"
+    script.write_text("import os, sys\n"
+                      "if os.path.basename(sys.argv[1]).startswith('proxy'):\n"
+                      "    sys.exit('client: BAR0 region info refused\\nsecond line')\n")
+    out = tmp_path / "o"
+    args = _parse(["experiment", "--sweep", "c2s * delay fixed({0,100}us)", "--runs", "2",
+                   "--direct", "--no-plot", "-o", str(out),
+                   "--command", f"{sys.executable} {script} {{socket}}"])
+    assert args.func(args) == 1
+    captured = capsys.readouterr()
+    assert "vfioproxy: 4 of 6 run(s) failed" in captured.err
+    assert "0us: client: BAR0 region info refused" in captured.out
+    assert "second line" not in captured.out
+    assert "6 trace(s)" not in captured.out and "4 client stderr file(s)" in captured.out
+    with open(out / "results.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["setting"], r["status"], r["error"]) for r in lines] == [
+        ("direct", "ok", ""), ("direct", "ok", ""),
+        *[(label, "exit 1", "client: BAR0 region info refused")
+          for label in ("0us", "0us", "100us", "100us")]]
+    assert [r["stderr"] for r in lines] == [
+        "", "", "traces/01-0us-1.stderr", "traces/01-0us-2.stderr",
+        "traces/02-100us-1.stderr", "traces/02-100us-2.stderr"]
+    assert (out / "traces/02-100us-2.stderr").read_text() == (
+        "client: BAR0 region info refused\nsecond line\n")
+    data = json.loads((out / "results.json").read_text())
+    assert [s["error"] for s in data["summary"]] == [
+        "", "client: BAR0 region info refused", "client: BAR0 region info refused"]
+    assert data["rows"][5]["stderr"] == "traces/02-100us-2.stderr"
 
 
 def test_the_cli_refuses_a_bad_sweep_before_starting(tmp_path: Path) -> None:
