@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import re
 import sys
@@ -24,7 +25,7 @@ from vfioproxy.experiment import (
 )
 from vfioproxy.experiment.analysis import inject_items
 from vfioproxy.experiment.cli import add_experiment_command
-from vfioproxy.experiment.report import summary_lines
+from vfioproxy.experiment.report import print_summary, summary_lines, wrap_note
 from vfioproxy.inject import Delay, Error, Fixed
 from vfioproxy.peers.client import RealizeOptions
 from vfioproxy.peers.server import open_device_server
@@ -180,6 +181,29 @@ async def test_an_error_sweep_records_how_the_client_failed(tmp_path: Path) -> N
     assert region.messages is not None and irq.messages is not None
     assert region.messages < irq.messages  # R4 fails before R10
     assert results.summary[0].error == region.error and results.summary[0].ok == 0
+
+
+async def test_the_summary_notes_wrap_at_word_boundaries(tmp_path: Path) -> None:
+    results = await run_experiment(ExperimentConfig(
+        tmp_path, sweep="c2s {DEVICE_GET_REGION_INFO,DEVICE_GET_IRQ_INFO} error EINVAL",
+        runs=1, plot=False))
+    out = io.StringIO()
+    print_summary(results, file=out, width=50)
+    text = out.getvalue().splitlines()
+    notes = text[text.index(next(t for t in text if t.startswith("realize, total:"))):]
+    assert all(len(line) <= 50 for line in notes)
+    # the same words in the same order: none cut, none lost
+    words = " ".join(summary_lines(results)[-4:]).split()
+    assert " ".join(notes).split() == words
+    errors = notes[notes.index("errors (first of each setting):") + 1:]
+    assert errors[0].startswith("  DEVICE_GET_REGION_INFO: R4")
+    assert errors[1].startswith("    ")  # the error goes on, indented under its setting
+    assert errors == [
+        part for row in results.summary for part in wrap_note(f"  {row.setting}: {row.error}", 50)]
+    # a word longer than the width stays whole, on its own line
+    long = "/tmp/" + "x" * 30 + "/device.sock"
+    assert wrap_note(f"  0us: cannot connect to {long}: refused", 20) == [
+        "  0us: cannot", "    connect to", f"    {long}:", "    refused"]
 
 
 async def test_a_dropped_reply_times_the_built_in_client_out(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
@@ -16,7 +17,7 @@ from rich.table import Table
 from vfioproxy.experiment.model import ExperimentResults, SummaryRow
 from vfioproxy.experiment.runner import Progress
 
-__all__ = ["print_summary", "progress_display", "summary_cells", "summary_lines"]
+__all__ = ["print_summary", "progress_display", "summary_cells", "summary_lines", "wrap_note"]
 
 #: column headers (times in ms); the plain table joins the two lines
 HEADERS = (
@@ -74,6 +75,20 @@ def _notes(results: ExperimentResults) -> list[str]:
     return lines
 
 
+def wrap_note(line: str, width: int) -> list[str]:
+    """A note line wrapped at word boundaries to ``width`` (a word longer than
+    that stays whole on its own line); the continuation of an indented line
+    (a setting's error) is indented two more."""
+    indent = line[: len(line) - len(line.lstrip(" "))]
+    return textwrap.wrap(
+        line,
+        width=width,
+        subsequent_indent=indent + "  " if indent else "",
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [line]
+
+
 def summary_lines(results: ExperimentResults) -> list[str]:
     """The summary as plain aligned text."""
     headers = [" ".join(part for part in header if part) for header in HEADERS]
@@ -86,8 +101,12 @@ def summary_lines(results: ExperimentResults) -> list[str]:
     return [*lines, "", *_notes(results)]
 
 
-def print_summary(results: ExperimentResults, file: TextIO | None = None) -> None:
-    """The summary table (on stdout by default), drawn by ``rich``."""
+def print_summary(
+    results: ExperimentResults, file: TextIO | None = None, *, width: int | None = None
+) -> None:
+    """The summary table (on stdout by default), drawn by ``rich``, and its notes
+    wrapped at word boundaries; ``width``: the terminal's width on a terminal,
+    else 160 columns."""
     file = sys.stdout if file is None else file
     title = results.config.sweep or "; ".join(results.config.rules) or "proxy"
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
@@ -99,10 +118,13 @@ def print_summary(results: ExperimentResults, file: TextIO | None = None) -> Non
     for row in results.summary:
         style = None if row.ok == row.runs else "yellow"
         table.add_row(*summary_cells(row), style=style)
-    out = Console(file=file, width=None if file.isatty() else 160)
+    if width is None and not file.isatty():
+        width = 160
+    out = Console(file=file, width=width)
     out.print(table)
     for line in _notes(results):
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
+        for part in wrap_note(line, out.width):
+            out.print(part, highlight=False, markup=False, soft_wrap=True)
 
 
 @contextmanager
