@@ -192,6 +192,9 @@ async def test_the_summary_notes_wrap_at_word_boundaries(tmp_path: Path) -> None
     text = out.getvalue().splitlines()
     notes = text[text.index(next(t for t in text if t.startswith("realize, total:"))):]
     assert all(len(line) <= 50 for line in notes)
+    # the table is too wide for 50 columns: the last note says what it left out
+    left_out = next(n for n, line in enumerate(notes) if line.startswith("left out"))
+    notes = notes[:left_out]
     # the same words in the same order: none cut, none lost
     words = " ".join(summary_lines(results)[-4:]).split()
     assert " ".join(notes).split() == words
@@ -200,6 +203,20 @@ async def test_the_summary_notes_wrap_at_word_boundaries(tmp_path: Path) -> None
     assert errors[1].startswith("    ")  # the error goes on, indented under its setting
     assert errors == [
         part for row in results.summary for part in wrap_note(f"  {row.setting}: {row.error}", 50)]
+    # a table too wide for the terminal leaves out columns, never the settings or statuses
+    out = io.StringIO()
+    print_summary(results, file=out, width=80)
+    text = out.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in text)
+    rows = [line for line in text if line.startswith("DEVICE_GET_")]
+    assert [line.split()[0] for line in rows] == [s.setting for s in results.summary]
+    assert all(line.split()[-1] == "error×1" for line in rows)
+    header = "\n".join(text[:next(n for n, line in enumerate(text) if line.startswith("─"))])
+    assert "setting" in header and "status" in header and "min..max" not in header
+    assert "left out for the terminal's width: total min..max, expected ratio," in out.getvalue()
+    out = io.StringIO()
+    print_summary(results, file=out)  # 160 columns off a terminal: the whole table
+    assert "min..max" in out.getvalue() and "left out" not in out.getvalue()
     # a word longer than the width stays whole, on its own line
     long = "/tmp/" + "x" * 30 + "/device.sock"
     assert wrap_note(f"  0us: cannot connect to {long}: refused", 20) == [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -25,6 +25,9 @@ HEADERS = (
     ("session", "ms"), ("added", "ms"), ("expected", "ms"), ("", "ratio"),
     ("per turn", "ms"), ("", "ratio"), ("", "msgs"), ("", "status"),
 )
+#: the columns a terminal too narrow for all leaves out, in this order (indexes
+#: into HEADERS): the setting, total, added, msgs and status stay
+NARROW_DROPS = (9, 8, 3, 7, 6, 1, 4)
 
 
 def _ms(value: float | None, signed: bool = False) -> str:
@@ -101,28 +104,56 @@ def summary_lines(results: ExperimentResults) -> list[str]:
     return [*lines, "", *_notes(results)]
 
 
+def _column_name(number: int) -> str:
+    """A column's header as one line; a ratio named after the column it divides by."""
+    top, bottom = HEADERS[number]
+    if not top and bottom == "ratio":
+        top = HEADERS[number - 1][0]
+    return " ".join(part for part in (top, bottom) if part)
+
+
+def _table(results: ExperimentResults, columns: Sequence[int]) -> Table:
+    title = results.config.sweep or "; ".join(results.config.rules) or "proxy"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  collapse_padding=True)
+    last = len(HEADERS) - 1
+    for number in columns:
+        table.add_column("\n".join(HEADERS[number]),
+                         justify="left" if number in (0, last) else "right",
+                         no_wrap=number not in (0, last))
+    for row in results.summary:
+        style = None if row.ok == row.runs else "yellow"
+        cells = summary_cells(row)
+        table.add_row(*(cells[number] for number in columns), style=style)
+    return table
+
+
 def print_summary(
     results: ExperimentResults, file: TextIO | None = None, *, width: int | None = None
 ) -> None:
     """The summary table (on stdout by default), drawn by ``rich``, and its notes
     wrapped at word boundaries; ``width``: the terminal's width on a terminal,
-    else 160 columns."""
+    else 160 columns. A table wider than that leaves out columns
+    (:data:`NARROW_DROPS`) until it fits, and a note names them."""
     file = sys.stdout if file is None else file
-    title = results.config.sweep or "; ".join(results.config.rules) or "proxy"
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                         collapse_padding=True)
-    last = len(HEADERS) - 1
-    for number, header in enumerate(HEADERS):
-        table.add_column("\n".join(header), justify="left" if number in (0, last) else "right",
-                         no_wrap=number not in (0, last))
-    for row in results.summary:
-        style = None if row.ok == row.runs else "yellow"
-        table.add_row(*summary_cells(row), style=style)
     if width is None and not file.isatty():
         width = 160
     out = Console(file=file, width=width)
+    unbounded = out.options.update_width(sys.maxsize)  # measure the width the table wants
+    columns = list(range(len(HEADERS)))
+    table = _table(results, columns)
+    for drop in NARROW_DROPS:
+        if out.measure(table, options=unbounded).maximum <= out.width:
+            break
+        columns.remove(drop)
+        table = _table(results, columns)
     out.print(table)
-    for line in _notes(results):
+    notes = _notes(results)
+    left_out = [_column_name(n) for n in range(len(HEADERS)) if n not in columns]
+    if left_out:
+        notes.append(f"left out for the terminal's width: {', '.join(left_out)} "
+                     f"(results.json has the whole summary)")
+    for line in notes:
         for part in wrap_note(line, out.width):
             out.print(part, highlight=False, markup=False, soft_wrap=True)
 
