@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import re
 import sys
@@ -24,7 +25,7 @@ from vfioproxy.experiment import (
 )
 from vfioproxy.experiment.analysis import inject_items
 from vfioproxy.experiment.cli import add_experiment_command
-from vfioproxy.experiment.report import summary_lines
+from vfioproxy.experiment.report import print_summary, summary_lines, wrap_note
 from vfioproxy.inject import Delay, Error, Fixed
 from vfioproxy.peers.client import RealizeOptions
 from vfioproxy.peers.server import open_device_server
@@ -182,6 +183,46 @@ async def test_an_error_sweep_records_how_the_client_failed(tmp_path: Path) -> N
     assert results.summary[0].error == region.error and results.summary[0].ok == 0
 
 
+async def test_the_summary_notes_wrap_at_word_boundaries(tmp_path: Path) -> None:
+    results = await run_experiment(ExperimentConfig(
+        tmp_path, sweep="c2s {DEVICE_GET_REGION_INFO,DEVICE_GET_IRQ_INFO} error EINVAL",
+        runs=1, plot=False))
+    out = io.StringIO()
+    print_summary(results, file=out, width=50)
+    text = out.getvalue().splitlines()
+    notes = text[text.index(next(t for t in text if t.startswith("realize, total:"))):]
+    assert all(len(line) <= 50 for line in notes)
+    # the table is too wide for 50 columns: the last note says what it left out
+    left_out = next(n for n, line in enumerate(notes) if line.startswith("left out"))
+    notes = notes[:left_out]
+    # the same words in the same order: none cut, none lost
+    words = " ".join(summary_lines(results)[-4:]).split()
+    assert " ".join(notes).split() == words
+    errors = notes[notes.index("errors (first of each setting):") + 1:]
+    assert errors[0].startswith("  DEVICE_GET_REGION_INFO: R4")
+    assert errors[1].startswith("    ")  # the error goes on, indented under its setting
+    assert errors == [
+        part for row in results.summary for part in wrap_note(f"  {row.setting}: {row.error}", 50)]
+    # a table too wide for the terminal leaves out columns, never the settings or statuses
+    out = io.StringIO()
+    print_summary(results, file=out, width=80)
+    text = out.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in text)
+    rows = [line for line in text if line.startswith("DEVICE_GET_")]
+    assert [line.split()[0] for line in rows] == [s.setting for s in results.summary]
+    assert all(line.split()[-1] == "error×1" for line in rows)
+    header = "\n".join(text[:next(n for n, line in enumerate(text) if line.startswith("─"))])
+    assert "setting" in header and "status" in header and "min..max" not in header
+    assert "left out for the terminal's width: total min..max, expected ratio," in out.getvalue()
+    out = io.StringIO()
+    print_summary(results, file=out)  # 160 columns off a terminal: the whole table
+    assert "min..max" in out.getvalue() and "left out" not in out.getvalue()
+    # a word longer than the width stays whole, on its own line
+    long = "/tmp/" + "x" * 30 + "/device.sock"
+    assert wrap_note(f"  0us: cannot connect to {long}: refused", 20) == [
+        "  0us: cannot", "    connect to", f"    {long}:", "    refused"]
+
+
 async def test_a_dropped_reply_times_the_built_in_client_out(tmp_path: Path) -> None:
     results = await run_experiment(ExperimentConfig(
         tmp_path, rules=["s2c DEVICE_SET_IRQS drop"], runs=1, timeout=0.2, plot=False,
@@ -200,7 +241,7 @@ CLIENT = textwrap.dedent("""
     sock.connect(sys.argv[1])
     time.sleep(float(sys.argv[3]))
     if sys.argv[2] != "0":
-        print("starting\\nclient: device refused (errno 22)", file=sys.stderr)
+        print("\\nclient: device refused (errno 22)\\n  at realize step R4", file=sys.stderr)
     sys.exit(int(sys.argv[2]))
 """)
 
@@ -219,8 +260,38 @@ async def test_a_command_per_run_records_its_exit_status(
     assert [(r.status, r.exit_code) for r in results.rows] == [(status, code)] * 2
     for row in results.rows:
         assert row.realize_s is None and row.total_s is not None and row.messages == 0
-        assert row.error == ("" if code == 0 else "starting | client: device refused (errno 22)")
         assert row.trace is not None and (tmp_path / "out" / row.trace).exists()
+        if code == 0:  # nothing on stderr: no file
+            assert (row.error, row.stderr) == ("", None)
+            continue
+        # the first line in the results, the whole stderr next to the run's trace
+        assert row.error == "client: device refused (errno 22)"
+        assert row.stderr == row.trace.removesuffix(".trace") + ".stderr"
+        assert (tmp_path / "out" / row.stderr).read_text() == (
+            "\nclient: device refused (errno 22)\n  at realize step R4\n")
+    assert sorted(p.name for p in (tmp_path / "out" / "traces").iterdir()) == sorted(
+        [Path(r.trace or "").name for r in results.rows]
+        + [Path(r.stderr).name for r in results.rows if r.stderr])
+
+
+async def test_a_command_that_fails_silently_gets_its_exit_status_as_error(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "client.py"
+    script.write_text("import os, signal, sys\n"
+                      "os.kill(os.getpid(), signal.SIGTERM) if sys.argv[2] == 'kill' "
+                      "else sys.exit(4)\n")
+    results = await run_experiment(ExperimentConfig(
+        tmp_path / "out", sweep="c2s * error {EIO,EINVAL}", runs=1, plot=False,
+        command=(sys.executable, str(script), "{socket}", "exit")))
+    assert [(r.status, r.error, r.stderr) for r in results.rows] == [
+        ("exit 4", "exit status 4, nothing on stderr", None)] * 2
+    assert [s.error for s in results.summary] == ["exit status 4, nothing on stderr"] * 2
+    results = await run_experiment(ExperimentConfig(
+        tmp_path / "out2", runs=1, plot=False,
+        command=(sys.executable, str(script), "{socket}", "kill")))
+    assert [(r.status, r.error) for r in results.rows] == [
+        ("exit -15", "killed by SIGTERM, nothing on stderr")]
 
 
 async def test_a_command_that_hangs_is_killed_at_the_timeout(tmp_path: Path) -> None:
@@ -270,6 +341,41 @@ def test_the_cli_runs_an_experiment_and_prints_the_summary(
     assert [row["seed"] for row in data["rows"]] == [7, 7]
     assert data["settings"][1]["rules"] == [
         "c2s * id=1 delay fixed(200us)", "c2s DEVICE_RESET id=2 delay fixed(1ms)"]
+
+
+def test_the_cli_exits_1_after_all_runs_when_a_client_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the client fails through the proxy only: the direct runs succeed
+    script = tmp_path / "client.py"
+    script.write_text("import os, sys\n"
+                      "if os.path.basename(sys.argv[1]).startswith('proxy'):\n"
+                      "    sys.exit('client: BAR0 region info refused\\nsecond line')\n")
+    out = tmp_path / "o"
+    args = _parse(["experiment", "--sweep", "c2s * delay fixed({0,100}us)", "--runs", "2",
+                   "--direct", "--no-plot", "-o", str(out),
+                   "--command", f"{sys.executable} {script} {{socket}}"])
+    assert args.func(args) == 1
+    captured = capsys.readouterr()
+    assert "vfioproxy: 4 of 6 run(s) failed" in captured.err
+    assert "0us: client: BAR0 region info refused" in captured.out
+    assert "second line" not in captured.out
+    assert "6 trace(s)" not in captured.out and "4 client stderr file(s)" in captured.out
+    with open(out / "results.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["setting"], r["status"], r["error"]) for r in lines] == [
+        ("direct", "ok", ""), ("direct", "ok", ""),
+        *[(label, "exit 1", "client: BAR0 region info refused")
+          for label in ("0us", "0us", "100us", "100us")]]
+    assert [r["stderr"] for r in lines] == [
+        "", "", "traces/01-0us-1.stderr", "traces/01-0us-2.stderr",
+        "traces/02-100us-1.stderr", "traces/02-100us-2.stderr"]
+    assert (out / "traces/02-100us-2.stderr").read_text() == (
+        "client: BAR0 region info refused\nsecond line\n")
+    data = json.loads((out / "results.json").read_text())
+    assert [s["error"] for s in data["summary"]] == [
+        "", "client: BAR0 region info refused", "client: BAR0 region info refused"]
+    assert data["rows"][5]["stderr"] == "traces/02-100us-2.stderr"
 
 
 def test_the_cli_refuses_a_bad_sweep_before_starting(tmp_path: Path) -> None:

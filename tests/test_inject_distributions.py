@@ -282,6 +282,41 @@ def test_mean_of_a_clamped_fixed_jitter_is_exact():
     assert parse_distribution("fixed(10us)+-20us").mean() == pytest.approx(11.25e-6, rel=1e-9)
 
 
+def _erf_cdf(z: float) -> float:
+    """The closed form the normal CDF had before statistics.NormalDist."""
+    return (1 + math.erf(z / math.sqrt(2))) / 2
+
+
+def _erf_pdf(z: float) -> float:
+    return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mu=st.floats(0.0, 1.0),
+    sd=st.floats(1e-9, 1.0),
+    x=st.floats(0.0, 2.0),
+    sigma=st.floats(1e-3, MAX_SIGMA),
+)
+def test_normal_and_lognormal_cdf_and_mean_equal_the_erf_closed_forms(mu, sd, x, sigma):
+    assert Normal(mu, sd).cdf(x) == pytest.approx(_erf_cdf((x - mu) / sd), rel=1e-9, abs=1e-15)
+    z = mu / sd
+    assert Normal(mu, sd).mean() == pytest.approx(
+        mu * _erf_cdf(z) + sd * _erf_pdf(z), rel=1e-12, abs=1e-300)
+    median = max(mu, 1e-9)
+    if x > 0:
+        assert LogNormal(median, sigma).cdf(x) == pytest.approx(
+            _erf_cdf((math.log(x) - math.log(median)) / sigma), rel=1e-9, abs=1e-15)
+
+
+def test_normal_cdf_puts_the_mass_below_zero_at_zero_and_steps_without_spread():
+    dist = Normal(1e-3, 1e-4)
+    assert dist.cdf(1e-3) == 0.5 and dist.cdf(-1e-9) == 0.0
+    assert dist.cdf(1.2e-3) == pytest.approx(0.9772498680518208, rel=1e-12)
+    assert Normal(1e-3, 0.0).cdf(1e-3) == 1.0 and Normal(1e-3, 0.0).cdf(0.99e-3) == 0.0
+    assert LogNormal(1e-3, 0.5).cdf(1e-3) == 0.5 and LogNormal(1e-3, 0.5).cdf(0.0) == 0.0
+
+
 def test_describe_shows_text_and_mean():
     assert parse_distribution("uniform(100us,300us)").describe() == (
         "uniform(100us,300us) (mean 200us)"

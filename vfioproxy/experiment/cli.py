@@ -98,7 +98,10 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    """Run the experiment, print the summary and where the files are; 0 when it ran."""
+    """Run the experiment, print the summary and where the files are.
+
+    0 when every run's client succeeded, 1 when one failed (after all runs,
+    with every file written)."""
     config = config_from_args(args)
     settings = config.settings()  # a bad sweep fails here, before anything starts
     print(f"vfioproxy: {len(settings)} setting(s) x {config.runs} run(s)", file=sys.stderr)
@@ -106,9 +109,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         results = trio.run(lambda: run_experiment(config, progress=progress))
     print_summary(results)
     files = [results.csv_path, results.json_path, *results.plots]
+    stderrs = sum(r.stderr is not None for r in results.rows)
     print(f"\nwrote {', '.join(str(f) for f in files)} and "
-          f"{sum(r.trace is not None for r in results.rows)} trace(s) in "
+          f"{sum(r.trace is not None for r in results.rows)} trace(s)"
+          f"{f' and {stderrs} client stderr file(s)' if stderrs else ''} in "
           f"{config.output / 'traces'}")
     if config.plot and not results.plots:
         print(f"note: {PLOT_HINT}")
+    failed = sum(not row.ok for row in results.rows)
+    if failed:
+        print(f"vfioproxy: {failed} of {len(results.rows)} run(s) failed "
+              "(their errors are under the table)", file=sys.stderr)
+        return 1
     return 0

@@ -112,9 +112,14 @@ class ResultRow:
 
     ``status``: ``ok``, ``error`` (the built-in client failed, or a command
     could not start), ``timeout``, or ``exit N`` (a command's exit status).
+    ``error``: why a failed run failed, in one line (the built-in client's
+    error; a command's first line on stderr, else its exit status).
     ``total_s`` is the run's wall time, up to the failure for failed runs.
-    ``messages`` were seen by the proxy (by the built-in client for a direct
-    run; None when unknown); ``injected`` counts the actions taken from the
+    ``trace`` and ``stderr`` are relative to the output directory: the run's
+    trace (None for a direct run) and a command's whole stderr (None when it
+    wrote nothing there, and for the built-in client). ``messages`` were
+    seen by the proxy (by the built-in client for a direct run; None when
+    unknown); ``injected`` counts the actions taken from the
     trace's ``inject`` events, ``actions`` per action name, and
     ``injected_delay_s`` sums their delays. ``expected_delay_s``: for delay
     rules on ``*`` commands, messages they matched x the mean delay.
@@ -143,6 +148,7 @@ class ResultRow:
     expected_turns_delay_s: float | None = None
     latency: dict[str, CommandLatency] = attrs.field(factory=dict)
     trace: str | None = None
+    stderr: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -256,7 +262,7 @@ _CSV_FIELDS = [
     "setting", "setting_index", "rule", "value", "value_s", "run", "seed", "proxy",
     "status", "exit_code", "error", "realize_s", "reset_s", "total_s", "session_s", "messages",
     "injected", "actions", "injected_delay_s", "expected_delay_s", "expected_turns_delay_s",
-    "trace",
+    "trace", "stderr",
 ]
 
 

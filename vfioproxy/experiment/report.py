@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -16,7 +17,7 @@ from rich.table import Table
 from vfioproxy.experiment.model import ExperimentResults, SummaryRow
 from vfioproxy.experiment.runner import Progress
 
-__all__ = ["print_summary", "progress_display", "summary_cells", "summary_lines"]
+__all__ = ["print_summary", "progress_display", "summary_cells", "summary_lines", "wrap_note"]
 
 #: column headers (times in ms); the plain table joins the two lines
 HEADERS = (
@@ -24,6 +25,9 @@ HEADERS = (
     ("session", "ms"), ("added", "ms"), ("expected", "ms"), ("", "ratio"),
     ("per turn", "ms"), ("", "ratio"), ("", "msgs"), ("", "status"),
 )
+#: the columns a terminal too narrow for all leaves out, in this order (indexes
+#: into HEADERS): the setting, total, added, msgs and status stay
+NARROW_DROPS = (9, 8, 3, 7, 6, 1, 4)
 
 
 def _ms(value: float | None, signed: bool = False) -> str:
@@ -74,6 +78,20 @@ def _notes(results: ExperimentResults) -> list[str]:
     return lines
 
 
+def wrap_note(line: str, width: int) -> list[str]:
+    """A note line wrapped at word boundaries to ``width`` (a word longer than
+    that stays whole on its own line); the continuation of an indented line
+    (a setting's error) is indented two more."""
+    indent = line[: len(line) - len(line.lstrip(" "))]
+    return textwrap.wrap(
+        line,
+        width=width,
+        subsequent_indent=indent + "  " if indent else "",
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [line]
+
+
 def summary_lines(results: ExperimentResults) -> list[str]:
     """The summary as plain aligned text."""
     headers = [" ".join(part for part in header if part) for header in HEADERS]
@@ -86,23 +104,58 @@ def summary_lines(results: ExperimentResults) -> list[str]:
     return [*lines, "", *_notes(results)]
 
 
-def print_summary(results: ExperimentResults, file: TextIO | None = None) -> None:
-    """The summary table (on stdout by default), drawn by ``rich``."""
-    file = sys.stdout if file is None else file
+def _column_name(number: int) -> str:
+    """A column's header as one line; a ratio named after the column it divides by."""
+    top, bottom = HEADERS[number]
+    if not top and bottom == "ratio":
+        top = HEADERS[number - 1][0]
+    return " ".join(part for part in (top, bottom) if part)
+
+
+def _table(results: ExperimentResults, columns: Sequence[int]) -> Table:
     title = results.config.sweep or "; ".join(results.config.rules) or "proxy"
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                         collapse_padding=True)
+                  collapse_padding=True)
     last = len(HEADERS) - 1
-    for number, header in enumerate(HEADERS):
-        table.add_column("\n".join(header), justify="left" if number in (0, last) else "right",
+    for number in columns:
+        table.add_column("\n".join(HEADERS[number]),
+                         justify="left" if number in (0, last) else "right",
                          no_wrap=number not in (0, last))
     for row in results.summary:
         style = None if row.ok == row.runs else "yellow"
-        table.add_row(*summary_cells(row), style=style)
-    out = Console(file=file, width=None if file.isatty() else 160)
+        cells = summary_cells(row)
+        table.add_row(*(cells[number] for number in columns), style=style)
+    return table
+
+
+def print_summary(
+    results: ExperimentResults, file: TextIO | None = None, *, width: int | None = None
+) -> None:
+    """The summary table (on stdout by default), drawn by ``rich``, and its notes
+    wrapped at word boundaries; ``width``: the terminal's width on a terminal,
+    else 160 columns. A table wider than that leaves out columns
+    (:data:`NARROW_DROPS`) until it fits, and a note names them."""
+    file = sys.stdout if file is None else file
+    if width is None and not file.isatty():
+        width = 160
+    out = Console(file=file, width=width)
+    unbounded = out.options.update_width(sys.maxsize)  # measure the width the table wants
+    columns = list(range(len(HEADERS)))
+    table = _table(results, columns)
+    for drop in NARROW_DROPS:
+        if out.measure(table, options=unbounded).maximum <= out.width:
+            break
+        columns.remove(drop)
+        table = _table(results, columns)
     out.print(table)
-    for line in _notes(results):
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
+    notes = _notes(results)
+    left_out = [_column_name(n) for n in range(len(HEADERS)) if n not in columns]
+    if left_out:
+        notes.append(f"left out for the terminal's width: {', '.join(left_out)} "
+                     f"(results.json has the whole summary)")
+    for line in notes:
+        for part in wrap_note(line, out.width):
+            out.print(part, highlight=False, markup=False, soft_wrap=True)
 
 
 @contextmanager

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -41,10 +43,10 @@ Progress = Callable[[int, int, str], None]
 
 #: seconds the proxy's sessions get to end after the client is done
 SESSION_GRACE = 2.0
-#: bytes of a command's stderr kept for the error text
-STDERR_TAIL = 4096
-#: lines of that tail that go into the error text
-ERROR_LINES = 3
+#: bytes at the head of a command's stderr searched for its first line
+STDERR_HEAD = 4096
+#: characters of that line kept as the run's error text
+ERROR_WIDTH = 500
 
 
 @attrs.frozen
@@ -56,6 +58,8 @@ class _Outcome:
     reset_s: float | None = None
     total_s: float | None = None
     messages: int | None = None
+    #: the file holding the client's stderr (None: none kept)
+    stderr: Path | None = None
 
 
 def command_argv(template: Sequence[str], socket: str) -> list[str]:
@@ -88,60 +92,61 @@ async def _run_builtin(target: str, options: RealizeOptions) -> _Outcome:
     return _Outcome("ok", "", None, timings.realize, timings.reset, total, messages)
 
 
-def _error_tail(data: bytes) -> str:
-    lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
-    return " | ".join(lines[-ERROR_LINES:])[-500:]
+def _first_line(path: Path) -> str:
+    """The first non-blank line of a client's stderr file ("" when it wrote nothing)."""
+    with open(path, "rb") as f:
+        head = f.read(STDERR_HEAD)
+    for line in head.decode(errors="replace").splitlines():
+        if line.strip():
+            return line.strip()[:ERROR_WIDTH]
+    return ""
 
 
-async def _run_command(argv: list[str], timeout: float) -> _Outcome:
-    """An external client: its wall time, exit status and the tail of its stderr."""
+def _exit_error(code: int) -> str:
+    """The error text of a command that failed without a word on stderr."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}, nothing on stderr"
+        except ValueError:
+            return f"killed by signal {-code}, nothing on stderr"
+    return f"exit status {code}, nothing on stderr"
+
+
+async def _run_command(argv: list[str], timeout: float, stderr_path: Path) -> _Outcome:
+    """An external client: its wall time, exit status and the first line of its stderr.
+
+    The whole stderr goes to ``stderr_path`` (removed again when the client
+    wrote nothing there). On cancellation the client is killed and waited for.
+    """
     start = time.perf_counter()
+    with open(stderr_path, "wb") as stderr:
+        try:
+            process = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        except OSError as exc:
+            stderr_path.unlink()
+            return _Outcome("error", f"cannot start {argv[0]!r}: {exc}")
+    code: int | None = None
     try:
-        process = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-    except OSError as exc:
-        return _Outcome("error", f"cannot start {argv[0]!r}: {exc}")
-    tail = bytearray()
-    stream = process.stderr
-    assert stream is not None
-    timed_out = False
-    try:
-        async with trio.open_nursery() as nursery:
-            read_done = trio.Event()
-
-            async def read_stderr() -> None:
-                try:
-                    async for chunk in stream:
-                        tail.extend(chunk)
-                        del tail[:-STDERR_TAIL]
-                except trio.ClosedResourceError:
-                    pass
-                read_done.set()
-
-            nursery.start_soon(read_stderr)
-            with trio.move_on_after(timeout) as scope:
-                await process.wait()
-            total = time.perf_counter() - start
-            if scope.cancelled_caught:
-                timed_out = True
-                process.kill()
-                await process.wait()
-            with trio.move_on_after(1.0):  # a grandchild may hold stderr open
-                await read_done.wait()
-            nursery.cancel_scope.cancel()
+        with trio.move_on_after(timeout):
+            code = await process.wait()
+        total = time.perf_counter() - start
     finally:
         if process.returncode is None:
             process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
-        await stream.aclose()
-    error = _error_tail(bytes(tail))
-    if timed_out:
-        return _Outcome("timeout", error or f"no exit within {timeout:g} s", total_s=total)
-    code = process.returncode
-    status = "ok" if code == 0 else f"exit {code}"
-    return _Outcome(status, "" if code == 0 else error, code, total_s=total)
+    first = _first_line(stderr_path)
+    kept = stderr_path if stderr_path.stat().st_size else None
+    if kept is None:
+        stderr_path.unlink()
+    if code is None:
+        error = f"no exit within {timeout:g} s" + (f": {first}" if first else "")
+        return _Outcome("timeout", error, total_s=total, stderr=kept)
+    if code == 0:
+        return _Outcome("ok", "", code, total_s=total, stderr=kept)
+    return _Outcome(f"exit {code}", first or _exit_error(code), code, total_s=total, stderr=kept)
 
 
 def _check_server(path: str) -> None:
@@ -171,22 +176,27 @@ class _Runner:
         in_process = self.config.server is None or self.config.command is None
         return attrs.evolve(self.config.proxy_options, threads=not in_process)
 
-    async def client(self, socket: str) -> _Outcome:
+    def run_file(self, setting: Setting, run: int, suffix: str) -> Path:
+        """A file of one run in the traces directory: ``03-200us-2.trace``, ``.stderr``."""
+        return self.traces / f"{setting.slug}-{run}{suffix}"
+
+    async def client(self, socket: str, setting: Setting, run: int) -> _Outcome:
         if self.config.command is None:
             return await _run_builtin(socket, self.realize)
         argv = command_argv(self.config.command, socket)
-        return await _run_command(argv, self.config.client_timeout)
+        stderr = self.run_file(setting, run, ".stderr")
+        return await _run_command(argv, self.config.client_timeout, stderr)
 
     async def run(self, setting: Setting, run: int) -> ResultRow:
         seed = self.config.seed + run - 1
         facts: TraceFacts | None = None
         trace: Path | None = None
         if not setting.proxy:
-            outcome = await self.client(self.server)
+            outcome = await self.client(self.server, setting, run)
         else:
             self._sockets += 1
             socket = str(self.tmp / f"proxy{self._sockets}.sock")
-            trace = self.traces / f"{setting.slug}-{run}.trace"
+            trace = self.run_file(setting, run, ".trace")
             info = {
                 "client": " ".join(self.config.command or ["vfioproxy realize (built-in)"]),
                 "server": self.config.server or "vfioproxy serve-device (built-in)",
@@ -203,11 +213,14 @@ class _Runner:
                     options=self._proxy_options(),
                     injector=injector,
                 ) as proxy:
-                    outcome = await self.client(socket)
+                    outcome = await self.client(socket, setting, run)
                     with trio.move_on_after(SESSION_GRACE):
                         await proxy.wait_sessions()
             facts = analyse_trace(trace)
         return self._row(setting, run, seed, outcome, facts, trace)
+
+    def _relative(self, path: Path | None) -> str | None:
+        return None if path is None else os.path.relpath(path, self.config.output)
 
     def _row(
         self,
@@ -234,7 +247,8 @@ class _Runner:
             reset_s=outcome.reset_s,
             total_s=outcome.total_s,
             messages=outcome.messages,
-            trace=None if trace is None else os.path.relpath(trace, self.config.output),
+            trace=self._relative(trace),
+            stderr=self._relative(outcome.stderr),
         )
         if facts is None:
             return row
@@ -292,6 +306,8 @@ async def run_experiment(
             for done, (setting, run) in enumerate(plan):
                 if progress is not None:
                     progress(done, len(plan), f"{setting.label} run {run}")
+                # what earlier runs left is collected here, not in a run's measured time
+                gc.collect()
                 try:
                     rows.append(await runner.run(setting, run))
                 except (VfioProxyError, OSError) as exc:  # the proxy itself failed

@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
@@ -116,14 +117,8 @@ _duration = _in_range(0.0, MAX_DELAY, f"between 0s and {_CAP}")
 _positive_duration = _in_range(0.0, MAX_DELAY, f"> 0 and at most {_CAP}", open_low=True)
 
 
-def _phi(z: float) -> float:
-    """Standard normal density."""
-    return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-
-
-def _big_phi(z: float) -> float:
-    """Standard normal cumulative distribution."""
-    return (1 + math.erf(z / math.sqrt(2))) / 2
+#: the standard normal: its ``pdf`` and ``cdf`` serve the normal and log-normal formulas
+_STANDARD_NORMAL = statistics.NormalDist()
 
 
 class _Drawing(Protocol):
@@ -234,7 +229,7 @@ class Normal(_Drawn):
         if self.sd == 0:
             return self.mu
         z = self.mu / self.sd
-        return self.mu * _big_phi(z) + self.sd * _phi(z)
+        return self.mu * _STANDARD_NORMAL.cdf(z) + self.sd * _STANDARD_NORMAL.pdf(z)
 
     def cdf(self, x: float) -> float:
         """P(draw <= x), the mass below zero sitting at zero."""
@@ -242,7 +237,7 @@ class Normal(_Drawn):
             return 0.0
         if self.sd == 0:
             return 1.0 if x >= self.mu else 0.0
-        return _big_phi((x - self.mu) / self.sd)
+        return statistics.NormalDist(self.mu, self.sd).cdf(x)
 
     def breaks(self) -> tuple[float, ...]:
         """Points where :meth:`cdf` is not smooth."""
@@ -278,7 +273,7 @@ class LogNormal(_Drawn):
             return 0.0
         if self.sigma == 0:
             return 1.0 if x >= self.median else 0.0
-        return _big_phi((math.log(x) - math.log(self.median)) / self.sigma)
+        return statistics.NormalDist(math.log(self.median), self.sigma).cdf(math.log(x))
 
     def breaks(self) -> tuple[float, ...]:
         """Points where :meth:`cdf` is not smooth."""
