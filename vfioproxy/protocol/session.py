@@ -73,6 +73,8 @@ class Violation:
     offset: int | None = None
     expected: Any = None
     got: Any = None
+    #: set when the proxy's own fault injection caused it (e.g. "rule 2 corrupt offset")
+    caused_by: str | None = None
 
     def as_error(self) -> RemoteProtocolError:
         return RemoteProtocolError(
@@ -87,7 +89,11 @@ class Violation:
         )
 
     def __str__(self) -> str:
-        return str(self.as_error())
+        text = str(self.as_error())
+        if self.caused_by is not None:
+            return (f"caused by the proxy's injection ({self.caused_by}), not the "
+                    f"{self.side.value}: {text}")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for trace event records."""
@@ -98,7 +104,7 @@ class Violation:
             "command": self.command,
             "text": self.text,
         }
-        for key in ("field", "offset", "expected", "got"):
+        for key in ("field", "offset", "expected", "got", "caused_by"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value if isinstance(value, (int, str, bytes, bool)) else str(value)
@@ -343,7 +349,8 @@ class SessionState:
             violation(
                 "outstanding_overflow",
                 f"more than {self.max_outstanding} {direction.sender.value} commands wait for "
-                f"a reply; the oldest ({forgotten[1].header.describe()}, #{forgotten[0]}) is "
+                f"a reply; the oldest ({forgotten[1].header.describe()}, "
+                f"{direction.value}[{forgotten[0]}]) is "
                 "no longer tracked",
                 header, got=self.max_outstanding,
             )
@@ -352,7 +359,7 @@ class SessionState:
             violation(
                 "duplicate_outstanding_id",
                 f"msg_id {header.msg_id} is still outstanding "
-                f"({waiting[1].header.command_name} #{waiting[0]})",
+                f"({waiting[1].header.command_name} {direction.value}[{waiting[0]}])",
                 header, field="msg_id", offset=0, got=header.msg_id,
             )
 

@@ -47,8 +47,8 @@ class _HasId(Protocol):
     def id(self) -> int: ...
 
 
-#: called after each forwarded message with its session, decoding and time (ns)
-MessageObserver = Callable[[Any, Observation, int], None]
+#: called after each forwarded message with its session, decoding, time (ns) and trace seq
+MessageObserver = Callable[[Any, Observation, int, int], None]
 
 
 class LiveChecks:
@@ -106,7 +106,7 @@ class LiveChecks:
         else:
             obs = self.state.observe(direction, data, fds, length=length)
             if self.observer is not None:
-                self.observer(self.session, obs, t_ns)
+                self.observer(self.session, obs, t_ns, seq)
             violations = obs.violations
         if not violations:
             return None

@@ -610,7 +610,7 @@ class Relay:
 
     @staticmethod
     def _where(direction: Direction, decision: Decision) -> str:
-        return f"{direction.sender.value} message #{decision.index}"
+        return f"{direction.sender.value} message {direction.value}[{decision.index}]"
 
 
 def _hung_up(sock: socket.socket) -> bool:
