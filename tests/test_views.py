@@ -4,7 +4,13 @@ sockets, fds and trace files."""
 
 import io
 import json
+import os
+import pty
 import re
+import select
+import signal
+import subprocess
+import time
 
 import pytest
 import trio
@@ -14,6 +20,7 @@ from recorder.records import EventRecord, MessageRecord, TraceHeader, arrived_by
 from recorder.sink import TraceSink
 from recorder.writer import TraceWriter
 from tests.conftest import FD_HYGIENE
+from tests.test_cli_live import VFIOPROXY, wait_for_socket
 from tests.test_proxy_inject import RawServer, connect, read_cmd, roundtrip
 from vfioproxy.inject import Injector
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
@@ -177,9 +184,16 @@ async def test_the_correct_answer_to_a_rewritten_request_is_no_violation(
 async def test_a_violation_the_injection_caused_is_attributed_to_it(
         raw_server, tmp_path, options):
     trace = tmp_path / "t.trace"
+    out = io.StringIO()
     with TraceSink(trace) as sink:
-        await session(tmp_path, raw_server, options, sink=sink,
+        await session(tmp_path, raw_server, options, sink=sink, observer=MessageLog(out),
                       rules=["s2c REGION_READ index=1 corrupt msg_id mask=0x40"])
+    # the live view blames it too, under the line of the message as the client got it
+    live = out.getvalue().splitlines()
+    (blamed,) = [i for i, line in enumerate(live) if "!!!" in line]
+    assert " s2c s1 REGION_READ reply id=65 " in live[blamed - 1]
+    assert live[blamed].strip().startswith(
+        "!!! caused by the proxy's injection (rule 1 corrupt msg_id mask=0x40), not the server")
     (violation,) = [v for item in decoded(trace) if isinstance(item, DecodedMessage)
                     for v in item.observation.violations]
     assert violation.kind == "unknown_reply_id"
@@ -296,3 +310,51 @@ def test_stats_tables_are_laid_out_in_columns(tmp_path):
     assert [line.split() for line in traffic[2:4]] == [
         ["REGION_READ", "c2s", "command", "3", "96"], ["REGION_READ", "s2c", "reply", "3", "108"]]
     assert len({len(line) for line in traffic if not set(line) <= {"─"}}) == 1
+
+
+# ------------------------------------------------------------------ proxy -v on a terminal
+
+
+def test_proxy_v_on_a_terminal_shows_message_lines_and_the_status_line(tmp_path):
+    """``proxy -v`` with stdout and stderr on one terminal (a pty): the message
+    lines, as ``trace show`` numbers them, and the status line below them."""
+    device, listen = tmp_path / "dev.sock", tmp_path / "p.sock"
+    server = subprocess.Popen([*VFIOPROXY, "serve-device", "--socket", str(device)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    master, slave = pty.openpty()
+    proxy = subprocess.Popen([*VFIOPROXY, "proxy", "-v", "--listen", str(listen),
+                              "--server", str(device)], stdout=slave, stderr=slave,
+                             stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = b""
+
+    def read_until(predicate):
+        nonlocal seen
+        deadline = time.monotonic() + 30
+        while not predicate(seen) and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                seen += os.read(master, 65536)
+        return predicate(seen)
+
+    try:
+        wait_for_socket(device, server)
+        assert read_until(lambda out: b"listening on" in out)
+        realize = subprocess.run([*VFIOPROXY, "realize", "--socket", str(listen)],
+                                 capture_output=True, text=True, timeout=60)
+        assert realize.returncode == 0, realize.stderr
+        # the status line comes once a second: wait for one that has counted the session
+        assert read_until(lambda out: b"sessions 0/1 | c2s 48 msg" in out), seen
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        proxy.wait(timeout=30)
+        read_until(lambda out: b"session(s)" in out)
+        os.close(master)
+        server.kill()
+        server.communicate()
+    text = seen.decode()
+    lines = [line.split("\r\x1b[K")[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    # numbered as the trace would number them: session_open is 1, the VERSION pair 2 and 3
+    assert any(line.startswith("     2 ") and " c2s s1 VERSION cmd id=0 " in line
+               for line in lines), text
+    assert any(line.startswith("     3 ") and " s2c s1 VERSION reply id=0 " in line
+               for line in lines), text

@@ -49,7 +49,8 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         p.add_argument("--strict", action="store_true",
                        help="close a session at its first protocol violation")
         p.add_argument("-v", "--verbose", action="store_true",
-                       help="one decoded line per forwarded message")
+                       help="one line per forwarded message, as `trace show` prints it "
+                       "(on a terminal, above the status line)")
         p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                        help="seconds in-flight sessions get after SIGINT/SIGTERM")
         p.add_argument("--no-decode", action="store_true",

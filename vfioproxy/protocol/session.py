@@ -138,6 +138,39 @@ _VALID_FLAGS = frozenset({
 })
 
 
+def injection_cause(applied: Any) -> str:
+    """``rule 2 corrupt offset``: the actions of an ``inject`` event's ``applied``
+    list (the maps :meth:`vfioproxy.inject.Applied.to_dict` makes)."""
+    entries = applied if isinstance(applied, list) else []
+    return "; ".join(f"rule {a.get('rule')} {a.get('text')}" for a in entries
+                     if isinstance(a, dict))
+
+
+class InjectionBlame:
+    """Attributes to the proxy's fault injection the violations it caused: those
+    of a message an injected action rewrote, and those of the answer to a
+    request it rewrote (the peer answered what it got). One per session, fed
+    every observation in order, by a reader of the trace and by live checks."""
+
+    def __init__(self) -> None:
+        #: rewritten requests waiting for their reply: what rewrote them
+        self._requests: dict[int, str] = {}
+
+    def observe(self, obs: Observation, rewritten_by: str | None = None) -> Observation:
+        """``obs`` with its violations attributed (``rewritten_by``: the actions
+        that rewrote this message, if any)."""
+        header = obs.message.header
+        cause = rewritten_by
+        if cause is not None and header.is_command and not header.no_reply:
+            self._requests[id(obs.message)] = cause
+        if obs.request is not None and self._requests:
+            cause = self._requests.pop(id(obs.request), cause)
+        if cause is None or not obs.violations:
+            return obs
+        return attrs.evolve(obs, violations=tuple(
+            attrs.evolve(v, caused_by=cause) for v in obs.violations))
+
+
 class SessionState:
     """Tracks one connection; feed it every message with :meth:`observe`.
 

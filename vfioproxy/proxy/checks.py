@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from vfioproxy.protocol.codec import Dialects
-from vfioproxy.protocol.session import Observation, SessionState, Violation
+from vfioproxy.protocol.session import InjectionBlame, Observation, SessionState, Violation
 from vfioproxy.side import Direction
 
 __all__ = ["LOG_BURST", "LOG_INTERVAL", "RECORD_REPEATS", "LiveChecks", "MessageObserver"]
@@ -73,6 +73,7 @@ class LiveChecks:
     ) -> None:
         self.session = session
         self.state = SessionState(dialects=dialects)
+        self.blame = InjectionBlame()
         self.observer = observer
         self.record = record
         self.log_violations = log_violations
@@ -97,14 +98,18 @@ class LiveChecks:
         *,
         length: int | None = None,
         torn: bool = False,
+        rewritten_by: str | None = None,
     ) -> str | None:
         """Decode and check one message as a reader of the trace will
         (``length``, ``torn``: see :meth:`SessionState.observe` and
-        :meth:`SessionState.torn`); returns why to close (``strict``) or None."""
+        :meth:`SessionState.torn`; ``rewritten_by``: the injected actions that
+        rewrote it, blamed for what it breaks); returns why to close
+        (``strict``) or None."""
         if torn:
             violations: tuple[Violation, ...] = (self.state.torn(direction, data, length),)
         else:
-            obs = self.state.observe(direction, data, fds, length=length)
+            obs = self.blame.observe(self.state.observe(direction, data, fds, length=length),
+                                     rewritten_by)
             if self.observer is not None:
                 self.observer(self.session, obs, t_ns, seq)
             violations = obs.violations

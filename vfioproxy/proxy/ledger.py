@@ -27,6 +27,7 @@ from recorder.records import EventPacker, FdRecord, rewritten
 from recorder.writer import Event, TraceWriter
 from vfioproxy.inject import Applied, Decision, Injector
 from vfioproxy.protocol.negotiation import Negotiation, TwinSocket
+from vfioproxy.protocol.session import injection_cause
 from vfioproxy.proxy.checks import LiveChecks
 from vfioproxy.proxy.model import Counters
 from vfioproxy.side import Direction
@@ -160,18 +161,22 @@ class SessionLedger:
             counters.fds += len(fds) or nfds
         seq = 0
         arrived: bytes | None = None
+        rewritten_by: str | None = None
         if decision is not None and decision.data is not data and decision.forward:
             # a rewriting action: record (and check) what the receiver got, keep what arrived
             arrived, data = data, _sent(data, decision.data)
             if arrived == data:
                 arrived = None
+            else:
+                applied = [a.to_dict() for a in decision.applied]
+                rewritten_by = injection_cause(applied)
         writer = self.writer
         if writer is not None:
             events: Sequence[Event] = ()
             if arrived is not None:
                 assert decision is not None
                 events = [("inject", {"direction": direction.value, "index": decision.index,
-                                      "applied": [a.to_dict() for a in decision.applied],
+                                      "applied": applied,
                                       "arrived": rewritten(arrived, data)})]
             elif decision is not None and decision.applied:
                 events = [self._inject_event(writer, direction, decision.applied,
@@ -189,7 +194,7 @@ class SessionLedger:
         checks = self.checks
         if checks is not None:
             reason = checks.observe(direction, data, fds or range(nfds), t_ns, seq,
-                                    length=length, torn=torn)
+                                    length=length, torn=torn, rewritten_by=rewritten_by)
             if reason is not None:
                 self.stop(reason)
         return seq

@@ -10,7 +10,6 @@ request-to-reply latency, protocol violations, and a PCI-aware description.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import attrs
 
@@ -19,7 +18,13 @@ from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.listing import RequestTimes
 from vfioproxy.protocol.pci_view import PciView, describe
-from vfioproxy.protocol.session import Observation, SessionState, Violation
+from vfioproxy.protocol.session import (
+    InjectionBlame,
+    Observation,
+    SessionState,
+    Violation,
+    injection_cause,
+)
 from vfioproxy.side import Direction
 
 
@@ -66,8 +71,7 @@ class _Session:
         self.state = SessionState(dialects=dialects)
         self.pci = PciView()
         self.times = RequestTimes()
-        #: requests an injected action rewrote, until their reply: what rewrote them
-        self.rewritten: dict[int, str] = {}
+        self.blame = InjectionBlame()
         self.announced = False
 
 
@@ -81,14 +85,6 @@ def _injection_of(record: MessageRecord, event: Record | None) -> EventRecord | 
     ):
         return event
     return None
-
-
-def actions_text(data: dict[str, Any]) -> str:
-    """``rule 2 corrupt offset``: the actions an ``inject`` event's data lists."""
-    applied = data.get("applied")
-    entries = applied if isinstance(applied, list) else []
-    return "; ".join(f"rule {a.get('rule')} {a.get('text')}" for a in entries
-                     if isinstance(a, dict))
 
 
 def decoded_records(
@@ -146,14 +142,8 @@ def _decode(
     cause = None
     if injection is not None and "arrived" in injection.data:
         arrived = arrived_bytes(record.data, injection.data["arrived"])
-        cause = actions_text(injection.data)
-        if message.header.is_command and not message.header.no_reply:
-            state.rewritten[id(message)] = cause
-    if obs.request is not None:
-        cause = state.rewritten.pop(id(obs.request), cause)
-    if cause is not None and obs.violations:
-        obs = attrs.evolve(obs, violations=tuple(
-            attrs.evolve(v, caused_by=cause) for v in obs.violations))
+        cause = injection_cause(injection.data.get("applied"))
+    obs = state.blame.observe(obs, cause)
     latency = state.times.latency(obs, record.t_ns)
     yield DecodedMessage(record, obs, describe(obs, state.pci), latency, injection, arrived)
     if (

@@ -19,12 +19,12 @@ from vfioproxy.protocol.listing import (
     note_line,
     prefix,
 )
+from vfioproxy.protocol.session import injection_cause
 from vfioproxy.trace.decoded import (
     DecodedItem,
     DecodedMessage,
     SessionNegotiated,
     TornMessage,
-    actions_text,
 )
 
 
@@ -102,7 +102,8 @@ def rewrite_text(sent: bytes, arrived: bytes, injection: EventRecord) -> str:
     length = span.get("length", 0) if isinstance(span, dict) else 0
     was = arrived[offset:offset + len(arrived) - len(sent) + length]
     now = sent[offset:offset + length]
-    return (f"rewritten by the proxy ({actions_text(injection.data)}): at offset {offset} "
+    cause = injection_cause(injection.data.get("applied"))
+    return (f"rewritten by the proxy ({cause}): at offset {offset} "
             f"({offset:#x}) {was.hex(' ') or 'nothing'} arrived, "
             f"{now.hex(' ') or 'nothing'} was sent")
 
