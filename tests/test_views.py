@@ -165,6 +165,10 @@ async def test_a_rewritten_message_is_recorded_as_the_receiver_got_it_and_as_it_
                                     "at offset 16 (0x10)")
     verbose = shown(trace, verbose=True)
     assert any(text.strip() == "as it arrived: 32 bytes" for text in verbose)
+    objects = [json.loads(text) for text in show.json_lines(decoded(trace))]
+    (obj,) = [o for o in objects if o.get("seq") == first.seq]
+    assert obj["hex"] == first.data.hex() and obj["arrived"] == read_cmd(1, offset=0x10).hex()
+    assert (obj["msg_id"], obj["index"]) == (1, 1)
 
 
 async def test_the_correct_answer_to_a_rewritten_request_is_no_violation(
@@ -358,3 +362,18 @@ def test_proxy_v_on_a_terminal_shows_message_lines_and_the_status_line(tmp_path)
                for line in lines), text
     assert any(line.startswith("     3 ") and " s2c s1 VERSION reply id=0 " in line
                for line in lines), text
+
+
+def test_proxy_no_decode_v_says_why_it_prints_no_message_lines(tmp_path):
+    listen = tmp_path / "p.sock"
+    proxy = subprocess.Popen([*VFIOPROXY, "proxy", "--no-decode", "-v", "--listen", str(listen),
+                              "--server", str(tmp_path / "none.sock")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(listen, proxy)
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        out, err = proxy.communicate(timeout=30)
+    assert out == ""
+    assert ("vfioproxy: --no-decode: nothing is decoded on the path, so -v prints no message "
+            "lines") in err.splitlines()

@@ -196,6 +196,8 @@ class Proxy:
         """Record a proxy-wide event (e.g. a rule change): once in a single
         trace, or in every running session's file of a per-session sink."""
         if self.sink is None:
+            if self._numbering is not None:  # a trace would have it
+                self._numbering.take(1)
             return
         shared = self.sink.shared_writer()
         if shared is not None:

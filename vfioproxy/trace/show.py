@@ -331,6 +331,8 @@ def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
             }
             if record.length is not None:
                 obj["length"] = record.length
+            if item.arrived is not None:  # "hex" is what the receiver got
+                obj["arrived"] = item.arrived.hex()
         yield json.dumps(_jsonable(obj))
 
 
