@@ -425,6 +425,34 @@ def event_wire(
     return {"k": "e", "q": seq, "s": session, "t": t_ns, "e": kind, "a": data}
 
 
+def rewritten(arrived: bytes, sent: bytes) -> dict[str, Any]:
+    """The ``arrived`` map of an ``inject`` event (FORMAT.md §6) for a message the
+    proxy rewrote: the span of the message record's bytes (``sent``, what the
+    receiver got) that differed, as it arrived: ``offset``, ``length`` (of the
+    span in ``sent``) and ``data`` (the bytes that stood there)."""
+    end = min(len(arrived), len(sent))
+    start = 0
+    while start < end and arrived[start] == sent[start]:
+        start += 1
+    tail = 0
+    while tail < end - start and arrived[-1 - tail] == sent[-1 - tail]:
+        tail += 1
+    return {"offset": start, "length": len(sent) - start - tail,
+            "data": arrived[start:len(arrived) - tail]}
+
+
+def arrived_bytes(sent: bytes, span: Any) -> bytes | None:
+    """The message as it arrived, from its record's bytes and an ``arrived`` map
+    (the inverse of :func:`rewritten`); None when ``span`` is not such a map."""
+    if not isinstance(span, Mapping):
+        return None
+    offset, length, data = span.get("offset"), span.get("length"), span.get("data")
+    if (not isinstance(offset, int) or not isinstance(length, int)
+            or not isinstance(data, bytes) or not 0 <= offset <= offset + length <= len(sent)):
+        return None
+    return sent[:offset] + data + sent[offset + length:]
+
+
 def data_depth(value: Any, limit: int) -> int:
     """How deep maps and lists nest in ``value`` (a scalar is 0), counting no
     further than ``limit`` + 1: enough to refuse what is too deep, cheaply."""

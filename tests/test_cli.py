@@ -30,13 +30,13 @@ def test_trace_show_lists_every_message_of_a_real_qemu_realize(capsys):
     assert code == 0 and err == ""
     lines = message_lines(out)
     assert len(lines) == 82
-    assert "VERSION cmd #0" in lines[0]
+    assert "VERSION cmd id=0" in lines[0]
     assert "DMA_READ/DMA_WRITE layout client qemu, server spec (detected" in out
     assert "[fds: memfd 512 MiB]" in out
     assert "cfg WR4 @0x30 ROM BAR = 0xfffff800 (sizing)" in out
     assert "cfg RD1 @0x3d interrupt_pin = 0x01 (INTA#)" in out
     assert "sparse-mmap [0x0+0x1000], [0x2000+0x1000]" in out
-    assert "DEVICE_RESET reply #" in out
+    assert "DEVICE_RESET reply id=" in out
 
 
 def test_trace_show_reads_pci_capabilities_of_a_real_device(capsys):
@@ -50,11 +50,15 @@ def test_trace_show_reads_pci_capabilities_of_a_real_device(capsys):
 def test_trace_show_verbose_prints_every_field(capsys):
     code, out, _ = run(capsys, "trace", "show", "-v", QEMU_REALIZE)
     assert code == 0
-    assert "header: msg_id=0 command=1 size=214 flags=0x0 error=0" in out
-    assert 'json_text: {"capabilities": {"pgsizes": 4096' in out
-    assert "fd[0]: {'position': 0, 'kind': 'memfd', 'size': 536870912" in out
-    assert "SparseMmapArea(offset=0x0, size=0x1000 (4096))" in out
+    assert "header: msg_id=0 command=VERSION (1) size=214 flags=0x0 error=0" in out
+    # VERSION's JSON as JSON, payloads as hexdumps, no Python reprs anywhere
+    assert '  json: {\n' in out and '"max_msg_fds": 16,\n' in out
+    assert "0010  00 00 00 00 7b 22 63 61 70 61 62 69 6c 69 74 69  |....{\"capabiliti|" in out
+    assert "fd[0]: kind=memfd, size=0x20000000 (536870912)" in out
+    assert "areas[1]: SparseMmapArea\n" in out and "offset: 0x2000 (8192)\n" in out
     assert "iova: 0xfffc0000 (4294705152)" in out
+    for python in ("VersionJson(", "{'", "=None", "SparseMmapArea("):
+        assert python not in out
 
 
 def test_trace_show_json_lines_carry_exact_bytes_and_decoded_fields(capsys):
@@ -89,7 +93,8 @@ def test_trace_stats_reports_counts_latencies_and_fds(capsys):
     assert "messages: 82" in out
     assert "request -> reply latency (us)" in out
     assert any(line.startswith("DMA_MAP ") and " 6 " in line for line in out.splitlines())
-    assert "memfd    c2s       3" in out and "eventfd  c2s       3" in out
+    rows = [line.split() for line in out.splitlines()]
+    assert ["memfd", "c2s", "3"] in rows and ["eventfd", "c2s", "3"] in rows
 
 
 def test_trace_stats_json_matches_the_capture(capsys):

@@ -53,7 +53,7 @@ def test_record_with_rules_from_the_command_line_and_a_file(tmp_path, spawn, dev
     injected = events(trace, "inject")
     assert [e.data["applied"][0]["action"] for e in injected][-1] == "error"
     shown = run("trace", "show", trace).stdout
-    assert re.search(r"inject c2s #\d+: rule 3 error EINVAL = 22\n", shown), shown
+    assert re.search(r"inject #\d+ c2s\[\d+\]: rule 3 error EINVAL\n", shown), shown
 
 
 def test_bad_rules_are_refused_with_the_token_named(tmp_path, device):

@@ -37,7 +37,7 @@ async def test_the_live_log_prints_one_decoded_pci_aware_line_per_message(tmp_pa
         await settle(proxy)
     lines = out.getvalue().splitlines()
     assert len(lines) == 4
-    assert "s1 c2s VERSION cmd #0" in lines[0]
+    assert " c2s s1 VERSION cmd id=0" in lines[0]
     assert "cfg RD1 @0x3d interrupt_pin" in lines[2]
     assert "cfg RD1 @0x3d interrupt_pin = 0xab" in lines[3]
 

@@ -476,7 +476,7 @@ async def test_a_silent_dma_burst_times_out_on_its_last_map(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     _, error = await fails_at(E1K, override(is_cmd(Command.DMA_MAP, iova=0xFFFC0000), silence=True))
-    assert error.step == "R2" and "DMA_MAP cmd #2" in str(error)
+    assert error.step == "R2" and "DMA_MAP cmd id=2" in str(error)
 
 
 async def test_an_error_reply_inside_a_burst_is_reported_after_the_last_reply() -> None:

@@ -237,7 +237,7 @@ async def test_close_ends_the_session_around_the_matched_message(raw_server, tmp
     close = [r.data for r in records(trace) if isinstance(r, EventRecord)
              and r.kind == "session_close"]
     assert [{k: c[k] for k in ("closed_by", "reason")} for c in close] == [
-        {"closed_by": "proxy", "reason": f"injected close {when} client message #1"}]
+        {"closed_by": "proxy", "reason": f"injected close {when} client message c2s[1]"}]
     # what the proxy left unread is said, not lost (the reply to DEVICE_GET_INFO, if it came)
     assert set(close[0].get("unread", {})) <= {"s2c"}
 

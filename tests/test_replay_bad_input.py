@@ -82,7 +82,7 @@ async def test_a_session_cut_off_mid_realize_replays_partially_as_client_and_as_
             await realize(tmp_path / "r.sock")
     (server,) = reports
     assert server.divergences[0].headline() == (
-        "live REGION_READ cmd #14 (config space offset 0x30 ROM BAR): the recording has no "
+        "live REGION_READ cmd id=14 (config space offset 0x30 ROM BAR): the recording has no "
         "more requests (it ends at #29 REGION_READ reply)"
     )
     assert server.stopped == client.stopped

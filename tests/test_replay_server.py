@@ -88,7 +88,7 @@ async def test_a_request_no_recording_has_is_answered_einval_and_reported_with_t
     first = report.divergences[0]
     assert first.kind == "unmatched"
     assert first.text().splitlines()[:4] == [
-        "live DMA_MAP cmd #1 (iova 0x0 size 0x20000000): no recorded request matches it",
+        "live DMA_MAP cmd id=1 (iova 0x0 size 0x20000000): no recorded request matches it",
         "  nearest recorded requests:",
         "    #4 DMA_MAP cmd: fds 0 != recorded 1; fds[0].kind (absent) != recorded memfd; "
         "fds[0].size (absent) != recorded 0x20000000",
@@ -105,7 +105,7 @@ async def test_on_mismatch_close_closes_the_connection_at_the_unmatched_request(
             await realize(tmp_path / "replay.sock", RealizeOptions(ram_fd=False))
     assert server.report is not None
     assert server.report.stopped == (
-        "closed the connection at the unmatched DMA_MAP cmd #1 (on_mismatch close)")
+        "closed the connection at the unmatched DMA_MAP cmd id=1 (on_mismatch close)")
 
 
 async def test_on_mismatch_passthrough_forwards_the_request_to_a_live_server(tmp_path):

@@ -87,7 +87,7 @@ def test_a_reply_to_an_unknown_id_is_a_violation_naming_side_index_and_field():
     assert (v.kind, v.side, v.index, v.field, v.offset, v.got) == (
         "unknown_reply_id", Side.SERVER, 1, "msg_id", 0, 42
     )
-    assert "server message #1" in str(v) and "msg_id" in str(v)
+    assert "server message s2c[1] (REGION_READ reply id=42)" in str(v) and "msg_id" in str(v)
 
 
 def test_a_duplicate_outstanding_id_is_a_violation_but_both_are_answered_fifo():

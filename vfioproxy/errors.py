@@ -70,7 +70,7 @@ class ProtocolError(VfioProxyError):
         if self.side is not None:
             where.append(f"{self.side.value} message")
         if self.index is not None:
-            where.append(f"#{self.index}")
+            where.append(f"{direction_index(self.side, self.index)}")
         if self.command is not None:
             where.append(f"({self.command})")
         parts = [" ".join(where)] if where else []
@@ -87,6 +87,13 @@ class ProtocolError(VfioProxyError):
         elif self.got is not None:
             text += f" (got {_show(self.got)})"
         return text
+
+
+def direction_index(sender: Side | None, index: int) -> str:
+    """``c2s[12]``: the ``index``-th message (0-based) ``sender`` sent in its session."""
+    if sender is None:
+        return f"[{index}]"
+    return f"{'c2s' if sender is Side.CLIENT else 's2c'}[{index}]"
 
 
 def _show(value: Any) -> str:

@@ -29,7 +29,7 @@ from vfioproxy.proxy import (
     fastpath,
 )
 from vfioproxy.proxy.control import control_request, serve_control
-from vfioproxy.proxy.live import MessageLog, run_status_line
+from vfioproxy.proxy.live import MessageLog, StatusLine, run_status_line
 from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT, MAX_MESSAGE_BUFFER
 from vfioproxy.proxy.tuning import tune_allocator
 from vfioproxy.trace import stats
@@ -49,7 +49,8 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         p.add_argument("--strict", action="store_true",
                        help="close a session at its first protocol violation")
         p.add_argument("-v", "--verbose", action="store_true",
-                       help="one decoded line per forwarded message")
+                       help="one line per forwarded message, as `trace show` prints it "
+                       "(on a terminal, above the status line)")
         p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                        help="seconds in-flight sessions get after SIGINT/SIGTERM")
         p.add_argument("--no-decode", action="store_true",
@@ -156,8 +157,12 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
     if args.no_decode and args.verbose:
         print("vfioproxy: --no-decode: nothing is decoded on the path, so -v prints no "
               "message lines", file=sys.stderr)
-    proxy = Proxy(args.server, sink=sink, options=options,
-                  observer=MessageLog() if args.verbose and not args.no_decode else None,
+    # on a terminal the status line stays below the -v lines
+    status = StatusLine(sys.stderr) if sys.stderr.isatty() else None
+    observer = None
+    if args.verbose and not args.no_decode:
+        observer = MessageLog(sys.stdout, status if sys.stdout.isatty() else None)
+    proxy = Proxy(args.server, sink=sink, options=options, observer=observer,
                   injector=injector)
     listener = await open_unix_listener(args.listen, mode=options.mode)
     print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
@@ -177,8 +182,8 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
                     await nursery.start(functools.partial(
                         serve_control, args.control, proxy, injector, mode=options.mode))
                     print(f"vfioproxy: control socket {args.control}", file=sys.stderr)
-                if sys.stderr.isatty() and not args.verbose:
-                    nursery.start_soon(run_status_line, proxy)
+                if status is not None:
+                    nursery.start_soon(run_status_line, proxy, status)
                 async for signum in signals:
                     print(f"\nvfioproxy: {signal.Signals(signum).name}: stopping "
                           f"(grace {args.grace} s)", file=sys.stderr)

@@ -115,9 +115,10 @@ class Header:
         return command_name(self.command)
 
     def describe(self) -> str:
-        """Short text such as ``REGION_READ reply #7`` or ``DMA_MAP cmd #3 (no_reply)``."""
+        """Short text such as ``REGION_READ reply id=7`` or ``DMA_MAP cmd id=3 (no_reply)``
+        (``id=``: the msg_id, never to be confused with a trace's ``#seq``)."""
         kind = "reply" if self.is_reply else "cmd" if self.is_command else f"type{self.type}"
-        text = f"{self.command_name} {kind} #{self.msg_id}"
+        text = f"{self.command_name} {kind} id={self.msg_id}"
         if self.is_error:
             text += f" error={self.error}"
         if self.no_reply:

@@ -73,6 +73,8 @@ class Violation:
     offset: int | None = None
     expected: Any = None
     got: Any = None
+    #: set when the proxy's own fault injection caused it (e.g. "rule 2 corrupt offset")
+    caused_by: str | None = None
 
     def as_error(self) -> RemoteProtocolError:
         return RemoteProtocolError(
@@ -87,7 +89,11 @@ class Violation:
         )
 
     def __str__(self) -> str:
-        return str(self.as_error())
+        text = str(self.as_error())
+        if self.caused_by is not None:
+            return (f"caused by the proxy's injection ({self.caused_by}), not the "
+                    f"{self.side.value}: {text}")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for trace event records."""
@@ -98,7 +104,7 @@ class Violation:
             "command": self.command,
             "text": self.text,
         }
-        for key in ("field", "offset", "expected", "got"):
+        for key in ("field", "offset", "expected", "got", "caused_by"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value if isinstance(value, (int, str, bytes, bool)) else str(value)
@@ -130,6 +136,39 @@ _VALID_FLAGS = frozenset({
     int(MessageType.COMMAND), int(MessageType.COMMAND) | FLAG_NO_REPLY,
     int(MessageType.REPLY), int(MessageType.REPLY) | FLAG_ERROR,
 })
+
+
+def injection_cause(applied: Any) -> str:
+    """``rule 2 corrupt offset``: the actions of an ``inject`` event's ``applied``
+    list (the maps :meth:`vfioproxy.inject.Applied.to_dict` makes)."""
+    entries = applied if isinstance(applied, list) else []
+    return "; ".join(f"rule {a.get('rule')} {a.get('text')}" for a in entries
+                     if isinstance(a, dict))
+
+
+class InjectionBlame:
+    """Attributes to the proxy's fault injection the violations it caused: those
+    of a message an injected action rewrote, and those of the answer to a
+    request it rewrote (the peer answered what it got). One per session, fed
+    every observation in order, by a reader of the trace and by live checks."""
+
+    def __init__(self) -> None:
+        #: rewritten requests waiting for their reply: what rewrote them
+        self._requests: dict[int, str] = {}
+
+    def observe(self, obs: Observation, rewritten_by: str | None = None) -> Observation:
+        """``obs`` with its violations attributed (``rewritten_by``: the actions
+        that rewrote this message, if any)."""
+        header = obs.message.header
+        cause = rewritten_by
+        if cause is not None and header.is_command and not header.no_reply:
+            self._requests[id(obs.message)] = cause
+        if obs.request is not None and self._requests:
+            cause = self._requests.pop(id(obs.request), cause)
+        if cause is None or not obs.violations:
+            return obs
+        return attrs.evolve(obs, violations=tuple(
+            attrs.evolve(v, caused_by=cause) for v in obs.violations))
 
 
 class SessionState:
@@ -343,7 +382,8 @@ class SessionState:
             violation(
                 "outstanding_overflow",
                 f"more than {self.max_outstanding} {direction.sender.value} commands wait for "
-                f"a reply; the oldest ({forgotten[1].header.describe()}, #{forgotten[0]}) is "
+                f"a reply; the oldest ({forgotten[1].header.describe()}, "
+                f"{direction.value}[{forgotten[0]}]) is "
                 "no longer tracked",
                 header, got=self.max_outstanding,
             )
@@ -352,7 +392,7 @@ class SessionState:
             violation(
                 "duplicate_outstanding_id",
                 f"msg_id {header.msg_id} is still outstanding "
-                f"({waiting[1].header.command_name} #{waiting[0]})",
+                f"({waiting[1].header.command_name} {direction.value}[{waiting[0]}])",
                 header, field="msg_id", offset=0, got=header.msg_id,
             )
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from vfioproxy.protocol.codec import Dialects
-from vfioproxy.protocol.session import Observation, SessionState, Violation
+from vfioproxy.protocol.session import InjectionBlame, Observation, SessionState, Violation
 from vfioproxy.side import Direction
 
 __all__ = ["LOG_BURST", "LOG_INTERVAL", "RECORD_REPEATS", "LiveChecks", "MessageObserver"]
@@ -47,8 +47,8 @@ class _HasId(Protocol):
     def id(self) -> int: ...
 
 
-#: called after each forwarded message with its session, decoding and time (ns)
-MessageObserver = Callable[[Any, Observation, int], None]
+#: called after each forwarded message with its session, decoding, time (ns) and trace seq
+MessageObserver = Callable[[Any, Observation, int, int], None]
 
 
 class LiveChecks:
@@ -73,6 +73,7 @@ class LiveChecks:
     ) -> None:
         self.session = session
         self.state = SessionState(dialects=dialects)
+        self.blame = InjectionBlame()
         self.observer = observer
         self.record = record
         self.log_violations = log_violations
@@ -97,16 +98,20 @@ class LiveChecks:
         *,
         length: int | None = None,
         torn: bool = False,
+        rewritten_by: str | None = None,
     ) -> str | None:
         """Decode and check one message as a reader of the trace will
         (``length``, ``torn``: see :meth:`SessionState.observe` and
-        :meth:`SessionState.torn`); returns why to close (``strict``) or None."""
+        :meth:`SessionState.torn`; ``rewritten_by``: the injected actions that
+        rewrote it, blamed for what it breaks); returns why to close
+        (``strict``) or None."""
         if torn:
             violations: tuple[Violation, ...] = (self.state.torn(direction, data, length),)
         else:
-            obs = self.state.observe(direction, data, fds, length=length)
+            obs = self.blame.observe(self.state.observe(direction, data, fds, length=length),
+                                     rewritten_by)
             if self.observer is not None:
-                self.observer(self.session, obs, t_ns)
+                self.observer(self.session, obs, t_ns, seq)
             violations = obs.violations
         if not violations:
             return None

@@ -35,7 +35,7 @@ from recorder.writer import TraceWriter
 from vfioproxy.inject import Injector
 from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.proxy.checks import LiveChecks, MessageObserver
-from vfioproxy.proxy.ledger import SessionLedger
+from vfioproxy.proxy.ledger import Numbering, SessionLedger
 from vfioproxy.proxy.model import (
     DEFAULT_GRACE,
     Counters,
@@ -84,6 +84,8 @@ class Proxy:
         self.sink = sink
         self.options = options
         self.observer = observer
+        #: with nothing recorded, the live view numbers messages as a trace would
+        self._numbering = Numbering() if sink is None and observer is not None else None
         self.injector = injector
         self.max_sessions = options.max_sessions or default_max_sessions()
         self.sessions: dict[int, SessionLedger] = {}
@@ -194,6 +196,8 @@ class Proxy:
         """Record a proxy-wide event (e.g. a rule change): once in a single
         trace, or in every running session's file of a per-session sink."""
         if self.sink is None:
+            if self._numbering is not None:  # a trace would have it
+                self._numbering.take(1)
             return
         shared = self.sink.shared_writer()
         if shared is not None:
@@ -227,7 +231,8 @@ class Proxy:
             except OSError as exc:  # e.g. out of fds or disk for a per-session file
                 log.error("session %d: cannot open its trace: %s; forwarding it unrecorded",
                           sid, exc)
-        ledger = SessionLedger(sid, writer=writer, injector=self.injector)
+        ledger = SessionLedger(sid, writer=writer, injector=self.injector,
+                               numbering=self._numbering)
         options = self.options
         if self.checks_live:
             ledger.checks = LiveChecks(

@@ -23,19 +23,44 @@ from collections.abc import Sequence
 from typing import Any
 
 from recorder.errors import TraceError
-from recorder.records import EventPacker, FdRecord
+from recorder.records import EventPacker, FdRecord, rewritten
 from recorder.writer import Event, TraceWriter
 from vfioproxy.inject import Applied, Decision, Injector
 from vfioproxy.protocol.negotiation import Negotiation, TwinSocket
+from vfioproxy.protocol.session import injection_cause
 from vfioproxy.proxy.checks import LiveChecks
 from vfioproxy.proxy.model import Counters
 from vfioproxy.side import Direction
 
-__all__ = ["SessionLedger"]
+__all__ = ["Numbering", "SessionLedger"]
 
 log = logging.getLogger("vfioproxy.proxy")
 
 _C2S, _S2C = Direction.C2S, Direction.S2C
+
+
+def _sent(arrived: bytes, rewritten_start: bytes) -> bytes:
+    """The bytes forwarded of a message whose start (``rewritten_start``, the
+    whole of it unless it was streamed on in pieces) an action rewrote."""
+    if len(arrived) > len(rewritten_start):
+        return rewritten_start + arrived[len(rewritten_start):]
+    return rewritten_start
+
+
+class Numbering:
+    """The ``seq`` numbers a trace would give, for a proxy that records nothing
+    but shows messages (``proxy -v``): one count over all of its sessions'
+    records, messages and events alike, as a :class:`~recorder.writer.TraceWriter`
+    counts them."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def take(self, records: int) -> int:
+        """Number ``records`` records; returns the first one's seq."""
+        first = self.last + 1
+        self.last += records
+        return first
 
 
 class SessionLedger:
@@ -44,7 +69,8 @@ class SessionLedger:
     ``writer`` records the session (None: nothing is recorded);
     ``injector`` decides faults (None: every message is forwarded at once,
     and :meth:`decide` is not even asked); ``checks`` decodes and checks on
-    the path (None: nothing is decoded but VERSION).
+    the path (None: nothing is decoded but VERSION); ``numbering`` numbers
+    what is not recorded as a trace would (the live view of ``proxy -v``).
     """
 
     def __init__(
@@ -54,9 +80,12 @@ class SessionLedger:
         writer: TraceWriter | None = None,
         injector: Injector | None = None,
         checks: LiveChecks | None = None,
+        numbering: Numbering | None = None,
     ) -> None:
         self.id = session
         self.writer = writer
+        #: numbers records as a trace would when there is no ``writer``
+        self.numbering = None if writer is not None else numbering
         self.injector = injector
         self.checks = checks
         self.negotiation = Negotiation()
@@ -131,10 +160,25 @@ class SessionLedger:
             counters.bytes += len(data) if length is None else length
             counters.fds += len(fds) or nfds
         seq = 0
+        arrived: bytes | None = None
+        rewritten_by: str | None = None
+        if decision is not None and decision.data is not data and decision.forward:
+            # a rewriting action: record (and check) what the receiver got, keep what arrived
+            arrived, data = data, _sent(data, decision.data)
+            if arrived == data:
+                arrived = None
+            else:
+                applied = [a.to_dict() for a in decision.applied]
+                rewritten_by = injection_cause(applied)
         writer = self.writer
         if writer is not None:
             events: Sequence[Event] = ()
-            if decision is not None and decision.applied:
+            if arrived is not None:
+                assert decision is not None
+                events = [("inject", {"direction": direction.value, "index": decision.index,
+                                      "applied": applied,
+                                      "arrived": rewritten(arrived, data)})]
+            elif decision is not None and decision.applied:
                 events = [self._inject_event(writer, direction, decision.applied,
                                              decision.index)]
             try:
@@ -145,10 +189,12 @@ class SessionLedger:
                 self._not_recorded(exc)
             if not seq:
                 self._unrecorded(writer)
+        elif self.numbering is not None:
+            seq = self.numbering.take(2 if decision is not None and decision.applied else 1)
         checks = self.checks
         if checks is not None:
             reason = checks.observe(direction, data, fds or range(nfds), t_ns, seq,
-                                    length=length, torn=torn)
+                                    length=length, torn=torn, rewritten_by=rewritten_by)
             if reason is not None:
                 self.stop(reason)
         return seq
@@ -195,7 +241,7 @@ class SessionLedger:
     def event(self, kind: str, data: dict[str, Any], t_ns: int | None = None) -> int:
         """Record an event of this session; returns its ``seq`` (0: not recorded)."""
         if self.writer is None:
-            return 0
+            return 0 if self.numbering is None else self.numbering.take(1)
         try:
             return self.writer.append_event(
                 self.id, kind, time.monotonic_ns() if t_ns is None else t_ns, data

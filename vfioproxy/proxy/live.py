@@ -3,43 +3,94 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
 import trio
 
+from recorder.records import FdRecord
+from vfioproxy.protocol.listing import RequestTimes, describe_fd, message_line, note_line
 from vfioproxy.protocol.pci_view import PciView, describe
 from vfioproxy.protocol.session import Observation
 from vfioproxy.proxy.core import Proxy
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.proxy.model import ProxyStatistics
 
+#: back to the start of the line, and erase it
+_CLEAR = "\r\x1b[K"
+
+
+class StatusLine:
+    """The one status line at the bottom of a terminal, which message lines
+    printed above it (:class:`MessageLog`, from any thread) push down: each
+    is written with the status line cleared first and drawn again after."""
+
+    def __init__(self, out: TextIO = sys.stderr) -> None:
+        self.out = out
+        self.text = ""
+        self._lock = threading.Lock()
+
+    def show(self, text: str) -> None:
+        """Replace the status line with ``text`` ("" clears it)."""
+        with self._lock:
+            self.text = text
+            self.out.write(_CLEAR + text)
+            self.out.flush()
+
+    def above(self, out: TextIO, lines: list[str]) -> None:
+        """Write ``lines`` to ``out`` above the status line."""
+        with self._lock:
+            if self.text:
+                self.out.write(_CLEAR)
+                self.out.flush()
+            out.write("".join(line + "\n" for line in lines))
+            out.flush()
+            if self.text:
+                self.out.write(self.text)
+                self.out.flush()
+
 
 class MessageLog:
-    """A proxy observer printing each forwarded message, decoded and PCI-aware."""
+    """A proxy observer printing each forwarded message as ``trace show`` lists it
+    (:func:`~vfioproxy.protocol.listing.message_line`): the seq its record has
+    in the trace (or would have: ``proxy -v``), the time, direction, session,
+    header, the decoded PCI-aware summary, the latency of replies, and the
+    message's violations under it. ``status``: the terminal's status line, kept
+    below the lines."""
 
-    def __init__(self, out: TextIO = sys.stdout) -> None:
+    def __init__(self, out: TextIO = sys.stdout, status: StatusLine | None = None) -> None:
         self.out = out
+        self.status = status
         self._pci: dict[int, PciView] = {}
+        self._times: dict[int, RequestTimes] = {}
         self._origin: int | None = None
 
-    def __call__(self, session: SessionLedger, obs: Observation, t_ns: int) -> None:
+    def __call__(self, session: SessionLedger, obs: Observation, t_ns: int, seq: int) -> None:
         if self._origin is None:
             self._origin = t_ns
-        pci = self._pci.setdefault(session.id, PciView())
+        sid = session.id
+        pci = self._pci.get(sid)
+        if pci is None:
+            pci = self._pci[sid] = PciView()
+            self._times[sid] = RequestTimes()
         message = obs.message
-        line = (
-            f"{(t_ns - self._origin) / 1e6:11.3f} s{session.id} {obs.direction.value} "
-            f"{message.header.describe():<36} {describe(obs, pci)}"
-        )
-        if message.fds:
-            line += f"  [{len(message.fds)} fd(s)]"
-        print(line, file=self.out, flush=True)
-        for violation in obs.violations:
-            print(f"{'':>11} !!! {violation}", file=self.out, flush=True)
+        fds = message.fds
+        described = ", ".join(describe_fd(fd) if isinstance(fd, FdRecord) else "fd"
+                              for fd in fds)
+        lines = [message_line(seq, t_ns, self._origin, obs.direction, sid, message.header,
+                              describe(obs, pci), fds=described,
+                              latency_ns=self._times[sid].latency(obs, t_ns))]
+        lines.extend(note_line(f"!!! {violation}") for violation in obs.violations)
+        if self.status is not None:
+            self.status.above(self.out, lines)
+        else:
+            self.out.write("".join(line + "\n" for line in lines))
+            self.out.flush()
 
     def forget(self, session: int) -> None:
         self._pci.pop(session, None)
+        self._times.pop(session, None)
 
 
 def _rate(now: int, before: int, seconds: float) -> str:
@@ -60,8 +111,12 @@ def status_text(stats: ProxyStatistics, before: ProxyStatistics, seconds: float)
     return " | ".join(parts)
 
 
-async def run_status_line(proxy: Proxy, out: TextIO = sys.stderr, interval: float = 1.0) -> None:
-    """Rewrite one status line on ``out`` every ``interval`` seconds, until cancelled."""
+async def run_status_line(
+    proxy: Proxy, status: StatusLine | TextIO = sys.stderr, interval: float = 1.0
+) -> None:
+    """Rewrite the status line (``status``, or a new one on that stream) every
+    ``interval`` seconds, until cancelled; it is cleared on the way out."""
+    line = status if isinstance(status, StatusLine) else StatusLine(status)
     before = proxy.statistics()
     last = time.monotonic()
     try:
@@ -69,9 +124,7 @@ async def run_status_line(proxy: Proxy, out: TextIO = sys.stderr, interval: floa
             await trio.sleep(interval)
             now = time.monotonic()
             stats = proxy.statistics()
-            out.write("\r\x1b[K" + status_text(stats, before, now - last))
-            out.flush()
+            line.show(status_text(stats, before, now - last))
             before, last = stats, now
     finally:
-        out.write("\r\x1b[K")
-        out.flush()
+        line.show("")

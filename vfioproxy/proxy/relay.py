@@ -323,10 +323,11 @@ class Relay:
             self._version(direction, data, fds)
         # (a message the C lane sent is of a direction whose decisions forward at
         # once, unchanged: the decision records that; rules changed meanwhile
-        # cannot take back what was sent)
+        # cannot take back or rewrite what was sent)
         decision = None if ledger.injector is None else ledger.decide(direction, data,
                                                                       self.clock())
-        if offered is not None and decision is not None and not decision.forward:
+        if offered is not None and decision is not None and (
+                not decision.forward or decision.data is not data):
             decision = None
         fd_records: list[FdRecord] = []
         if fds and self.inspect_fds and (self.capture_fd_contents or decision is not None):
@@ -610,7 +611,7 @@ class Relay:
 
     @staticmethod
     def _where(direction: Direction, decision: Decision) -> str:
-        return f"{direction.sender.value} message #{decision.index}"
+        return f"{direction.sender.value} message {direction.value}[{decision.index}]"
 
 
 def _hung_up(sock: socket.socket) -> bool:

@@ -259,7 +259,7 @@ class _ClientReplay(Replay):
         position = self.expect.take(header.msg_id)
         if position is None:
             self.divergences.append(Divergence(
-                "unexpected", f"{header.command_name} reply #{header.msg_id}",
+                "unexpected", f"{header.command_name} reply id={header.msg_id}",
                 detail="a reply to no command the replay is waiting for"))
             return
         command = self.steps[position]
@@ -274,7 +274,7 @@ class _ClientReplay(Replay):
         live = decode(data, fds, sender=Side.SERVER, dialects=self.script.dialects)
         if not self.server_commands:
             self.divergences.append(Divergence(
-                "unexpected", f"{live.header.command_name} cmd #{live.msg_id} from the server",
+                "unexpected", f"{live.header.command_name} cmd id={live.msg_id} from the server",
                 detail="the recording has no further server command; answered from guest "
                        "memory"))
             await self._answer_from_memory(live)

@@ -13,12 +13,12 @@ CLI's exit status 0) means nothing diverged.
 
 from __future__ import annotations
 
-import errno as errno_module
 from typing import Any, Literal
 
 import attrs
 
 from vfioproxy.protocol.header import command_name
+from vfioproxy.protocol.listing import errno_text
 
 __all__ = ["Divergence", "DivergenceKind", "FieldDiff", "Nearest", "ReplayReport"]
 
@@ -45,8 +45,7 @@ def _value_text(field: str, value: Any, other: Any) -> str:
     if not _is_int(value):
         return str(value)
     if field == "header.error":
-        name = errno_module.errorcode.get(value)
-        return f"{value} ({name})" if name else str(value)
+        return errno_text(value)
     if field == "header.command":
         return command_name(value)
     small = 0 <= value < 10 and (not _is_int(other) or 0 <= other < 10)

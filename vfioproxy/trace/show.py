@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
@@ -9,18 +10,22 @@ from typing import Any, TextIO
 import attrs
 
 from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader
-from vfioproxy.protocol.bodies import DmaLayout
-from vfioproxy.protocol.pci import format_size
-from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNegotiated, TornMessage
-
-
-def describe_fd(fd: FdRecord) -> str:
-    text = fd.kind.value
-    if fd.size is not None:
-        text += f" {format_size(fd.size)}"
-    if fd.contents is not None:
-        text += " +contents"
-    return text
+from vfioproxy.protocol.bodies import DmaLayout, VersionBody
+from vfioproxy.protocol.header import HEADER_SIZE
+from vfioproxy.protocol.listing import (
+    describe_fd,
+    errno_text,
+    message_line,
+    note_line,
+    prefix,
+)
+from vfioproxy.protocol.session import injection_cause
+from vfioproxy.trace.decoded import (
+    DecodedItem,
+    DecodedMessage,
+    SessionNegotiated,
+    TornMessage,
+)
 
 
 def header_lines(header: TraceHeader) -> list[str]:
@@ -31,7 +36,7 @@ def header_lines(header: TraceHeader) -> list[str]:
         f"on {header.host or '?'} ({header.byte_order}-endian)"
     ]
     for key, value in sorted(header.info.items()):
-        lines.append(f"# {key}: {value}")
+        lines.append(f"# {key}: {_scalar(value)}")
     return lines
 
 
@@ -39,13 +44,12 @@ def header_lines(header: TraceHeader) -> list[str]:
 _DERIVED = frozenset({"violation", "violations_repeated"})
 
 
-def _fmt_ns(t_ns: int, origin: int) -> str:
-    return f"{(t_ns - origin) / 1e6:11.3f}"
-
-
 def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterator[str]:
-    """Human lines for decoded records (``verbose`` adds every body field)."""
+    """Human lines for decoded records (``verbose`` adds every field, the payload
+    as a hexdump and every fd's metadata)."""
     origin: int | None = None
+    #: the seq of the message each ``inject`` event (by its seq) is about
+    injected: dict[int, int] = {}
     for item in items:
         if isinstance(item, SessionNegotiated):
             state = item.state
@@ -61,78 +65,179 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterat
         if isinstance(item, TornMessage):
             record = item.record
             yield (
-                f"{record.seq:>6} {_fmt_ns(record.t_ns, origin)} {record.direction.value} "
+                f"{prefix(record.seq, record.t_ns, origin)} {record.direction.value} "
                 f"s{record.session} {'(torn message)':<36} {item.text}"
             )
-            yield f"{'':>6} {'':>11} !!! {item.violation}"
+            yield note_line(f"!!! {item.violation}")
             continue
         if isinstance(item, EventRecord):
             if item.kind in _DERIVED:
                 continue  # the same violations are shown under their messages
             yield (
-                f"{item.seq:>6} {_fmt_ns(item.t_ns, origin)} --- s{item.session} "
-                f"{item.kind} {_event_text(item.kind, item.data)}"
+                f"{prefix(item.seq, item.t_ns, origin)} --- s{item.session} "
+                f"{item.kind} {event_text(item, injected.pop(item.seq, None))}"
             )
             continue
         record = item.record
-        header = item.observation.message.header
-        line = (
-            f"{record.seq:>6} {_fmt_ns(record.t_ns, origin)} {record.direction.value} "
-            f"s{record.session} {header.describe():<36} {item.text}"
+        if item.injection is not None:
+            injected[item.injection.seq] = record.seq
+        yield message_line(
+            record.seq, record.t_ns, origin, record.direction, record.session,
+            item.observation.message.header, item.text,
+            fds=", ".join(describe_fd(fd) for fd in record.fds), latency_ns=item.latency_ns,
         )
-        if record.fds:
-            line += "  [fds: " + ", ".join(describe_fd(fd) for fd in record.fds) + "]"
-        if item.latency_ns is not None:
-            line += f"  (+{item.latency_ns / 1000:.1f} us)"
-        yield line
+        if item.arrived is not None and item.injection is not None:
+            yield note_line(f"~~~ {rewrite_text(record.data, item.arrived, item.injection)}")
         for violation in item.observation.violations:
-            yield f"{'':>6} {'':>11} !!! {violation}"
+            yield note_line(f"!!! {violation}")
         if verbose:
             yield from _field_lines(item)
 
 
-def _event_text(kind: str, data: dict[str, Any]) -> str:
+def rewrite_text(sent: bytes, arrived: bytes, injection: EventRecord) -> str:
+    """``rewritten by the proxy (rule 2 corrupt offset): at offset 40 (0x28) 00
+    arrived, 01 was sent``: what an injected action changed in a message."""
+    span = injection.data.get("arrived")
+    offset = span.get("offset", 0) if isinstance(span, dict) else 0
+    length = span.get("length", 0) if isinstance(span, dict) else 0
+    was = arrived[offset:offset + len(arrived) - len(sent) + length]
+    now = sent[offset:offset + length]
+    cause = injection_cause(injection.data.get("applied"))
+    return (f"rewritten by the proxy ({cause}): at offset {offset} "
+            f"({offset:#x}) {was.hex(' ') or 'nothing'} arrived, "
+            f"{now.hex(' ') or 'nothing'} was sent")
+
+
+def _applied_value(action: Any, value: Any) -> str | None:
+    """An applied action's value as a reader wants it: a corrupt's byte offset
+    as an offset, an error's errno with its name, seconds as microseconds."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if action == "corrupt":
+            return f"at offset {value} ({value:#x})"
+        if action == "error":
+            return None  # the rule's text names the errno
+        return f"= {value}"
+    if isinstance(value, float):
+        return f"= {value * 1e6:.1f} us"
+    return f"= {_scalar(value)}"
+
+
+def event_text(event: EventRecord, message_seq: int | None = None) -> str:
+    """The text of an event line; ``message_seq``: the message an ``inject`` event is about."""
+    data = event.data
     applied = data.get("applied")
-    if kind == "inject" and isinstance(applied, list):
-        # "c2s #3: rule 1 delay fixed(200us) = 203.1 us; rule 2 corrupt offset = 24"
+    if event.kind == "inject" and isinstance(applied, list):
+        # "#11 s2c[4]: rule 1 delay fixed(200us) = 203.1 us; rule 2 corrupt offset at offset 40"
         actions = []
-        for item in applied:
-            if not isinstance(item, dict):
+        for entry in applied:
+            if not isinstance(entry, dict):
                 continue
-            value = item.get("value")
-            shown = f"{value * 1e6:.1f} us" if isinstance(value, float) else value
-            text = f"rule {item.get('rule')} {item.get('text')}"
-            actions.append(text if shown is None else f"{text} = {shown}")
-        return f"{data.get('direction')} #{data.get('index')}: " + "; ".join(actions)
-    return " ".join(f"{k}={v}" for k, v in data.items())
+            text = f"rule {entry.get('rule')} {entry.get('text')}"
+            shown = _applied_value(entry.get("action"), entry.get("value"))
+            if shown is not None:
+                text += f" {shown}"
+            if entry.get("note"):
+                text += f" ({entry['note']})"
+            actions.append(text)
+        where = f"{data.get('direction')}[{data.get('index')}]"
+        if message_seq is not None:
+            where = f"#{message_seq} {where}"
+        return f"{where}: " + "; ".join(actions)
+    return " ".join(f"{k}={_scalar(v)}" for k, v in data.items())
+
+
+def _scalar(value: Any) -> str:
+    """A value of an event or header in one line: JSON for maps, lists, booleans
+    and null, bytes in hex."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if value is None or isinstance(value, (bool, dict, list, tuple)):
+        return json.dumps(_jsonable(value))
+    return str(value)
 
 
 def _field_lines(item: DecodedMessage) -> Iterator[str]:
     message = item.observation.message
     h = message.header
-    yield (
-        f"{'':>19}header: msg_id={h.msg_id} command={h.command} size={h.size} "
-        f"flags={h.flags:#x} error={h.error}"
+    yield note_line(
+        f"header: msg_id={h.msg_id} command={h.command_name} ({h.command}) size={h.size} "
+        f"flags={h.flags:#x} error={errno_text(h.error) if h.error else 0}"
     )
-    for name, value in body_fields(message.body).items():
-        if name == "json_text":
-            value = bytes.fromhex(value).decode("utf-8", "replace")
-        yield f"{'':>19}{name}: {_verbose(value)}"
+    body = message.body
+    yield note_line(f"body: {type(body).__name__}")
+    yield from _body_lines(body, "  ")
     for fd in item.record.fds:
-        yield f"{'':>19}fd[{fd.position}]: {fd_fields(fd)}"
+        shown = ", ".join(f"{k}={_verbose(v)}" for k, v in fd_fields(fd).items()
+                          if k not in ("position", "contents") and v is not None)
+        yield note_line(f"fd[{fd.position}]: {shown}")
+    payload = item.record.data[HEADER_SIZE:]
+    if payload:
+        yield note_line(f"payload: {len(payload)} bytes")
+        yield from (note_line("  " + line) for line in hexdump(payload, HEADER_SIZE))
+    if item.arrived is not None:
+        yield note_line(f"as it arrived: {len(item.arrived)} bytes")
+        yield from (note_line("  " + line) for line in hexdump(item.arrived))
+
+
+def _body_lines(body: Any, indent: str) -> Iterator[str]:
+    """One line per field of an attrs body (nested ones indented); bytes by their
+    length (the payload hexdump shows them), VERSION's JSON as JSON."""
+    for field in attrs.fields(type(body)):
+        name, value = field.name, getattr(body, field.name)
+        if isinstance(body, VersionBody) and name in ("json_text", "document"):
+            if name == "json_text":
+                yield from _json_lines(value, indent)
+            continue
+        if isinstance(value, bytes):
+            if value:
+                yield note_line(f"{indent}{name}: {len(value)} bytes")
+        elif attrs.has(type(value)):
+            yield note_line(f"{indent}{name}: {type(value).__name__}")
+            yield from _body_lines(value, indent + "  ")
+        elif isinstance(value, (list, tuple)) and value and attrs.has(type(value[0])):
+            for i, element in enumerate(value):
+                yield note_line(f"{indent}{name}[{i}]: {type(element).__name__}")
+                yield from _body_lines(element, indent + "  ")
+        else:
+            yield note_line(f"{indent}{name}: {_verbose(value)}")
+
+
+def _json_lines(text: bytes, indent: str) -> Iterator[str]:
+    """VERSION's JSON, indented as JSON (as it is when it does not parse)."""
+    decoded = text.decode("utf-8", "replace")
+    try:
+        shown = json.dumps(json.loads(decoded), indent=2)
+    except ValueError:
+        yield note_line(f"{indent}json (does not parse): {decoded}")
+        return
+    lines = shown.splitlines()
+    yield note_line(f"{indent}json: {lines[0]}")
+    for line in lines[1:]:
+        yield note_line(f"{indent}      {line}")
+
+
+def hexdump(data: bytes, start: int = 0) -> Iterator[str]:
+    """``0010  01 00 ... 7b  |....{|``: 16 bytes a line, offsets from ``start``,
+    printable ASCII on the right."""
+    for at in range(0, len(data), 16):
+        chunk = data[at:at + 16]
+        hexed = " ".join(f"{b:02x}" for b in chunk)
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        yield f"{start + at:04x}  {hexed:<47}  |{text}|"
 
 
 def _verbose(value: Any) -> str:
-    """Integers in hex (and decimal when large), recursively."""
-    if isinstance(value, bool) or value is None:
-        return str(value)
+    """Integers in hex (and decimal when large), enums by name, lists and maps as JSON."""
+    if value is None or isinstance(value, bool):
+        return _scalar(value)
+    if isinstance(value, enum.Enum):
+        return value.name
     if isinstance(value, int):
         return f"{value:#x}" if value < 10 else f"{value:#x} ({value})"
-    if isinstance(value, dict):
-        inner = ", ".join(f"{k}={_verbose(v)}" for k, v in value.items() if k != "type")
-        return f"{value['type']}({inner})" if "type" in value else "{" + inner + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_verbose(v) for v in value) + "]"
+    if isinstance(value, (dict, list, tuple)):
+        return _scalar(value)
     return str(value)
 
 
@@ -226,6 +331,8 @@ def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
             }
             if record.length is not None:
                 obj["length"] = record.length
+            if item.arrived is not None:  # "hex" is what the receiver got
+                obj["arrived"] = item.arrived.hex()
         yield json.dumps(_jsonable(obj))
 
 

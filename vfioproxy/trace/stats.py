@@ -11,6 +11,7 @@ import attrs
 
 from recorder.records import EventRecord, MessageRecord
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, TornMessage
+from vfioproxy.trace.tables import table, table_lines
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -141,37 +142,30 @@ def _us(ns: int) -> str:
 
 
 def text_report(stats: TraceStats) -> list[str]:
+    """``trace stats`` for people: a summary line, then tables (laid out by rich)."""
     span = 0 if stats.first_ns is None or stats.last_ns is None else stats.last_ns - stats.first_ns
-    lines = [
+    tables = [table(None, ("command", "dir", "kind", "msgs", "bytes"), [
+        (command, direction, kind, n, size)
+        for (command, direction, kind), (n, size) in sorted(stats.traffic.items())
+    ], left=3)]
+    latencies = stats.latency_table()
+    if latencies:
+        tables.append(table("request -> reply latency (us)",
+                            ("command", "n", "p50", "p90", "p99", "max"), [
+            (name, s.count, _us(s.p50_ns), _us(s.p90_ns), _us(s.p99_ns), _us(s.max_ns))
+            for name, s in latencies.items()
+        ]))
+    tables.append(table("fds passed", ("kind", "dir", "count"), [
+        (kind, direction, n) for (kind, direction), n in sorted(stats.fds.items())
+    ] or [("none", "", "")], left=2))
+    if stats.violations:
+        tables.append(table("protocol violations", ("kind", "count"),
+                            sorted(stats.violations.items())))
+    if stats.events:
+        tables.append(table("events", ("kind", "count"), sorted(stats.events.items())))
+    return [
         f"sessions: {len(stats.sessions)}  messages: {stats.messages}  bytes: {stats.bytes}  "
         f"span: {span / 1e6:.3f} ms  undecoded: {stats.undecoded}",
         "",
-        f"{'command':<26} {'dir':<4} {'kind':<8} {'msgs':>6} {'bytes':>10}",
+        *table_lines(tables),
     ]
-    for (command, direction, kind), (n, size) in sorted(stats.traffic.items()):
-        lines.append(f"{command:<26} {direction:<4} {kind:<8} {n:>6} {size:>10}")
-    table = stats.latency_table()
-    if table:
-        lines += [
-            "",
-            "request -> reply latency (us)",
-            f"{'command':<26} {'n':>6} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}",
-        ]
-        for name, s in table.items():
-            lines.append(
-                f"{name:<26} {s.count:>6} {_us(s.p50_ns):>9} {_us(s.p90_ns):>9} "
-                f"{_us(s.p99_ns):>9} {_us(s.max_ns):>9}"
-            )
-    lines += ["", "fds passed"]
-    if stats.fds:
-        for (kind, direction), n in sorted(stats.fds.items()):
-            lines.append(f"  {kind:<8} {direction:<4} {n:>6}")
-    else:
-        lines.append("  none")
-    if stats.violations:
-        lines += ["", "protocol violations"]
-        lines += [f"  {kind:<26} {n:>6}" for kind, n in sorted(stats.violations.items())]
-    if stats.events:
-        lines += ["", "events"]
-        lines += [f"  {kind:<26} {n:>6}" for kind, n in sorted(stats.events.items())]
-    return lines

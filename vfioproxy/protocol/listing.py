@@ -1,0 +1,109 @@
+"""One message as one line: the format ``trace show`` and the proxy's live view share.
+
+A line reads ``SEQ MS DIR sSESSION COMMAND KIND id=MSG_ID  SUMMARY [fds] (+latency)``:
+``SEQ`` is the message's trace sequence number (the ``#N`` every report
+names it by), ``MS`` the time since the first record, the decoded summary
+comes from :func:`vfioproxy.protocol.pci_view.describe`. Lines under a
+message (its violations, its fields) are indented past the first two
+columns. :class:`RequestTimes` measures the request -> reply latency both
+views print.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+from typing import Protocol
+
+from vfioproxy.protocol.header import Header
+from vfioproxy.protocol.pci import format_size
+from vfioproxy.protocol.session import Observation
+from vfioproxy.side import Direction
+
+__all__ = [
+    "INDENT", "RequestTimes", "describe_fd", "errno_text", "message_line", "note_line", "prefix",
+]
+
+#: what lines under a message start with: the width of its seq and time columns
+INDENT = " " * 19
+
+
+def prefix(seq: int, t_ns: int, origin: int) -> str:
+    """The first two columns: the trace seq and the milliseconds since ``origin``."""
+    return f"{seq:>6} {(t_ns - origin) / 1e6:11.3f}"
+
+
+class _FdKind(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class FdMetadata(Protocol):
+    """What a listing says of an fd (a :class:`recorder.records.FdRecord` has it)."""
+
+    @property
+    def kind(self) -> _FdKind: ...
+    @property
+    def size(self) -> int | None: ...
+    @property
+    def contents(self) -> bytes | None: ...
+
+
+def describe_fd(fd: FdMetadata) -> str:
+    """``memfd 64 KiB +contents``: an fd's kind, size and whether its contents are recorded."""
+    text = fd.kind.value
+    if fd.size is not None:
+        text += f" {format_size(fd.size)}"
+    if fd.contents is not None:
+        text += " +contents"
+    return text
+
+
+def message_line(
+    seq: int,
+    t_ns: int,
+    origin: int,
+    direction: Direction,
+    session: int,
+    header: Header,
+    summary: str,
+    *,
+    fds: str = "",
+    latency_ns: int | None = None,
+) -> str:
+    """The line of one message (``fds``: their description, if any)."""
+    line = (f"{prefix(seq, t_ns, origin)} {direction.value} s{session} "
+            f"{header.describe():<36} {summary}")
+    if fds:
+        line += f"  [fds: {fds}]"
+    if latency_ns is not None:
+        line += f"  (+{latency_ns / 1000:.1f} us)"
+    return line
+
+
+def note_line(text: str) -> str:
+    """A line under a message: a violation (``!!! ...``) or a remark on it."""
+    return f"{INDENT}{text}"
+
+
+class RequestTimes:
+    """When each request of one session was sent, to give its reply a latency."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, int] = {}
+
+    def latency(self, obs: Observation, t_ns: int) -> int | None:
+        """Note a request sent at ``t_ns``, or return the latency of a reply (ns)."""
+        header = obs.message.header
+        if header.is_command and not header.no_reply:
+            self._sent[id(obs.message)] = t_ns
+            return None
+        if obs.request is not None:
+            sent = self._sent.pop(id(obs.request), None)
+            return None if sent is None else t_ns - sent
+        return None
+
+
+def errno_text(value: int) -> str:
+    """``22 (EINVAL)``: an errno and its name, when it has one."""
+    name = errno_module.errorcode.get(value)
+    return f"{value} ({name})" if name else str(value)
