@@ -122,6 +122,7 @@ def test_a_divergence_is_the_failure_message_without_a_traceback(project, monkey
     failure = out[out.index("_ test_realize _"):out.index("short test summary")]
     assert "Traceback" not in failure and "ExceptionGroup" not in failure
     assert "pytest_plugin.py" not in failure and "raise" not in failure
+    result.stdout.fnmatch_lines(["FAILED test_device.py::test_realize - Failed: replay client of*"])
 
 
 @pytest.mark.parametrize("test", [ASYNC_TEST, SYNC_TEST], ids=["pytest-trio", "sync"])
@@ -214,3 +215,19 @@ def test_a_marker_mistake_stops_the_run_at_collection_with_the_nearest_name(
     assert says in line
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
     assert starts(project) == []
+
+
+@pytest.mark.parametrize("test", [ASYNC_TEST.replace("check(device_server)", "check(SOCK)"),
+                                  SYNC_TEST.replace("check_sync(sync_server)",
+                                                    "check_sync(SOCK)")],
+                         ids=["pytest-trio", "sync"])
+def test_a_replay_that_cannot_run_fails_in_one_line(project, test):
+    project.makepyfile(test_device='SOCK = "/nonexistent/device.sock"\n' + test)
+    result = run(project)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    failure = out[out.index("_ test_realize _"):out.index("short test summary")]
+    assert failure.splitlines()[1:-1] == [
+        f"replaying {project.path / 'traces' / 'realize.trace'} against "
+        "/nonexistent/device.sock could not run: cannot connect to the server at "
+        "/nonexistent/device.sock: [Errno 2] No such file or directory"]

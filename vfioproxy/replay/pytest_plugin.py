@@ -51,12 +51,13 @@ import attrs
 import pytest
 import trio
 
+from vfioproxy.errors import VfioProxyError
 from vfioproxy.replay.client import ClientReplayOptions, replay_client
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule
 from vfioproxy.replay.record import ClientRun, record_session
 from vfioproxy.replay.report import ReplayReport
 
-__all__ = ["DEFAULT_TRACE_PATH", "RECORD_MODES", "ReplayFailed", "ServerArg", "TraceReplay"]
+__all__ = ["DEFAULT_TRACE_PATH", "RECORD_MODES", "ServerArg", "TraceReplay"]
 
 RECORD_MODES = ("none", "once", "all", "rewrite")
 #: the modes that record even when the trace exists
@@ -75,10 +76,8 @@ ServerArg = (
     | Callable[[], AbstractAsyncContextManager[_Path]]
     | Callable[[], AbstractContextManager[_Path]]
 )
-
-
-class ReplayFailed(pytest.fail.Exception):  # type: ignore[name-defined,misc]
-    """The test failed with a replay's report (shown as the failure message)."""
+#: the attribute that marks a test failure as a replay's (its report is the message)
+_MARK = "vfioproxy_replay_failure"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -126,22 +125,30 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         failure = _only_replay_failure(group)
         if failure is None:
             raise
-        raise ReplayFailed(failure.msg, pytrace=False) from None
+        raise failure from None
 
 
-def _only_replay_failure(group: BaseExceptionGroup[BaseException]) -> ReplayFailed | None:
+def _is_replay_failure(exc: BaseException) -> bool:
+    return getattr(exc, _MARK, False) is True
+
+
+def _only_replay_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The first replay failure of ``group`` when that is all it holds."""
-    matched, rest = group.split(ReplayFailed)
+    matched, rest = group.split(_is_replay_failure)
     if matched is None or rest is not None:
         return None
     leaf: BaseException = matched
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
-    return leaf if isinstance(leaf, ReplayFailed) else None
+    return leaf
 
 
 def _fail(text: str) -> NoReturn:
-    raise ReplayFailed(text, pytrace=False)
+    """Fail the test with ``text`` as the whole message (pytest.fail, no traceback)."""
+    failure = pytest.fail.Exception(text, pytrace=False)
+    setattr(failure, _MARK, True)
+    failure.__suppress_context__ = True  # the text says it all: no chain of errors shown
+    raise failure
 
 
 @attrs.define
@@ -167,18 +174,26 @@ class TraceReplay:
     async def replay(self, server: ServerArg) -> ReplayReport:
         """Record if the mode asks for it, then replay against ``server`` (a path,
         or a factory: a fresh server for recording and another for replaying);
-        fails the test only when the trace is missing in mode ``none``.
+        fails the test (one line, no traceback) only when the trace is missing in
+        mode ``none`` or the recording or the replay cannot run (no server there,
+        not a trace, no such session).
         Cancellation stops the recording or the replay (a partial trace stays)."""
         if self.records:
             self.trace.parent.mkdir(parents=True, exist_ok=True)
             async with _server(server) as path:
-                await record_session(self.trace, path, self.client)
+                try:
+                    await record_session(self.trace, path, self.client)
+                except (VfioProxyError, OSError) as exc:
+                    _fail(f"recording {self.trace} against {path} failed: {exc}")
             self.recorded = True
         elif not self.trace.exists():
             _fail(f"{self.trace} does not exist and the record mode is none; record it with "
                   f"{OPTION}=once")
         async with _server(server) as path:
-            return await replay_client(self.trace, path, self.options)
+            try:
+                return await replay_client(self.trace, path, self.options)
+            except (VfioProxyError, OSError) as exc:
+                _fail(f"replaying {self.trace} against {path} could not run: {exc}")
 
     async def check(self, server: ServerArg) -> ReplayReport:
         """:meth:`replay`, failing the test with the report if anything diverged."""
