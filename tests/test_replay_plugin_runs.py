@@ -231,3 +231,25 @@ def test_a_replay_that_cannot_run_fails_in_one_line(project, test):
         f"replaying {project.path / 'traces' / 'realize.trace'} against "
         "/nonexistent/device.sock could not run: cannot connect to the server at "
         "/nonexistent/device.sock: [Errno 2] No such file or directory"]
+
+
+@pytest.mark.parametrize(
+    ("test", "says"),
+    [
+        (ASYNC_TEST.replace("await vfioproxy_replay.check(", "vfioproxy_replay.check_sync("),
+         "vfioproxy_replay.check_sync() runs a trio loop of its own: in an async test, "
+         "await vfioproxy_replay.check(...)"),
+        (SYNC_TEST.replace("check_sync(sync_server)", "check_sync(lambda: 'dev.sock')"),
+         "the server factory <function test_realize.<locals>.<lambda> at 0x*> returned "
+         "'dev.sock', not a context manager (async or not) yielding a socket path"),
+    ],
+    ids=["check_sync in an async test", "a factory that is no context manager"],
+)
+def test_a_misused_fixture_fails_in_one_line_saying_what_to_do(project, test, says):
+    project.makepyfile(test_device=test)
+    result = run(project)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    failure = out[out.index("_ test_realize _"):out.index("short test summary")]
+    assert len(failure.splitlines()) == 3, failure  # the title, the message, the rule
+    result.stdout.fnmatch_lines([says])

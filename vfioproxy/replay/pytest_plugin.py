@@ -204,13 +204,24 @@ class TraceReplay:
 
     def replay_sync(self, server: ServerArg) -> ReplayReport:
         """:meth:`replay` from a test that is not async (runs its own trio loop)."""
+        _not_in_trio("replay_sync", "replay")
         report: ReplayReport = trio.run(self.replay, server)
         return report
 
     def check_sync(self, server: ServerArg) -> ReplayReport:
         """:meth:`check` from a test that is not async (runs its own trio loop)."""
+        _not_in_trio("check_sync", "check")
         report: ReplayReport = trio.run(self.check, server)
         return report
+
+
+def _not_in_trio(name: str, instead: str) -> None:
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return
+    _fail(f"vfioproxy_replay.{name}() runs a trio loop of its own: in an async test, "
+          f"await vfioproxy_replay.{instead}(...)")
 
 
 @contextlib.asynccontextmanager
@@ -227,8 +238,8 @@ async def _server(server: ServerArg) -> AsyncIterator[str]:
         with made as path:
             yield os.fspath(path)
     else:
-        raise TypeError(f"the server factory {server!r} returned {made!r}, not a context "
-                        "manager yielding a socket path")
+        _fail(f"the server factory {server!r} returned {made!r}, not a context manager "
+              "(async or not) yielding a socket path")
 
 
 def _nearest(word: str, names: tuple[str, ...]) -> str:
