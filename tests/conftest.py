@@ -4,6 +4,9 @@ import pytest
 
 from vfioproxy.io.fds import count_open_fds
 
+#: pytester: the pytest plugin is tested by real runs of pytest on generated test files
+pytest_plugins = ["pytester"]
+
 #: module marks for tests that pass real fds: leaks and unclosed fds fail the test
 FD_HYGIENE = [
     pytest.mark.usefixtures("no_fd_leaks"),

@@ -136,6 +136,23 @@ async def test_waiting_commands_fail_when_the_peer_goes_away():
         await a.aclose()
 
 
+async def test_a_command_sent_after_the_peer_left_fails_at_once(mock_clock):
+    mock_clock.autojump_threshold = 0
+    a, b = fd_stream_pair()
+    client = Endpoint(a, Side.CLIENT, reply_timeout=5.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        b.send_eof()  # the peer (a proxy refusing the client) stops sending, still reads
+        while client.closed is None:
+            await trio.sleep(0.001)
+        start = trio.current_time()
+        with pytest.raises(ConnectionClosedError):
+            await client.request(Command.VERSION)  # not a 5 s timeout
+        assert trio.current_time() == start
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_fds_of_commands_nobody_handles_are_closed():
     a, b = fd_stream_pair()
     server = Endpoint(b, Side.SERVER)  # no handler

@@ -249,8 +249,8 @@ async def test_an_unreachable_server_closes_the_client_and_says_why(tmp_path):
         with trio.fail_after(5):
             with pytest.raises(ConnectionClosedError):
                 await stream.receive_message()
+            await stream.aclose()
             await proxy.wait_sessions()
-        await stream.aclose()
     sink.close()
     events = [r for r in records(trace) if isinstance(r, EventRecord)]
     assert [e.kind for e in events] == ["session_open", "error", "session_close"]

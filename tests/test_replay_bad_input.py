@@ -20,6 +20,7 @@ from vfioproxy.peers.server import open_device_server
 from vfioproxy.replay.client import replay_client
 from vfioproxy.replay.script import ReplayError, load_script
 from vfioproxy.replay.server import serve_replay
+from vfioproxy.trace.sessions import NoSuchSessionError
 
 pytestmark = FD_HYGIENE
 
@@ -111,7 +112,8 @@ def test_a_trace_without_messages_has_nothing_to_replay(tmp_path):
 
 
 def test_an_unknown_session_is_refused_naming_the_sessions_there():
-    with pytest.raises(ReplayError, match=r"no session 7 with messages \(sessions: 1\)"):
+    with pytest.raises(NoSuchSessionError,
+                       match=r"no session 7 in the trace \(sessions with messages: 1\)"):
         load_script(REALIZE, session=7)
 
 

@@ -97,6 +97,30 @@ def test_bad_arguments_are_refused_by_the_parser(capsys):
     assert "needs --passthrough-server" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("side", "argv", "says"),
+    [
+        ("client", ["--ignore", "REGION_RAED:data[0x2:0x4]"],
+         "argument --ignore: bad ignore rule 'REGION_RAED:data[0x2:0x4]': unknown command "
+         "'REGION_RAED' (did you mean REGION_READ?)"),
+        ("client", ["--ignore", "REGION_READ:dtaa"], "unknown field 'dtaa' (did you mean data?)"),
+        ("client", ["--ignore", "data[0x2"], "malformed field 'data[0x2'"),
+        ("server", ["--match-on", "command,ofset"],
+         "argument --match-on: bad match key 'ofset': unknown field 'ofset' (did you mean "
+         "offset?)"),
+    ],
+)
+def test_unknown_commands_fields_and_malformed_ranges_exit_2_naming_the_nearest(
+    capsys, side, argv, says
+):
+    where = ["--server", "s"] if side == "client" else ["--listen", "s"]
+    with pytest.raises(SystemExit) as refused:
+        run_cli("replay", side, str(REALIZE), *where, *argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
 def test_replay_server_serves_one_client_and_exits_with_its_report(tmp_path, capsys):
     path = tmp_path / "replay.sock"
     status: list[int] = []

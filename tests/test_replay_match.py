@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
 
@@ -22,8 +23,8 @@ from vfioproxy.protocol.bodies import (
 from vfioproxy.protocol.codec import build_command, build_reply
 from vfioproxy.protocol.header import Command
 from vfioproxy.replay.fdrebuild import FdRebuilder
-from vfioproxy.replay.fields import FdFacts, PciContext, flatten
-from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
+from vfioproxy.replay.fields import FdFacts, PciContext, field_names, flatten
+from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, RuleError, compare
 from vfioproxy.replay.memory import ReplayMemory
 from vfioproxy.replay.report import Divergence, FieldDiff, Nearest, ReplayReport
 from vfioproxy.replay.script import load_script
@@ -123,6 +124,63 @@ def test_an_ignored_byte_range_hides_only_what_lies_inside_it():
     assert diffs_of(read_reply(0, bytes(live)), read_reply(0, recorded), rules) == [
         "data[0x2:0x4] (device_id) 0x10d2 != recorded 0x10d3"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("REGION_RAED:data[0x2:0x4]", "unknown command 'REGION_RAED' (did you mean REGION_READ?)"),
+        ("region_read:data", "unknown command 'region_read' (did you mean REGION_READ?)"),
+        ("DMA_*X:data", "no command matches 'DMA_*X'"),
+        ("REGION_READ:dtaa", "unknown field 'dtaa' (did you mean data?); fields here: count, "
+                             "data, fds, header, offset, payload, reason, region"),
+        ("REGION_READ:caps", "unknown field 'caps'"),
+        ("header.msgid", "unknown field 'msgid' in 'header.msgid' (did you mean msg_id?)"),
+        ("fds[0].knd", "unknown field 'knd' in 'fds[0].knd' (did you mean kind?)"),
+        ("DEVICE_GET_REGION_INFO reply:caps[0].areaz", "(did you mean areas?)"),
+        ("data[0x2", "malformed field 'data[0x2' at 'data[0x2': expected NAME, NAME[INDEX] or "
+                     "NAME[START:END]"),
+        ("data[0x4:0x2]", "empty byte range in 'data[0x4:0x2]'"),
+        ("data[0x2:]", "malformed field"),
+    ],
+)
+def test_an_ignore_rule_naming_nothing_is_refused_with_the_nearest_valid_name(text, says):
+    with pytest.raises(RuleError) as refused:
+        IgnoreRule.parse(text)
+    assert str(refused.value).startswith(f"bad ignore rule {text!r}: ")
+    assert says in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["json.capabilities.migration", "VERSION reply:json.anything", "caps[0].areas[1].offset",
+     "DEVICE_GET_REGION_INFO:len(caps)", "fds[0].sha256", "DMA_WRITE cmd:data", "REGION_*:off*",
+     "*:data[0x140:0x148]", "DEVICE_FEATURE:feature_data.device_state"],
+)
+def test_every_field_flatten_can_produce_is_accepted(text):
+    IgnoreRule.parse(text)
+
+
+def test_field_names_are_those_flatten_produces_for_the_command():
+    names = set()
+    for step in E1000E.steps:
+        if step.message.command == Command.DEVICE_GET_REGION_INFO:
+            for key in flatten(step.message):
+                names.update(part.split("[")[0].removeprefix("len(").rstrip(")")
+                             for part in key.split(".") if not key.startswith("header."))
+    assert names and names <= field_names(Command.DEVICE_GET_REGION_INFO) | {"fds"}
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("comand", "bad match key 'comand': unknown field 'comand' (did you mean command?)"),
+     ("command,ofset", "bad match key 'ofset': unknown field 'ofset' (did you mean offset?)"),
+     ("offset,data[0x2", "bad match key 'data[0x2': malformed field"),
+     (" , ", "a matcher needs at least one key")],
+)
+def test_a_matcher_key_naming_nothing_is_refused_with_the_nearest_valid_name(text, says):
+    with pytest.raises(RuleError, match=re.escape(says)):
+        Matcher.parse(text)
 
 
 def test_a_matcher_looks_only_at_its_keys():

@@ -22,8 +22,14 @@ __all__ = [
     "RemoteProtocolError",
     "Side",
     "TransportError",
+    "UsageError",
     "VfioProxyError",
 ]
+
+class UsageError(VfioProxyError):
+    """What the user asked for cannot work (a session the trace does not hold, a
+    proxy told to forward to itself): said in one line, exit status 2."""
+
 
 class ProtocolError(VfioProxyError):
     """A vfio-user protocol rule was broken.

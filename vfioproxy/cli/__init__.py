@@ -19,7 +19,7 @@ from recorder.errors import TraceError
 from vfioproxy.cli.peers import add_peer_commands
 from vfioproxy.cli.proxy import add_ctl_command, add_proxy_commands
 from vfioproxy.cli.trace import add_trace_commands
-from vfioproxy.errors import VfioProxyError
+from vfioproxy.errors import UsageError, VfioProxyError
 from vfioproxy.experiment.cli import add_experiment_command
 from vfioproxy.replay.cli import add_replay_commands
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VfioProxyError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             return 0
-        where = "" if isinstance(exc, TraceError) else f"{type(exc).__name__}: "
+        where = "" if isinstance(exc, TraceError | UsageError) else f"{type(exc).__name__}: "
         print(f"vfioproxy: error: {where}{exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     return code

@@ -19,7 +19,6 @@ from recorder.reader import TraceReader
 from recorder.sink import TraceSink
 from vfioproxy.cli.args import LAYOUTS, dialects, positive_int, size, size_in
 from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
-from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.proxy import (
     DEFAULT_GRACE,
     DEFAULT_MAX_MESSAGE_BUFFER,
@@ -29,8 +28,10 @@ from vfioproxy.proxy import (
     fastpath,
 )
 from vfioproxy.proxy.control import control_request, serve_control
+from vfioproxy.proxy.core import open_proxy_listener
 from vfioproxy.proxy.live import MessageLog, StatusLine, run_status_line
 from vfioproxy.proxy.model import DEFAULT_CONNECT_TIMEOUT, MAX_MESSAGE_BUFFER
+from vfioproxy.proxy.refusal import check_not_itself
 from vfioproxy.proxy.tuning import tune_allocator
 from vfioproxy.trace import stats
 from vfioproxy.trace.decoded import decoded_records
@@ -164,7 +165,7 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
         observer = MessageLog(sys.stdout, status if sys.stdout.isatty() else None)
     proxy = Proxy(args.server, sink=sink, options=options, observer=observer,
                   injector=injector)
-    listener = await open_unix_listener(args.listen, mode=options.mode)
+    listener = await open_proxy_listener(args.listen, args.server, mode=options.mode)
     print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
           + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
     if options.threads and fastpath.without is not None:
@@ -239,6 +240,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         "server": args.server_desc,
         "options": {"strict": args.strict, "capture_fd_contents": args.capture_fd_contents},
     }
+    check_not_itself(args.listen, args.server)  # before the trace is created
     with TraceSink(args.output, info=info, fsync=args.fsync, overwrite=args.force) as sink:
         trio.run(_serve_proxy, args, sink)
         files = sink.files()

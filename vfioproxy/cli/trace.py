@@ -12,6 +12,7 @@ from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import decoded_records
 from vfioproxy.trace.rawcap import import_rawcap
+from vfioproxy.trace.sessions import TraceSessions
 
 __all__ = ["add_trace_commands"]
 
@@ -59,7 +60,13 @@ def _warn_truncated(reader: TraceReader) -> None:
         print(f"vfioproxy: warning: {reader.path}: {reader.truncation}", file=sys.stderr)
 
 
+def _check_session(args: argparse.Namespace) -> None:
+    if args.session is not None:
+        TraceSessions.read(args.file).require(args.session)
+
+
 def cmd_trace_show(args: argparse.Namespace) -> int:
+    _check_session(args)
     with TraceReader(args.file) as reader:
         items = decoded_records(reader, dialects=dialects(args), session=args.session)
         if args.json:
@@ -72,6 +79,7 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
+    _check_session(args)
     with TraceReader(args.file) as reader:
         result = stats.collect(
             decoded_records(reader, dialects=dialects(args), session=args.session)

@@ -170,7 +170,10 @@ class Endpoint:
         pending = None
         if not no_reply:
             pending = PendingReply(self, message)
-            self._waiting.add(message.msg_id, pending)
+            if self.closed is not None:  # the peer left before: no reply can come
+                pending._fail(self.closed)
+            else:
+                self._waiting.add(message.msg_id, pending)
         try:
             await self.send(message)
         except BaseException:

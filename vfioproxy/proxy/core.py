@@ -14,6 +14,12 @@ logged. The proxy keeps accepting: at most ``max_sessions`` sessions run
 at once (further clients wait in the listen queue), running out of fds in
 ``accept`` backs off and retries, a server whose listen queue is full is
 retried for ``connect_timeout`` seconds.
+
+What cannot work is refused (:mod:`vfioproxy.proxy.refusal`): a server path
+that is the proxy's own listening socket, at start; a session whose server
+connection came back to the proxy's listener, at run time; a client whose
+server cannot be reached is told by a clean close (EOF), and the proxy warns
+at start when the server is not there yet.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from vfioproxy.proxy.model import (
     ProxyStatistics,
     default_max_sessions,
 )
+from vfioproxy.proxy.refusal import LoopGuard, check_not_itself, close_cleanly, server_problem
 from vfioproxy.proxy.relay import Relay
 from vfioproxy.proxy.tasks import TaskForwarder
 from vfioproxy.proxy.threaded import ThreadForwarder
@@ -50,7 +57,7 @@ from vfioproxy.side import Direction
 
 log = logging.getLogger("vfioproxy.proxy")
 
-__all__ = ["MessageObserver", "Proxy", "open_proxy", "serve_proxy"]
+__all__ = ["MessageObserver", "Proxy", "open_proxy", "open_proxy_listener", "serve_proxy"]
 
 #: accept errors that mean "out of a resource for now": back off and retry
 _ACCEPT_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -98,6 +105,7 @@ class Proxy:
         self._sessions_done.set()
         self._slots = trio.CapacityLimiter(self.max_sessions)
         self._threads = trio.CapacityLimiter(math.inf)  # bounded by the slots
+        self._loop = LoopGuard()
 
     @property
     def checks_live(self) -> bool:
@@ -141,7 +149,14 @@ class Proxy:
 
         While ``max_sessions`` sessions run, no client is accepted (they wait
         in the listen queue); when the process is out of fds, accepting backs
-        off for :data:`ACCEPT_BACKOFF` seconds and retries."""
+        off for :data:`ACCEPT_BACKOFF` seconds and retries. A server that is not
+        there (yet) is warned about; clients that come meanwhile are closed."""
+        self._loop.listen_name = listener.socket.getsockname()
+        problem = server_problem(self.server_path)
+        if problem is not None:
+            log.warning("warning: the server %s %s (yet): serving anyway; until it listens, "
+                        "each client is told so in this log and closed", self.server_path,
+                        problem)
         async with trio.open_nursery() as nursery:
             try:
                 with trio.CancelScope() as accepting:
@@ -174,6 +189,10 @@ class Proxy:
             self._slots.release_on_behalf_of(slot)
             raise
         sock = socket.socket(fileno=stream.socket.detach())
+        if self._loop.is_marked(sock):  # a refused session's own server connection
+            sock.close()
+            self._slots.release_on_behalf_of(slot)
+            return
         self._session_started()
         nursery.start_soon(self._run_session, sock, slot)
 
@@ -287,9 +306,15 @@ class Proxy:
                 server = await self._connect_server()
             except OSError as exc:
                 text = f"cannot connect to the server {self.server_path}: {exc.strerror or exc}"
-                log.error("session %d: %s", ledger.id, text)
+                log.error("session %d: %s; closing the client", ledger.id, text)
                 ledger.event("error", {"text": text})
                 ledger.end("proxy", f"server unreachable: {exc.strerror or exc}")
+                await close_cleanly(client)
+                return
+            if self._loop.came_back(server):
+                server.close()
+                self._refuse_loop(ledger)
+                await close_cleanly(client)
                 return
             log.info("session %d: opened", ledger.id)
             await self._forward(ledger, client, server)
@@ -302,6 +327,15 @@ class Proxy:
                 self._session_ended()
             else:
                 self._retire(ledger)
+
+    def _refuse_loop(self, ledger: SessionLedger) -> None:
+        text = (f"the server path {self.server_path} leads back to this proxy's own "
+                "listening socket")
+        if self._loop.refused == 1:
+            log.error("session %d: %s: refused (so is every such session, logged only in "
+                      "the trace); closing the client", ledger.id, text)
+        ledger.event("error", {"text": text})
+        ledger.end("proxy", "server path leads back to the proxy")
 
     async def _connect_server(self) -> socket.socket:
         """A socket connected to the server.
@@ -404,6 +438,23 @@ async def _wake_on_cancel(forwarder: ThreadForwarder) -> None:
         forwarder.wake()
 
 
+async def open_proxy_listener(
+    listen_path: str | os.PathLike[str], server_path: str | os.PathLike[str], *, mode: int = 0o600
+) -> trio.SocketListener:
+    """The proxy's listening socket on ``listen_path`` (see
+    :func:`~vfioproxy.io.unix.open_unix_listener`), refused with
+    :class:`~vfioproxy.proxy.refusal.ProxyLoopError` (and removed again) when
+    ``server_path`` is that same socket."""
+    listener = await open_unix_listener(listen_path, mode=mode)
+    try:
+        check_not_itself(os.fspath(listen_path), os.fspath(server_path))
+    except BaseException:
+        await listener.aclose()
+        os.unlink(listen_path)
+        raise
+    return listener
+
+
 @asynccontextmanager
 async def open_proxy(
     listen_path: str | os.PathLike[str],
@@ -419,7 +470,7 @@ async def open_proxy(
     On exit it stops accepting and cancels the sessions still running.
     """
     proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector)
-    listener = await open_unix_listener(listen_path, mode=options.mode)
+    listener = await open_proxy_listener(listen_path, server_path, mode=options.mode)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve, listener)
         try:
@@ -440,7 +491,7 @@ async def serve_proxy(
 ) -> None:
     """Run a proxy on ``listen_path`` until cancelled (``task_status`` gets the Proxy)."""
     proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector)
-    listener = await open_unix_listener(listen_path, mode=options.mode)
+    listener = await open_proxy_listener(listen_path, server_path, mode=options.mode)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve, listener)
         task_status.started(proxy)

@@ -8,6 +8,8 @@ VERSION's JSON as parsed keys (``json.capabilities.max_msg_fds``) rather than
 its text, so key order and spacing do not count; and the fds as ``fds`` (how
 many), ``fds[0].kind``, ``fds[0].size`` and ``fds[0].sha256`` (when the
 recording has the contents). Comparing two such maps is :mod:`.match`'s job.
+:func:`field_names` lists the names those fields are made of, per command,
+so that a rule naming a field can be checked before anything is compared.
 
 :class:`PciContext` names config-space registers (from the config space the
 recorded session read), so a report says ``config space offset 0x10 BAR0``.
@@ -16,10 +18,12 @@ recorded session read), so a report says ``config space offset 0x10 BAR0``.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -31,14 +35,16 @@ from vfioproxy.protocol.bodies import (
     DmaAccessBody,
     DmaMapBody,
     DmaUnmapBody,
+    ErrorBody,
     IrqInfoBody,
     IrqSetBody,
+    RawBody,
     RegionAccessBody,
     RegionInfoBody,
     RegionIoFdsBody,
     VersionBody,
 )
-from vfioproxy.protocol.codec import Message
+from vfioproxy.protocol.codec import COMMAND_PARSERS, REPLY_PARSERS, Message, Parser
 from vfioproxy.protocol.constants import IrqIndex, enum_name
 from vfioproxy.protocol.pci import (
     EXT_CONFIG_SIZE,
@@ -51,7 +57,24 @@ from vfioproxy.protocol.pci import (
     walk_capabilities,
 )
 
-__all__ = ["FdFacts", "PciContext", "flatten", "live_fd_facts", "recorded_fd_facts", "where"]
+__all__ = [
+    "FD_FIELDS",
+    "HEADER_FIELDS",
+    "FdFacts",
+    "PciContext",
+    "field_names",
+    "flatten",
+    "live_fd_facts",
+    "recorded_fd_facts",
+    "where",
+]
+
+#: the header's fields, flattened as ``header.<name>``
+HEADER_FIELDS = ("msg_id", "command", "size", "flags", "error")
+#: what is compared of each fd, flattened as ``fds[i].<name>``
+FD_FIELDS = ("kind", "size", "sha256")
+#: a body field shown as its parsed view: VERSION's JSON document as ``json.*``
+_VIEW_NAMES = {"document": "json"}
 
 #: fields whose raw bytes a decoded view already covers, when that view exists
 _RAW_WHEN_VIEWED = {
@@ -145,13 +168,7 @@ def where(message: Message, pci: PciContext) -> str | None:
 def flatten(message: Message, fds: Sequence[FdFacts] = ()) -> dict[str, Any]:
     """The message as ``{field name: value}`` (see the module docstring)."""
     header = message.header
-    out: dict[str, Any] = {
-        "header.msg_id": header.msg_id,
-        "header.command": header.command,
-        "header.size": header.size,
-        "header.flags": header.flags,
-        "header.error": header.error,
-    }
+    out: dict[str, Any] = {f"header.{name}": getattr(header, name) for name in HEADER_FIELDS}
     _flatten_body(message.body, out)
     out["fds"] = len(fds)
     for i, fd in enumerate(fds):
@@ -177,10 +194,10 @@ def _flatten_body(body: Any, out: dict[str, Any]) -> None:
         if field.name in skip:
             continue
         value = getattr(body, field.name)
-        if field.name == "document":
+        if field.name in _VIEW_NAMES:
             if value is not None:
                 text = body.json_text.decode("utf-8", "replace")
-                _flatten_value("json", json.loads(text), out)
+                _flatten_value(_VIEW_NAMES[field.name], json.loads(text), out)
             continue
         _flatten_value(field.name, value, out)
 
@@ -203,3 +220,40 @@ def _flatten_value(name: str, value: Any, out: dict[str, Any]) -> None:
         out[name] = value.value
     else:
         out[name] = value
+
+
+@functools.cache
+def field_names(command: int | None = None) -> frozenset[str]:
+    """The names the body fields of ``command``'s messages (None: any command's)
+    are made of, as :func:`flatten` names them: ``data``, ``caps``, ``areas``,
+    ``offset``, ``json``... (not ``header`` and ``fds``, which every message has:
+    :data:`HEADER_FIELDS`, :data:`FD_FIELDS`). A reply with an error and a body
+    that did not decode flatten as :class:`ErrorBody` / :class:`RawBody` fields."""
+    parsers: list[Parser] = []
+    for table in (COMMAND_PARSERS, REPLY_PARSERS):
+        parsers.extend(table.values() if command is None else
+                       [table[command]] if command in table else [])
+    classes = {getattr(parser, "__self__", None) for parser in parsers}
+    names: set[str] = set()
+    for cls in (*classes, ErrorBody, RawBody):
+        if isinstance(cls, type) and attrs.has(cls):
+            names.update(_names_in(cls))
+    return frozenset(names)
+
+
+def _names_in(cls: type) -> Iterator[str]:
+    """The field names of an attrs class and of the attrs classes its fields hold."""
+    if getattr(cls, "id", None) is not None:
+        yield "id"  # a region capability's id, flattened with it
+    for field in attrs.fields(attrs.resolve_types(cls)):
+        yield _VIEW_NAMES.get(field.name, field.name)
+        if field.name not in _VIEW_NAMES:
+            for inner in _attrs_classes(field.type):
+                yield from _names_in(inner)
+
+
+def _attrs_classes(hint: Any) -> Iterator[type]:
+    if isinstance(hint, type) and attrs.has(hint):
+        yield hint
+    for arg in typing.get_args(hint):
+        yield from _attrs_classes(arg)

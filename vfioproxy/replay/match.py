@@ -11,6 +11,11 @@ ignore message ids (each side numbers its own commands) and the size of
 VERSION messages (JSON spacing; the parsed JSON is still compared). Fd
 numbers, timing and fd flags or inodes are never compared.
 
+Rules and matcher keys are checked when parsed: a command that does not
+exist, a field no message of that command has, or a malformed byte range is
+refused with a :class:`RuleError` naming the nearest valid name, rather than
+ignoring (or matching) nothing.
+
 Bytes are compared range by range: a value of up to 8 bytes as one
 little-endian number, longer data as the ranges that differ — in config space
 (region 7) one range per PCI register, named (``data[0x2:0x4] (device_id)``).
@@ -18,6 +23,7 @@ little-endian number, longer data as the ranges that differ — in config space
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -27,8 +33,9 @@ import attrs
 
 from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.codec import Message
+from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.pci import Region
-from vfioproxy.replay.fields import PciContext
+from vfioproxy.replay.fields import FD_FIELDS, HEADER_FIELDS, PciContext, field_names
 from vfioproxy.replay.report import FieldDiff
 
 __all__ = [
@@ -36,12 +43,89 @@ __all__ = [
     "DEFAULT_MATCH_ON",
     "IgnoreRule",
     "Matcher",
+    "RuleError",
     "compare",
 ]
 
 #: differing byte ranges listed per field before the rest is summed up
 MAX_RANGES = 16
 _RANGE = re.compile(r"(.+)\[(0x[0-9a-fA-F]+|\d+):(0x[0-9a-fA-F]+|\d+)\]")
+#: a field name's part: ``name``, ``len(name)``, then indices or one byte range
+_PART = re.compile(r"(?:len\((?P<len>[^()\[\]]+)\)|(?P<name>[^()\[\]]+))"
+                   r"(?P<index>(?:\[(?:\d+|\*)\])*)"
+                   r"(?:\[(?P<low>0x[0-9a-fA-F]+|\d+):(?P<high>0x[0-9a-fA-F]+|\d+)\])?")
+#: what a command part of a rule may name after the command: ``NAME cmd``, ``NAME reply``
+_KINDS = ("cmd", "reply")
+#: the matcher's own keys (any other key is a field pattern)
+_MATCH_KEYS = ("command", "header", "body", "fds")
+
+
+class RuleError(ValueError):
+    """An ignore rule or matcher key that names nothing: says what and the nearest name."""
+
+
+def _nearest(word: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(names), n=1, cutoff=0.5)
+    if not close:  # "region_read": the case differs
+        close = [n for n in names if n.lower() == word.lower()]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _check_command(pattern: str) -> list[int]:
+    """The command numbers a rule's command part names; RuleError if none."""
+    labels = {f"{c.name} {kind}": c for c in Command for kind in _KINDS}
+    hits = {c for label, c in labels.items()
+            if fnmatch.fnmatchcase(label, pattern) or fnmatch.fnmatchcase(c.name, pattern)}
+    if not hits:
+        valid = [c.name for c in Command] + list(labels)
+        what = "no command matches" if _is_pattern(pattern) else "unknown command"
+        raise RuleError(f"{what} {pattern!r}{_nearest(pattern.split(' ')[0], valid)}; "
+                        "commands are the names trace show prints, optionally followed by "
+                        "' cmd' or ' reply'")
+    return sorted(hits)
+
+
+def check_field(
+    pattern: str, commands: Sequence[int] | None = None, *, keys: Sequence[str] = ()
+) -> None:
+    """Raise :class:`RuleError` unless ``pattern`` names a field that messages of
+    ``commands`` (None: any command) have: known names part by part
+    (``header.<field>``, ``fds[i].<fact>``, body fields, anything under ``json``),
+    well-formed indices and byte ranges (``data[0x2:0x4]``, start below end).
+    ``keys`` are other words valid as a whole (a matcher's own keys)."""
+    if pattern == "*" or pattern in keys:
+        return
+    body: set[str] = set()
+    for command in commands if commands is not None else [None]:
+        body |= field_names(command)
+    names: Sequence[str] = sorted(body | {"header", "fds"})
+    for position, part in enumerate(pattern.split(".")):
+        match = _PART.fullmatch(part)
+        if match is None:
+            raise RuleError(f"malformed field {pattern!r} at {part!r}: expected NAME, "
+                            "NAME[INDEX] or NAME[START:END] (e.g. data[0x2:0x4])")
+        if match["low"] is not None and int(match["low"], 0) >= int(match["high"], 0):
+            raise RuleError(f"empty byte range in {pattern!r}: the start must be below the end")
+        name = match["len"] or match["name"]
+        known = any(fnmatch.fnmatchcase(n, name) for n in names) if _is_pattern(name) else (
+            name in names)
+        if not known:
+            inside = "" if name == pattern else f" in {pattern!r}"
+            listed = ""
+            if commands is not None or position:
+                listed = f"; fields here: {', '.join(names)}"
+            nearest = _nearest(name, [*names, *keys] if position == 0 else names)
+            raise RuleError(f"unknown field {name!r}{inside}{nearest}{listed}")
+        if name == "json" or _is_pattern(name):
+            return  # the JSON's keys are the peer's; a pattern may cover any sub-field
+        if position == 0 and name in ("header", "fds"):
+            names = HEADER_FIELDS if name == "header" else FD_FIELDS
+        else:
+            names = sorted(body)
 
 
 def _covers(pattern: str, field: str) -> bool:
@@ -70,7 +154,11 @@ class IgnoreRule:
         head, sep, tail = text.partition(":")
         command, field = ("*", text) if not sep or "[" in head else (head.strip(), tail.strip())
         if not command or not field:
-            raise ValueError(f"bad ignore rule {text!r}: expected [COMMAND:]FIELD")
+            raise RuleError(f"bad ignore rule {text!r}: expected [COMMAND:]FIELD")
+        try:
+            check_field(field, None if command == "*" else _check_command(command))
+        except RuleError as exc:
+            raise RuleError(f"bad ignore rule {text!r}: {exc}") from None
         return cls(command, field)
 
     def applies(self, label: str, field: str) -> bool:
@@ -103,9 +191,16 @@ class Matcher:
 
     @classmethod
     def parse(cls, text: str) -> Matcher:
+        """``"command,offset,region"``: the keys, each checked (:class:`RuleError`)."""
         keys = tuple(k.strip() for k in text.split(",") if k.strip())
         if not keys:
-            raise ValueError("a matcher needs at least one key")
+            raise RuleError("a matcher needs at least one key")
+        for key in keys:
+            try:
+                check_field(key, keys=_MATCH_KEYS)
+            except RuleError as exc:
+                raise RuleError(f"bad match key {key!r}: {exc} (keys: "
+                                f"{', '.join(_MATCH_KEYS)} or field names)") from None
         return cls(keys)
 
     def selects(self, field: str) -> bool:

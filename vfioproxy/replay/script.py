@@ -34,6 +34,7 @@ from vfioproxy.protocol.pci_view import PciView
 from vfioproxy.protocol.session import SessionState
 from vfioproxy.replay.fields import PciContext
 from vfioproxy.side import Direction
+from vfioproxy.trace.sessions import TraceSessions
 
 __all__ = ["ReplayError", "Script", "Step", "load_script", "script_from_records"]
 
@@ -155,13 +156,12 @@ def script_from_records(
 ) -> Script:
     """Build a :class:`Script` from trace records (see :func:`load_script`)."""
     items = list(records)
-    sessions = sorted({r.session for r in items if isinstance(r, MessageRecord)})
+    found = TraceSessions.of(items, path=path)
+    sessions = found.with_messages
     if not sessions:
         raise ReplayError(f"{path}: the trace holds no messages to replay")
     chosen = sessions[0] if session is None else session
-    if chosen not in sessions:
-        listed = ", ".join(str(s) for s in sessions)
-        raise ReplayError(f"{path}: no session {chosen} with messages (sessions: {listed})")
+    found.require(chosen, messages=True)
     notes: list[str] = []
     if truncation is not None:
         notes.append(f"{truncation}: the replay ends where the trace does")

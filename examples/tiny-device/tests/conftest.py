@@ -1,5 +1,6 @@
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -7,9 +8,16 @@ from tiny_device import open_tiny_device
 
 
 @pytest.fixture
-async def device_socket() -> AsyncIterator[str]:
-    """The widget's socket (in a short temporary directory: UNIX socket paths are short)."""
-    with tempfile.TemporaryDirectory(prefix="tiny-") as tmp:
-        path = Path(tmp) / "device.sock"
-        async with open_tiny_device(path):
-            yield str(path)
+def device_server() -> Callable[[], AbstractAsyncContextManager[str]]:
+    """A factory of fresh widgets, each yielding its socket path (in a short temporary
+    directory: UNIX socket paths are short). The replay plugin starts one to record
+    a trace and another to replay it."""
+
+    @asynccontextmanager
+    async def start() -> AsyncIterator[str]:
+        with tempfile.TemporaryDirectory(prefix="tiny-") as tmp:
+            path = Path(tmp) / "device.sock"
+            async with open_tiny_device(path):
+                yield str(path)
+
+    return start
