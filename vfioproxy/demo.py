@@ -14,6 +14,9 @@ from vfioproxy.peers.client import IrqMode, RealizeOptions, RealizeResult, reali
 from vfioproxy.peers.server import DeviceOptions, serve_device
 from vfioproxy.proxy import Proxy, ProxyOptions, ProxyStatistics, open_proxy
 
+#: where ``vfioproxy demo`` records when not told (replaced by the next demo)
+DEFAULT_TRACE = "demo.trace"
+
 
 @attrs.frozen
 class DemoResult:
@@ -28,10 +31,13 @@ async def run_demo(
     workload: int = 8,
     irq: IrqMode = "intx",
     capture_fd_contents: int = 0,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Record one realize (+ reset + ``workload`` doorbells) of the reference
-    device through the proxy into ``trace`` (replaced if it exists)."""
-    target = Path(trace)
+    device through the proxy into ``trace``: a file (replaced if it exists
+    only with ``overwrite``), or with a trailing ``/`` or when it is a
+    directory, a new file in that directory (:class:`TraceSink`).
+    ``DemoResult.trace`` is the file written."""
     with tempfile.TemporaryDirectory(prefix="vfioproxy-demo-") as tmp:
         device_sock = Path(tmp) / "device.sock"
         proxy_sock = Path(tmp) / "proxy.sock"
@@ -42,7 +48,7 @@ async def run_demo(
             "server_path": str(device_sock),
             "options": {"capture_fd_contents": capture_fd_contents, "demo": True},
         }
-        with TraceSink(target, info=info, overwrite=True) as sink:
+        with TraceSink(trace, info=info, overwrite=overwrite) as sink:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_device, device_sock)
                 proxy: Proxy
@@ -58,7 +64,8 @@ async def run_demo(
                         await proxy.wait_sessions()
                     stats = proxy.statistics()
                 nursery.cancel_scope.cancel()
-    return DemoResult(target, result, stats)
+        written, = sink.files()
+    return DemoResult(written, result, stats)
 
 
-__all__ = ["DemoResult", "DeviceOptions", "run_demo"]
+__all__ = ["DEFAULT_TRACE", "DemoResult", "DeviceOptions", "run_demo"]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vfioproxy.experiment.model import ExperimentResults, ResultRow
+from vfioproxy.experiment.model import PLOT_FILES, ExperimentResults, ResultRow
 from vfioproxy.experiment.sweep import Setting
 
 __all__ = ["PLOT_HINT", "have_matplotlib", "write_plots"]
@@ -127,7 +127,7 @@ def write_plots(results: ExperimentResults) -> tuple[Path, ...]:
     title = results.config.sweep or "; ".join(results.config.rules) or "proxy"
     fig.suptitle(title)
     fig.tight_layout()
-    main = out / "experiment.png"
+    main = out / PLOT_FILES[0]
     fig.savefig(main, dpi=110)
     plt.close(fig)
 
@@ -151,7 +151,7 @@ def write_plots(results: ExperimentResults) -> tuple[Path, ...]:
     if commands:
         axis.legend(fontsize="x-small", ncol=2, loc="upper left")
     fig.tight_layout()
-    breakdown = out / "breakdown.png"
+    breakdown = out / PLOT_FILES[1]
     fig.savefig(breakdown, dpi=110)
     plt.close(fig)
     return (main, breakdown)
