@@ -153,8 +153,10 @@ def test_python_dash_m_vfioproxy_runs_the_cli():
 
 @pytest.mark.parametrize(("option", "value", "words"), [
     ("--max-queue", "0", "--max-queue: expected a size of at least 1 bytes, got 0"),
-    ("--max-message-buffer", "1G", "--max-message-buffer: expected a size from 16 to 64M bytes, got 1G"),
-    ("--max-message-buffer", "lots", "expected a size from 16 to 64M bytes such as 64k or 16M, got 'lots'"),
+    ("--max-message-buffer", "1G",
+     "--max-message-buffer: expected a size from 16 to 64M bytes, got 1G"),
+    ("--max-message-buffer", "lots",
+     "expected a size from 16 to 64M bytes such as 64k or 16M, got 'lots'"),
     ("--max-sessions", "0", "--max-sessions: expected an integer >= 1, got 0"),
 ])
 def test_proxy_limits_out_of_range_are_refused_in_one_line(capsys, tmp_path, option, value,

@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from tests.realdata import TRACES
+from vfioproxy.cli import main
 from vfioproxy.peers.client import realize
 from vfioproxy.peers.server import DeviceOptions, open_device_server
-from vfioproxy.cli import main
 
 REALIZE = TRACES / "reference-realize-001.trace"
 E1000E = TRACES / "qemu-realize-qemu-server-e1000e-001.trace"

@@ -34,10 +34,9 @@ async def run_demo(
     overwrite: bool = False,
 ) -> DemoResult:
     """Record one realize (+ reset + ``workload`` doorbells) of the reference
-    device through the proxy into ``trace``: a file (replaced if it exists
-    only with ``overwrite``), or with a trailing ``/`` or when it is a
-    directory, a new file in that directory (:class:`TraceSink`).
-    ``DemoResult.trace`` is the file written."""
+    device through the proxy into the file ``trace`` (an existing one is
+    replaced only with ``overwrite``)."""
+    target = Path(trace)
     with tempfile.TemporaryDirectory(prefix="vfioproxy-demo-") as tmp:
         device_sock = Path(tmp) / "device.sock"
         proxy_sock = Path(tmp) / "proxy.sock"
@@ -48,7 +47,7 @@ async def run_demo(
             "server_path": str(device_sock),
             "options": {"capture_fd_contents": capture_fd_contents, "demo": True},
         }
-        with TraceSink(trace, info=info, overwrite=overwrite) as sink:
+        with TraceSink(target, info=info, overwrite=overwrite) as sink:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_device, device_sock)
                 proxy: Proxy
@@ -64,8 +63,7 @@ async def run_demo(
                         await proxy.wait_sessions()
                     stats = proxy.statistics()
                 nursery.cancel_scope.cancel()
-        written, = sink.files()
-    return DemoResult(written, result, stats)
+    return DemoResult(target, result, stats)
 
 
 __all__ = ["DEFAULT_TRACE", "DemoResult", "DeviceOptions", "run_demo"]

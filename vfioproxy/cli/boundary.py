@@ -36,7 +36,7 @@ def run_command(verb: str, func: Callable[[argparse.Namespace], int],
     return its exit code, turning the errors a user can cause into one line."""
     try:
         return func(args)
-    except (Exception, KeyboardInterrupt) as raised:
+    except BaseException as raised:  # SystemExit and bugs are raised again below
         leaves = _leaves(raised)
         if not all(_expected(leaf) for leaf in leaves):
             raise

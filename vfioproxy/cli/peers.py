@@ -19,7 +19,7 @@ from vfioproxy.peers.server import DeviceOptions, serve_device
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import decoded_records
-from vfioproxy.usage.output import claim_file, is_directory
+from vfioproxy.usage.output import claim_file, fresh_file, is_directory
 from vfioproxy.usage.types import integer, pci_id, seconds, size_in
 
 __all__ = ["add_peer_commands"]
@@ -31,7 +31,7 @@ examples:
 
 Without -o the demo writes {DEFAULT_TRACE}, replacing the previous demo's; an
 -o TRACE that exists is replaced only with --force; -o DIR/ (or an existing
-directory) gets a new file."""
+directory) gets a new file there (demo.trace, demo-2.trace, ...)."""
 
 SERVE_EXAMPLES = """\
 examples:
@@ -150,7 +150,9 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     output = DEFAULT_TRACE if args.output is None else args.output
     replace = args.output is None or args.force  # the default output is the demo's own
-    if not is_directory(output):
+    if is_directory(output):
+        output = str(fresh_file(output, DEFAULT_TRACE))
+    else:
         claim_file(output, force=replace)
     result = trio.run(functools.partial(
         run_demo, output, workload=args.workload, irq=args.irq,

@@ -39,11 +39,13 @@ exists is replaced only with --force."""
 
 def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``trace show``, ``trace stats`` and ``trace import``."""
-    trace = commands.add_parser("trace", help="inspect and convert trace files")
+    trace = commands.add_parser("trace", help="inspect and convert trace files",
+                                epilog=f"{SHOW_EXAMPLES}\n  vfioproxy trace import capture.jsonl "
+                                "capture.trace")
     trace_commands = trace.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
 
     def add_decode_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("file", help="trace file")
+        p.add_argument("file", metavar="TRACE", help="trace file")
         p.add_argument("--session", type=int, help="only this session")
         p.add_argument("--json", action="store_true", help="JSON output")
         p.add_argument(

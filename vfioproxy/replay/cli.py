@@ -102,7 +102,9 @@ def cmd_replay_server(args: argparse.Namespace) -> int:
 def add_replay_commands(subcommands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``replay client`` and ``replay server`` to the main parser's subcommands."""
     replay = subcommands.add_parser(
-        "replay", help="replay a recorded session as client or as server, report divergences"
+        "replay", help="replay a recorded session as client or as server, report divergences",
+        epilog=f"{CLIENT_EXAMPLES}\n  vfioproxy replay server session.trace --listen "
+        "/tmp/replay.sock",
     )
     actions = replay.add_subparsers(dest="replay_command", metavar="SIDE", required=True)
 

@@ -15,7 +15,9 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 #: the exit-code paragraph of every command's ``--help``
-EXIT_STATUS_HELP = (
-    f"exit status: {EXIT_OK} ok, {EXIT_FAILED} the thing checked failed (a divergence, "
-    f"a failed run), {EXIT_USAGE} usage or input error, {EXIT_INTERRUPTED} interrupted"
-)
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK:<4} ok
+  {EXIT_FAILED:<4} the thing checked failed (a divergence, a failed run)
+  {EXIT_USAGE:<4} usage or input error (a bad value, a missing file, an existing output)
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C)"""

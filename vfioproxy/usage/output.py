@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vfioproxy.errors import UsageError
 
-__all__ = ["claim_directory", "claim_file", "is_directory"]
+__all__ = ["claim_directory", "claim_file", "fresh_file", "is_directory"]
 
 
 def is_directory(text: str | os.PathLike[str]) -> bool:
@@ -31,6 +31,21 @@ def claim_file(path: str | os.PathLike[str], *, force: bool) -> None:
     saying which, and how to replace it, otherwise."""
     if os.path.lexists(path) and not force:
         raise UsageError(f"{os.fspath(path)} already exists (--force replaces it)")
+
+
+def fresh_file(directory: str | os.PathLike[str], name: str) -> Path:
+    """A file in ``directory`` (created if missing) that does not exist yet:
+    ``name``, else ``name`` with ``-2``, ``-3``... before its suffix."""
+    root = Path(directory)
+    if os.path.lexists(root) and not root.is_dir():
+        raise UsageError(f"{root} exists and is not a directory")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    first = root / name
+    candidate, number = first, 1
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = first.with_stem(f"{first.stem}-{number}")
+    return candidate
 
 
 def claim_directory(
