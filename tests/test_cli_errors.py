@@ -82,7 +82,7 @@ def test_serve_device_names_a_socket_it_cannot_listen_on(capsys, tmp_path, where
     (["replay", "client", "t.trace", "--server", "s.sock", "--speed", "0"],
      "vfioproxy replay client: error: argument --speed: expected a speed factor > 0, got 0"),
     (["ctl", "--control", "c.sock", "remove", "0"],
-     "vfioproxy ctl remove: error: argument id: expected an integer >= 1, got 0"),
+     "vfioproxy ctl remove: error: argument ID: expected an integer >= 1, got 0"),
 ])
 def test_a_bad_value_is_refused_where_it_is_parsed_with_the_accepted_range(
         capsys, tmp_path, monkeypatch, argv, line):

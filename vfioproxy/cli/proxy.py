@@ -157,9 +157,9 @@ def add_ctl_command(commands: argparse._SubParsersAction[argparse.ArgumentParser
     ctl.add_parser("list", help="the rules in force", epilog=example("list"))
     ctl_add = ctl.add_parser("add", help="add a rule",
                              epilog=example("add 'c2s DEVICE_RESET error EIO'"))
-    ctl_add.add_argument("rule", help="rule text, e.g. 'c2s * delay 100us'")
+    ctl_add.add_argument("rule", metavar="RULE", help="rule text, e.g. 'c2s * delay 100us'")
     ctl_remove = ctl.add_parser("remove", help="remove a rule", epilog=example("remove 2"))
-    ctl_remove.add_argument("id", type=integer(1), help="rule id (see list)")
+    ctl_remove.add_argument("id", type=integer(1), metavar="ID", help="rule id (see list)")
     ctl.add_parser("stats", help="proxy and per-rule counters", epilog=example("stats"))
     p_ctl.set_defaults(func=cmd_ctl)
 
