@@ -46,7 +46,7 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
     def add_decode_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("file", metavar="TRACE", help="trace file")
-        p.add_argument("--session", type=int, help="only this session")
+        p.add_argument("--session", type=int, metavar="N", help="only this session")
         p.add_argument("--json", action="store_true", help="JSON output")
         p.add_argument(
             "--client-dma", choices=LAYOUTS,

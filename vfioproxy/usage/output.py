@@ -51,14 +51,14 @@ def fresh_file(directory: str | os.PathLike[str], name: str) -> Path:
 def claim_directory(
     path: str | os.PathLike[str], names: Iterable[str], *, force: bool
 ) -> None:
-    """Make the output directory ``path`` ready for a run that writes ``names``
-    (files or folders) into it: created if missing; :class:`UsageError` if it
-    is no directory, or if it holds any of ``names`` from an earlier run and
-    not ``force``. With ``force`` those (and only those) are removed."""
+    """Check the output directory ``path`` of a run that writes ``names``
+    (files or folders) into it: :class:`UsageError` if it is no directory,
+    or if it holds any of ``names`` from an earlier run and not ``force``.
+    With ``force`` those (and only those) are removed. A missing directory
+    is left for the run to create."""
     root = Path(path)
     if os.path.lexists(root) and not root.is_dir():
         raise UsageError(f"{root} exists and is not a directory")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     earlier = [name for name in names if os.path.lexists(root / name)]
     if earlier and not force:
         raise UsageError(f"{root} holds the output of an earlier run ({', '.join(earlier)}); "
