@@ -152,7 +152,7 @@ def test_python_dash_m_vfioproxy_runs_the_cli():
 
 
 @pytest.mark.parametrize(("option", "value", "words"), [
-    ("--max-queue", "0", "--max-queue: expected a size of at least 1 bytes, got 0"),
+    ("--max-queue", "0", "--max-queue: expected a size of at least 1 byte, got 0"),
     ("--max-message-buffer", "1G",
      "--max-message-buffer: expected a size from 16 to 64M bytes, got 1G"),
     ("--max-message-buffer", "lots",

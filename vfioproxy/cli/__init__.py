@@ -26,6 +26,16 @@ from vfioproxy.usage.exits import EXIT_STATUS_HELP
 __all__ = ["build_parser", "commands", "main"]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps a one-paragraph text (a description) to the terminal and keeps a
+    text of several lines (an epilog with examples) as it is written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 def commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
     """``parser`` and every (sub)command parser under it, depth first."""
     yield parser
@@ -53,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_commands(verbs)
     add_trace_commands(verbs)
     for command in commands(parser):
-        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.formatter_class = _HelpFormatter
         command.epilog = "\n\n".join(filter(None, [command.epilog, EXIT_STATUS_HELP]))
         command.set_defaults(verb=command.prog)
     return parser

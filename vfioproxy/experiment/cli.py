@@ -30,10 +30,10 @@ examples:
       --command 'qemu-system-x86_64 ... "path":"{socket}" ...' --timeout 30 -o qemu/
 
 Each run goes through a recording proxy that injects the setting's rules
-(the swept rule, then every --rule); traces go to OUT/traces/, the results
-to OUT/results.csv and OUT/results.json, plots to OUT/*.png. An OUT that
+(the swept rule, then every --rule); traces go to DIR/traces/, the results
+to DIR/results.csv and DIR/results.json, plots to DIR/*.png. A DIR that
 holds an earlier run's results is refused; --force removes them (and
-nothing else in OUT) first.
+nothing else in DIR) first.
 """
 
 

@@ -33,7 +33,8 @@ def size_in(low: int, high: int | None = None) -> Callable[[str], int]:
     if high is not None:
         wanted = f"a size from {_show_size(low)} to {_show_size(high)} bytes"
     else:
-        wanted = f"a size of at least {_show_size(low)} bytes" if low else "a size in bytes"
+        unit = "byte" if low == 1 else "bytes"
+        wanted = f"a size of at least {_show_size(low)} {unit}" if low else "a size in bytes"
 
     def parse(text: str) -> int:
         try:
