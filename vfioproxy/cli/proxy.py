@@ -151,6 +151,7 @@ def add_ctl_command(commands: argparse._SubParsersAction[argparse.ArgumentParser
                        help="the control socket of a proxy started with --control CTL_SOCK")
     p_ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
     ctl = p_ctl.add_subparsers(dest="op", metavar="OP", required=True)
+
     def example(op: str) -> str:
         return f"example:\n  vfioproxy ctl --control /tmp/ctl.sock {op}"
 
