@@ -128,13 +128,13 @@ def test_trace_show_names_a_file_that_is_not_a_trace(capsys, tmp_path):
     bogus = tmp_path / "notes.txt"
     bogus.write_text("hello\n")
     code, _, err = run(capsys, "trace", "show", bogus)
-    assert code == 1
+    assert code == 2
     assert "notes.txt" in err and "not a vfioproxy trace" in err
 
 
 def test_trace_show_names_a_missing_file(capsys, tmp_path):
     code, _, err = run(capsys, "trace", "show", tmp_path / "nope.trace")
-    assert code == 1 and "nope.trace" in err
+    assert code == 2 and "nope.trace" in err
 
 
 def test_trace_import_converts_a_rawcap_capture(capsys, tmp_path):
@@ -157,10 +157,12 @@ def test_python_dash_m_vfioproxy_runs_the_cli():
 
 
 @pytest.mark.parametrize(("option", "value", "words"), [
-    ("--max-queue", "0", "--max-queue: expected at least 1 bytes, got 0"),
-    ("--max-message-buffer", "1G", "--max-message-buffer: expected 16 bytes .. 64M, got 1G"),
-    ("--max-message-buffer", "lots", "expected a size such as 16M, got 'lots'"),
-    ("--max-sessions", "0", "--max-sessions: expected a positive integer, got 0"),
+    ("--max-queue", "0", "--max-queue: expected a size of at least 1 byte, got 0"),
+    ("--max-message-buffer", "1G",
+     "--max-message-buffer: expected a size from 16 to 64M bytes, got 1G"),
+    ("--max-message-buffer", "lots",
+     "expected a size from 16 to 64M bytes such as 64k or 16M, got 'lots'"),
+    ("--max-sessions", "0", "--max-sessions: expected an integer >= 1, got 0"),
 ])
 def test_proxy_limits_out_of_range_are_refused_in_one_line(capsys, tmp_path, option, value,
                                                            words):

@@ -85,9 +85,9 @@ def test_ctl_lists_adds_and_removes_rules_of_a_running_proxy(tmp_path, spawn, de
     assert run("ctl", "--control", ctl, "remove", "2").returncode == 0
     assert run("realize", "--socket", listen).returncode == 0
     missing = run("ctl", "--control", ctl, "remove", "2")
-    assert missing.returncode == 1 and "no rule with id 2" in missing.stderr
+    assert missing.returncode == 2 and "no rule with id 2" in missing.stderr
     garbage = run("ctl", "--control", ctl, "add", "c2s * frobnicate")
-    assert garbage.returncode == 1 and "frobnicate" in garbage.stderr
+    assert garbage.returncode == 2 and "frobnicate" in garbage.stderr
     proxy.send_signal(signal.SIGINT)
     proxy.communicate(timeout=10)
     assert proxy.returncode == 0
@@ -99,4 +99,4 @@ def test_ctl_lists_adds_and_removes_rules_of_a_running_proxy(tmp_path, spawn, de
 
 def test_ctl_without_a_proxy_says_so(tmp_path):
     result = run("ctl", "--control", tmp_path / "none.sock", "list")
-    assert result.returncode == 1 and "none.sock" in result.stderr
+    assert result.returncode == 2 and "none.sock" in result.stderr

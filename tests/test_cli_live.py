@@ -133,6 +133,6 @@ def test_record_refuses_a_listen_path_that_is_not_a_socket(tmp_path):
     result = subprocess.run([*VFIOPROXY, "proxy", "--listen", str(keep), "--server",
                              str(tmp_path / "s.sock")], capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "not a socket" in result.stderr
     assert keep.read_text() == "data"

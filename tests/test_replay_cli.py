@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
@@ -14,20 +13,16 @@ import pytest
 import trio
 
 from tests.realdata import TRACES
+from vfioproxy.cli import main
 from vfioproxy.peers.client import realize
 from vfioproxy.peers.server import DeviceOptions, open_device_server
-from vfioproxy.replay.cli import add_replay_commands
 
 REALIZE = TRACES / "reference-realize-001.trace"
 E1000E = TRACES / "qemu-realize-qemu-server-e1000e-001.trace"
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="vfioproxy")
-    add_replay_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    status: int = args.func(args)
-    return status
+    return main(list(argv))
 
 
 @contextmanager
@@ -81,7 +76,7 @@ def test_replay_client_ignore_rules_come_from_the_command_line(tmp_path, capsys)
 def test_replay_client_exits_2_when_the_replay_cannot_run(tmp_path, capsys):
     status = run_cli("replay", "client", str(REALIZE), "--server", str(tmp_path / "none.sock"))
     assert status == 2
-    assert "vfioproxy: error: cannot connect to the server" in capsys.readouterr().err
+    assert "vfioproxy replay client: cannot connect to the server" in capsys.readouterr().err
     (tmp_path / "bad.trace").write_bytes(b"junk")
     assert run_cli("replay", "client", str(tmp_path / "bad.trace"), "--server", "x") == 2
     assert "not a vfioproxy trace" in capsys.readouterr().err

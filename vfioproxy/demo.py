@@ -14,6 +14,9 @@ from vfioproxy.peers.client import IrqMode, RealizeOptions, RealizeResult, reali
 from vfioproxy.peers.server import DeviceOptions, serve_device
 from vfioproxy.proxy import Proxy, ProxyOptions, ProxyStatistics, open_proxy
 
+#: where ``vfioproxy demo`` records when not told (replaced by the next demo)
+DEFAULT_TRACE = "demo.trace"
+
 
 @attrs.frozen
 class DemoResult:
@@ -28,9 +31,11 @@ async def run_demo(
     workload: int = 8,
     irq: IrqMode = "intx",
     capture_fd_contents: int = 0,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Record one realize (+ reset + ``workload`` doorbells) of the reference
-    device through the proxy into ``trace`` (replaced if it exists)."""
+    device through the proxy into the file ``trace`` (an existing one is
+    replaced only with ``overwrite``)."""
     target = Path(trace)
     with tempfile.TemporaryDirectory(prefix="vfioproxy-demo-") as tmp:
         device_sock = Path(tmp) / "device.sock"
@@ -42,7 +47,7 @@ async def run_demo(
             "server_path": str(device_sock),
             "options": {"capture_fd_contents": capture_fd_contents, "demo": True},
         }
-        with TraceSink(target, info=info, overwrite=True) as sink:
+        with TraceSink(target, info=info, overwrite=overwrite) as sink:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_device, device_sock)
                 proxy: Proxy
@@ -61,4 +66,4 @@ async def run_demo(
     return DemoResult(target, result, stats)
 
 
-__all__ = ["DemoResult", "DeviceOptions", "run_demo"]
+__all__ = ["DEFAULT_TRACE", "DemoResult", "DeviceOptions", "run_demo"]

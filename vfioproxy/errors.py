@@ -9,6 +9,7 @@ proxy needs that split to say which side is at fault.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from recorder.errors import VfioProxyError
@@ -24,12 +25,9 @@ __all__ = [
     "TransportError",
     "UsageError",
     "VfioProxyError",
+    "os_error_text",
+    "os_reason",
 ]
-
-class UsageError(VfioProxyError):
-    """What the user asked for cannot work (a session the trace does not hold, a
-    proxy told to forward to itself): said in one line, exit status 2."""
-
 
 class ProtocolError(VfioProxyError):
     """A vfio-user protocol rule was broken.
@@ -117,6 +115,13 @@ class RemoteProtocolError(ProtocolError):
     """A peer sent something that breaks the protocol."""
 
 
+class UsageError(VfioProxyError):
+    """Bad input to a command, or what it asks for cannot work: an option's
+    value, a path that cannot be used, an output that exists, a session the
+    trace does not hold, a proxy told to forward to itself. The command line
+    prints it as one line naming the command and exits 2."""
+
+
 class TransportError(VfioProxyError):
     """A socket-level failure that is not a protocol rule (e.g. lost fds)."""
 
@@ -139,3 +144,21 @@ class ConnectionClosedError(TransportError):
         self.mid_message = mid_message
         self.received = received
         self.partial = partial
+
+
+def os_reason(exc: OSError) -> str:
+    """The OS's words for ``exc`` ("No such file or directory"), without the
+    errno number or the exception's class."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def os_error_text(exc: OSError) -> str:
+    """``exc`` as one line for a user: ``PATH: the OS's words`` when it names
+    a file (both files of a rename), else the OS's words alone."""
+    reason = os_reason(exc)
+    if exc.filename is None:
+        return reason
+    where = os.fsdecode(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {reason}"

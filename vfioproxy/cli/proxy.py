@@ -15,9 +15,10 @@ from pathlib import Path
 
 import trio
 
+from recorder.errors import TraceError
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
-from vfioproxy.cli.args import LAYOUTS, dialects, positive_int, size, size_in
+from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
 from vfioproxy.proxy import (
     DEFAULT_GRACE,
@@ -35,8 +36,31 @@ from vfioproxy.proxy.refusal import check_not_itself
 from vfioproxy.proxy.tuning import tune_allocator
 from vfioproxy.trace import stats
 from vfioproxy.trace.decoded import decoded_records
+from vfioproxy.usage.output import claim_file, is_directory
+from vfioproxy.usage.types import integer, octal_mode, seconds, size_in
 
 __all__ = ["add_ctl_command", "add_proxy_commands", "raise_fd_limit"]
+
+PROXY_EXAMPLES = """\
+examples:
+  vfioproxy proxy --listen /tmp/proxy.sock --server /tmp/device.sock -v
+  vfioproxy proxy --listen /tmp/proxy.sock --server /tmp/device.sock \\
+      --rule 'c2s REGION_READ delay 200us' --control /tmp/ctl.sock"""
+
+RECORD_EXAMPLES = """\
+examples:
+  vfioproxy record --listen /tmp/proxy.sock --server /tmp/device.sock -o session.trace
+  vfioproxy record --listen /tmp/proxy.sock --server /tmp/device.sock -o traces/ \\
+      --capture-fd-contents 64k
+
+-o TRACE writes every session into one file (an existing one only with --force);
+-o DIR/ (or an existing directory) writes one new file per session.
+SIGINT/SIGTERM stop it (exit 0)."""
+
+CTL_EXAMPLES = """\
+examples:
+  vfioproxy ctl --control /tmp/ctl.sock list
+  vfioproxy ctl --control /tmp/ctl.sock add 'c2s DEVICE_RESET error EIO'"""
 
 
 def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,14 +70,17 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                        help="UNIX socket the client (QEMU) connects to")
         p.add_argument("--server", required=True, metavar="SERVER_SOCK",
                        help="UNIX socket of the device server")
-        p.add_argument("--mode", default="0600", help="permissions of CLIENT_SOCK (octal)")
+        p.add_argument("--mode", type=octal_mode, default=0o600, metavar="MODE",
+                       help="permissions of CLIENT_SOCK and CTL_SOCK, octal (default 0600)")
         p.add_argument("--strict", action="store_true",
                        help="close a session at its first protocol violation")
         p.add_argument("-v", "--verbose", action="store_true",
                        help="one line per forwarded message, as `trace show` prints it "
                        "(on a terminal, above the status line)")
-        p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
-                       help="seconds in-flight sessions get after SIGINT/SIGTERM")
+        p.add_argument("--grace", type=seconds(zero=True), default=DEFAULT_GRACE,
+                       metavar="SECONDS",
+                       help=f"seconds in-flight sessions get after SIGINT/SIGTERM "
+                       f"(default {DEFAULT_GRACE:g})")
         p.add_argument("--no-decode", action="store_true",
                        help="a pure relay: nothing decoded on the path even for -v/--strict")
         p.add_argument("--check-live", action="store_true",
@@ -62,7 +89,7 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                        "are derived from the trace when it is read)")
         limits = p.add_argument_group(
             "limits", "what one session or peer may make the proxy hold (see README)")
-        limits.add_argument("--max-sessions", type=positive_int, metavar="N",
+        limits.add_argument("--max-sessions", type=integer(1), metavar="N",
                             help="sessions at once; more clients wait in the listen queue "
                             "(default: what the fd limit allows, at most 4096)")
         limits.add_argument("--max-message-buffer", type=size_in(16, MAX_MESSAGE_BUFFER),
@@ -75,7 +102,7 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                             default=DEFAULT_MAX_QUEUE,
                             help="bytes queued for a peer that does not read before the proxy "
                             "stops reading its sender (default 4M, per direction)")
-        limits.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+        limits.add_argument("--connect-timeout", type=seconds(), metavar="SECONDS",
                             default=DEFAULT_CONNECT_TIMEOUT,
                             help="how long to retry a server whose listen queue is full "
                             "(default 5)")
@@ -91,39 +118,52 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                             help="an injection rule (repeatable)")
         inject.add_argument("--rules", action="append", default=[], metavar="FILE.toml",
                             help="injection rules from a TOML file (repeatable)")
-        inject.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+        inject.add_argument("--seed", type=integer(), metavar="N",
+                            help="seed of every random draw (default 0)")
         inject.add_argument("--control", metavar="CTL_SOCK",
                             help="control socket: change rules while running (vfioproxy ctl)")
 
-    p_proxy = commands.add_parser("proxy", help="relay vfio-user sessions without recording")
+    p_proxy = commands.add_parser("proxy", help="relay vfio-user sessions without recording",
+                                  epilog=PROXY_EXAMPLES)
     add_proxy_options(p_proxy)
     p_proxy.set_defaults(func=cmd_proxy)
 
-    p_record = commands.add_parser("record", help="relay and record vfio-user sessions")
+    p_record = commands.add_parser("record", help="relay and record vfio-user sessions",
+                                   epilog=RECORD_EXAMPLES)
     add_proxy_options(p_record)
     p_record.add_argument("-o", "--output", required=True, metavar="TRACE",
                           help="trace file, or DIR/ for one file per session")
-    p_record.add_argument("--capture-fd-contents", type=size, default=0, metavar="SIZE",
+    p_record.add_argument("--capture-fd-contents", type=size_in(0), default=0, metavar="SIZE",
                           help="record the contents of memfds up to SIZE bytes (e.g. 64k)")
     p_record.add_argument("--fsync", action="store_true", help="fsync every record")
-    p_record.add_argument("--force", action="store_true", help="replace an existing trace")
-    p_record.add_argument("--client-desc", default="", help="what the client is, for the trace")
-    p_record.add_argument("--server-desc", default="", help="what the server is, for the trace")
+    p_record.add_argument("--force", action="store_true",
+                          help="replace an existing trace file given as -o TRACE")
+    p_record.add_argument("--client-desc", default="", metavar="TEXT",
+                          help="what the client is, for the trace header")
+    p_record.add_argument("--server-desc", default="", metavar="TEXT",
+                          help="what the server is, for the trace header")
     p_record.set_defaults(func=cmd_record)
 
 
 def add_ctl_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``ctl``."""
-    p_ctl = commands.add_parser("ctl", help="talk to a running proxy's control socket")
-    p_ctl.add_argument("--control", required=True, metavar="CTL_SOCK")
+    p_ctl = commands.add_parser("ctl", help="talk to a running proxy's control socket",
+                                epilog=CTL_EXAMPLES)
+    p_ctl.add_argument("--control", required=True, metavar="CTL_SOCK",
+                       help="the control socket of a proxy started with --control CTL_SOCK")
     p_ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
     ctl = p_ctl.add_subparsers(dest="op", metavar="OP", required=True)
-    ctl.add_parser("list", help="the rules in force")
-    ctl_add = ctl.add_parser("add", help="add a rule")
-    ctl_add.add_argument("rule", help="rule text, e.g. 'c2s * delay 100us'")
-    ctl_remove = ctl.add_parser("remove", help="remove a rule")
-    ctl_remove.add_argument("id", type=int, help="rule id (see list)")
-    ctl.add_parser("stats", help="proxy and per-rule counters")
+
+    def example(op: str) -> str:
+        return f"example:\n  vfioproxy ctl --control /tmp/ctl.sock {op}"
+
+    ctl.add_parser("list", help="the rules in force", epilog=example("list"))
+    ctl_add = ctl.add_parser("add", help="add a rule",
+                             epilog=example("add 'c2s DEVICE_RESET error EIO'"))
+    ctl_add.add_argument("rule", metavar="RULE", help="rule text, e.g. 'c2s * delay 100us'")
+    ctl_remove = ctl.add_parser("remove", help="remove a rule", epilog=example("remove 2"))
+    ctl_remove.add_argument("id", type=integer(1), metavar="ID", help="rule id (see list)")
+    ctl.add_parser("stats", help="proxy and per-rule counters", epilog=example("stats"))
     p_ctl.set_defaults(func=cmd_ctl)
 
 
@@ -147,7 +187,7 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
         capture_fd_contents=getattr(args, "capture_fd_contents", 0),
         dialects=dialects(args),
         decode=not args.no_decode,
-        mode=int(args.mode, 8),
+        mode=args.mode,
         threads=args.forwarding == "threads",
         check_live=args.check_live,
         max_sessions=args.max_sessions,
@@ -232,7 +272,21 @@ def _report_violations(files: list[Path]) -> None:
         print("vfioproxy: violation check skipped", file=sys.stderr)
 
 
+def _discard_if_empty(path: Path) -> None:
+    """Remove the trace a ``record`` that failed to start created, when it holds
+    nothing but its header (a failed start leaves no file in the way of the next)."""
+    try:
+        with TraceReader(path) as reader:
+            empty = next(iter(reader), None) is None
+    except (OSError, TraceError):
+        return
+    if empty:
+        path.unlink(missing_ok=True)
+
+
 def cmd_record(args: argparse.Namespace) -> int:
+    if not is_directory(args.output):
+        claim_file(args.output, force=args.force)
     info = {
         "listen_path": os.path.abspath(args.listen),
         "server_path": os.path.abspath(args.server),
@@ -241,9 +295,15 @@ def cmd_record(args: argparse.Namespace) -> int:
         "options": {"strict": args.strict, "capture_fd_contents": args.capture_fd_contents},
     }
     check_not_itself(args.listen, args.server)  # before the trace is created
-    with TraceSink(args.output, info=info, fsync=args.fsync, overwrite=args.force) as sink:
-        trio.run(_serve_proxy, args, sink)
-        files = sink.files()
+    fresh = not is_directory(args.output) and not os.path.lexists(args.output)
+    try:
+        with TraceSink(args.output, info=info, fsync=args.fsync, overwrite=args.force) as sink:
+            trio.run(_serve_proxy, args, sink)
+            files = sink.files()
+    except BaseException:
+        if fresh:
+            _discard_if_empty(Path(args.output))
+        raise
     for path in files:
         print(f"vfioproxy: wrote {path}", file=sys.stderr)
     _report_violations(files)

@@ -10,11 +10,13 @@ from typing import Any
 import trio
 
 from vfioproxy.experiment.errors import ExperimentError
-from vfioproxy.experiment.model import ExperimentConfig
+from vfioproxy.experiment.model import OUTPUT_NAMES, TRACES_DIR, ExperimentConfig
 from vfioproxy.experiment.plot import PLOT_HINT
 from vfioproxy.experiment.report import print_summary, progress_display
 from vfioproxy.experiment.runner import run_experiment
 from vfioproxy.peers.client import RealizeOptions
+from vfioproxy.usage.output import claim_directory
+from vfioproxy.usage.types import integer, seconds
 
 __all__ = ["add_experiment_command", "cmd_experiment", "config_from_args"]
 
@@ -28,8 +30,10 @@ examples:
       --command 'qemu-system-x86_64 ... "path":"{socket}" ...' --timeout 30 -o qemu/
 
 Each run goes through a recording proxy that injects the setting's rules
-(the swept rule, then every --rule); traces go to OUT/traces/, the results
-to OUT/results.csv and OUT/results.json, plots to OUT/*.png.
+(the swept rule, then every --rule); traces go to DIR/traces/, the results
+to DIR/results.csv and DIR/results.json, plots to DIR/*.png. A DIR that
+holds an earlier run's results is refused; --force removes them (and
+nothing else in DIR) first.
 """
 
 
@@ -47,20 +51,24 @@ def add_experiment_command(subparsers: Any) -> argparse.ArgumentParser:
                    help="a rule with one {a,b,...} group: one setting per value")
     p.add_argument("--rule", action="append", default=[], metavar="RULE", dest="rules",
                    help="a rule applied in every setting (repeatable)")
-    p.add_argument("--runs", type=int, default=3, metavar="N", help="runs per setting (3)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--runs", type=integer(1), default=3, metavar="N",
+                   help="runs per setting (3)")
+    p.add_argument("--seed", type=integer(), default=0, metavar="N",
                    help="seed of run 1 (run r uses SEED+r-1 in every setting)")
     p.add_argument("--direct", action="store_true",
                    help="add a baseline setting without the proxy")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="output directory (created if missing)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the results of an earlier run in DIR")
     p.add_argument("--server", metavar="SOCK",
                    help="an existing device server (default: the reference device, in-process)")
     p.add_argument("--command", metavar="TEMPLATE",
                    help="an external client per run (split like a shell would, not run by one); "
                    "{socket} becomes the socket to connect to")
-    p.add_argument("--timeout", type=float, metavar="S",
+    p.add_argument("--timeout", type=seconds(), metavar="SECONDS",
                    help="built-in client: seconds per reply (5); --command: per run (60)")
-    p.add_argument("--workload", type=int, default=0, metavar="N",
+    p.add_argument("--workload", type=integer(0), default=0, metavar="N",
                    help="built-in client: doorbells to ring after realize")
     p.add_argument("--irq", choices=["intx", "msix"], default="intx",
                    help="built-in client: the workload's interrupt")
@@ -78,10 +86,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             command = tuple(shlex.split(args.command))
         except ValueError as exc:
             raise ExperimentError(f"--command {args.command!r}: {exc}") from exc
-    if args.runs < 1:
-        raise ExperimentError(f"--runs must be at least 1, got {args.runs}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise ExperimentError(f"--timeout must be > 0, got {args.timeout}")
     return ExperimentConfig(
         output=args.output,
         sweep=args.sweep,
@@ -104,6 +108,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     with every file written)."""
     config = config_from_args(args)
     settings = config.settings()  # a bad sweep fails here, before anything starts
+    claim_directory(config.output, OUTPUT_NAMES, force=args.force)
     print(f"vfioproxy: {len(settings)} setting(s) x {config.runs} run(s)", file=sys.stderr)
     with progress_display() as progress:
         results = trio.run(lambda: run_experiment(config, progress=progress))
@@ -113,7 +118,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     print(f"\nwrote {', '.join(str(f) for f in files)} and "
           f"{sum(r.trace is not None for r in results.rows)} trace(s)"
           f"{f' and {stderrs} client stderr file(s)' if stderrs else ''} in "
-          f"{config.output / 'traces'}")
+          f"{config.output / TRACES_DIR}")
     if config.plot and not results.plots:
         print(f"note: {PLOT_HINT}")
     failed = sum(not row.ok for row in results.rows)

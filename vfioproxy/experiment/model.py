@@ -19,6 +19,11 @@ from vfioproxy.peers.client import RealizeOptions
 from vfioproxy.proxy import ProxyOptions
 
 __all__ = [
+    "OUTPUT_NAMES",
+    "PLOT_FILES",
+    "RESULTS_CSV",
+    "RESULTS_JSON",
+    "TRACES_DIR",
     "CommandLatency",
     "ExperimentConfig",
     "ExperimentResults",
@@ -28,6 +33,14 @@ __all__ = [
 
 #: seconds an external command may run by default
 DEFAULT_COMMAND_TIMEOUT = 60.0
+
+#: what a run writes into its output directory, and all it writes there
+#: (``experiment -o DIR --force`` clears these, and only these, first)
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+TRACES_DIR = "traces"
+PLOT_FILES = ("experiment.png", "breakdown.png")
+OUTPUT_NAMES = (RESULTS_CSV, RESULTS_JSON, TRACES_DIR, *PLOT_FILES)
 
 
 def _tuple_of_str(value: Sequence[str]) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from vfioproxy.experiment.model import ExperimentResults, ResultRow
+from vfioproxy.experiment.model import PLOT_FILES, ExperimentResults, ResultRow
 from vfioproxy.experiment.sweep import Setting
 
 __all__ = [
@@ -315,7 +315,7 @@ def write_plots(results: ExperimentResults) -> tuple[Path, ...]:
     if plt is None:
         return ()
     paths = []
-    for name, draw in (("experiment.png", draw_experiment), ("breakdown.png", draw_breakdown)):
+    for name, draw in zip(PLOT_FILES, (draw_experiment, draw_breakdown), strict=True):
         fig = draw(results, plt)
         path = results.config.output / name
         try:

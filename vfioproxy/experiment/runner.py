@@ -21,6 +21,9 @@ from vfioproxy.errors import VfioProxyError
 from vfioproxy.experiment.analysis import TraceFacts, analyse_trace, expected_delay
 from vfioproxy.experiment.errors import ExperimentError
 from vfioproxy.experiment.model import (
+    RESULTS_CSV,
+    RESULTS_JSON,
+    TRACES_DIR,
     ExperimentConfig,
     ExperimentResults,
     ResultRow,
@@ -289,7 +292,7 @@ async def run_experiment(
         raise ExperimentError(f"command not found: {config.command[0]!r}")
     if config.server is not None:
         _check_server(config.server)
-    traces = config.output / "traces"
+    traces = config.output / TRACES_DIR
     try:
         traces.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -321,8 +324,8 @@ async def run_experiment(
         settings=settings,
         rows=ordered,
         summary=summarize(settings, ordered),
-        csv_path=config.output / "results.csv",
-        json_path=config.output / "results.json",
+        csv_path=config.output / RESULTS_CSV,
+        json_path=config.output / RESULTS_JSON,
     )
     write_csv(results.csv_path, results.rows, results.commands())
     write_json(results.json_path, results.to_json())

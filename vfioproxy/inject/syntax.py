@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from vfioproxy.errors import os_reason
 from vfioproxy.inject.actions import ACTIONS, Action, Param
 from vfioproxy.inject.errors import InjectError, RuleSyntaxError
 from vfioproxy.inject.rules import Match, Rule, parse_command, parse_region
@@ -430,6 +431,8 @@ def load_rules(path: str | os.PathLike[str]) -> tuple[Rule, ...]:
     source = os.fspath(path)
     try:
         text = Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise InjectError(f"{source}: cannot read rules: {os_reason(exc)}") from exc
+    except UnicodeDecodeError as exc:
         raise InjectError(f"{source}: cannot read rules: {exc}") from exc
     return loads_rules(text, source)

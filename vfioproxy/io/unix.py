@@ -10,7 +10,7 @@ import stat
 
 import trio
 
-from vfioproxy.errors import VfioProxyError
+from vfioproxy.errors import VfioProxyError, os_reason
 
 #: __SO_ACCEPTCON in the Flags column of /proc/net/unix: the socket listens
 _ACCEPTCON = 0x10000
@@ -63,9 +63,17 @@ async def open_unix_listener(
     """Listen on ``path``, created with permissions ``mode``.
 
     An existing socket at ``path`` is replaced only when nothing listens on it;
-    any other existing file is left alone and :class:`SocketPathError` raised.
+    any other existing file is left alone and :class:`SocketPathError` raised,
+    as it is when the OS refuses (``cannot listen on PATH: <the OS's words>``).
     """
     target = os.fspath(path)
+    try:
+        return await _listen(target, mode, backlog)
+    except OSError as exc:
+        raise SocketPathError(f"cannot listen on {target}: {os_reason(exc)}") from exc
+
+
+async def _listen(target: str, mode: int, backlog: int) -> trio.SocketListener:
     _remove_stale(target)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -44,7 +44,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 import trio
 
-from vfioproxy.errors import ConnectionClosedError, TransportError, VfioProxyError
+from vfioproxy.errors import ConnectionClosedError, TransportError, VfioProxyError, os_reason
 from vfioproxy.io.fds import OwnedFd, close_all, make_eventfd
 from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.peers import layout
@@ -1501,7 +1501,7 @@ async def open_realize_client(
         try:
             stream = await open_unix_fd_stream(target, max_fds=QEMU_RECV_FDS)
         except OSError as exc:
-            raise RealizeError("R0", f"connect to {os.fspath(target)}", str(exc)) from exc
+            raise RealizeError("R0", f"connect to {os.fspath(target)}", os_reason(exc)) from exc
     try:
         client = RealizeClient(stream, options)
     except BaseException:

@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 import trio
 
-from vfioproxy.errors import VfioProxyError
+from vfioproxy.errors import VfioProxyError, os_reason
 from vfioproxy.inject import InjectError, Injector, Rule
 from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.proxy.core import Proxy
@@ -138,7 +138,7 @@ def parse_request(line: bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise ControlError(f"not JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:  # beyond what the checks above foresee
-        raise ControlError(f"not JSON: {type(exc).__name__}: {exc}") from None
+        raise ControlError(f"not JSON: {exc}") from None
 
 
 class _Controller:
@@ -186,7 +186,7 @@ class _Controller:
         except Exception as exc:
             _log.exception("control request failed")
             answer = {"ok": False,
-                      "error": _cut(f"internal error: {type(exc).__name__}: {exc}", MAX_ERROR)}
+                      "error": _cut(f"internal error: {exc or 'see the proxy log'}", MAX_ERROR)}
         return json.dumps(answer).encode() + b"\n"
 
 
@@ -274,7 +274,9 @@ def control_request(path: str | os.PathLike[str], request: dict[str, Any],
                     raise ControlError(f"{path}: the proxy closed the control connection")
                 data += chunk
         except OSError as exc:
-            raise ControlError(f"cannot talk to the control socket {path}: {exc}") from exc
+            raise ControlError(
+                f"cannot talk to the control socket {os.fspath(path)}: {os_reason(exc)}"
+            ) from exc
     try:
         answer = json.loads(data)
     except ValueError as exc:

@@ -2,8 +2,9 @@
 
 :func:`add_replay_commands` adds the ``replay`` command to the main parser's
 subcommands; each handler returns the exit status: 0 when nothing diverged,
-1 when something did, 2 when the replay could not run (unreadable trace, no
-such session, server not reachable), 130 when interrupted.
+1 when something did. When the replay cannot run (unreadable trace, no such
+session, server not reachable) it raises, and the command line's error
+boundary prints the error and exits 2 (130 when interrupted).
 """
 
 from __future__ import annotations
@@ -16,16 +17,26 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from vfioproxy.errors import VfioProxyError
+from vfioproxy.errors import UsageError
 from vfioproxy.replay.client import ClientReplayOptions, replay_client
 from vfioproxy.replay.match import DEFAULT_IGNORES, DEFAULT_MATCH_ON, IgnoreRule, Matcher
 from vfioproxy.replay.report import ReplayReport
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
+from vfioproxy.usage.types import real, seconds
 
 __all__ = ["add_replay_commands"]
 
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+CLIENT_EXAMPLES = """\
+examples:
+  vfioproxy replay client session.trace --server /tmp/device.sock
+  vfioproxy replay client session.trace --server /tmp/device.sock \\
+      --ignore 'REGION_READ:data[0x140:0x148]' --json"""
+
+SERVER_EXAMPLES = """\
+examples:
+  vfioproxy replay server session.trace --listen /tmp/replay.sock
+  vfioproxy replay server session.trace --listen /tmp/replay.sock \\
+      --on-mismatch passthrough --passthrough-server /tmp/device.sock"""
 
 
 def _rule(text: str) -> IgnoreRule:
@@ -42,30 +53,13 @@ def _matcher(text: str) -> Matcher:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _ignores(args: argparse.Namespace) -> tuple[IgnoreRule, ...]:
     defaults = () if args.no_default_ignores else DEFAULT_IGNORES
     return (*defaults, *args.ignore)
 
 
 def _run(args: argparse.Namespace, replay: Callable[[], Awaitable[ReplayReport]]) -> int:
-    try:
-        report = trio.run(replay)
-    except (VfioProxyError, OSError) as exc:
-        print(f"vfioproxy: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("vfioproxy: replay interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    report = trio.run(replay)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -83,9 +77,7 @@ def cmd_replay_client(args: argparse.Namespace) -> int:
 
 def cmd_replay_server(args: argparse.Namespace) -> int:
     if args.on_mismatch == "passthrough" and not args.passthrough_server:
-        print("vfioproxy: error: --on-mismatch passthrough needs --passthrough-server SOCK",
-              file=sys.stderr)
-        return EXIT_ERROR
+        raise UsageError("--on-mismatch passthrough needs --passthrough-server SOCK")
     options = ServerReplayOptions(
         session=args.session, match_on=args.match_on, ignore=_ignores(args),
         on_mismatch=args.on_mismatch, passthrough=args.passthrough_server, timeout=args.timeout,
@@ -110,14 +102,17 @@ def cmd_replay_server(args: argparse.Namespace) -> int:
 def add_replay_commands(subcommands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``replay client`` and ``replay server`` to the main parser's subcommands."""
     replay = subcommands.add_parser(
-        "replay", help="replay a recorded session as client or as server, report divergences"
+        "replay", help="replay a recorded session as client or as server, report divergences",
+        epilog=f"{CLIENT_EXAMPLES}\n  vfioproxy replay server session.trace --listen "
+        "/tmp/replay.sock",
     )
     actions = replay.add_subparsers(dest="replay_command", metavar="SIDE", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("trace", help="the recorded trace")
-        p.add_argument("--session", type=int, help="session to replay (default: the first)")
-        p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+        p.add_argument("trace", metavar="TRACE", help="the recorded trace")
+        p.add_argument("--session", type=int, metavar="N",
+                       help="session to replay (default: the first)")
+        p.add_argument("--timeout", type=seconds(), default=5.0, metavar="SECONDS",
                        help="seconds to wait for each live message (default 5)")
         p.add_argument("--ignore", type=_rule, action="append", default=[], metavar="RULE",
                        help="[COMMAND:]FIELD that may differ, e.g. 'REGION_READ:data[0x140:0x148]' "
@@ -127,19 +122,21 @@ def add_replay_commands(subcommands: argparse._SubParsersAction) -> None:  # typ
         p.add_argument("--json", action="store_true", help="the report as JSON")
 
     client = actions.add_parser(
-        "client", help="play the recorded client against a live device server"
+        "client", help="play the recorded client against a live device server",
+        epilog=CLIENT_EXAMPLES,
     )
     common(client)
     client.add_argument("--server", required=True, metavar="SOCK",
                         help="UNIX socket of the live device server")
     client.add_argument("--timing", choices=["asap", "recorded"], default="asap",
                         help="asap: causal order only; recorded: keep the recorded gaps")
-    client.add_argument("--speed", type=_positive, default=1.0, metavar="X",
+    client.add_argument("--speed", type=real("a speed factor"), default=1.0, metavar="X",
                         help="with --timing recorded: play X times faster")
     client.set_defaults(func=cmd_replay_client)
 
     server = actions.add_parser(
-        "server", help="play the recorded server towards a live client (e.g. QEMU)"
+        "server", help="play the recorded server towards a live client (e.g. QEMU)",
+        epilog=SERVER_EXAMPLES,
     )
     common(server)
     server.add_argument("--listen", required=True, metavar="SOCK",

@@ -42,7 +42,7 @@ from typing import Literal, NoReturn
 import attrs
 import trio
 
-from vfioproxy.errors import ConnectionClosedError, TransportError
+from vfioproxy.errors import ConnectionClosedError, TransportError, os_reason
 from vfioproxy.io.fds import OwnedFd, close_all
 from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, DmaUnmapBody
@@ -91,7 +91,9 @@ async def replay_client(
     try:
         stream = await open_unix_fd_stream(server)
     except OSError as exc:
-        raise ReplayError(f"cannot connect to the server at {os.fspath(server)}: {exc}") from exc
+        raise ReplayError(
+            f"cannot connect to the server at {os.fspath(server)}: {os_reason(exc)}"
+        ) from exc
     return await replay_client_on(script, stream, options, peer=os.fspath(server))
 
 
