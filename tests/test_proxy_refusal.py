@@ -61,7 +61,7 @@ def test_the_cli_refuses_a_proxy_to_itself_in_one_line_with_exit_2_and_keeps_the
     assert main([command, "--listen", listen, "--server", str(tmp_path / "p.sock"),
                  *extra]) == 2
     assert capsys.readouterr().err == (
-        f"vfioproxy: error: --server {listen} is this proxy's own --listen socket {listen}: "
+        f"vfioproxy {command}: --server {listen} is this proxy's own --listen socket {listen}: "
         "every session would connect to the proxy itself\n")
     assert old.read_bytes() == b"an earlier recording"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.trace"]

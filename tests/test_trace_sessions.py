@@ -56,7 +56,8 @@ def test_a_session_the_trace_does_not_hold_exits_2_naming_the_sessions_there(
     out, err = capsys.readouterr()
     assert code == 2
     assert out == ""
-    assert err == (f"vfioproxy: error: {two_sessions}: no session 7 in the trace (sessions "
+    verb = " ".join(argv[:2])
+    assert err == (f"vfioproxy {verb}: {two_sessions}: no session 7 in the trace (sessions "
                    "with messages: 3; with events only: 5)\n")
 
 
