@@ -306,8 +306,12 @@ SAMPLE_MATCH = Matcher(("header", "fds", "region", "offset", "count"))
 SAMPLE_REPLAY_WAIT = 10.0
 #: the migration destination is a replayed server already listening on <sock>_migrated:
 #: the script the client's original process exec()s only leaves its arguments behind
+#: what samples/client execs as its migration destination during a replay: it only
+#: writes its arguments down. Builtins alone (no ``$(dirname ...)``): the client's
+#: forked half is this shell's child, and a shell that waits for a subshell of its
+#: own may reap that child instead, losing its exit status to the test's reaper.
 REPLAY_WRAPPER = """#!/bin/sh
-echo "$*" > "$(dirname "$0")/server.argv"
+echo "$*" > "${0%/*}/server.argv"
 """
 
 
