@@ -18,12 +18,18 @@ from recorder.writer import TraceWriter
 SOURCE = "vfioproxy record"
 
 
+#: how many names a session's file tries in a directory before giving up
+_MAX_NAME_ATTEMPTS = 1000
+
+
 class TraceSink(Closing):
     """Trace writers for a proxy's sessions.
 
     ``path`` is a file (every session in it) or, when it ends with ``/`` or
     is an existing directory, a directory that gets one file per session
-    (``<start time>-s<session>.trace``). ``info`` goes into each header.
+    (``<start time>-s<session>.trace``, ``-2``... appended when a recording
+    that started in the same second took the name). ``info`` goes into each
+    header.
     Files are created 0600 and a directory the sink makes 0700 (traces hold
     device traffic and may hold guest memory); neither the file nor the
     directory may be a symlink, and files inside the directory are opened
@@ -75,14 +81,27 @@ class TraceSink(Closing):
             with self._lock:
                 writer = self._writers.get(session)
                 if writer is None:
-                    name = f"{self._stamp}-s{session}.trace"
-                    info = {**self.info, "session": session}
-                    writer = TraceWriter(
-                        self.path / name, TraceHeader.now(SOURCE, info), fsync=self.fsync,
-                        pause_when_full=True, dir_fd=self._dir_fd,
-                    )
+                    writer = self._session_writer(session)
                     self._writers[session] = writer
         return writer
+
+    def _session_writer(self, session: int) -> TraceWriter:
+        """A new file for ``session``: ``<start>-s<session>.trace``, or with
+        ``-2``, ``-3``... when another recording into the same directory that
+        started in the same second already has that name (never replaced)."""
+        info = {**self.info, "session": session}
+        for attempt in range(1, _MAX_NAME_ATTEMPTS + 1):
+            suffix = "" if attempt == 1 else f"-{attempt}"
+            try:
+                return TraceWriter(
+                    self.path / f"{self._stamp}-s{session}{suffix}.trace",
+                    TraceHeader.now(SOURCE, info), fsync=self.fsync, pause_when_full=True,
+                    dir_fd=self._dir_fd,
+                )
+            except FileExistsError:
+                continue
+        raise TraceError(f"{self.path}: {_MAX_NAME_ATTEMPTS} files named "
+                         f"{self._stamp}-s{session}[-N].trace exist already", path=self.path)
 
     def files(self) -> list[Path]:
         """Every file this sink has written to."""

@@ -114,6 +114,16 @@ def test_record_that_cannot_listen_leaves_no_empty_trace_behind(capsys, tmp_path
     assert not trace.exists()  # a second try is not refused for a trace holding nothing
 
 
+def test_record_force_that_cannot_listen_keeps_the_earlier_trace(capsys, tmp_path):
+    existing = tmp_path / "old.trace"
+    existing.write_bytes(b"an earlier recording")
+    code, _, err = run(capsys, "record", "--listen", tmp_path / "nodir" / "p.sock",
+                       "--server", tmp_path / "s.sock", "-o", existing, "--force")
+    assert code == 2
+    assert one_error_line(err).startswith(f"vfioproxy record: cannot listen on {tmp_path}")
+    assert existing.read_bytes() == b"an earlier recording"  # opened only once listening
+
+
 def test_record_names_a_rules_file_it_cannot_read(capsys, tmp_path):
     code, _, err = run(capsys, "record", "--listen", tmp_path / "p.sock", "--server",
                        tmp_path / "s.sock", "-o", tmp_path / "t.trace", "--rules", tmp_path)

@@ -74,11 +74,18 @@ def test_ctl_lists_adds_and_removes_rules_of_a_running_proxy(tmp_path, spawn, de
                   "--control", ctl, "--rule", "s2c * delay 1us")
     wait_for_socket(ctl, proxy)
     listed = run("ctl", "--control", ctl, "list")
-    assert listed.returncode == 0 and "1  s2c * delay" in listed.stdout, listed
+    assert listed.returncode == 0, listed
+    seed, header, line, rule, *rest = listed.stdout.splitlines()
+    assert seed == "seed 0" and header.split() == ["id", "rule"] and not rest, listed.stdout
+    assert set(line.strip()) == {"─"}, listed.stdout
+    assert rule.split(maxsplit=1) == ["1", "s2c * delay 1us"], listed.stdout
     added = run("ctl", "--control", ctl, "add", "c2s DEVICE_RESET error EIO")
     assert added.returncode == 0 and "added rule 2" in added.stdout, added
     result = run("realize", "--socket", listen)
     assert result.returncode == 1 and "errno 5 (EIO)" in result.stderr, result.stderr
+    table = run("ctl", "--control", ctl, "stats").stdout.splitlines()
+    assert table[1].split() == ["id", "matched", "applied", "delay", "s", "rule"], table
+    assert [line.split()[:3] for line in table[3:]] == [["1", "34", "34"], ["2", "1", "1"]], table
     stats = json.loads(run("ctl", "--control", ctl, "--json", "stats").stdout)
     assert stats["ok"] and stats["inject"]["rules"][1]["applied"] == 1
     assert stats["proxy"]["sessions_total"] == 1

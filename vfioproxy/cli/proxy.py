@@ -11,6 +11,7 @@ import resource
 import signal
 import stat
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -36,6 +37,7 @@ from vfioproxy.proxy.refusal import check_not_itself
 from vfioproxy.proxy.tuning import tune_allocator
 from vfioproxy.trace import stats
 from vfioproxy.trace.decoded import decoded_records
+from vfioproxy.trace.tables import table, table_lines
 from vfioproxy.usage.output import claim_file, is_directory
 from vfioproxy.usage.types import integer, octal_mode, seconds, size_in
 
@@ -178,7 +180,12 @@ def _injector(args: argparse.Namespace) -> Injector | None:
     return Injector(rules, seed=args.seed or 0)
 
 
-async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Proxy:
+async def _serve_proxy(
+    args: argparse.Namespace, open_sink: Callable[[], TraceSink] | None
+) -> list[Path]:
+    """Listen, then open the trace (``open_sink``: none for ``proxy``), serve
+    until SIGINT/SIGTERM; the trace files written. The trace is opened only
+    once the socket listens: a start that fails replaces no earlier trace."""
     tune_allocator()
     raise_fd_limit()
     injector = _injector(args)
@@ -203,34 +210,14 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
     observer = None
     if args.verbose and not args.no_decode:
         observer = MessageLog(sys.stdout, status if sys.stdout.isatty() else None)
-    proxy = Proxy(args.server, sink=sink, options=options, observer=observer,
-                  injector=injector)
     listener = await open_proxy_listener(args.listen, args.server, mode=options.mode)
-    print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
-          + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
-    if options.threads and fastpath.without is not None:
-        print(f"vfioproxy: no C lane: {fastpath.without}: every message takes the Python path "
-              "(the same behaviour, more CPU per message)", file=sys.stderr)
-    if injector is not None:
-        for rule in injector.rules:
-            print(f"vfioproxy: rule {rule.id}: {rule.text}", file=sys.stderr)
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(proxy.serve, listener)
-                if args.control is not None:
-                    assert injector is not None
-                    await nursery.start(functools.partial(
-                        serve_control, args.control, proxy, injector, mode=options.mode))
-                    print(f"vfioproxy: control socket {args.control}", file=sys.stderr)
-                if status is not None:
-                    nursery.start_soon(run_status_line, proxy, status)
-                async for signum in signals:
-                    print(f"\nvfioproxy: {signal.Signals(signum).name}: stopping "
-                          f"(grace {args.grace} s)", file=sys.stderr)
-                    break
-                await proxy.shutdown(args.grace)
-                nursery.cancel_scope.cancel()
+        async with listener:
+            with open_sink() if open_sink is not None else contextlib.nullcontext() as sink:
+                proxy = Proxy(args.server, sink=sink, options=options, observer=observer,
+                              injector=injector)
+                await _run_proxy(args, proxy, listener, injector, status)
+                files = sink.files() if sink is not None else []
     finally:
         _remove_socket(args.listen)
     stats = proxy.statistics()
@@ -238,7 +225,36 @@ async def _serve_proxy(args: argparse.Namespace, sink: TraceSink | None) -> Prox
           f"{stats.c2s.messages} c2s and {stats.s2c.messages} s2c messages"
           + (f", {stats.violations} violation(s)" if proxy.checks_live else ""),
           file=sys.stderr)
-    return proxy
+    return files
+
+
+async def _run_proxy(args: argparse.Namespace, proxy: Proxy, listener: trio.SocketListener,
+                     injector: Injector | None, status: StatusLine | None) -> None:
+    sink = proxy.sink
+    print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
+          + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)
+    if proxy.options.threads and fastpath.without is not None:
+        print(f"vfioproxy: no C lane: {fastpath.without}: every message takes the Python path "
+              "(the same behaviour, more CPU per message)", file=sys.stderr)
+    if injector is not None:
+        for rule in injector.rules:
+            print(f"vfioproxy: rule {rule.id}: {rule.text}", file=sys.stderr)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve, listener)
+            if args.control is not None:
+                assert injector is not None
+                await nursery.start(functools.partial(
+                    serve_control, args.control, proxy, injector, mode=proxy.options.mode))
+                print(f"vfioproxy: control socket {args.control}", file=sys.stderr)
+            if status is not None:
+                nursery.start_soon(run_status_line, proxy, status)
+            async for signum in signals:
+                print(f"\nvfioproxy: {signal.Signals(signum).name}: stopping "
+                      f"(grace {args.grace} s)", file=sys.stderr)
+                break
+            await proxy.shutdown(args.grace)
+            nursery.cancel_scope.cancel()
 
 
 def _remove_socket(path: str) -> None:
@@ -296,10 +312,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     }
     check_not_itself(args.listen, args.server)  # before the trace is created
     fresh = not is_directory(args.output) and not os.path.lexists(args.output)
+    def open_sink() -> TraceSink:
+        return TraceSink(args.output, info=info, fsync=args.fsync, overwrite=args.force)
+
     try:
-        with TraceSink(args.output, info=info, fsync=args.fsync, overwrite=args.force) as sink:
-            trio.run(_serve_proxy, args, sink)
-            files = sink.files()
+        files = trio.run(_serve_proxy, args, open_sink)
     except BaseException:
         if fresh:
             _discard_if_empty(Path(args.output))
@@ -321,8 +338,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     elif args.op == "list":
         print(f"seed {answer['seed']}")
-        for rule in answer["rules"]:
-            print(f"{rule['id']:>4}  {rule['text']}")
+        _print_table(("id", "rule"), [(rule["id"], rule["text"]) for rule in answer["rules"]],
+                     left=0)
     elif args.op in ("add", "remove"):
         verb = "added" if args.op == "add" else "removed"
         print(f"{verb} rule {answer['rule']['id']}: {answer['rule']['text']}")
@@ -331,10 +348,20 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         print(f"sessions {proxy['sessions_active']} active / {proxy['sessions_total']} total, "
               f"c2s {proxy['c2s']['messages']} s2c {proxy['s2c']['messages']} messages, "
               f"{proxy['violations']} violation(s)")
-        for rule in inject["rules"]:
-            print(f"{rule['rule_id']:>4}  matched {rule['matched']:>7}  applied "
-                  f"{rule['applied']:>7}  delay {rule['injected_delay']:.6f} s  {rule['text']}")
+        _print_table(("id", "matched", "applied", "delay s", "rule"),
+                     [(rule["rule_id"], rule["matched"], rule["applied"],
+                       f"{rule['injected_delay']:.6f}", rule["text"])
+                      for rule in inject["rules"]], left=0)
     return 0
+
+
+def _print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *,
+                 left: int) -> None:
+    """A table of ``rows`` laid out as ``trace stats`` lays its tables out (its
+    last column, the rule text, left-aligned); nothing when there are no rows."""
+    if rows:
+        layout = table(None, columns, rows, left=left, text_last=True)
+        print("\n".join(table_lines([layout])))
 
 
 def raise_fd_limit() -> None:

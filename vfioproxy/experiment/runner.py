@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from recorder.sink import TraceSink
-from vfioproxy.errors import VfioProxyError
+from vfioproxy.errors import VfioProxyError, os_error_text
 from vfioproxy.experiment.analysis import TraceFacts, analyse_trace, expected_delay
 from vfioproxy.experiment.errors import ExperimentError
 from vfioproxy.experiment.model import (
@@ -129,7 +129,7 @@ async def _run_command(argv: list[str], timeout: float, stderr_path: Path) -> _O
             )
         except OSError as exc:
             stderr_path.unlink()
-            return _Outcome("error", f"cannot start {argv[0]!r}: {exc}")
+            return _Outcome("error", f"cannot start {argv[0]!r}: {os_error_text(exc)}")
     code: int | None = None
     try:
         with trio.move_on_after(timeout):
@@ -314,7 +314,8 @@ async def run_experiment(
                 try:
                     rows.append(await runner.run(setting, run))
                 except (VfioProxyError, OSError) as exc:  # the proxy itself failed
-                    raise ExperimentError(f"{setting.label} run {run}: {exc}") from exc
+                    text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+                    raise ExperimentError(f"{setting.label} run {run}: {text}") from exc
             nursery.cancel_scope.cancel()
     if progress is not None:
         progress(len(plan), len(plan), "done")

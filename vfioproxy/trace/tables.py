@@ -13,13 +13,15 @@ __all__ = ["table", "table_lines"]
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]],
-          *, left: int = 1) -> Table:
+          *, left: int = 1, text_last: bool = False) -> Table:
     """A plain table: a header row, ``columns`` (the first ``left`` of them
-    left-aligned, the rest, numbers, right-aligned) and ``rows``."""
+    left-aligned, the rest, numbers, right-aligned; with ``text_last`` the
+    last one, a text, left-aligned too) and ``rows``."""
     out = Table(title=title, title_justify="left", title_style=None, box=box.SIMPLE_HEAD,
                 show_edge=False, pad_edge=False, header_style=None)
     for i, name in enumerate(columns):
-        out.add_column(name, justify="left" if i < left else "right")
+        text = i < left or (text_last and i == len(columns) - 1)
+        out.add_column(name, justify="left" if text else "right")
     for row in rows:
         out.add_row(*(str(cell) for cell in row))
     return out
