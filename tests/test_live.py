@@ -26,15 +26,18 @@ async def test_the_live_log_prints_one_decoded_pci_aware_line_per_message(tmp_pa
     server = Server(tmp_path / "server.sock")
     await nursery.start(server.serve)
     out = io.StringIO()
-    async with open_proxy(tmp_path / "p.sock", server.path, observer=MessageLog(out)) as proxy:
+    log = MessageLog(out)
+    async with open_proxy(tmp_path / "p.sock", server.path, observer=log) as proxy:
         stream = await open_unix_fd_stream(tmp_path / "p.sock")
         client = Endpoint(stream, Side.CLIENT)
         async with trio.open_nursery() as inner:
             await inner.start(client.run)
             await client.request(Command.VERSION, VersionBody.build(0, 0, None))
             await client.request(Command.REGION_READ, RegionAccessBody(0x3D, 7, 1))
+            assert log.sessions == {1}
             await stream.aclose()
         await settle(proxy)
+    assert log.sessions == frozenset()  # an ended session's view is let go
     lines = out.getvalue().splitlines()
     assert len(lines) == 4
     assert " c2s s1 VERSION cmd id=0" in lines[0]

@@ -47,8 +47,14 @@ class _HasId(Protocol):
     def id(self) -> int: ...
 
 
-#: called after each forwarded message with its session, decoding, time (ns) and trace seq
-MessageObserver = Callable[[Any, Observation, int, int], None]
+class MessageObserver(Protocol):
+    """What watches the decoded messages (the live view): called after each
+    forwarded message with its session, decoding, time (ns) and trace seq, and
+    told when a session ended, so that it keeps nothing of it."""
+
+    def __call__(self, session: Any, obs: Observation, t_ns: int, seq: int) -> None: ...
+
+    def forget(self, session: int) -> None: ...
 
 
 class LiveChecks:

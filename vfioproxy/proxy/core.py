@@ -286,6 +286,8 @@ class Proxy:
         self._ended_violations += ledger.violations
         if self.sink is not None:
             self.sink.session_done(ledger.id)
+        if self.observer is not None:
+            self.observer.forget(ledger.id)
         self._session_ended()
 
     @staticmethod

@@ -88,7 +88,13 @@ class MessageLog:
             self.out.write("".join(line + "\n" for line in lines))
             self.out.flush()
 
+    @property
+    def sessions(self) -> frozenset[int]:
+        """The sessions it keeps something of (those still running)."""
+        return frozenset(self._pci)
+
     def forget(self, session: int) -> None:
+        """Drop what it kept of a session that ended (its PCI view, its requests)."""
         self._pci.pop(session, None)
         self._times.pop(session, None)
 
