@@ -22,3 +22,14 @@ def no_fd_leaks() -> Iterator[None]:
     before = count_open_fds()
     yield
     assert count_open_fds() == before, "the test leaked file descriptors"
+
+
+@pytest.fixture
+async def raw_server(nursery, tmp_path):
+    """A scripted vfio-user server on a real socket (``tests.test_proxy_inject.RawServer``),
+    serving for the test's duration."""
+    from tests.test_proxy_inject import RawServer
+
+    server = RawServer(tmp_path / "server.sock")
+    await nursery.start(server.serve)
+    return server

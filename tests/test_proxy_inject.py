@@ -80,13 +80,6 @@ class RawServer:
         return [h.command for _, h, _ in self.received]
 
 
-@pytest.fixture
-async def raw_server(nursery, tmp_path):
-    server = RawServer(tmp_path / "server.sock")
-    await nursery.start(server.serve)
-    return server
-
-
 def open_proxy(*args, options=None, **kwargs):
     """An injecting proxy that forwards on trio tasks (and so follows the MockClock)."""
     options = attrs.evolve(options or ProxyOptions(), threads=False)

@@ -28,13 +28,6 @@ from vfioproxy.side import Direction
 pytestmark = FD_HYGIENE
 
 
-@pytest.fixture
-async def raw_server(nursery, tmp_path):
-    server = RawServer(tmp_path / "server.sock")
-    await nursery.start(server.serve)
-    return server
-
-
 async def connect(tmp_path):
     return await open_unix_fd_stream(tmp_path / "p.sock")
 

@@ -21,7 +21,7 @@ from recorder.sink import TraceSink
 from recorder.writer import TraceWriter
 from tests.conftest import FD_HYGIENE
 from tests.test_cli_live import VFIOPROXY, wait_for_socket
-from tests.test_proxy_inject import RawServer, connect, read_cmd, roundtrip
+from tests.test_proxy_inject import connect, read_cmd, roundtrip
 from vfioproxy.inject import Injector
 from vfioproxy.protocol.bodies import RegionAccessBody, VersionBody
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, decode
@@ -35,13 +35,6 @@ from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import DecodedMessage, decoded_records
 
 pytestmark = FD_HYGIENE
-
-
-@pytest.fixture
-async def raw_server(nursery, tmp_path):
-    server = RawServer(tmp_path / "server.sock")
-    await nursery.start(server.serve)
-    return server
 
 
 @pytest.fixture(params=["threads", "trio"])

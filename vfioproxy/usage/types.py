@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 __all__ = ["integer", "octal_mode", "pci_id", "real", "seconds", "size", "size_in"]
+
+T = TypeVar("T")
 
 _SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -28,6 +31,25 @@ def _show_size(value: int) -> str:
     return str(value)
 
 
+def _checked(convert: Callable[[str], T], accepts: Callable[[T], bool], wanted: str,
+             example: str = "") -> Callable[[str], T]:
+    """An argparse type: ``convert(text)`` when it converts (no ``ValueError``)
+    and ``accepts`` the value; else ``expected WANTED [such as EXAMPLE], got TEXT``."""
+    such_as = f" such as {example}" if example else ""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {wanted}{such_as}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    return parse
+
+
 def size_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: a size (:func:`size`) from ``low`` up to ``high`` bytes."""
     if high is not None:
@@ -36,17 +58,8 @@ def size_in(low: int, high: int | None = None) -> Callable[[str], int]:
         unit = "byte" if low == 1 else "bytes"
         wanted = f"a size of at least {_show_size(low)} {unit}" if low else "a size in bytes"
 
-    def parse(text: str) -> int:
-        try:
-            value = size(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {wanted} such as 64k or 16M, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
-        return value
-
-    return parse
+    return _checked(size, lambda value: low <= value and (high is None or value <= high),
+                    wanted, "64k or 16M")
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
@@ -60,16 +73,8 @@ def integer(low: int | None = None, high: int | None = None) -> Callable[[str], 
     else:
         wanted = "an integer"
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
-        return value
-
-    return parse
+    return _checked(int, lambda value: (low is None or value >= low)
+                    and (high is None or value <= high), wanted)
 
 
 def real(what: str, *, zero: bool = False) -> Callable[[str], float]:
@@ -77,17 +82,8 @@ def real(what: str, *, zero: bool = False) -> Callable[[str], float]:
     ``what`` names it in the message (``seconds``, ``a speed factor``)."""
     wanted = f"{what} >= 0" if zero else f"{what} > 0"
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {wanted} such as 0.5, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
-        return value
-
-    return parse
+    return _checked(float, lambda value: math.isfinite(value)
+                    and (value > 0 or (zero and value == 0)), wanted, "0.5")
 
 
 def seconds(*, zero: bool = False) -> Callable[[str], float]:
