@@ -1,0 +1,148 @@
+"""Per-step times of a trace's client sessions, on real captures and traces
+written from them (two devices on one QEMU, a guest reset, a trace cut short)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recorder.reader import TraceReader
+from recorder.records import EventKind, MessageRecord
+from recorder.writer import TraceWriter
+from vfioproxy.protocol.offsets import MSG_ID, MSG_ID_ONLY
+from vfioproxy.side import Direction
+from vfioproxy.trace.timeline.build import session_timelines
+from vfioproxy.trace.timeline.model import REALIZE_STEPS, RESET_STEPS, SessionTimeline
+from vfioproxy.trace.timeline.steps import STEP_INFO
+
+from .realdata import TRACES, capture_messages
+
+E1K = TRACES / "qemu-realize-qemu-server-e1000e-001.trace"
+NVME = TRACES / "qemu-realize-qemu-server-nvme-001.trace"
+E1K_BOOT = TRACES / "qemu-boot-qemu-server-e1000e-001.trace"
+
+
+def only(path: Path) -> SessionTimeline:
+    (timeline,) = session_timelines(path)
+    return timeline
+
+
+def test_step_times_add_up_to_the_session() -> None:
+    timeline = only(E1K)
+    messages = list(capture_messages(E1K))
+    assert sum(s.messages for s in timeline.steps) == len(messages) == len(timeline.messages)
+    assert sum(s.bytes for s in timeline.steps) == sum(m.wire_length for m in messages)
+    assert [s.step for s in timeline.steps] == [*REALIZE_STEPS, *RESET_STEPS]
+    assert not timeline.cut_short and timeline.unlabelled == 0
+    for step in timeline.steps:
+        assert step.first_ns <= step.last_ns
+        assert step.server_ns > 0
+        assert step.server_ns + step.client_ns <= step.duration_ns
+        assert step.rom_bytes is None and step.rom_throughput is None
+    r7 = timeline.step("R7")
+    assert r7 is not None and r7.messages == 2 and r7.bytes == 32 + 4128
+    assert r7.server_ns == r7.duration_ns and r7.client_ns == 0
+
+
+def test_a_messages_function_is_its_steps_qemu_function() -> None:
+    timeline = only(E1K)
+    assert {m.function for m in timeline.messages if m.label.step == "R8"} == {
+        STEP_INFO["R8"].function}
+    assert all(m.summary for m in timeline.messages)
+
+
+def test_the_e1000e_boot_rom_load_reads_256_kib_and_has_a_throughput() -> None:
+    rom = only(E1K_BOOT).step("rom-load")
+    assert rom is not None
+    assert rom.messages == 4 and rom.rom_bytes == 256 * 1024
+    assert rom.rom_throughput == pytest.approx(rom.rom_bytes / (rom.duration_ns / 1e9))
+    assert rom.server_ns > 0 and rom.server_ns + rom.client_ns <= rom.duration_ns
+
+
+def test_a_trace_cut_short_is_labelled_up_to_where_it_ends(tmp_path: Path) -> None:
+    whole = only(E1K)
+    data = E1K.read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    timeline = only(cut)
+    assert timeline.cut_short
+    n = len(timeline.messages)
+    assert 0 < n < len(whole.messages)
+    assert [m.label for m in timeline.messages] == [m.label for m in whole.messages[:n]]
+
+
+def _renumbered(record: MessageRecord, msg_id: int) -> bytes:
+    data = bytearray(record.data)
+    MSG_ID_ONLY.pack_into(data, MSG_ID.offset, msg_id)
+    return bytes(data)
+
+
+def _write(path: Path, sessions: dict[int, list[MessageRecord]], order: list[int]) -> None:
+    """Sessions' messages into one trace, the next message of the session ``order``
+    names in turn, the commands numbered from one counter (QEMU's)."""
+    with TraceReader(E1K) as reader:
+        header = reader.header
+    queues = {s: list(records) for s, records in sessions.items()}
+    ids: dict[tuple[int, int], int] = {}
+    counter = 0
+    t_ns = 0
+    with TraceWriter(path, header) as writer:
+        for session in sessions:
+            writer.write_event(session, EventKind.SESSION_OPEN, 0)
+        for session in order:
+            record = queues[session].pop(0)
+            is_reply = record.direction is Direction.S2C
+            key = (session, MSG_ID_ONLY.unpack_from(record.data, MSG_ID.offset)[0])
+            if not is_reply:
+                counter += 1
+                ids[key] = counter
+            t_ns = max(t_ns + 1, record.t_ns)
+            writer.write_message(session, record.direction, t_ns,
+                                 _renumbered(record, ids[key]), record.fds)
+        for session in sessions:
+            writer.write_event(session, EventKind.SESSION_CLOSE, t_ns)
+
+
+def _interleave(a: int, b: int) -> Iterator[int]:
+    for i in range(max(a, b)):
+        if i < a:
+            yield 1
+        if i < b:
+            yield 2
+
+
+def test_two_devices_on_one_qemu_label_as_each_alone(tmp_path: Path) -> None:
+    e1k, nvme = list(capture_messages(E1K)), list(capture_messages(NVME))
+    path = tmp_path / "two.trace"
+    _write(path, {1: e1k, 2: nvme}, list(_interleave(len(e1k), len(nvme))))
+    first, second = session_timelines(path)
+    assert (first.session, second.session) == (1, 2)
+    ids = [m.msg_id for m in first.messages if not m.is_reply]
+    assert ids == sorted(set(ids)) and len(ids) < ids[-1]
+    assert [m.label for m in first.messages] == [m.label for m in only(E1K).messages]
+    assert [m.label for m in second.messages] == [m.label for m in only(NVME).messages]
+    assert [s.messages for s in first.steps] == [s.messages for s in only(E1K).steps]
+
+
+def test_a_guest_triggered_second_reset_is_a_guest_reset_step_by_step(tmp_path: Path) -> None:
+    whole = only(E1K)
+    e1k = list(capture_messages(E1K))
+    reset = [r for r, m in zip(e1k, whole.messages, strict=True) if m.label.step in RESET_STEPS]
+    assert len(reset) == 2 * 18
+    path = tmp_path / "guest-reset.trace"
+    again = [MessageRecord(r.seq, r.session, r.direction, r.t_ns + 10**9, r.data, r.fds)
+             for r in reset]
+    _write(path, {1: e1k + again}, [1] * (len(e1k) + len(again)))
+    timeline = only(path)
+    labels = [m.label for m in timeline.messages]
+    assert labels[: len(e1k)] == [m.label for m in whole.messages]
+    second = labels[len(e1k):]
+    assert {label.step for label in second} == {"guest-reset"}
+    assert all(label.certain for label in second)
+    assert [label.substep for label in second] == [
+        m.label.step for m in whole.messages if m.label.step in RESET_STEPS]
+    assert second[0].text() == "guest-reset S1"
+    guest = timeline.step("guest-reset")
+    assert guest is not None and guest.messages == 36
