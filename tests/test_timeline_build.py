@@ -3,6 +3,7 @@ written from them (two devices on one QEMU, a guest reset, a trace cut short).""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from recorder.reader import TraceReader
 from recorder.records import EventKind, MessageRecord
 from recorder.writer import TraceWriter
+from vfioproxy.cli import main
 from vfioproxy.protocol.offsets import MSG_ID, MSG_ID_ONLY
 from vfioproxy.side import Direction
 from vfioproxy.trace.timeline.build import session_timelines
@@ -146,3 +148,43 @@ def test_a_guest_triggered_second_reset_is_a_guest_reset_step_by_step(tmp_path: 
     assert second[0].text() == "guest-reset S1"
     guest = timeline.step("guest-reset")
     assert guest is not None and guest.messages == 36
+
+
+def test_trace_stats_by_step_prints_one_row_per_step(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "stats", "--by-step", str(E1K_BOOT)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("session 1: 270 messages, 0 unlabelled\n")
+    rows = {line.split()[0]: line for line in out.splitlines()[4:] if line.strip()}
+    assert list(rows)[:3] == ["R1", "R2", "R3"]
+    assert "R7" in rows and "config copy" in rows["R7"] and rows["R7"].split()[-1] == "4160"
+    assert "256 KiB at " in rows["rom-load"]
+
+
+def test_trace_stats_by_step_json_has_the_step_times(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "stats", "--by-step", "--json", "--session", "1", str(E1K)]) == 0
+    (session,) = json.loads(capsys.readouterr().out)["sessions"]
+    assert session["cut_short"] is False and session["unlabelled"] == 0
+    steps = {s["step"]: s for s in session["steps"]}
+    assert [s["messages"] for s in steps.values()] == [s.messages for s in only(E1K).steps]
+    assert steps["R8"]["duration_ns"] == steps["R8"]["last_ns"] - steps["R8"]["first_ns"]
+
+
+def test_trace_stats_by_step_says_when_the_trace_was_cut_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = E1K.read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: len(data) // 2])
+    assert main(["trace", "stats", "--by-step", str(cut)]) == 0
+    out, err = capsys.readouterr()
+    assert "cut short: the trace ends inside this session, labelled up to its end" in out
+    assert "trace truncated after record" in err
+
+
+@pytest.mark.parametrize("path", sorted(TRACES.glob("*.trace")), ids=lambda p: p.name)
+def test_the_server_and_client_shares_never_exceed_the_steps_duration(path: Path) -> None:
+    # the libvfio-user realize's S7 has a reply recorded before the next DMA_MAP of
+    # its burst: record times of the two directions need not be in order
+    for timeline in session_timelines(path):
+        for step in timeline.steps:
+            assert step.server_ns + step.client_ns <= step.duration_ns, step
