@@ -117,3 +117,20 @@ def test_where_the_wire_cannot_tell_the_label_is_uncertain_with_the_reason() -> 
     assert all(not label.certain and "§4.6" in label.reason for label in s7)
     assert s7[0].text() == "S7?"
     assert all(label.certain for _, label in pairs if label.step.startswith("R"))
+
+
+@pytest.mark.parametrize("name", ["reference-realize-workload-intx-001.trace",
+                                  "reference-realize-workload-msix-001.trace"])
+def test_the_servers_dma_and_the_replies_to_it_are_device_dma(name: str) -> None:
+    pairs = labelled(TRACES / name)
+    dma = [(m, label) for m, label in pairs
+           if m.observation.message.command in (Command.DMA_READ, Command.DMA_WRITE)]
+    assert dma
+    assert {label for _, label in dma} == {Label("device-dma")}
+    assert {m.record.direction for m, _ in dma if m.observation.message.is_reply} == {
+        Direction.C2S}
+    assert [(m.record.seq, label) for m, label in pairs if label.step == UNLABELLED] == []
+    steps = {label.step for _, label in pairs}
+    assert "bar-mmio" in steps
+    assert ("intx-eoi" in steps) == ("intx" in name) and ("msix-enable" in steps) == (
+        "msix" in name)

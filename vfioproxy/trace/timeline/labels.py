@@ -6,9 +6,8 @@ by their shape and position (phase realize → reset → running); a reply takes
 the label of the request it answers (same msg_id, other direction). What the
 wire alone cannot separate (§4's list) gets an uncertain label whose reason
 says what could not be told apart; a message no rule knows is ``unlabelled``
-with the reason. A message the server starts (DMA_READ/DMA_WRITE) and its
-reply belong to the step whose request the server is serving; with none
-outstanding, to the step of the client's last command, unsure.
+with the reason. A message the server starts (DMA_READ/DMA_WRITE: the
+device's own DMA) and its reply are ``device-dma``.
 """
 
 from __future__ import annotations
@@ -66,8 +65,6 @@ _WHY_S2 = ("command-register read-modify-write clearing IO/MEM/BUS_MASTER/INTX_D
            "S3/S4 after it: a guest's write or the S2 of a reset (realize-steps.md §4.4)")
 _WHY_DMA = ("where one DMA transaction ends and the next begins is a heuristic (a DMA_UNMAP "
             "after a DMA_MAP starts a new one; realize-steps.md §4.6)")
-_WHY_SERVER_DMA = ("the server's DMA with no client request outstanding: labelled with the "
-                   "step of the client's last command, which may or may not have caused it")
 _WHY_EARLY_DMA = ("a DMA transaction during realize or reset that is neither R2 nor S7: a "
                   "memory-map change QEMU made meanwhile (realize-steps.md §4.6)")
 
@@ -128,7 +125,6 @@ class _Labeller:
         self.dma_has_map = False
         self.dma_heuristic = False
         self.last: str = ""
-        self.last_command: int | None = None
         self.candidates: list[tuple[int, str]] = []
         self.command_read: int | None = None
         self.fallback: str | None = None
@@ -155,25 +151,15 @@ class _Labeller:
         else:
             label = self._command(index, item)
             self.commands += 1
-            self.last_command = index
         self.labels.append(label)
         if not message.header.no_reply:
             self.requests[(direction, message.msg_id)] = index
 
     def _server_command(self, command: int, name: str) -> Label:
-        """A DMA_READ/DMA_WRITE the server sent: part of the step whose request it
-        is serving, or (none outstanding) of the client's last command, unsure."""
-        if command not in (Command.DMA_READ, Command.DMA_WRITE):
-            return _unlabelled(f"server command {name}: a server sends only DMA_READ/DMA_WRITE")
-        waiting = [i for (side, _), i in self.requests.items() if side is Direction.C2S]
-        if waiting:
-            return self.labels[max(waiting)]
-        if self.last_command is None:
-            return _unlabelled(f"{name} from the server before any client command")
-        label = self.labels[self.last_command]
-        if label.step == UNLABELLED:
-            return _unlabelled(f"{name} from the server after an unlabelled client command")
-        return _unsure(label.step, _WHY_SERVER_DMA, label.substep)
+        """A command the server sent: its DMA_READ/DMA_WRITE are the device's own DMA."""
+        if command in (Command.DMA_READ, Command.DMA_WRITE):
+            return _certain("device-dma")
+        return _unlabelled(f"server command {name}: a server sends only DMA_READ/DMA_WRITE")
 
     def result(self) -> list[tuple[DecodedMessage, Label]]:
         for reply, request in self.answers.items():
