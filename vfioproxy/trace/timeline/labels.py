@@ -63,6 +63,8 @@ _WHY_S1 = ("IRQS(0,0x21,0): the S1 of a guest reset or the start of an MSI/MSI-X
            "what follows did not tell (realize-steps.md §4.3)")
 _WHY_S2 = ("command-register read-modify-write clearing IO/MEM/BUS_MASTER/INTX_DISABLE with no "
            "S3/S4 after it: a guest's write or the S2 of a reset (realize-steps.md §4.4)")
+_WHY_S2_END = ("the session ends before S3/S4/S5 could show that this command-register "
+               "read-modify-write began a reset (realize-steps.md §4.4)")
 _WHY_DMA = ("where one DMA transaction ends and the next begins is a heuristic (a DMA_UNMAP "
             "after a DMA_MAP starts a new one; realize-steps.md §4.6)")
 _WHY_EARLY_DMA = ("a DMA transaction during realize or reset that is neither R2 nor S7: a "
@@ -128,6 +130,8 @@ class _Labeller:
         self.candidates: list[tuple[int, str]] = []
         self.command_read: int | None = None
         self.fallback: str | None = None
+        #: an S2 that began a reset, until S3/S4/S5 shows it did (realize-steps.md §4.4)
+        self.unanchored: list[int] = []
 
     # -- driving ---------------------------------------------------------
 
@@ -162,6 +166,8 @@ class _Labeller:
         return _unlabelled(f"server command {name}: a server sends only DMA_READ/DMA_WRITE")
 
     def result(self) -> list[tuple[DecodedMessage, Label]]:
+        for i in self.unanchored:
+            self.labels[i] = _unsure("S2", _WHY_S2_END)
         for reply, request in self.answers.items():
             self.labels[reply] = self.labels[request]
         return list(zip(self.items, self.labels, strict=True))
@@ -177,9 +183,27 @@ class _Labeller:
         if command in _REGION_ACCESS and isinstance(body, RegionAccessBody):
             kind = "bar" if body.region < BAR_COUNT else "other"
         try:
-            return self._dispatch(index, item)
+            label = self._dispatch(index, item)
         finally:
             self.last = kind
+        self._check_unanchored(index, label)
+        return label
+
+    def _check_unanchored(self, index: int, label: Label) -> None:
+        """A reset that began with S2 (no S1) is one once S3, S4 or S5 follows;
+        anything else first makes that S2 a guest's command-register access."""
+        if not self.unanchored:
+            return
+        step = label.substep or label.step
+        if step == "S2":
+            if index not in self.unanchored:
+                self.unanchored.append(index)
+        elif step in ("S3", "S4", "S5"):
+            self.unanchored = []
+        else:
+            for i in self.unanchored:
+                self.labels[i] = _unsure("guest-config", _WHY_S2)
+            self.unanchored = []
 
     def _dispatch(self, index: int, item: DecodedMessage) -> Label:
         message = item.observation.message
@@ -393,6 +417,9 @@ class _Labeller:
                 return _certain(step)
             if self._reset_start_config(is_read, offset, count):
                 self._start_reset()
+                if offset == COMMAND_REGISTER:
+                    self.unanchored = [index]
+                    return _certain("S2")
         if self.phase in (_Phase.RESET, _Phase.GUEST_RESET):
             step = self._reset_config(is_read, offset, count, body.data)
             if step is not None:
