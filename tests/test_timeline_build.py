@@ -230,3 +230,32 @@ def test_an_s2_followed_by_guest_traffic_is_a_guest_command_register_access(
     _write(path, {1: realize + bar}, [1] * (len(realize) + len(bar)))
     labels = [m.label for m in only(path).messages]
     assert [label.text() for label in labels[-6:]] == ["guest-config?"] * 4 + ["bar-mmio"] * 2
+
+
+def test_a_guest_reset_with_msix_on_begins_with_the_msix_disable_and_intx_fallback(
+    tmp_path: Path,
+) -> None:
+    # QEMU's S1 with MSI-X active (vfio_msix_disable -> vfio_intx_enable, then
+    # vfio_intx_disable): IRQS(2,0x21,0), RD1 @0x3d, IRQS(0,0x24,1)+fd, IRQS(0,0x21,0)
+    base = TRACES / "reference-realize-workload-msix-001.trace"
+    records = list(capture_messages(base))
+    pairs = list(zip(records, only(base).messages, strict=True))
+
+    def messages(step: str, first: int = 0, count: int = 2) -> list[MessageRecord]:
+        found = [r for r, m in pairs if m.label.step == step]
+        return [MessageRecord(r.seq, r.session, r.direction, r.t_ns + 10**9, r.data, r.fds)
+                for r in found[first:first + count]]
+
+    msix_off = [r for r, m in pairs if m.label.step == "msix-enable"
+                and "MSIX DATA_NONE|ACTION_TRIGGER" in m.summary][:1]
+    assert msix_off
+    msix_off.append(next(r for r, m in pairs if m.seq == msix_off[0].seq + 1))
+    s1 = msix_off + messages("S5", 0, 4) + messages("S1")
+    rest = [m for step in RESET_STEPS[1:] for m in messages(step, 0, 100)]
+    path = tmp_path / "msix-reset.trace"
+    tail = s1 + rest
+    _write(path, {1: records + tail}, [1] * (len(records) + len(tail)))
+    labels = [m.label for m in only(path).messages][len(records):]
+    assert [label.text() for label in labels[:8]] == ["guest-reset S1"] * 8
+    assert {label.step for label in labels} == {"guest-reset"}
+    assert all(label.certain for label in labels)
