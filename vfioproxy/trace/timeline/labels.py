@@ -38,6 +38,9 @@ from vfioproxy.protocol.pci import (
     Region,
     bar_index,
     find_capability,
+    msix_location,
+    msix_pba_size,
+    msix_vectors,
     walk_capabilities,
 )
 from vfioproxy.side import Direction
@@ -403,7 +406,7 @@ class _Labeller:
             self.fallback = None
             if is_read and self.pba is not None and body.region == self.pba[0]:
                 start = self.pba[1]
-                if start <= body.offset < start + -(-self.msix_entries // 64) * 8:
+                if start <= body.offset < start + msix_pba_size(self.msix_entries):
                     return self._running("pba-read", _unsure("pba-read", _WHY_PBA))
             return self._running("bar-mmio-posted" if posted else "bar-mmio")
         return _unlabelled(f"access to region {body.region}, which QEMU's vfio-user-pci "
@@ -523,9 +526,9 @@ class _Labeller:
             return
         value = _value(body.data)
         if asked.offset == self.p_msix.get("msg_ctl"):
-            self.msix_entries = (value & 0x7FF) + 1
+            self.msix_entries = msix_vectors(value)
         elif asked.offset == self.p_msix.get("pba"):
-            self.pba = (value & 0x7, value & ~0x7)
+            self.pba = msix_location(value)
 
 
 def label_messages(items: Iterable[DecodedMessage]) -> list[tuple[DecodedMessage, Label]]:
