@@ -9,8 +9,9 @@ import pytest
 
 from recorder.reader import TraceReader
 from recorder.records import MessageRecord
-from vfioproxy.protocol.bodies import RegionAccessBody
+from vfioproxy.protocol.bodies import IrqSetBody, RegionAccessBody
 from vfioproxy.protocol.codec import build_command, build_reply, encode
+from vfioproxy.protocol.constants import IrqIndex
 from vfioproxy.protocol.header import Command
 from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedMessage, decoded_records
@@ -170,3 +171,39 @@ def test_a_read_in_the_msix_pba_is_pba_read_but_marked_unsure() -> None:
     assert [label.step for label in got] == [step for _, step in extra]
     assert not got[0].certain and "§4.7" in got[0].reason
     assert got[1].certain and got[2].certain
+
+
+def _irqs(msg_id: int, flags: int, count: int) -> list[MessageRecord]:
+    """SET_IRQS on INTx (start 0) and its reply, as records."""
+    command = build_command(Command.DEVICE_SET_IRQS, msg_id,
+                            IrqSetBody(20, flags, IrqIndex.INTX, 0, count))
+    reply = build_reply(command)
+    return [MessageRecord(0, 1, Direction.C2S, 0, encode(command)[0]),
+            MessageRecord(0, 1, Direction.S2C, 0, encode(reply)[0])]
+
+
+@pytest.mark.parametrize("err_notifier", [True, False])
+def test_the_kvm_intx_extras_belong_to_r13_and_to_s1(err_notifier: bool) -> None:
+    # vfio_intx_enable_kvm after R13's trigger: mask, resample eventfd, unmask;
+    # vfio_intx_disable_kvm before S1's IRQS(0,0x21,0): mask, unmask
+    base = labelled(TRACES / "qemu-realize-qemu-server-e1000e-001.trace")
+    records: list[MessageRecord] = []
+    expected: list[str] = []
+    for m, label in base:
+        if label.step == "R14" and not err_notifier:
+            continue
+        if label.step == "S1" and not m.observation.message.is_reply:
+            for i, flags in enumerate((0x09, 0x11)):
+                records += _irqs(0x7100 + i, flags, 1)
+                expected += ["S1", "S1"]
+        records.append(m.record)
+        expected.append(label.step)
+        if label.step == "R13" and m.observation.message.is_reply and len(
+                [s for s in expected if s == "R13"]) == 4:
+            for i, flags in enumerate((0x09, 0x14, 0x11)):
+                records += _irqs(0x7000 + i, flags, 1)
+                expected += ["R13", "R13"]
+    numbered = [MessageRecord(seq, 1, r.direction, seq, r.data, r.fds)
+                for seq, r in enumerate(records, 1)]
+    pairs = label_messages(i for i in decoded_records(numbered) if isinstance(i, DecodedMessage))
+    assert [label.step for _, label in pairs] == expected
