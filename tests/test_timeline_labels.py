@@ -23,13 +23,18 @@ from .realdata import TRACES
 
 QEMU_CAPTURES = sorted(TRACES.glob("qemu-*.trace"))
 
-#: realize-steps.md §1.4, per-step command counts (R1..R14, S1..S7)
+#: realize-steps.md §1.4, per-step command counts (R1..R14 | S1..S7) per server
+COUNTS_BY_SERVER = {
+    "libvfio-user-server": "1 2 1 7 1 1 1 4 2 0 0 1 2 1 | 1 2 0 1 2 6 5",
+    "gpio": "1 2 1 6 1 1 1 4 1 0 0 1 2 1 | 1 2 0 1 2 6 5",
+    "qemu-server-e1000e": "1 2 1 6 1 1 1 4 4 4 1 1 2 1 | 1 2 1 1 2 6 5",
+    "qemu-server-nvme": "1 2 1 6 1 1 1 4 1 4 0 1 2 1 | 1 2 1 1 2 6 5",
+}
+#: every bundled realize capture (the -001 ones are §1.4's) with its server's counts
 COUNTS = {
-    "qemu-realize-libvfio-user-server-001.trace":
-        "1 2 1 7 1 1 1 4 2 0 0 1 2 1 | 1 2 0 1 2 6 5",
-    "qemu-realize-gpio-001.trace": "1 2 1 6 1 1 1 4 1 0 0 1 2 1 | 1 2 0 1 2 6 5",
-    "qemu-realize-qemu-server-e1000e-001.trace": "1 2 1 6 1 1 1 4 4 4 1 1 2 1 | 1 2 1 1 2 6 5",
-    "qemu-realize-qemu-server-nvme-001.trace": "1 2 1 6 1 1 1 4 1 4 0 1 2 1 | 1 2 1 1 2 6 5",
+    path.name: counts
+    for server, counts in COUNTS_BY_SERVER.items()
+    for path in TRACES.glob(f"qemu-realize-{server}-*.trace")
 }
 
 
@@ -42,6 +47,11 @@ def labelled(path: Path) -> list[tuple[DecodedMessage, Label]]:
 def commands(pairs: list[tuple[DecodedMessage, Label]]) -> list[tuple[DecodedMessage, Label]]:
     return [(m, label) for m, label in pairs
             if m.record.direction is Direction.C2S and not m.observation.message.is_reply]
+
+
+def test_the_design_counts_cover_every_bundled_realize_capture() -> None:
+    assert sorted(COUNTS) == sorted(p.name for p in TRACES.glob("qemu-realize-*.trace"))
+    assert len(COUNTS) == 8
 
 
 def test_every_step_has_its_qemu_function() -> None:
