@@ -48,11 +48,13 @@ CONFIG_SIZE = 256
 EXT_CONFIG_SIZE = 4096
 HEADER_SIZE = 0x40
 
+COMMAND_REGISTER = 0x04
 STATUS = 0x06
 BAR0_OFFSET = 0x10
 BAR_COUNT = 6
 ROM_BAR = 0x30
 CAP_PTR = 0x34
+INTERRUPT_PIN = 0x3D
 EXT_CAP_START = 0x100
 
 #: status bit: the capability list at 0x34 is valid
@@ -227,9 +229,24 @@ def decode_rom_bar(value: int) -> str:
     return f"{text}, address {address:#x}" if address else text
 
 
+def msix_vectors(msg_ctl: int) -> int:
+    """The MSI-X table size from message control (N−1 encoded in bits 10:0)."""
+    return (msg_ctl & 0x7FF) + 1
+
+
+def msix_location(value: int) -> tuple[int, int]:
+    """(BAR indicator, offset) of an MSI-X table or PBA register (BIR in bits 2:0)."""
+    return value & 0x7, value & ~0x7
+
+
+def msix_pba_size(vectors: int) -> int:
+    """Bytes of the MSI-X PBA: one bit per vector, in 64-bit words."""
+    return -(-vectors // 64) * 8
+
+
 def decode_msix_msg_ctl(value: int) -> str:
     """MSI-X message control: table size (N−1 encoded), enable, function mask."""
-    vectors = (value & 0x7FF) + 1
+    vectors = msix_vectors(value)
     text = f"{vectors} vector{'s' if vectors != 1 else ''}, "
     text += "enabled" if value & 0x8000 else "disabled"
     return text + ", function masked" if value & 0x4000 else text
@@ -237,9 +254,9 @@ def decode_msix_msg_ctl(value: int) -> str:
 
 def decode_msix_bir_offset(value: int) -> str:
     """MSI-X table or PBA register: BAR indicator (bits 2:0) plus offset, e.g. ``BAR3 + 0x2000``."""
-    bir = value & 0x7
+    bir, offset = msix_location(value)
     where = f"BAR{bir}" if bir < BAR_COUNT else f"BIR {bir} (reserved)"
-    return f"{where} + {value & ~0x7:#x}"
+    return f"{where} + {offset:#x}"
 
 
 def decode_msi_msg_ctl(value: int) -> str:
@@ -638,7 +655,7 @@ def _header_slots() -> tuple[_Slot, ...]:
     table: list[tuple[int, int, str, Decoder | None]] = [
         (0x00, 2, "vendor_id", None),
         (0x02, 2, "device_id", None),
-        (0x04, 2, "command", decode_command),
+        (COMMAND_REGISTER, 2, "command", decode_command),
         (0x06, 2, "status", decode_status),
         (0x08, 1, "revision", None),
         (0x09, 1, "prog_if", None),
@@ -657,7 +674,7 @@ def _header_slots() -> tuple[_Slot, ...]:
         (0x35, 3, "reserved", None),
         (0x38, 4, "reserved", None),
         (0x3C, 1, "interrupt_line", decode_interrupt_line),
-        (0x3D, 1, "interrupt_pin", decode_interrupt_pin),
+        (INTERRUPT_PIN, 1, "interrupt_pin", decode_interrupt_pin),
         (0x3E, 1, "min_gnt", None),
         (0x3F, 1, "max_lat", None),
     ]
