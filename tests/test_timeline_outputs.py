@@ -1,0 +1,159 @@
+"""The timeline's outputs: the step table, the side by side, the PNG and the
+HTML page, first on timelines built by hand (every number known), then
+end to end through ``vfioproxy trace timeline`` on the real captures."""
+
+import json
+
+import pytest
+
+from vfioproxy.side import Direction
+from vfioproxy.trace.timeline.compare import compare, comparison_lines, comparison_rows
+from vfioproxy.trace.timeline.html import html_page
+from vfioproxy.trace.timeline.model import Label, LabelledMessage, SessionTimeline, StepTimes
+from vfioproxy.trace.timeline.png import draw_timelines, have_matplotlib
+from vfioproxy.trace.timeline.spans import ServerSpan, server_spans
+from vfioproxy.trace.timeline.table import session_lines, session_notes, step_rows
+
+MS = 1_000_000
+
+
+def message(seq, t_ms, direction, msg_id, step, *, reply=False, size=16, certain=True,
+            reason=""):
+    return LabelledMessage(
+        seq=seq, t_ns=int(t_ms * MS), direction=direction, msg_id=msg_id, command=1,
+        is_reply=reply, size=size, label=Label(step, certain, reason),
+        summary=f"message {seq}", function=f"function of {step}",
+    )
+
+
+C2S, S2C = Direction.C2S, Direction.S2C
+
+
+def timeline(name="a.trace", *, r2_reply_ms=3.0, with_rom=True, unlabelled=False,
+             cut_short=False):
+    """R1 (one round trip, 1 ms at the server), R2 (two commands, one reply at
+    ``r2_reply_ms``), a ROM load of 262144 bytes over 2 ms, and optionally an
+    unlabelled message."""
+    messages = [
+        message(0, 10.0, C2S, 1, "R1"), message(1, 11.0, S2C, 1, "R1", reply=True),
+        message(2, 12.0, C2S, 2, "R2"), message(3, 12.5, C2S, 3, "R2"),
+        message(4, r2_reply_ms + 10, S2C, 3, "R2", reply=True),
+    ]
+    steps = [
+        StepTimes("R1", 2, 10 * MS, 11 * MS, 1 * MS, 0, 32),
+        StepTimes("R2", 3, 12 * MS, int((r2_reply_ms + 10) * MS),
+                  int((r2_reply_ms - 2.5) * MS), int(0.5 * MS), 48),
+    ]
+    if with_rom:
+        messages += [message(5, 20.0, C2S, 4, "rom-load", size=32),
+                     message(6, 22.0, S2C, 4, "rom-load", reply=True, size=262176)]
+        steps.append(StepTimes("rom-load", 2, 20 * MS, 22 * MS, 2 * MS, 0, 262208,
+                               rom_bytes=262144))
+    if unlabelled:
+        messages.append(message(7, 23.0, C2S, 9, "unlabelled", reason="no rule for command 1"))
+        steps.append(StepTimes("unlabelled", 1, 23 * MS, 23 * MS, 0, 0, 16))
+    return SessionTimeline(name, 1, tuple(messages), tuple(steps),
+                           unlabelled=int(unlabelled), cut_short=cut_short)
+
+
+def test_step_rows_give_each_step_its_name_times_shares_bytes_and_rom_throughput():
+    rows = step_rows(timeline())
+    assert [r[:3] for r in rows] == [["R1", "version", "2"], ["R2", "DMA listener replay", "3"],
+                                     ["rom-load", "ROM load", "2"]]
+    assert rows[0][3:8] == ["0.000", "1.000", "1.000", "0.000", "32"]
+    assert rows[1][3:8] == ["2.000", "1.000", "0.500", "0.500", "48"]
+    assert rows[2][3:] == ["10.000", "2.000", "2.000", "0.000", "262208", "131.1"]
+
+
+def test_an_uncertain_step_is_shown_with_a_question_mark_and_its_count():
+    base = timeline()
+    r1 = base.steps[0]
+    uncertain = SessionTimeline(base.trace, 1, base.messages,
+                                (StepTimes("R1", r1.messages, r1.first_ns, r1.last_ns,
+                                           r1.server_ns, r1.client_ns, r1.bytes, uncertain=1),
+                                 *base.steps[1:]))
+    assert step_rows(uncertain)[0][0] == "R1? (1)"
+    assert any("1 labels the wire alone cannot decide" in n for n in session_notes(uncertain))
+
+
+def test_notes_count_the_unlabelled_and_say_when_the_trace_was_cut_short():
+    assert session_notes(timeline()) == ["7 messages, 0 unlabelled"]
+    notes = session_notes(timeline(unlabelled=True, cut_short=True))
+    assert notes[0].startswith("8 messages, 1 unlabelled")
+    assert "label.reason" in notes[0]
+    assert notes[1].startswith("cut short: the trace ends inside this session")
+    lines = session_lines(timeline(unlabelled=True, cut_short=True))
+    assert lines[0] == "a.trace session 1"
+    assert lines[-2:] == notes
+
+
+def test_server_spans_pair_commands_with_their_replies_and_skip_unanswered_ones():
+    assert server_spans(timeline().messages) == [
+        ServerSpan("R1", 10 * MS, 11 * MS), ServerSpan("R2", int(12.5 * MS), 13 * MS),
+        ServerSpan("rom-load", 20 * MS, 22 * MS),
+    ]
+
+
+def test_side_by_side_gives_deltas_absent_steps_and_the_step_that_explains_most():
+    first, second = timeline("a.trace"), timeline("b.trace", r2_reply_ms=7.0, with_rom=False)
+    comparison = compare([first, second])
+    rows = comparison_rows(comparison)
+    assert rows[0] == ["R1", "version", "1.000", "1.000", "+0.000"]
+    assert rows[1] == ["R2", "DMA listener replay", "1.000", "5.000", "+4.000"]
+    assert rows[2] == ["rom-load", "ROM load", "2.000", "absent", "-2.000"]
+    assert rows[3] == ["total", "first to last message", "12.000", "7.000", "-5.000"]
+    assert comparison.only_in(0) == ["rom-load"] and comparison.only_in(1) == []
+    explanation = comparison.explanations[0]
+    assert (explanation.step, explanation.delta_ns, explanation.total_delta_ns) == (
+        "rom-load", -2 * MS, -5 * MS)
+    notes = comparison_lines(comparison)
+    assert "#1: a.trace session 1" in notes and "#2: b.trace session 1" in notes
+    assert "steps #1 has and another session lacks: rom-load" in notes
+    assert ("#2 vs #1: -5.000 ms in total; most of it is rom-load (ROM load): "
+            "-2.000 ms (40% of the difference)") in notes
+    as_json = json.loads(json.dumps(comparison.to_dict()))
+    assert as_json["steps"][2]["durations_ns"] == [2 * MS, None]
+    assert as_json["explanations"][0]["step"] == "rom-load"
+    slower = compare([timeline(with_rom=False),
+                      timeline("c.trace", r2_reply_ms=7.0, with_rom=False)]).explanations[0]
+    assert (slower.step, slower.delta_ns, slower.share) == ("R2", 4 * MS, 1.0)
+
+
+def test_html_page_is_self_contained_with_the_step_table_and_every_message():
+    page = html_page([timeline(unlabelled=True)])
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in page and "<script src" not in page and "<link" not in page
+    data = json.loads(page.split('id="timeline-data">', 1)[1].split("</script>", 1)[0])
+    session = data["sessions"][0]
+    assert [lane["step"] for lane in session["lanes"]] == ["R1", "R2", "rom-load", "unlabelled"]
+    assert session["lanes"][0]["function"] == "hw/vfio-user/proxy.c:vfio_user_validate_version"
+    assert len(session["messages"]) == 8
+    assert session["messages"][-1]["reason"] == "no rule for command 1"
+    assert session["spans"][1] == [1, 2.5, 3.0]
+    assert '<td class=text>rom-load</td><td class=text>ROM load</td>' in page
+    assert 'id="compare"' not in page
+
+
+def test_html_page_of_two_sessions_has_the_side_by_side_table():
+    page = html_page([timeline("a.trace"), timeline("b.<b>.trace", with_rom=False)])
+    assert 'id="compare"' in page
+    assert "b.&lt;b&gt;.trace" in page and "b.<b>" not in page.split("<script", 1)[0]
+
+
+@pytest.mark.skipif(not have_matplotlib(), reason="matplotlib is not installed")
+def test_png_has_a_lane_per_step_ticks_per_message_and_the_server_share_shaded():
+    figure = draw_timelines([timeline(), timeline("b.trace", with_rom=False)])
+    try:
+        first, second = figure.axes
+        assert [t.get_text() for t in first.get_yticklabels()] == [
+            "R1  version", "R2  DMA listener replay", "rom-load  ROM load"]
+        ticks = {c.get_gid(): len(c.get_segments()) for c in first.collections
+                 if (c.get_gid() or "").startswith("ticks:")}
+        assert ticks == {"ticks:R1": 2, "ticks:R2": 3, "ticks:rom-load": 2}
+        shaded = [c.get_gid() for c in first.collections
+                  if (c.get_gid() or "").startswith("server:")]
+        assert shaded == ["server:R1", "server:R2", "server:rom-load"]
+        assert len(second.get_yticklabels()) == 2
+    finally:
+        import matplotlib.pyplot
+        matplotlib.pyplot.close(figure)
