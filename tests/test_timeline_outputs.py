@@ -3,9 +3,15 @@ HTML page, first on timelines built by hand (every number known), then
 end to end through ``vfioproxy trace timeline`` on the real captures."""
 
 import json
+import re
 
 import pytest
 
+from recorder.reader import TraceReader
+from recorder.records import EventKind
+from recorder.writer import TraceWriter
+from tests.realdata import TRACES, capture_messages
+from vfioproxy.cli import main
 from vfioproxy.side import Direction
 from vfioproxy.trace.timeline.compare import compare, comparison_lines, comparison_rows
 from vfioproxy.trace.timeline.html import html_page
@@ -157,3 +163,151 @@ def test_png_has_a_lane_per_step_ticks_per_message_and_the_server_share_shaded()
     finally:
         import matplotlib.pyplot
         matplotlib.pyplot.close(figure)
+
+
+# --- end to end: `vfioproxy trace timeline` on the bundled real captures ---
+
+E1K = TRACES / "qemu-realize-qemu-server-e1000e-001.trace"
+NVME = TRACES / "qemu-realize-qemu-server-nvme-001.trace"
+LVU = TRACES / "qemu-realize-libvfio-user-server-001.trace"
+GPIO = TRACES / "qemu-realize-gpio-001.trace"
+E1K_BOOT = TRACES / "qemu-boot-qemu-server-e1000e-001.trace"
+NVME_BOOT = TRACES / "qemu-boot-qemu-server-nvme-001.trace"
+
+
+def run(capsys, *argv):
+    """``vfioproxy trace timeline argv``: exit code, stdout lines, stderr."""
+    code = main(["trace", "timeline", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def rows_of(lines):
+    """The first table's rows in ``lines``: step -> its cells."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("─")) + 1
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return rows
+
+
+@pytest.mark.parametrize("path", sorted(TRACES.glob("qemu-*.trace")), ids=lambda p: p.stem)
+def test_every_real_qemu_capture_gets_a_table_of_its_steps_with_nothing_unlabelled(capsys, path):
+    code, lines, err = run(capsys, path)
+    assert (code, err) == (0, "")
+    assert lines[0] == f"{path} session 1"
+    rows = rows_of(lines)
+    assert list(rows)[:2] == ["R1", "R2"]
+    assert [line for line in lines if " unlabelled" in line][-1].endswith(", 0 unlabelled")
+
+
+def test_the_e1000e_boot_shows_its_256_kib_rom_load_and_its_throughput(capsys):
+    code, lines, _ = run(capsys, E1K_BOOT)
+    rom = rows_of(lines)["rom-load"]
+    assert code == 0 and rom[1] == "ROM load" and rom[2] == "4"
+    assert float(rom[-1]) > 0  # ROM MB/s
+    code, lines, _ = run(capsys, "--json", E1K_BOOT)
+    (session,) = json.loads("\n".join(lines))["sessions"]
+    (step,) = [s for s in session["steps"] if s["step"] == "rom-load"]
+    assert step["rom_bytes"] == 256 * 1024
+    assert float(rom[-1]) == pytest.approx(step["rom_throughput"] / 1e6, abs=0.05)
+
+
+def test_the_nvme_boot_shows_its_posted_doorbell_writes_and_intx_eois(capsys):
+    code, lines, _ = run(capsys, NVME_BOOT)
+    rows = rows_of(lines)
+    assert code == 0
+    assert int(rows["bar-mmio-posted"][2]) >= 518  # posted: no reply, one message each
+    assert int(rows["intx-eoi"][2]) == 2 * 202
+    assert rows["bar-mmio-posted"][5] == "0.000"  # no server share: nothing waited
+
+
+def test_four_real_servers_side_by_side_name_absent_steps_and_what_explains_the_difference(
+        capsys):
+    code, lines, _ = run(capsys, LVU, GPIO, E1K, NVME)
+    assert code == 0
+    start = lines.index("side by side (durations, Δ against #1)")
+    rows = rows_of(lines[start:])
+    assert rows["R10"][2:4] == ["absent", "absent"]  # LVU and GPIO have no MSI-X
+    assert rows["R11"][2:] == ["absent", "absent", "+0.000", rows["R11"][5], rows["R11"][6],
+                               "absent", "+0.000"]
+    assert f"#3: {E1K} session 1" in lines
+    assert any(line.startswith("steps #3 has and another session lacks: R10, R11, S3")
+               for line in lines)
+    assert sum(line.startswith("#2 vs #1: ") and "most of it is " in line
+               for line in lines) == 1
+    code, lines, _ = run(capsys, "--json", LVU, GPIO, E1K, NVME)
+    result = json.loads("\n".join(lines))
+    assert [s["trace"] for s in result["side_by_side"]["sessions"]] == list(
+        map(str, (LVU, GPIO, E1K, NVME)))
+    assert [e["session"] for e in result["side_by_side"]["explanations"]] == [1, 2, 3]
+
+
+def _two_sessions(path):
+    """A trace with the e1000e realize as session 1 and the nvme one as session 3."""
+    with TraceReader(E1K) as reader:
+        header = reader.header
+    with TraceWriter(path, header) as writer:
+        for session, source in ((1, E1K), (3, NVME)):
+            writer.write_event(session, EventKind.SESSION_OPEN, 0)
+            for record in capture_messages(source):
+                writer.write_message(session, record.direction, record.t_ns, record.data,
+                                     record.fds)
+            writer.write_event(session, EventKind.SESSION_CLOSE, record.t_ns)
+
+
+def test_a_trace_of_two_sessions_shows_both_and_session_picks_one(capsys, tmp_path):
+    two = tmp_path / "two.trace"
+    _two_sessions(two)
+    code, lines, _ = run(capsys, two)
+    assert code == 0
+    assert [line for line in lines if line.startswith(str(two))] == [
+        f"{two} session 1", f"{two} session 3"]
+    assert "side by side (durations, Δ against #1)" in lines
+    code, lines, _ = run(capsys, "--session", 3, two)
+    assert code == 0 and lines[0] == f"{two} session 3"
+    assert "side by side (durations, Δ against #1)" not in lines
+    assert "R11" not in rows_of(lines)  # nvme: no MSI cap
+
+
+def test_a_trace_cut_short_is_shown_up_to_its_end_and_says_so(capsys, tmp_path):
+    data = E1K.read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: len(data) // 2])
+    code, lines, err = run(capsys, cut)
+    assert code == 0
+    assert "trace truncated after record" in err
+    assert lines[-1].startswith("cut short: the trace ends inside this session")
+    assert "S1" not in rows_of(lines)
+
+
+def test_png_and_html_are_written_and_an_existing_one_is_kept_without_force(capsys, tmp_path):
+    png, page = tmp_path / "t.png", tmp_path / "t.html"
+    code, lines, _ = run(capsys, "--png", png, "--html", page, E1K, NVME)
+    assert code == 0 and lines[0] == f"{E1K} session 1"
+    if have_matplotlib():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'id="compare"' in page.read_text()
+    page.write_text("kept")
+    code, _, err = run(capsys, "--html", page, E1K)
+    assert code == 2
+    assert err == f"vfioproxy trace timeline: {page} already exists (--force replaces it)\n"
+    assert page.read_text() == "kept"
+    code, _, _ = run(capsys, "--html", page, "--force", E1K)
+    assert code == 0 and page.read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--session", "4", E1K], f"{E1K}: no session 4 in the trace (sessions with messages: 1)"),
+    (["/nonexistent/x.trace"], "No such file or directory"),
+    ([TRACES.parent / "README.md"], "README.md"),
+    (["--png", "same.out", "--html", "same.out", E1K], "--png and --html both name same.out"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, error):
+    code, lines, err = run(capsys, *argv)
+    assert code == 2 and lines == []
+    assert err.startswith("vfioproxy trace timeline: ") and err.count("\n") == 1
+    assert error in err

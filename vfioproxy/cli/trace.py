@@ -173,11 +173,12 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
 def _timelines_of(path: str, args: argparse.Namespace) -> list[SessionTimeline]:
     """The client sessions of the trace ``path`` that ``--session`` picks."""
     with _open(path) as reader:
-        if args.session is not None:
-            TraceSessions.read(path).require(args.session, messages=True)
-        found = [t for t in session_timelines(path, dialects=dialects(args))
-                 if args.session is None or t.session == args.session]
+        sessions = TraceSessions.of(reader, path=path)
         _warn_truncated(reader)
+    if args.session is not None:
+        sessions.require(args.session, messages=True)
+    found = [t for t in session_timelines(path, dialects=dialects(args))
+             if args.session is None or t.session == args.session]
     if not found:
         which = "no" if args.session is None else f"session {args.session} is no"
         raise UsageError(f"{path}: {which} client session with messages")
@@ -199,12 +200,11 @@ def cmd_trace_timeline(args: argparse.Namespace) -> int:
             result["side_by_side"] = compare(timelines).to_dict()
         print(json.dumps(result, indent=2))
     else:
-        lines: list[str] = []
-        for timeline in timelines:
-            lines += [*session_lines(timeline), ""]
+        sections = [session_lines(t) for t in timelines]
         if len(timelines) > 1:
-            lines += comparison_lines(compare(timelines))
-        show.write_lines(lines, sys.stdout)
+            sections.append(comparison_lines(compare(timelines)))
+        for i, section in enumerate(sections):
+            show.write_lines([""] * bool(i) + section, sys.stdout)
     if args.png is not None:
         write_png(timelines, args.png)
     if args.html is not None:
