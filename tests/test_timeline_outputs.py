@@ -107,19 +107,21 @@ def test_side_by_side_gives_deltas_absent_steps_and_the_step_that_explains_most(
     assert rows[0] == ["R1", "version", "1.000", "1.000", "+0.000"]
     assert rows[1] == ["R2", "DMA listener replay", "1.000", "5.000", "+4.000"]
     assert rows[2] == ["rom-load", "ROM load", "2.000", "absent", "-2.000"]
-    assert rows[3] == ["total", "first to last message", "12.000", "7.000", "-5.000"]
+    assert rows[3] == ["between steps", "in no step", "8.000", "1.000", "-7.000"]
+    assert rows[4] == ["total", "first to last message", "12.000", "7.000", "-5.000"]
     assert comparison.only_in(0) == ["rom-load"] and comparison.only_in(1) == []
     explanation = comparison.explanations[0]
-    assert (explanation.step, explanation.delta_ns, explanation.total_delta_ns) == (
-        "rom-load", -2 * MS, -5 * MS)
+    assert (explanation.step, explanation.delta_ns, explanation.total_delta_ns,
+            explanation.between_delta_ns) == ("rom-load", -2 * MS, -5 * MS, -7 * MS)
     notes = comparison_lines(comparison)
     assert "#1: a.trace session 1" in notes and "#2: b.trace session 1" in notes
     assert "steps #1 has and another session lacks: rom-load" in notes
-    assert ("#2 vs #1: -5.000 ms in total; most of it is rom-load (ROM load): "
-            "-2.000 ms (40% of the difference)") in notes
+    assert ("#2 vs #1: -5.000 ms in total; the step explaining most of it is rom-load "
+            "(ROM load): -2.000 ms (40%); between steps -7.000 ms (140%)") in notes
     as_json = json.loads(json.dumps(comparison.to_dict()))
     assert as_json["steps"][2]["durations_ns"] == [2 * MS, None]
     assert as_json["explanations"][0]["step"] == "rom-load"
+    assert as_json["between_steps"]["durations_ns"] == [8 * MS, 1 * MS]
     slower = compare([timeline(with_rom=False),
                       timeline("c.trace", r2_reply_ms=7.0, with_rom=False)]).explanations[0]
     assert (slower.step, slower.delta_ns, slower.share) == ("R2", 4 * MS, 1.0)
@@ -237,7 +239,7 @@ def test_four_real_servers_side_by_side_name_absent_steps_and_what_explains_the_
     assert f"#3: {E1K} session 1" in lines
     assert any(line.startswith("steps #3 has and another session lacks: R10, R11, S3")
                for line in lines)
-    assert sum(line.startswith("#2 vs #1: ") and "most of it is " in line
+    assert sum(line.startswith("#2 vs #1: ") and "the step explaining most of it is " in line
                for line in lines) == 1
     code, lines, _ = run(capsys, "--json", LVU, GPIO, E1K, NVME)
     result = json.loads("\n".join(lines))

@@ -4,8 +4,10 @@ sessions only, and for each session the step that explains most of its
 difference to the first.
 
 A session's total is its span (first to last message); a step's duration
-runs from its first to its last message. A step a session lacks counts as
-0 ms in the deltas and is named as absent."""
+runs from its first to its last message; the time *between steps* is the
+part of the span no step covers (QEMU's work between steps, and a reply
+held back by the proxy: a message's time is when the proxy got it). A step
+a session lacks counts as 0 ms in the deltas and is named as absent."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from vfioproxy.trace.timeline.model import STEP_ORDER, SessionTimeline
 from vfioproxy.trace.timeline.table import ms, session_title, step_name
 
 __all__ = [
+    "BETWEEN",
     "Comparison",
     "Explanation",
     "StepComparison",
@@ -29,6 +32,10 @@ __all__ = [
     "comparison_notes",
     "comparison_rows",
 ]
+
+
+#: the pseudo-step of the time between steps
+BETWEEN = "between steps"
 
 
 @attrs.frozen
@@ -54,23 +61,32 @@ class StepComparison:
 
 @attrs.frozen
 class Explanation:
-    """Session ``index`` against the first: the difference of their spans and
+    """Session ``index`` against the first: the difference of their spans,
     the step that explains most of it, the one with the largest delta of the
-    same sign (None when neither session has a step)."""
+    same sign (None when neither session has a step), and the delta of the
+    time between steps."""
 
     index: int
     total_delta_ns: int
     step: str | None
     delta_ns: int
+    #: the delta of the time between steps (:data:`BETWEEN`)
+    between_delta_ns: int
 
     @property
     def share(self) -> float | None:
         """The step's delta as a fraction of the total difference."""
         return None if self.total_delta_ns == 0 else self.delta_ns / self.total_delta_ns
 
+    @property
+    def between_share(self) -> float | None:
+        """The between-steps delta as a fraction of the total difference."""
+        return None if self.total_delta_ns == 0 else self.between_delta_ns / self.total_delta_ns
+
     def to_dict(self) -> dict[str, Any]:
         return {"session": self.index, "total_delta_ns": self.total_delta_ns,
-                "step": self.step, "delta_ns": self.delta_ns, "share": self.share}
+                "step": self.step, "delta_ns": self.delta_ns, "share": self.share,
+                "between_delta_ns": self.between_delta_ns, "between_share": self.between_share}
 
 
 @attrs.frozen
@@ -79,6 +95,8 @@ class Comparison:
 
     timelines: tuple[SessionTimeline, ...]
     steps: tuple[StepComparison, ...]
+    #: the time no step covers, as a pseudo-step :data:`BETWEEN`
+    between: StepComparison
     explanations: tuple[Explanation, ...]
 
     def spans_ns(self) -> list[int]:
@@ -96,6 +114,7 @@ class Comparison:
                          for i, (t, span) in enumerate(zip(self.timelines, self.spans_ns(),
                                                            strict=True))],
             "steps": [s.to_dict() for s in self.steps],
+            "between_steps": self.between.to_dict(),
             "explanations": [e.to_dict() for e in self.explanations],
         }
 
@@ -104,6 +123,19 @@ def _span_ns(timeline: SessionTimeline) -> int:
     if not timeline.messages:
         return 0
     return timeline.messages[-1].t_ns - timeline.messages[0].t_ns
+
+
+def _covered_ns(timeline: SessionTimeline) -> int:
+    """The time some step of ``timeline`` covers (the union of their spans)."""
+    covered, end = 0, None
+    for first, last in sorted((s.first_ns, s.last_ns) for s in timeline.steps):
+        if end is None or first > end:
+            covered += last - first
+            end = last
+        elif last > end:
+            covered += last - end
+            end = last
+    return covered
 
 
 def _explaining(steps: Sequence[StepComparison], index: int,
@@ -126,14 +158,18 @@ def compare(timelines: Sequence[SessionTimeline]) -> Comparison:
                 tuple(None if s is None else s.server_ns for s in found),
             ))
     spans = [_span_ns(t) for t in timelines]
+    between = StepComparison(
+        BETWEEN, tuple(span - _covered_ns(t) for span, t in zip(spans, timelines, strict=True)),
+        tuple(None for _ in timelines),
+    )
     explanations = []
     for index in range(1, len(timelines)):
         biggest = _explaining(steps, index, spans[index] - spans[0])
         explanations.append(Explanation(
             index, spans[index] - spans[0], None if biggest is None else biggest.step,
-            0 if biggest is None else biggest.delta_ns(index),
+            0 if biggest is None else biggest.delta_ns(index), between.delta_ns(index),
         ))
-    return Comparison(tuple(timelines), tuple(steps), tuple(explanations))
+    return Comparison(tuple(timelines), tuple(steps), between, tuple(explanations))
 
 
 def _signed_ms(ns: int) -> str:
@@ -149,11 +185,13 @@ def comparison_columns(comparison: Comparison) -> list[str]:
 
 
 def comparison_rows(comparison: Comparison) -> list[list[str]]:
-    """A row per step (``absent`` where a session lacks it), then the totals."""
+    """A row per step (``absent`` where a session lacks it), the time between
+    steps, then the totals."""
     rows = []
-    for step in comparison.steps:
+    for step in (*comparison.steps, comparison.between):
         first = step.durations_ns[0]
-        row = [step.step, step_name(step.step), "absent" if first is None else ms(first)]
+        name = "in no step" if step is comparison.between else step_name(step.step)
+        row = [step.step, name, "absent" if first is None else ms(first)]
         for index in range(1, len(comparison.timelines)):
             duration = step.durations_ns[index]
             row += ["absent" if duration is None else ms(duration),
@@ -177,15 +215,19 @@ def comparison_notes(comparison: Comparison) -> list[str]:
             notes.append(f"steps #{index + 1} has and another session lacks: {', '.join(only)}")
     for e in comparison.explanations:
         head = f"#{e.index + 1} vs #1: {_signed_ms(e.total_delta_ns)} ms in total"
+        between = f"between steps {_signed_ms(e.between_delta_ns)} ms{_share(e.between_share)}"
         if e.step is None:
-            notes.append(f"{head}; no step to compare")
+            notes.append(f"{head}; no step to compare; {between}")
             continue
-        share = "" if e.share is None else f" ({e.share:.0%} of the difference)"
         name = step_name(e.step)
-        notes.append(f"{head}; most of it is {e.step}"
+        notes.append(f"{head}; the step explaining most of it is {e.step}"
                      + (f" ({name})" if name else "")
-                     + f": {_signed_ms(e.delta_ns)} ms{share}")
+                     + f": {_signed_ms(e.delta_ns)} ms{_share(e.share)}; {between}")
     return notes
+
+
+def _share(share: float | None) -> str:
+    return "" if share is None else f" ({share:.0%})"
 
 
 def comparison_table(comparison: Comparison) -> Table:
