@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from recorder.reader import TraceReader
+from recorder.records import MessageRecord
 from vfioproxy.protocol.bodies import RegionAccessBody
+from vfioproxy.protocol.codec import build_command, build_reply, encode
 from vfioproxy.protocol.header import Command
 from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedMessage, decoded_records
@@ -117,3 +119,54 @@ def test_where_the_wire_cannot_tell_the_label_is_uncertain_with_the_reason() -> 
     assert all(not label.certain and "§4.6" in label.reason for label in s7)
     assert s7[0].text() == "S7?"
     assert all(label.certain for _, label in pairs if label.step.startswith("R"))
+
+
+@pytest.mark.parametrize("name", ["reference-realize-workload-intx-001.trace",
+                                  "reference-realize-workload-msix-001.trace"])
+def test_the_servers_dma_and_the_replies_to_it_are_device_dma(name: str) -> None:
+    pairs = labelled(TRACES / name)
+    dma = [(m, label) for m, label in pairs
+           if m.observation.message.command in (Command.DMA_READ, Command.DMA_WRITE)]
+    assert dma
+    assert {label for _, label in dma} == {Label("device-dma")}
+    assert {m.record.direction for m, _ in dma if m.observation.message.is_reply} == {
+        Direction.C2S}
+    assert [(m.record.seq, label) for m, label in pairs if label.step == UNLABELLED] == []
+    steps = {label.step for _, label in pairs}
+    assert "bar-mmio" in steps
+    assert ("intx-eoi" in steps) == ("intx" in name) and ("msix-enable" in steps) == (
+        "msix" in name)
+
+
+def _access(msg_id: int, region: int, offset: int, data: bytes, t_ns: int,
+            seq: int) -> list[DecodedMessage]:
+    """A REGION_READ of ``region`` at ``offset`` and its reply carrying ``data``,
+    decoded as a trace reader decodes them."""
+    command = build_command(Command.REGION_READ, msg_id,
+                            RegionAccessBody(offset, region, len(data)))
+    reply = build_reply(command, RegionAccessBody(offset, region, len(data), data))
+    records = [MessageRecord(seq, 1, Direction.C2S, t_ns, encode(command)[0]),
+               MessageRecord(seq + 1, 1, Direction.S2C, t_ns + 1, encode(reply)[0])]
+    return [i for i in decoded_records(records) if isinstance(i, DecodedMessage)]
+
+
+def test_a_read_in_the_msix_pba_is_pba_read_but_marked_unsure() -> None:
+    # the reference device's MSI-X: 4 vectors, PBA in BAR2 at 0x9000 (R10's replies)
+    path = TRACES / "reference-realize-workload-msix-001.trace"
+    with TraceReader(path) as reader:
+        records = [r for r in reader if isinstance(r, MessageRecord)]
+    last = records[-1]
+    extra = [(0x9000, "pba-read"), (0x9008, "bar-mmio"), (0x8ff8, "bar-mmio")]
+    tail: list[MessageRecord] = []
+    for i, (offset, _) in enumerate(extra):
+        for m in _access(0x7000 + i, 2, offset, bytes(8), last.t_ns + 10 * i,
+                         last.seq + 1 + 2 * i):
+            tail.append(m.record)
+    with TraceReader(path) as reader:
+        head = [i for i in decoded_records(reader) if isinstance(i, DecodedMessage)]
+    pairs = label_messages([*head, *(i for i in decoded_records(tail)
+                                     if isinstance(i, DecodedMessage))])
+    got = [label for _, label in pairs[len(head)::2]]
+    assert [label.step for label in got] == [step for _, step in extra]
+    assert not got[0].certain and "§4.7" in got[0].reason
+    assert got[1].certain and got[2].certain

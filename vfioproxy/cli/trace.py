@@ -15,7 +15,7 @@ from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import decoded_records
 from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.trace.sessions import TraceSessions
-from vfioproxy.trace.timeline.build import session_timelines
+from vfioproxy.trace.timeline.build import reader_timelines
 from vfioproxy.trace.timeline.compare import compare, comparison_lines
 from vfioproxy.trace.timeline.html import write_html
 from vfioproxy.trace.timeline.model import SessionTimeline
@@ -33,7 +33,8 @@ examples:
 STATS_EXAMPLES = """\
 examples:
   vfioproxy trace stats session.trace
-  vfioproxy trace stats --json session.trace"""
+  vfioproxy trace stats --json session.trace
+  vfioproxy trace stats --by-step traces/qemu-realize-gpio-001.trace"""
 
 TIMELINE_EXAMPLES = """\
 examples:
@@ -85,6 +86,8 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "stats", help="messages, bytes, latencies and fds per command", epilog=STATS_EXAMPLES
     )
     add_decode_options(p_stats)
+    p_stats.add_argument("--by-step", action="store_true",
+                         help="per QEMU realize/reset/running step of each client session")
     p_stats.set_defaults(func=cmd_trace_stats)
 
     p_timeline = trace_commands.add_parser(
@@ -157,6 +160,8 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
+    if args.by_step:
+        return _trace_stats_by_step(args)
     with _open(args.file) as reader:
         _check_session(args)
         result = stats.collect(
@@ -170,15 +175,27 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_stats_by_step(args: argparse.Namespace) -> int:
+    with _open(args.file) as reader:
+        _check_session(args)
+        timelines = [t for t in reader_timelines(reader, dialects=dialects(args))
+                     if args.session in (None, t.session)]
+        if args.json:
+            print(json.dumps(stats.by_step_dict(timelines), indent=2))
+        else:
+            show.write_lines(stats.by_step_report(timelines), sys.stdout)
+        _warn_truncated(reader)
+    return 0
+
+
 def _timelines_of(path: str, args: argparse.Namespace) -> list[SessionTimeline]:
     """The client sessions of the trace ``path`` that ``--session`` picks."""
     with _open(path) as reader:
-        sessions = TraceSessions.of(reader, path=path)
+        if args.session is not None:
+            TraceSessions.read(path).require(args.session, messages=True)
+        found = [t for t in reader_timelines(reader, dialects=dialects(args))
+                 if args.session in (None, t.session)]
         _warn_truncated(reader)
-    if args.session is not None:
-        sessions.require(args.session, messages=True)
-    found = [t for t in session_timelines(path, dialects=dialects(args))
-             if args.session is None or t.session == args.session]
     if not found:
         which = "no" if args.session is None else f"session {args.session} is no"
         raise UsageError(f"{path}: {which} client session with messages")
