@@ -313,3 +313,14 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, error):
     assert code == 2 and lines == []
     assert err.startswith("vfioproxy trace timeline: ") and err.count("\n") == 1
     assert error in err
+
+
+def test_times_count_from_the_earliest_message_when_the_directions_are_out_of_order():
+    base = timeline(with_rom=False)
+    early_reply = message(1, 9.5, S2C, 1, "R1", reply=True)  # recorded before its command
+    shuffled = SessionTimeline(base.trace, 1, (base.messages[0], early_reply,
+                                               *base.messages[2:]),
+                               (StepTimes("R1", 2, int(9.5 * MS), 10 * MS, 0, 0, 32),
+                                base.steps[1]))
+    assert [row[3] for row in step_rows(shuffled)] == ["0.000", "2.500"]
+    assert compare([shuffled, shuffled]).spans_ns() == [int(3.5 * MS)] * 2

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from vfioproxy.trace.tables import table, table_lines
 from vfioproxy.trace.timeline.model import STEP_ORDER, SessionTimeline
-from vfioproxy.trace.timeline.table import ms, session_title, step_name
+from vfioproxy.trace.timeline.table import ms, session_span_ns, session_title, step_name
 
 __all__ = [
     "BETWEEN",
@@ -100,7 +100,7 @@ class Comparison:
     explanations: tuple[Explanation, ...]
 
     def spans_ns(self) -> list[int]:
-        return [_span_ns(t) for t in self.timelines]
+        return [session_span_ns(t) for t in self.timelines]
 
     def only_in(self, index: int) -> list[str]:
         """The steps session ``index`` has and some other session lacks."""
@@ -117,12 +117,6 @@ class Comparison:
             "between_steps": self.between.to_dict(),
             "explanations": [e.to_dict() for e in self.explanations],
         }
-
-
-def _span_ns(timeline: SessionTimeline) -> int:
-    if not timeline.messages:
-        return 0
-    return timeline.messages[-1].t_ns - timeline.messages[0].t_ns
 
 
 def _covered_ns(timeline: SessionTimeline) -> int:
@@ -157,7 +151,7 @@ def compare(timelines: Sequence[SessionTimeline]) -> Comparison:
                 tuple(None if s is None else s.duration_ns for s in found),
                 tuple(None if s is None else s.server_ns for s in found),
             ))
-    spans = [_span_ns(t) for t in timelines]
+    spans = [session_span_ns(t) for t in timelines]
     between = StepComparison(
         BETWEEN, tuple(span - _covered_ns(t) for span, t in zip(spans, timelines, strict=True)),
         tuple(None for _ in timelines),

@@ -30,6 +30,7 @@ from vfioproxy.trace.timeline.steps import STEP_INFO
 from vfioproxy.trace.timeline.table import (
     STEP_COLUMNS,
     session_notes,
+    session_span_ns,
     session_start_ns,
     session_title,
     step_rows,
@@ -78,7 +79,7 @@ def _session_data(index: int, timeline: SessionTimeline) -> dict[str, Any]:
     return {
         "index": index,
         "title": session_title(timeline),
-        "end": messages[-1]["t"] if messages else 0,
+        "end": session_span_ns(timeline) / 1e6,
         "lanes": [{"step": step, "name": i.name if i else "", "function": i.function if i else ""}
                   for step, i in zip(lanes, info, strict=True)],
         "messages": messages,

@@ -18,6 +18,7 @@ __all__ = [
     "ms",
     "session_lines",
     "session_notes",
+    "session_span_ns",
     "session_start_ns",
     "session_title",
     "step_name",
@@ -41,8 +42,14 @@ def step_name(step: str) -> str:
 
 
 def session_start_ns(timeline: SessionTimeline) -> int:
-    """The time of the session's first message (0 for an empty one)."""
-    return timeline.messages[0].t_ns if timeline.messages else 0
+    """The earliest time of the session's messages (0 for an empty one; the
+    record times of the two directions need not be in trace order)."""
+    return min((m.t_ns for m in timeline.messages), default=0)
+
+
+def session_span_ns(timeline: SessionTimeline) -> int:
+    """From the session's earliest message to its latest."""
+    return max((m.t_ns for m in timeline.messages), default=0) - session_start_ns(timeline)
 
 
 def session_title(timeline: SessionTimeline) -> str:
