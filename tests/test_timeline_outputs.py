@@ -324,3 +324,10 @@ def test_times_count_from_the_earliest_message_when_the_directions_are_out_of_or
                                 base.steps[1]))
     assert [row[3] for row in step_rows(shuffled)] == ["0.000", "2.500"]
     assert compare([shuffled, shuffled]).spans_ns() == [int(3.5 * MS)] * 2
+
+
+def test_side_by_side_keeps_a_step_the_display_order_does_not_name():
+    base = timeline(with_rom=False)
+    other = SessionTimeline("b.trace", 1, base.messages,
+                            (*base.steps, StepTimes("x-new", 1, 13 * MS, 14 * MS, 0, 0, 16)))
+    assert [s.step for s in compare([base, other]).steps] == ["R1", "R2", "x-new"]

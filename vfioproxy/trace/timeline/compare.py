@@ -143,7 +143,8 @@ def _explaining(steps: Sequence[StepComparison], index: int,
 def compare(timelines: Sequence[SessionTimeline]) -> Comparison:
     """``timelines`` aligned by step, each against the first."""
     steps: list[StepComparison] = []
-    for name in STEP_ORDER:
+    extra = [s.step for t in timelines for s in t.steps if s.step not in STEP_ORDER]
+    for name in (*STEP_ORDER, *dict.fromkeys(extra)):
         found = [t.step(name) for t in timelines]
         if any(s is not None for s in found):
             steps.append(StepComparison(
