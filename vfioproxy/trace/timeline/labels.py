@@ -58,6 +58,12 @@ _NONE = int(IrqSetFlags.DATA_NONE)
 _DMA = frozenset({Command.DMA_MAP, Command.DMA_UNMAP})
 _REGION_ACCESS = frozenset({Command.REGION_READ, Command.REGION_WRITE})
 
+#: R13's SET_IRQS: the trigger eventfd, then with a KVM irqfd the mask, the
+#: resample eventfd and the unmask (vfio_intx_enable_kvm); anything else on
+#: INTx after them, or after R14, is the reset's S1
+_INTX_ENABLE = (_EVENTFD | _TRIGGER, _NONE | int(IrqSetFlags.ACTION_MASK), _EVENTFD | _UNMASK,
+                _NONE | _UNMASK)
+
 _WHY_PBA = ("an MSI-X PBA read and a plain BAR read at the same offset are identical "
             "on the wire (realize-steps.md §4.7)")
 _WHY_EOI = ("INTx unmask not right after a BAR access: an EOI or a KVM-only unmask "
@@ -133,6 +139,8 @@ class _Labeller:
         self.candidates: list[tuple[int, str]] = []
         self.command_read: int | None = None
         self.fallback: str | None = None
+        self.intx_enable = 0
+        self.err_notifier = False
         #: an S2 that began a reset, until S3/S4/S5 shows it did (realize-steps.md §4.4)
         self.unanchored: list[int] = []
 
@@ -185,10 +193,8 @@ class _Labeller:
             self._end_dma()
         if command in _REGION_ACCESS and isinstance(body, RegionAccessBody):
             kind = "bar" if body.region < BAR_COUNT else "other"
-        try:
-            label = self._dispatch(index, item)
-        finally:
-            self.last = kind
+        label = self._dispatch(index, item)
+        self.last = kind
         self._check_unanchored(index, label)
         return label
 
@@ -327,30 +333,37 @@ class _Labeller:
         trigger_fd = action == _TRIGGER and data == _EVENTFD and body.count >= 1
         disable = action == _TRIGGER and data == _NONE and body.count == 0
         if body.index == IrqIndex.INTX:
-            return self._intx(index, trigger_fd=trigger_fd, disable=disable,
+            return self._intx(index, body.flags, trigger_fd=trigger_fd, disable=disable,
                               unmask=action == _UNMASK and data == _NONE)
         if body.index == IrqIndex.ERR:
             if self.phase is _Phase.REALIZE and trigger_fd:
+                self.err_notifier = True
                 return _certain("R14")
             return _unlabelled("SET_IRQS on ERR outside R14")
         if body.index in (IrqIndex.MSI, IrqIndex.MSIX):
             step = "msi-enable" if body.index == IrqIndex.MSI else "msix-enable"
             self._resolve_s1_as(step)
             self.fallback = step if disable else None
-            if disable and self.phase is _Phase.RUNNING:
+            if not disable:
+                self.candidates = []
+            elif self.phase is _Phase.RUNNING:
                 self.candidates.append((index, "S1"))
             return self._running(step)
         return _unlabelled(f"SET_IRQS on index {body.index}: QEMU's vfio-user-pci never sets it")
 
-    def _intx(self, index: int, *, trigger_fd: bool, disable: bool, unmask: bool) -> Label:
+    def _intx(self, index: int, flags: int, *, trigger_fd: bool, disable: bool,
+              unmask: bool) -> Label:
         phase = self.phase
         if phase is _Phase.REALIZE:
-            if disable and self.pin_reads:
+            if not self.pin_reads:
+                return _unlabelled("SET_IRQS on INTx before the INTx pin was read")
+            sent = self.intx_enable
+            if (disable or self.err_notifier or sent >= len(_INTX_ENABLE)
+                    or flags != _INTX_ENABLE[sent]):
                 self._start_reset()
                 return _certain("S1")
-            if self.pin_reads >= 2 or (trigger_fd and self.pin_reads):
-                return _certain("R13")
-            return _unlabelled("SET_IRQS on INTx before the INTx pin was read")
+            self.intx_enable += 1
+            return _certain("R13")
         if phase in (_Phase.RESET, _Phase.GUEST_RESET):
             return self._in_reset("S5" if self.reset_anchor or trigger_fd else "S1")
         if unmask:
