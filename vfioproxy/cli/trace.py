@@ -1,4 +1,4 @@
-"""``vfioproxy trace``: show, stats and import."""
+"""``vfioproxy trace``: show, stats, timeline and import."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ from vfioproxy.trace.decoded import decoded_records
 from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.trace.sessions import TraceSessions
 from vfioproxy.trace.timeline.build import reader_timelines
+from vfioproxy.trace.timeline.compare import compare, comparison_lines
+from vfioproxy.trace.timeline.html import write_html
+from vfioproxy.trace.timeline.model import SessionTimeline
+from vfioproxy.trace.timeline.png import PNG_HINT, have_matplotlib, write_png
+from vfioproxy.trace.timeline.table import session_lines
 from vfioproxy.usage.output import claim_file, is_directory
 
 __all__ = ["add_trace_commands"]
@@ -31,6 +36,17 @@ examples:
   vfioproxy trace stats --json session.trace
   vfioproxy trace stats --by-step traces/qemu-realize-gpio-001.trace"""
 
+TIMELINE_EXAMPLES = """\
+examples:
+  vfioproxy trace timeline traces/qemu-realize-qemu-server-e1000e-001.trace
+  vfioproxy trace timeline direct.trace proxied.trace      # side by side, by step
+  vfioproxy trace timeline --html timeline.html --png timeline.png session.trace
+  vfioproxy trace timeline --json --session 1 session.trace | jq '.sessions[0].steps'
+
+Every message of each client session is labelled with the QEMU realize or
+reset step (R1..R14, S1..S7) or running-phase event that sent it; several
+sessions (of one or more traces) are also shown side by side."""
+
 IMPORT_EXAMPLES = """\
 examples:
   vfioproxy trace import capture.jsonl capture.trace
@@ -41,7 +57,7 @@ exists is replaced only with --force."""
 
 
 def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``trace show``, ``trace stats`` and ``trace import``."""
+    """Register ``trace show``, ``trace stats``, ``trace timeline`` and ``trace import``."""
     trace = commands.add_parser("trace", help="inspect and convert trace files",
                                 epilog=f"{SHOW_EXAMPLES}\n  vfioproxy trace import capture.jsonl "
                                 "capture.trace")
@@ -73,6 +89,30 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p_stats.add_argument("--by-step", action="store_true",
                          help="per QEMU realize/reset/running step of each client session")
     p_stats.set_defaults(func=cmd_trace_stats)
+
+    p_timeline = trace_commands.add_parser(
+        "timeline", help="every message labelled with its QEMU step; per-step times, "
+        "sessions side by side", epilog=TIMELINE_EXAMPLES
+    )
+    p_timeline.add_argument("files", nargs="+", metavar="TRACE", help="trace files")
+    p_timeline.add_argument("--session", type=int, metavar="N",
+                            help="only this session of each trace (default: every client session)")
+    p_timeline.add_argument("--json", action="store_true",
+                            help="JSON output: every session's steps and labelled messages")
+    p_timeline.add_argument("--png", metavar="OUT", help="also draw the timeline as a PNG "
+                            "(needs matplotlib)")
+    p_timeline.add_argument("--html", metavar="OUT", help="also write a self-contained HTML "
+                            "page: zoomable timeline, hover for each message, step tables")
+    p_timeline.add_argument("--force", action="store_true", help="replace --png/--html outputs "
+                            "that exist")
+    p_timeline.add_argument(
+        "--client-dma", choices=LAYOUTS,
+        help="DMA_READ/WRITE layout of the client (default: detected from its VERSION)",
+    )
+    p_timeline.add_argument(
+        "--server-dma", choices=LAYOUTS, help="DMA_READ/WRITE layout of the server (spec)"
+    )
+    p_timeline.set_defaults(func=cmd_trace_timeline)
 
     p_import = trace_commands.add_parser(
         "import", help="convert rawcap JSON-lines captures into traces", epilog=IMPORT_EXAMPLES
@@ -145,6 +185,47 @@ def _trace_stats_by_step(args: argparse.Namespace) -> int:
         else:
             show.write_lines(stats.by_step_report(timelines), sys.stdout)
         _warn_truncated(reader)
+    return 0
+
+
+def _timelines_of(path: str, args: argparse.Namespace) -> list[SessionTimeline]:
+    """The client sessions of the trace ``path`` that ``--session`` picks."""
+    with _open(path) as reader:
+        if args.session is not None:
+            TraceSessions.read(path).require(args.session, messages=True)
+        found = [t for t in reader_timelines(reader, dialects=dialects(args))
+                 if args.session in (None, t.session)]
+        _warn_truncated(reader)
+    if not found:
+        which = "no" if args.session is None else f"session {args.session} is no"
+        raise UsageError(f"{path}: {which} client session with messages")
+    return found
+
+
+def cmd_trace_timeline(args: argparse.Namespace) -> int:
+    outputs = [out for out in (args.png, args.html) if out is not None]
+    if args.png is not None and not have_matplotlib():
+        raise UsageError(PNG_HINT)
+    if len(set(outputs)) < len(outputs):
+        raise UsageError(f"--png and --html both name {args.png}")
+    for out in outputs:
+        claim_file(out, force=args.force)
+    timelines = [t for path in args.files for t in _timelines_of(path, args)]
+    if args.json:
+        result: dict[str, object] = {"sessions": [t.to_dict() for t in timelines]}
+        if len(timelines) > 1:
+            result["side_by_side"] = compare(timelines).to_dict()
+        print(json.dumps(result, indent=2))
+    else:
+        sections = [session_lines(t) for t in timelines]
+        if len(timelines) > 1:
+            sections.append(comparison_lines(compare(timelines)))
+        for i, section in enumerate(sections):
+            show.write_lines([""] * bool(i) + section, sys.stdout)
+    if args.png is not None:
+        write_png(timelines, args.png)
+    if args.html is not None:
+        write_html(timelines, args.html)
     return 0
 
 
