@@ -43,7 +43,8 @@ SIGINT/SIGTERM stop it (exit 0)."""
 REALIZE_EXAMPLES = """\
 examples:
   vfioproxy realize --socket /tmp/device.sock
-  vfioproxy realize --socket /tmp/proxy.sock --workload 8 --irq msix --json"""
+  vfioproxy realize --socket /tmp/proxy.sock --workload 8 --irq msix --json
+  vfioproxy realize --socket /tmp/device.sock --workload 2 -v"""
 
 
 def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,6 +104,9 @@ def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p_realize.add_argument("--dma-layout", choices=LAYOUTS, default="qemu",
                            help="layout of this client's DMA_READ/DMA_WRITE replies")
     p_realize.add_argument("--json", action="store_true", help="the result as JSON")
+    p_realize.add_argument("-v", "--verbose", action="store_true",
+                           help="also list every command sent with its step (R1..R14, S1..S7, "
+                           "guest-reset, bar-mmio, intx-eoi, ...)")
     p_realize.set_defaults(func=cmd_realize)
 
 
@@ -122,6 +126,8 @@ def cmd_realize(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print(result.summary())
+        if args.verbose:
+            print("\n".join(step.text() for step in result.steps))
     return 0
 
 

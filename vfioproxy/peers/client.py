@@ -8,6 +8,15 @@ driver would. Every method that waits honours ``RealizeOptions.reply_timeout``
 (QEMU's ``x-msg-timeout``) and fails with :class:`RealizeError`, which names
 the step, instead of hanging.
 
+The client knows the step it is in: every command it sends is noted with
+its step (``R1``..``R14``, ``S1``..``S7``, a later reset as ``guest-reset``,
+and for the workload the running categories ``guest-config``,
+``msix-enable``, ``bar-mmio``, ``bar-mmio-posted``, ``pba-read`` and
+``intx-eoi``; :mod:`vfioproxy.protocol.steps`), and the reply takes its
+command's step: :attr:`RealizeResult.steps`. Clients given one
+:class:`~vfioproxy.peers.endpoint.MessageIds` number their commands from one
+counter, as QEMU does for every device of a process.
+
 While it runs, the client answers the server's DMA_READ/DMA_WRITE from its
 guest memory (:mod:`vfioproxy.peers.guest_memory`). Those commands are read
 in the spec layout, the one libvfio-user and the reference server send; real
@@ -52,6 +61,7 @@ from vfioproxy.peers.endpoint import (
     DEFAULT_REPLY_TIMEOUT,
     Endpoint,
     ErrorReplyError,
+    MessageIds,
     PendingReply,
     ReplyTimeoutError,
 )
@@ -84,7 +94,12 @@ from vfioproxy.protocol.constants import (
     RegionFlags,
     flag_names,
 )
-from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, Command
+from vfioproxy.protocol.header import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER_SIZE,
+    Command,
+    command_name,
+)
 from vfioproxy.protocol.offsets import VERSION_NUMBERS
 from vfioproxy.protocol.pci import (
     Capability,
@@ -95,6 +110,7 @@ from vfioproxy.protocol.pci import (
     region_name,
     walk_capabilities,
 )
+from vfioproxy.protocol.steps import REALIZE_STEPS, RESET_STEPS, STEP_ORDER, UNLABELLED
 from vfioproxy.side import Side
 
 __all__ = [
@@ -109,6 +125,7 @@ __all__ = [
     "RealizeOptions",
     "RealizeResult",
     "RegionFacts",
+    "StepMessage",
     "Timings",
     "WorkloadFacts",
     "expected_output",
@@ -344,8 +361,25 @@ class DoorbellResult:
 
 
 @attrs.frozen
+class StepMessage:
+    """One command the client sent and the step it sent it in (the reply, if
+    any, belongs to the same step); ``posted``: sent without asking for a reply."""
+
+    msg_id: int
+    command: int
+    step: str
+    posted: bool = False
+
+    def text(self) -> str:
+        """``#12 REGION_READ R7``."""
+        return f"#{self.msg_id} {command_name(self.command)}{' posted' if self.posted else ''} " \
+            f"{self.step}"
+
+
+@attrs.frozen
 class RealizeResult:
-    """The device as the client saw it, how long each phase took, what went over the wire."""
+    """The device as the client saw it, how long each phase took, what went over
+    the wire; ``steps``: every command sent, in order, with its step."""
 
     version: tuple[int, int] | None
     server_capabilities: dict[str, Any]
@@ -375,6 +409,7 @@ class RealizeResult:
     received: dict[str, int]
     unexpected_replies: int
     warnings: tuple[str, ...]
+    steps: tuple[StepMessage, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -441,9 +476,16 @@ class RealizeResult:
         if self.dma_answers:
             lines.append("DMA answered: " + _counts(self.dma_answers))
         lines.append("sent: " + _counts(self.sent))
+        lines.append("steps: " + self.step_counts())
         lines.append("received: " + _counts(self.received))
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+    def step_counts(self) -> str:
+        """Commands per step, in step order: ``R1 1, R2 2, ..., intx-eoi 8``."""
+        counts = Counter(m.step for m in self.steps)
+        return ", ".join(f"{step} {counts[step]}" for step in STEP_ORDER if counts[step]) or "-"
 
 
 def _ms(seconds: float) -> str:
@@ -544,13 +586,16 @@ class RealizeClient:
     """One vfio-user connection driven the way QEMU drives it.
 
     Make one with :func:`open_realize_client`, which runs its receiving task
-    and closes everything on exit. Methods must be called from one task at a
+    and closes everything on exit; ``ids``, when given, numbers its commands
+    (shared with other clients). Methods must be called from one task at a
     time. Each waiting method gives up after ``options.reply_timeout`` per
     reply and raises :class:`RealizeError`; on cancellation a waiting command
     is forgotten and its late reply dropped.
     """
 
-    def __init__(self, stream: FdStream, options: RealizeOptions) -> None:
+    def __init__(
+        self, stream: FdStream, options: RealizeOptions, *, ids: MessageIds | None = None
+    ) -> None:
         self.options = options
         self.stream = stream
         self.memory = GuestMemory()
@@ -560,8 +605,13 @@ class RealizeClient:
             handler=self._handle_server_command,
             dialects=Dialects(client=options.dma_layout, server=DmaLayout.SPEC),
             reply_timeout=options.reply_timeout,
+            ids=ids,
         )
         self._closed = False
+        #: the step of the commands sent now, and every command sent with its step
+        self._label = UNLABELLED
+        self.steps: list[StepMessage] = []
+        self.resets = 0
         self._fatal: str | None = None
         self._outstanding: list[PendingReply] = []
         self.warnings: list[str] = []
@@ -891,8 +941,14 @@ class RealizeClient:
     # ================================================================= reset
 
     async def reset(self) -> None:
-        """S1–S7: QEMU's ``vfio_user_pci_reset`` and q35's memory re-layout."""
+        """S1–S7: QEMU's ``vfio_user_pci_reset`` and q35's memory re-layout.
+
+        The first reset is the machine reset after realize (steps S1–S7); a
+        later one is the guest's, labelled ``guest-reset`` (errors still name
+        the S step).
+        """
         start = trio.current_time()
+        self.resets += 1
         await self._s1_disable_interrupts()
         await self._s2_quiesce()
         await self._s3_force_d0()
@@ -994,11 +1050,12 @@ class RealizeClient:
         if not vectors:
             raise RealizeError(step, "MSI-X enable", "the server offers no MSI-X vectors")
         control = (msix.control & ~_MSIX_MASKALL) | _MSIX_ENABLE
-        with self._step(step, "MSI-X enable"):
+        with self._step(step, "MSI-X enable", label="guest-config"):
             await self._config_write(msix.offset + 2, _le(control, 2))
-        if self.interrupt == "intx":
-            await self._intx_disable(step)
-        with self._step(step, "MSI-X enable"):
+        with self._labelled("msix-enable"):
+            if self.interrupt == "intx":
+                await self._intx_disable(step)
+        with self._step(step, "MSI-X enable", label="msix-enable"):
             await self._set_irqs(IrqIndex.MSIX, _EVENTFD_TRIGGER, 0, 1)
             self.interrupt = "msix"
             for nr in range(vectors):
@@ -1058,7 +1115,7 @@ class RealizeClient:
             )
         if self.bar_values.get(0, 1) & 0x1:
             raise RealizeError("W0", "workload", "BAR0 is not a memory BAR")
-        with self._step("W1", "command register: memory + bus master"):
+        with self._step("W1", "command register: memory + bus master", label="guest-config"):
             await self._config_write(_COMMAND, _le(_COMMAND_DRIVER, 2))
         if self.options.irq == "msix":
             if self.interrupt != "msix":
@@ -1165,7 +1222,8 @@ class RealizeClient:
     async def bar_read(self, region: int, offset: int, count: int) -> bytes:
         """A guest read of a BAR: REGION_READ (always waited), then QEMU's INTx EOI
         if an interrupt is pending."""
-        with self._step("MMIO", f"read of {region_name(region)} @{offset:#x}"):
+        label = "pba-read" if self._in_pba(region, offset) else "bar-mmio"
+        with self._step("MMIO", f"read of {region_name(region)} @{offset:#x}", label=label):
             data = await self._region_read(region, offset, count)
             await self._eoi()
         return data
@@ -1179,20 +1237,33 @@ class RealizeClient:
     async def _bar_write(self, region: int, offset: int, data: bytes) -> None:
         if self._posted(region):
             self._check_xfer(len(data))
+            msg_id = self.endpoint.allocate_id()
             await self.endpoint.send_command(
                 Command.REGION_WRITE,
                 RegionAccessBody(offset, region, len(data), data),
                 no_reply=True,
+                msg_id=msg_id,
             )
+            self.steps.append(StepMessage(msg_id, Command.REGION_WRITE, "bar-mmio-posted", True))
         else:
-            await self._region_write(region, offset, data)
+            with self._labelled("bar-mmio"):
+                await self._region_write(region, offset, data)
         await self._eoi()
 
     async def _eoi(self) -> None:
         """``vfio_pci_intx_eoi``: after a BAR access, unmask INTx if it fired."""
         if self.intx_pending:
             self.intx_pending = False
-            await self._set_irqs(IrqIndex.INTX, _NONE_UNMASK, 0, 1)
+            with self._labelled("intx-eoi"):
+                await self._set_irqs(IrqIndex.INTX, _NONE_UNMASK, 0, 1)
+
+    def _in_pba(self, region: int, offset: int) -> bool:
+        """Whether a read of ``region`` at ``offset`` is a read of the MSI-X PBA
+        (QEMU's ``vfio_user_pba_read``): one bit per entry, in 64-bit words."""
+        msix = self.msix
+        if msix is None or region != msix.pba_bar:
+            return False
+        return msix.pba_offset <= offset < msix.pba_offset + -(-msix.entries // 64) * 8
 
     def _posted(self, region: int) -> bool:
         """Posted only for a memory BAR, with posted writes on and no region reporting MMAP."""
@@ -1202,10 +1273,33 @@ class RealizeClient:
     # ================================================================= messages
 
     @contextmanager
-    def _step(self, step: str, what: str) -> Iterator[None]:
-        """Turn what can go wrong inside a step into one :class:`RealizeError`."""
+    def _labelled(self, label: str) -> Iterator[None]:
+        """The commands sent inside belong to step ``label``."""
+        outer, self._label = self._label, label
         try:
             yield
+        finally:
+            self._label = outer
+
+    def _label_of(self, step: str) -> str | None:
+        """The label of error step ``step``: itself for R and S steps, but
+        ``guest-reset`` in a reset after the first; None for the others."""
+        if step in RESET_STEPS:
+            return "guest-reset" if self.resets > 1 else step
+        return step if step in REALIZE_STEPS else None
+
+    @contextmanager
+    def _step(self, step: str, what: str, *, label: str | None = None) -> Iterator[None]:
+        """Turn what can go wrong inside a step into one :class:`RealizeError`;
+        the commands sent inside belong to ``label`` (default: ``step``'s, see
+        :meth:`_label_of`; none: the label around it stays)."""
+        label = label or self._label_of(step)
+        try:
+            if label is None:
+                yield
+            else:
+                with self._labelled(label):
+                    yield
         except _Problem as exc:
             raise RealizeError(step, what, str(exc), errno=exc.errno) from None
         except ErrorReplyError as exc:
@@ -1224,6 +1318,7 @@ class RealizeClient:
         pending = await self.endpoint.send_command(command, body, fds=fds)
         assert pending is not None
         self._outstanding.append(pending)
+        self.steps.append(StepMessage(pending.request.msg_id, command, self._label))
         return pending
 
     async def _collect(self, pending: PendingReply, *, rsize: int, max_fds: int = 0) -> Message:
@@ -1431,6 +1526,7 @@ class RealizeClient:
             received=dict(self.endpoint.received),
             unexpected_replies=self.endpoint.unexpected_replies,
             warnings=tuple(self.warnings),
+            steps=tuple(self.steps),
         )
 
     async def aclose(self) -> None:
@@ -1483,12 +1579,17 @@ def _decode(parse: Callable[[bytes, BodyContext], T], reply: Message) -> T:
 
 @asynccontextmanager
 async def open_realize_client(
-    target: str | os.PathLike[str] | FdStream, options: RealizeOptions | None = None
+    target: str | os.PathLike[str] | FdStream,
+    options: RealizeOptions | None = None,
+    *,
+    ids: MessageIds | None = None,
 ) -> AsyncIterator[RealizeClient]:
     """A connected :class:`RealizeClient` whose receiving task runs until exit.
 
     ``target`` is the server's socket path or an :class:`FdStream` (the
-    client takes it over); a path that cannot be connected to raises
+    client takes it over); ``ids`` numbers its commands, shared with other
+    clients given the same one (default: its own counter from 0). A path that
+    cannot be connected to raises
     :class:`RealizeError` ``R0`` (QEMU's ``vfio_user_connect_dev``). On exit,
     normal or not, the receiving task stops and every fd, mapping and the
     stream are closed. An exception from the body propagates unchanged (not
@@ -1503,7 +1604,7 @@ async def open_realize_client(
         except OSError as exc:
             raise RealizeError("R0", f"connect to {os.fspath(target)}", os_reason(exc)) from exc
     try:
-        client = RealizeClient(stream, options)
+        client = RealizeClient(stream, options, ids=ids)
     except BaseException:
         await stream.aclose()
         raise
