@@ -48,11 +48,13 @@ CONFIG_SIZE = 256
 EXT_CONFIG_SIZE = 4096
 HEADER_SIZE = 0x40
 
+COMMAND_REGISTER = 0x04
 STATUS = 0x06
 BAR0_OFFSET = 0x10
 BAR_COUNT = 6
 ROM_BAR = 0x30
 CAP_PTR = 0x34
+INTERRUPT_PIN = 0x3D
 EXT_CAP_START = 0x100
 
 #: status bit: the capability list at 0x34 is valid
@@ -638,7 +640,7 @@ def _header_slots() -> tuple[_Slot, ...]:
     table: list[tuple[int, int, str, Decoder | None]] = [
         (0x00, 2, "vendor_id", None),
         (0x02, 2, "device_id", None),
-        (0x04, 2, "command", decode_command),
+        (COMMAND_REGISTER, 2, "command", decode_command),
         (0x06, 2, "status", decode_status),
         (0x08, 1, "revision", None),
         (0x09, 1, "prog_if", None),
@@ -657,7 +659,7 @@ def _header_slots() -> tuple[_Slot, ...]:
         (0x35, 3, "reserved", None),
         (0x38, 4, "reserved", None),
         (0x3C, 1, "interrupt_line", decode_interrupt_line),
-        (0x3D, 1, "interrupt_pin", decode_interrupt_pin),
+        (INTERRUPT_PIN, 1, "interrupt_pin", decode_interrupt_pin),
         (0x3E, 1, "min_gnt", None),
         (0x3F, 1, "max_lat", None),
     ]

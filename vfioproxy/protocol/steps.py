@@ -18,7 +18,7 @@ RESET_STEPS = tuple(f"S{i}" for i in range(1, 8))
 #: what the running guest causes (realize-steps.md §2.1)
 RUNNING_STEPS = (
     "rom-load", "bar-mmio", "bar-mmio-posted", "pba-read", "intx-eoi", "guest-config",
-    "guest-memory-map", "msi-enable", "msix-enable", "guest-reset",
+    "guest-memory-map", "msi-enable", "msix-enable", "guest-reset", "device-dma",
 )
 #: a message no rule recognised (its label's ``reason`` says why)
 UNLABELLED = "unlabelled"

@@ -47,15 +47,20 @@ class Label:
     step: str
     certain: bool = True
     reason: str = ""
+    #: inside a ``guest-reset``: the reset step (``S4``) it repeats
+    substep: str = ""
 
     def text(self) -> str:
-        """``R7``, ``S2?``, ``unlabelled``."""
-        return self.step if self.certain else f"{self.step}?"
+        """``R7``, ``S2?``, ``guest-reset S4``, ``unlabelled``."""
+        text = f"{self.step} {self.substep}" if self.substep else self.step
+        return text if self.certain else f"{text}?"
 
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {"step": self.step, "certain": self.certain}
         if self.reason:
             result["reason"] = self.reason
+        if self.substep:
+            result["substep"] = self.substep
         return result
 
 
