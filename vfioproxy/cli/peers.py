@@ -95,6 +95,9 @@ def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p_realize.add_argument("--no-ram-fd", action="store_true",
                            help="map guest RAM without its memfd (device DMA goes by message)")
     p_realize.add_argument("--no-rombar", action="store_true", help="skip the ROM probe")
+    p_realize.add_argument("--rom-load", action="store_true",
+                           help="after the reset, read the ROM as a guest's BIOS makes QEMU do "
+                           "(GET_REGION_INFO and REGION_READ of region 6)")
     p_realize.add_argument("--no-posted-writes", action="store_true",
                            help="never post BAR writes (QEMU's x-no-posted-writes=on)")
     p_realize.add_argument("--timeout", type=seconds(), default=DEFAULT_REPLY_TIMEOUT,
@@ -120,6 +123,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
         reply_timeout=args.timeout,
         dma_layout=DmaLayout(args.dma_layout),
         posted_writes=not args.no_posted_writes,
+        rom_load=args.rom_load,
     )
     result = trio.run(realize, args.socket, options)
     if args.json:

@@ -10,7 +10,7 @@ the step, instead of hanging.
 
 The client knows the step it is in: every command it sends is noted with
 its step (``R1``..``R14``, ``S1``..``S7``, a later reset as ``guest-reset``,
-and for the workload the running categories ``guest-config``,
+and after it the running categories ``rom-load``, ``guest-config``,
 ``msix-enable``, ``bar-mmio``, ``bar-mmio-posted``, ``pba-read`` and
 ``intx-eoi``; :mod:`vfioproxy.protocol.steps`), and the reply takes its
 command's step: :attr:`RealizeResult.steps`. Clients given one
@@ -104,6 +104,7 @@ from vfioproxy.protocol.offsets import VERSION_NUMBERS
 from vfioproxy.protocol.pci import (
     Capability,
     CapId,
+    Region,
     bar_offset,
     find_capability,
     format_size,
@@ -203,7 +204,9 @@ class RealizeOptions:
     (QEMU's ``rombar``); ``reply_timeout``: seconds to wait for each reply
     (QEMU's ``x-msg-timeout``); ``dma_layout``: the layout of this client's
     DMA_READ/DMA_WRITE replies; ``posted_writes``: post memory-BAR writes
-    when QEMU would (False: QEMU's ``x-no-posted-writes=on``).
+    when QEMU would (False: QEMU's ``x-no-posted-writes=on``); ``rom_load``:
+    after the reset, load the ROM as the guest's BIOS makes QEMU do
+    (:meth:`RealizeClient.load_rom`; nothing without a ROM BAR).
     """
 
     workload: int = attrs.field(default=0, validator=attrs.validators.ge(0))
@@ -216,6 +219,7 @@ class RealizeOptions:
     )
     dma_layout: DmaLayout = attrs.field(default=DmaLayout.QEMU, converter=DmaLayout)
     posted_writes: bool = True
+    rom_load: bool = False
 
 
 class RealizeError(VfioProxyError):
@@ -363,17 +367,20 @@ class DoorbellResult:
 @attrs.frozen
 class StepMessage:
     """One command the client sent and the step it sent it in (the reply, if
-    any, belongs to the same step); ``posted``: sent without asking for a reply."""
+    any, belongs to the same step); inside a ``guest-reset``, ``substep`` is the
+    reset step it repeats (``S4``); ``posted``: sent without asking for a reply."""
 
     msg_id: int
     command: int
     step: str
+    substep: str = ""
     posted: bool = False
 
     def text(self) -> str:
-        """``#12 REGION_READ R7``."""
+        """``#12 REGION_READ R7``, ``#90 DEVICE_RESET guest-reset S4``."""
+        step = f"{self.step} {self.substep}" if self.substep else self.step
         return f"#{self.msg_id} {command_name(self.command)}{' posted' if self.posted else ''} " \
-            f"{self.step}"
+            f"{step}"
 
 
 @attrs.frozen
@@ -395,6 +402,7 @@ class RealizeResult:
     regions: tuple[RegionFacts, ...]
     bars: tuple[BarFacts, ...]
     rom_size: int | None
+    rom_loaded: int | None
     capabilities: tuple[CapabilityFacts, ...]
     msix: MsixFacts | None
     msi_control: int | None
@@ -441,7 +449,8 @@ class RealizeResult:
                 text += f" sparse {areas} ({len(region.mmapped)} mmapped)"
             lines.append(text)
         if self.rom_size is not None:
-            lines.append(f"ROM: {format_size(self.rom_size) if self.rom_size else 'none'}")
+            loaded = "" if self.rom_loaded is None else f", loaded {self.rom_loaded} bytes"
+            lines.append(f"ROM: {format_size(self.rom_size) if self.rom_size else 'none'}{loaded}")
         caps = " ".join(f"{c.name}@{c.offset:#x}" for c in self.capabilities) or "none"
         lines.append(f"capabilities: {caps}")
         if self.msix is not None:
@@ -609,7 +618,7 @@ class RealizeClient:
         )
         self._closed = False
         #: the step of the commands sent now, and every command sent with its step
-        self._label = UNLABELLED
+        self._label = (UNLABELLED, "")
         self.steps: list[StepMessage] = []
         self.resets = 0
         self._fatal: str | None = None
@@ -628,6 +637,7 @@ class RealizeClient:
         self.config = b""
         self.capabilities: tuple[Capability, ...] = ()
         self.rom_size: int | None = None
+        self.rom: bytes | None = None
         self.bar_values: dict[int, int] = {}
         self.msix: MsixFacts | None = None
         self.msi_control: int | None = None
@@ -1006,6 +1016,46 @@ class RealizeClient:
         with self._step("S7", "q35 memory re-layout"):
             await self._relayout(reset_windows(ram_fd=self.options.ram_fd))
 
+    # ================================================================= guest
+
+    async def load_rom(self) -> bytes | None:
+        """The guest's first read of the ROM BAR: QEMU's ``vfio_pci_load_rom``
+        (realize-steps §2.2), step ``rom-load``.
+
+        RI(6, 32) (asked again with a larger argsz, as at R4), then REGION_READ
+        of region 6 from 0 for the whole size, asking again from where a short
+        reply stopped until a 0-byte reply. Returns the ROM; None, as in QEMU,
+        when there is nothing to read: no ROM BAR at R8 (no message at all), a
+        region of size 0, or one larger than the server's
+        ``max_data_xfer_size`` (QEMU's local EINVAL: RI(6) only, a warning).
+        Once per client, as QEMU loads it once per process. An error reply
+        fails with :class:`RealizeError` ``ROM`` (QEMU would go on with a ROM
+        that reads 0xff).
+        """
+        if not self.rom_size:
+            return None
+        if self.rom is not None or Region.ROM in self.regions:
+            return self.rom
+        with self._step("ROM", "ROM load", label="rom-load"):
+            self.regions[Region.ROM] = region = await self._region_info(Region.ROM)
+            size = region.info.size
+            if not size:
+                return None
+            if size > self.max_xfer:
+                self.warnings.append(
+                    f"ROM of {size} bytes exceeds the server's max_data_xfer_size "
+                    f"{self.max_xfer}: not read (QEMU fails it with EINVAL; the ROM reads 0xff)"
+                )
+                return None
+            rom = bytearray()
+            while len(rom) < size:
+                data = await self._region_read_some(Region.ROM, len(rom), size - len(rom))
+                if not data:
+                    break
+                rom += data
+        self.rom = bytes(rom)
+        return self.rom
+
     # ================================================================= interrupts
 
     async def _intx_enable(self, step: str) -> None:
@@ -1244,7 +1294,9 @@ class RealizeClient:
                 no_reply=True,
                 msg_id=msg_id,
             )
-            self.steps.append(StepMessage(msg_id, Command.REGION_WRITE, "bar-mmio-posted", True))
+            self.steps.append(
+                StepMessage(msg_id, Command.REGION_WRITE, "bar-mmio-posted", posted=True)
+            )
         else:
             with self._labelled("bar-mmio"):
                 await self._region_write(region, offset, data)
@@ -1273,32 +1325,34 @@ class RealizeClient:
     # ================================================================= messages
 
     @contextmanager
-    def _labelled(self, label: str) -> Iterator[None]:
-        """The commands sent inside belong to step ``label``."""
-        outer, self._label = self._label, label
+    def _labelled(self, label: str, substep: str = "") -> Iterator[None]:
+        """The commands sent inside belong to step ``label`` (``substep``: see
+        :class:`StepMessage`)."""
+        outer, self._label = self._label, (label, substep)
         try:
             yield
         finally:
             self._label = outer
 
-    def _label_of(self, step: str) -> str | None:
+    def _label_of(self, step: str) -> tuple[str, str] | None:
         """The label of error step ``step``: itself for R and S steps, but
-        ``guest-reset`` in a reset after the first; None for the others."""
+        ``guest-reset`` (with ``step`` as substep) in a reset after the first;
+        None for the others."""
         if step in RESET_STEPS:
-            return "guest-reset" if self.resets > 1 else step
-        return step if step in REALIZE_STEPS else None
+            return ("guest-reset", step) if self.resets > 1 else (step, "")
+        return (step, "") if step in REALIZE_STEPS else None
 
     @contextmanager
     def _step(self, step: str, what: str, *, label: str | None = None) -> Iterator[None]:
         """Turn what can go wrong inside a step into one :class:`RealizeError`;
         the commands sent inside belong to ``label`` (default: ``step``'s, see
         :meth:`_label_of`; none: the label around it stays)."""
-        label = label or self._label_of(step)
+        labelled = (label, "") if label else self._label_of(step)
         try:
-            if label is None:
+            if labelled is None:
                 yield
             else:
-                with self._labelled(label):
+                with self._labelled(*labelled):
                     yield
         except _Problem as exc:
             raise RealizeError(step, what, str(exc), errno=exc.errno) from None
@@ -1318,7 +1372,7 @@ class RealizeClient:
         pending = await self.endpoint.send_command(command, body, fds=fds)
         assert pending is not None
         self._outstanding.append(pending)
-        self.steps.append(StepMessage(pending.request.msg_id, command, self._label))
+        self.steps.append(StepMessage(pending.request.msg_id, command, *self._label))
         return pending
 
     async def _collect(self, pending: PendingReply, *, rsize: int, max_fds: int = 0) -> Message:
@@ -1366,6 +1420,13 @@ class RealizeClient:
 
     async def _region_read(self, region: int, offset: int, count: int) -> bytes:
         """REGION_READ, all ``count`` bytes or a failure (QEMU's short-read checks)."""
+        data = await self._region_read_some(region, offset, count)
+        if len(data) < count:
+            raise _Problem(f"short read: {len(data)} of {count} bytes")
+        return data
+
+    async def _region_read_some(self, region: int, offset: int, count: int) -> bytes:
+        """REGION_READ: the bytes the reply carries, at most ``count`` (more fails)."""
         self._check_xfer(count)
         reply = await self._request(
             Command.REGION_READ, RegionAccessBody(offset, region, count), rsize=32 + count
@@ -1378,9 +1439,7 @@ class RealizeClient:
             raise _Problem(
                 f"reply count {body.count} is above the {count} asked", errno_module.E2BIG
             )
-        if body.count < count or len(body.data) < count:
-            raise _Problem(f"short read: {min(body.count, len(body.data))} of {count} bytes")
-        return body.data[:count]
+        return body.data[: min(body.count, count)]
 
     async def _region_write(self, region: int, offset: int, data: bytes) -> None:
         """A waited REGION_WRITE (QEMU reads nothing of its reply but the error)."""
@@ -1508,6 +1567,7 @@ class RealizeClient:
             regions=regions,
             bars=bars,
             rom_size=self.rom_size,
+            rom_loaded=None if self.rom is None else len(self.rom),
             capabilities=tuple(
                 CapabilityFacts(c.name, c.cap_id, c.offset, c.extended)
                 for c in self.capabilities
@@ -1627,7 +1687,8 @@ async def open_realize_client(
 async def realize(
     target: str | os.PathLike[str] | FdStream, options: RealizeOptions | None = None
 ) -> RealizeResult:
-    """Realize, then (by default) the machine reset, then the workload; the result.
+    """Realize, then (by default) the machine reset, then (if asked) the ROM
+    load, then the workload; the result.
 
     Raises :class:`RealizeError` naming the step that failed. Everything is
     closed on return, on error and on cancellation.
@@ -1637,6 +1698,8 @@ async def realize(
         await client.realize()
         if options.reset:
             await client.reset()
+        if options.rom_load:
+            await client.load_rom()
         if options.workload:
             await client.run_workload(options.workload)
         return client.result()
