@@ -15,6 +15,7 @@ from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import decoded_records
 from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.trace.sessions import TraceSessions
+from vfioproxy.trace.timeline.build import reader_timelines
 from vfioproxy.usage.output import claim_file, is_directory
 
 __all__ = ["add_trace_commands"]
@@ -27,7 +28,8 @@ examples:
 STATS_EXAMPLES = """\
 examples:
   vfioproxy trace stats session.trace
-  vfioproxy trace stats --json session.trace"""
+  vfioproxy trace stats --json session.trace
+  vfioproxy trace stats --by-step traces/qemu-realize-gpio-001.trace"""
 
 IMPORT_EXAMPLES = """\
 examples:
@@ -68,6 +70,8 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "stats", help="messages, bytes, latencies and fds per command", epilog=STATS_EXAMPLES
     )
     add_decode_options(p_stats)
+    p_stats.add_argument("--by-step", action="store_true",
+                         help="per QEMU realize/reset/running step of each client session")
     p_stats.set_defaults(func=cmd_trace_stats)
 
     p_import = trace_commands.add_parser(
@@ -116,6 +120,8 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
+    if args.by_step:
+        return _trace_stats_by_step(args)
     with _open(args.file) as reader:
         _check_session(args)
         result = stats.collect(
@@ -125,6 +131,19 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_dict(), indent=2))
         else:
             show.write_lines(stats.text_report(result), sys.stdout)
+        _warn_truncated(reader)
+    return 0
+
+
+def _trace_stats_by_step(args: argparse.Namespace) -> int:
+    with _open(args.file) as reader:
+        _check_session(args)
+        timelines = [t for t in reader_timelines(reader, dialects=dialects(args))
+                     if args.session in (None, t.session)]
+        if args.json:
+            print(json.dumps(stats.by_step_dict(timelines), indent=2))
+        else:
+            show.write_lines(stats.by_step_report(timelines), sys.stdout)
         _warn_truncated(reader)
     return 0
 

@@ -229,9 +229,24 @@ def decode_rom_bar(value: int) -> str:
     return f"{text}, address {address:#x}" if address else text
 
 
+def msix_vectors(msg_ctl: int) -> int:
+    """The MSI-X table size from message control (N−1 encoded in bits 10:0)."""
+    return (msg_ctl & 0x7FF) + 1
+
+
+def msix_location(value: int) -> tuple[int, int]:
+    """(BAR indicator, offset) of an MSI-X table or PBA register (BIR in bits 2:0)."""
+    return value & 0x7, value & ~0x7
+
+
+def msix_pba_size(vectors: int) -> int:
+    """Bytes of the MSI-X PBA: one bit per vector, in 64-bit words."""
+    return -(-vectors // 64) * 8
+
+
 def decode_msix_msg_ctl(value: int) -> str:
     """MSI-X message control: table size (N−1 encoded), enable, function mask."""
-    vectors = (value & 0x7FF) + 1
+    vectors = msix_vectors(value)
     text = f"{vectors} vector{'s' if vectors != 1 else ''}, "
     text += "enabled" if value & 0x8000 else "disabled"
     return text + ", function masked" if value & 0x4000 else text
@@ -239,9 +254,9 @@ def decode_msix_msg_ctl(value: int) -> str:
 
 def decode_msix_bir_offset(value: int) -> str:
     """MSI-X table or PBA register: BAR indicator (bits 2:0) plus offset, e.g. ``BAR3 + 0x2000``."""
-    bir = value & 0x7
+    bir, offset = msix_location(value)
     where = f"BAR{bir}" if bir < BAR_COUNT else f"BIR {bir} (reserved)"
-    return f"{where} + {value & ~0x7:#x}"
+    return f"{where} + {offset:#x}"
 
 
 def decode_msi_msg_ctl(value: int) -> str:

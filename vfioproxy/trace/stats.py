@@ -10,8 +10,11 @@ from typing import Any
 import attrs
 
 from recorder.records import EventRecord, MessageRecord
+from vfioproxy.protocol.pci import format_size
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, TornMessage
 from vfioproxy.trace.tables import table, table_lines
+from vfioproxy.trace.timeline.model import SessionTimeline, StepTimes
+from vfioproxy.trace.timeline.steps import STEP_INFO
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -169,3 +172,52 @@ def text_report(stats: TraceStats) -> list[str]:
         "",
         *table_lines(tables),
     ]
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:.3f}"
+
+
+def _rom(step: StepTimes) -> str:
+    if step.rom_bytes is None:
+        return ""
+    rate = step.rom_throughput
+    at = f" at {rate / 1e6:.1f} MB/s" if rate is not None else ""
+    return f"{format_size(step.rom_bytes)}{at}"
+
+
+def _session_line(timeline: SessionTimeline) -> str:
+    line = (f"session {timeline.session}: {len(timeline.messages)} messages, "
+            f"{timeline.unlabelled} unlabelled")
+    if timeline.cut_short:
+        line += "; cut short: the trace ends inside this session, labelled up to its end"
+    return line
+
+
+def by_step_report(timelines: Sequence[SessionTimeline]) -> list[str]:
+    """``trace stats --by-step`` for people: per session, one row per step (start
+    relative to the session's first message, times in ms)."""
+    lines: list[str] = []
+    for timeline in timelines:
+        start = min((m.t_ns for m in timeline.messages), default=0)
+        rows = [
+            (s.step, STEP_INFO[s.step].name, s.messages, s.uncertain, _ms(s.first_ns - start),
+             _ms(s.duration_ns), _ms(s.server_ns), _ms(s.client_ns), s.bytes, _rom(s))
+            for s in timeline.steps
+        ]
+        columns = ("step", "what", "msgs", "unsure", "start ms", "duration ms", "server ms",
+                   "client ms", "bytes", "ROM read")
+        if lines:
+            lines.append("")
+        lines += [_session_line(timeline), "",
+                  *table_lines([table(None, columns, rows, left=2, text_last=True)])]
+    return lines or ["no client session with messages in the trace"]
+
+
+def by_step_dict(timelines: Sequence[SessionTimeline]) -> dict[str, Any]:
+    """``trace stats --by-step --json``: per session, its steps' times."""
+    return {"sessions": [
+        {"session": t.session, "messages": len(t.messages), "unlabelled": t.unlabelled,
+         "cut_short": t.cut_short, "steps": [s.to_dict() for s in t.steps]}
+        for t in timelines
+    ]}

@@ -38,7 +38,7 @@ from vfioproxy.trace.timeline.model import (
 )
 from vfioproxy.trace.timeline.steps import STEP_INFO
 
-__all__ = ["session_timeline", "session_timelines", "step_times"]
+__all__ = ["reader_timelines", "session_timeline", "session_timelines", "step_times"]
 
 
 def _labelled(item: DecodedMessage, label: Label) -> LabelledMessage:
@@ -63,7 +63,11 @@ def _rom_bytes(item: DecodedMessage) -> int:
 
 
 class _Shares:
-    """The server's and the client's share of one step, fed its messages in order."""
+    """The server's and the client's share of one step, fed its messages in order.
+
+    Each share counts only time not counted yet (``covered``): record times of
+    the two directions need not be in order, and a span is never counted twice,
+    so the two shares never add up to more than the step's duration."""
 
     def __init__(self) -> None:
         self.server_ns = 0
@@ -71,10 +75,17 @@ class _Shares:
         self.outstanding = 0
         self.busy_since = 0
         self.done_at: int | None = None
+        self.covered: int | None = None
+
+    def _span(self, start: int, end: int) -> int:
+        if self.covered is not None:
+            start = max(start, self.covered)
+        self.covered = end if self.covered is None else max(self.covered, end)
+        return max(0, end - start)
 
     def command(self, t_ns: int, *, follows_step: bool, posted: bool) -> None:
         if self.outstanding == 0 and self.done_at is not None and follows_step:
-            self.client_ns += max(0, t_ns - self.done_at)
+            self.client_ns += self._span(self.done_at, t_ns)
         self.done_at = None
         if posted:
             if self.outstanding == 0:
@@ -89,7 +100,7 @@ class _Shares:
             return
         self.outstanding -= 1
         if self.outstanding == 0:
-            self.server_ns += max(0, t_ns - self.busy_since)
+            self.server_ns += self._span(self.busy_since, t_ns)
             self.done_at = t_ns
 
 
@@ -152,21 +163,28 @@ def session_timelines(
     session order, each labelled and with its per-step times. A session the
     trace ends inside (no ``session_close`` event, or a torn last message) is
     labelled up to where it ends and marked ``cut_short``."""
+    with TraceReader(path) as reader:
+        return reader_timelines(reader, dialects=dialects)
+
+
+def reader_timelines(
+    reader: TraceReader, *, dialects: Dialects | None = None
+) -> list[SessionTimeline]:
+    """:func:`session_timelines` of an open trace (read once, from its start);
+    afterwards ``reader.truncation`` says whether its last record was torn."""
     sessions: dict[int, list[DecodedMessage]] = defaultdict(list)
     closed: set[int] = set()
     torn: set[int] = set()
-    with TraceReader(path) as reader:
-        for item in decoded_records(reader, dialects=dialects):
-            if isinstance(item, DecodedMessage):
-                sessions[item.record.session].append(item)
-            elif isinstance(item, TornMessage):
-                torn.add(item.record.session)
-            elif (isinstance(item, EventRecord) and item.kind == EventKind.SESSION_CLOSE
-                  and item.session is not None):
-                closed.add(item.session)
-    trace = os.fspath(path)
+    for item in decoded_records(reader, dialects=dialects):
+        if isinstance(item, DecodedMessage):
+            sessions[item.record.session].append(item)
+        elif isinstance(item, TornMessage):
+            torn.add(item.record.session)
+        elif (isinstance(item, EventRecord) and item.kind == EventKind.SESSION_CLOSE
+              and item.session is not None):
+            closed.add(item.session)
     return [
-        session_timeline(trace, session, items,
+        session_timeline(reader.path, session, items,
                          cut_short=session in torn or session not in closed)
         for session, items in sorted(sessions.items())
     ]

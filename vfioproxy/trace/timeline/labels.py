@@ -6,8 +6,8 @@ by their shape and position (phase realize → reset → running); a reply takes
 the label of the request it answers (same msg_id, other direction). What the
 wire alone cannot separate (§4's list) gets an uncertain label whose reason
 says what could not be told apart; a message no rule knows is ``unlabelled``
-with the reason. Messages the server starts (DMA_READ/DMA_WRITE) and their
-replies are ``device-dma``.
+with the reason. A message the server starts (DMA_READ/DMA_WRITE: the
+device's own DMA) and its reply are ``device-dma``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from vfioproxy.protocol.pci import (
     Region,
     bar_index,
     find_capability,
+    msix_location,
+    msix_pba_size,
+    msix_vectors,
     walk_capabilities,
 )
 from vfioproxy.side import Direction
@@ -55,6 +58,12 @@ _NONE = int(IrqSetFlags.DATA_NONE)
 _DMA = frozenset({Command.DMA_MAP, Command.DMA_UNMAP})
 _REGION_ACCESS = frozenset({Command.REGION_READ, Command.REGION_WRITE})
 
+#: R13's SET_IRQS: the trigger eventfd, then with a KVM irqfd the mask, the
+#: resample eventfd and the unmask (vfio_intx_enable_kvm); anything else on
+#: INTx after them, or after R14, is the reset's S1
+_INTX_ENABLE = (_EVENTFD | _TRIGGER, _NONE | int(IrqSetFlags.ACTION_MASK), _EVENTFD | _UNMASK,
+                _NONE | _UNMASK)
+
 _WHY_PBA = ("an MSI-X PBA read and a plain BAR read at the same offset are identical "
             "on the wire (realize-steps.md §4.7)")
 _WHY_EOI = ("INTx unmask not right after a BAR access: an EOI or a KVM-only unmask "
@@ -63,6 +72,8 @@ _WHY_S1 = ("IRQS(0,0x21,0): the S1 of a guest reset or the start of an MSI/MSI-X
            "what follows did not tell (realize-steps.md §4.3)")
 _WHY_S2 = ("command-register read-modify-write clearing IO/MEM/BUS_MASTER/INTX_DISABLE with no "
            "S3/S4 after it: a guest's write or the S2 of a reset (realize-steps.md §4.4)")
+_WHY_S2_END = ("the session ends before S3/S4/S5 could show that this command-register "
+               "read-modify-write began a reset (realize-steps.md §4.4)")
 _WHY_DMA = ("where one DMA transaction ends and the next begins is a heuristic (a DMA_UNMAP "
             "after a DMA_MAP starts a new one; realize-steps.md §4.6)")
 _WHY_EARLY_DMA = ("a DMA transaction during realize or reset that is neither R2 nor S7: a "
@@ -128,6 +139,10 @@ class _Labeller:
         self.candidates: list[tuple[int, str]] = []
         self.command_read: int | None = None
         self.fallback: str | None = None
+        self.intx_enable = 0
+        self.err_notifier = False
+        #: an S2 that began a reset, until S3/S4/S5 shows it did (realize-steps.md §4.4)
+        self.unanchored: list[int] = []
 
     # -- driving ---------------------------------------------------------
 
@@ -147,9 +162,7 @@ class _Labeller:
             self._learn(request, item)
             return
         if direction is Direction.S2C:
-            label = (_certain("device-dma") if message.command in (Command.DMA_READ,
-                                                                  Command.DMA_WRITE)
-                     else _unlabelled(f"server command {message.header.command_name}"))
+            label = self._server_command(message.command, message.header.command_name)
         else:
             label = self._command(index, item)
             self.commands += 1
@@ -157,7 +170,15 @@ class _Labeller:
         if not message.header.no_reply:
             self.requests[(direction, message.msg_id)] = index
 
+    def _server_command(self, command: int, name: str) -> Label:
+        """A command the server sent: its DMA_READ/DMA_WRITE are the device's own DMA."""
+        if command in (Command.DMA_READ, Command.DMA_WRITE):
+            return _certain("device-dma")
+        return _unlabelled(f"server command {name}: a server sends only DMA_READ/DMA_WRITE")
+
     def result(self) -> list[tuple[DecodedMessage, Label]]:
+        for i in self.unanchored:
+            self.labels[i] = _unsure("S2", _WHY_S2_END)
         for reply, request in self.answers.items():
             self.labels[reply] = self.labels[request]
         return list(zip(self.items, self.labels, strict=True))
@@ -173,9 +194,27 @@ class _Labeller:
         if command in _REGION_ACCESS and isinstance(body, RegionAccessBody):
             kind = "bar" if body.region < BAR_COUNT else "other"
         try:
-            return self._dispatch(index, item)
+            label = self._dispatch(index, item)
         finally:
             self.last = kind
+        self._check_unanchored(index, label)
+        return label
+
+    def _check_unanchored(self, index: int, label: Label) -> None:
+        """A reset that began with S2 (no S1) is one once S3, S4 or S5 follows;
+        anything else first makes that S2 a guest's command-register access."""
+        if not self.unanchored:
+            return
+        step = label.substep or label.step
+        if step == "S2":
+            if index not in self.unanchored:
+                self.unanchored.append(index)
+        elif step in ("S3", "S4", "S5"):
+            self.unanchored = []
+        else:
+            for i in self.unanchored:
+                self.labels[i] = _unsure("guest-config", _WHY_S2)
+            self.unanchored = []
 
     def _dispatch(self, index: int, item: DecodedMessage) -> Label:
         message = item.observation.message
@@ -296,10 +335,11 @@ class _Labeller:
         trigger_fd = action == _TRIGGER and data == _EVENTFD and body.count >= 1
         disable = action == _TRIGGER and data == _NONE and body.count == 0
         if body.index == IrqIndex.INTX:
-            return self._intx(index, trigger_fd=trigger_fd, disable=disable,
+            return self._intx(index, body.flags, trigger_fd=trigger_fd, disable=disable,
                               unmask=action == _UNMASK and data == _NONE)
         if body.index == IrqIndex.ERR:
             if self.phase is _Phase.REALIZE and trigger_fd:
+                self.err_notifier = True
                 return _certain("R14")
             return _unlabelled("SET_IRQS on ERR outside R14")
         if body.index in (IrqIndex.MSI, IrqIndex.MSIX):
@@ -311,15 +351,19 @@ class _Labeller:
             return self._running(step)
         return _unlabelled(f"SET_IRQS on index {body.index}: QEMU's vfio-user-pci never sets it")
 
-    def _intx(self, index: int, *, trigger_fd: bool, disable: bool, unmask: bool) -> Label:
+    def _intx(self, index: int, flags: int, *, trigger_fd: bool, disable: bool,
+              unmask: bool) -> Label:
         phase = self.phase
         if phase is _Phase.REALIZE:
-            if disable and self.pin_reads:
+            if not self.pin_reads:
+                return _unlabelled("SET_IRQS on INTx before the INTx pin was read")
+            sent = self.intx_enable
+            if (disable or self.err_notifier or sent >= len(_INTX_ENABLE)
+                    or flags != _INTX_ENABLE[sent]):
                 self._start_reset()
                 return _certain("S1")
-            if self.pin_reads >= 2 or (trigger_fd and self.pin_reads):
-                return _certain("R13")
-            return _unlabelled("SET_IRQS on INTx before the INTx pin was read")
+            self.intx_enable += 1
+            return _certain("R13")
         if phase in (_Phase.RESET, _Phase.GUEST_RESET):
             return self._in_reset("S5" if self.reset_anchor or trigger_fd else "S1")
         if unmask:
@@ -375,7 +419,7 @@ class _Labeller:
             self.fallback = None
             if is_read and self.pba is not None and body.region == self.pba[0]:
                 start = self.pba[1]
-                if start <= body.offset < start + -(-self.msix_entries // 64) * 8:
+                if start <= body.offset < start + msix_pba_size(self.msix_entries):
                     return self._running("pba-read", _unsure("pba-read", _WHY_PBA))
             return self._running("bar-mmio-posted" if posted else "bar-mmio")
         return _unlabelled(f"access to region {body.region}, which QEMU's vfio-user-pci "
@@ -389,6 +433,9 @@ class _Labeller:
                 return _certain(step)
             if self._reset_start_config(is_read, offset, count):
                 self._start_reset()
+                if offset == COMMAND_REGISTER:
+                    self.unanchored = [index]
+                    return _certain("S2")
         if self.phase in (_Phase.RESET, _Phase.GUEST_RESET):
             step = self._reset_config(is_read, offset, count, body.data)
             if step is not None:
@@ -492,9 +539,9 @@ class _Labeller:
             return
         value = _value(body.data)
         if asked.offset == self.p_msix.get("msg_ctl"):
-            self.msix_entries = (value & 0x7FF) + 1
+            self.msix_entries = msix_vectors(value)
         elif asked.offset == self.p_msix.get("pba"):
-            self.pba = (value & 0x7, value & ~0x7)
+            self.pba = msix_location(value)
 
 
 def label_messages(items: Iterable[DecodedMessage]) -> list[tuple[DecodedMessage, Label]]:

@@ -58,7 +58,7 @@ _INFO = {
     "msi-enable": ("MSI enable/disable", "pci.c:vfio_msi_enable/vfio_msi_disable"),
     "msix-enable": ("MSI-X enable/disable", "pci.c:vfio_msix_enable/vfio_msix_disable"),
     "guest-reset": ("guest-triggered reset", "hw/vfio-user/pci.c:vfio_user_pci_reset"),
-    "device-dma": ("the device's own DMA", "server: DMA_READ/DMA_WRITE"),
+    "device-dma": ("the device's own DMA", "the server's DMA_READ/DMA_WRITE"),
     "unlabelled": ("no rule matched", ""),
 }
 
