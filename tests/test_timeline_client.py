@@ -134,6 +134,8 @@ async def test_the_client_puts_qemus_commands_under_the_steps_of_section_1_4(cap
     order = [STEP_ORDER.index(step.step) for step in result.steps]
     assert order == sorted(order), "steps come in realize-steps.md §1 order"
     assert [step.msg_id for step in result.steps] == list(range(len(result.steps)))
+    assert result.to_json()["steps"][0] == {
+        "msg_id": 0, "command": Command.VERSION, "step": "R1", "substep": "", "posted": False}
 
 
 @pytest.mark.parametrize("capture", sorted(SECTION_1_4))
