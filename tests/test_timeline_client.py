@@ -44,6 +44,7 @@ from vfioproxy.peers.client import (
     open_realize_client,
     realize,
 )
+from vfioproxy.peers.server import DeviceOptions
 from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.codec import Message
 from vfioproxy.protocol.header import Command
@@ -239,6 +240,16 @@ async def test_the_labeller_agrees_with_the_client_on_every_recorded_message(
     assert disagreements(result.steps, run.trace, run.sessions[0]) == []
 
 
+async def test_a_device_without_rom_is_probed_at_r8_and_never_loaded(tmp_path: Path) -> None:
+    device = Device(RealizeOptions(workload=1, rom_load=True))
+    run = await record_qemu_process(tmp_path / "norom.trace", [device],
+                                    device_options=DeviceOptions(rom=False))
+    (result,) = run.results
+    steps = Counter(step.step for step in result.steps)
+    assert (steps["R8"], steps["rom-load"], result.rom_size, result.rom_loaded) == (4, 0, 0, None)
+    assert disagreements(result.steps, run.trace, run.sessions[0]) == []
+
+
 async def test_two_devices_of_one_process_share_the_id_counter_and_label_apart(
     tmp_path: Path,
 ) -> None:
@@ -332,3 +343,13 @@ def test_realize_verbose_lists_every_command_with_its_step_and_rom_load_reads_th
     assert listed[0] == "#0 VERSION R1" and listed[34] == "#34 DEVICE_RESET S4"
     assert listed[48:50] == ["#48 DEVICE_GET_REGION_INFO rom-load", "#49 REGION_READ rom-load"]
     assert listed[-1] == "#55 DEVICE_SET_IRQS intx-eoi" and len(listed) == 56
+
+
+def test_realize_of_a_device_served_without_rom_loads_none(tmp_path: Path, spawn) -> None:  # noqa: F811
+    sock = tmp_path / "dev.sock"
+    wait_for_socket(sock, spawn("serve-device", "--socket", sock, "--no-rom"))
+    result = subprocess.run([*VFIOPROXY, "realize", "--socket", str(sock), "--rom-load"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ROM: none" in result.stdout.splitlines()
+    assert "R8 4," in result.stdout and "rom-load" not in result.stdout

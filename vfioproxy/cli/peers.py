@@ -74,6 +74,8 @@ def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
                          help=f"PCI vendor id, 0x0000..0xffff (default {device.vendor_id:#06x})")
     p_serve.add_argument("--device-id", type=pci_id, default=device.device_id, metavar="ID",
                          help=f"PCI device id, 0x0000..0xffff (default {device.device_id:#06x})")
+    p_serve.add_argument("--no-rom", action="store_true",
+                         help="a device without expansion ROM (region 6 of size 0, ROM BAR 0)")
     p_serve.add_argument("--write-multiple", action="store_true",
                          help="offer REGION_WRITE_MULTI in the VERSION reply")
     p_serve.add_argument("--dma-layout", choices=["auto", *LAYOUTS], default="auto",
@@ -140,6 +142,7 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         vendor_id=args.vendor_id,
         device_id=args.device_id,
         write_multiple=args.write_multiple,
+        rom=not args.no_rom,
         client_dma_layout=None if args.dma_layout == "auto" else DmaLayout(args.dma_layout),
     )
 
