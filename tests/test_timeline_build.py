@@ -259,3 +259,19 @@ def test_a_guest_reset_with_msix_on_begins_with_the_msix_disable_and_intx_fallba
     assert [label.text() for label in labels[:8]] == ["guest-reset S1"] * 8
     assert {label.step for label in labels} == {"guest-reset"}
     assert all(label.certain for label in labels)
+
+
+def test_an_msix_enable_right_before_a_guest_reset_stays_msix_enable(tmp_path: Path) -> None:
+    base = TRACES / "reference-realize-workload-msix-001.trace"
+    records = list(capture_messages(base))
+    pairs = list(zip(records, only(base).messages, strict=True))
+    later = [MessageRecord(r.seq, r.session, r.direction, r.t_ns + 10**9, r.data, r.fds)
+             for r, _ in pairs]
+    msix = [later[i] for i, (_, m) in enumerate(pairs) if m.label.step == "msix-enable"][-4:]
+    reset = [later[i] for i, (_, m) in enumerate(pairs) if m.label.step in RESET_STEPS]
+    path = tmp_path / "msix-then-reset.trace"
+    tail = msix + reset
+    _write(path, {1: records + tail}, [1] * (len(records) + len(tail)))
+    labels = [m.label for m in only(path).messages][len(records):]
+    assert [label.text() for label in labels[:4]] == ["msix-enable"] * 4
+    assert [label.text() for label in labels[4:6]] == ["guest-reset S1"] * 2

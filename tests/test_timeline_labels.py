@@ -217,3 +217,13 @@ def test_the_kvm_intx_extras_belong_to_r13_and_to_s1(err_notifier: bool) -> None
                 for seq, r in enumerate(records, 1)]
     pairs = label_messages(i for i in decoded_records(numbered) if isinstance(i, DecodedMessage))
     assert [label.step for _, label in pairs] == expected
+
+
+@pytest.mark.parametrize("path", sorted(TRACES.glob("*.trace")), ids=lambda p: p.name)
+def test_every_unlabelled_or_unsure_message_says_why(path: Path) -> None:
+    # the libvfio-user client's sessions are no QEMU's: many unlabelled, none silent
+    for _, label in labelled(path):
+        if label.step == UNLABELLED or not label.certain:
+            assert label.reason
+        else:
+            assert not label.reason

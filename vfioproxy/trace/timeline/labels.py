@@ -193,10 +193,8 @@ class _Labeller:
             self._end_dma()
         if command in _REGION_ACCESS and isinstance(body, RegionAccessBody):
             kind = "bar" if body.region < BAR_COUNT else "other"
-        try:
-            label = self._dispatch(index, item)
-        finally:
-            self.last = kind
+        label = self._dispatch(index, item)
+        self.last = kind
         self._check_unanchored(index, label)
         return label
 
@@ -346,7 +344,9 @@ class _Labeller:
             step = "msi-enable" if body.index == IrqIndex.MSI else "msix-enable"
             self._resolve_s1_as(step)
             self.fallback = step if disable else None
-            if disable and self.phase is _Phase.RUNNING:
+            if not disable:
+                self.candidates = []
+            elif self.phase is _Phase.RUNNING:
                 self.candidates.append((index, "S1"))
             return self._running(step)
         return _unlabelled(f"SET_IRQS on index {body.index}: QEMU's vfio-user-pci never sets it")
