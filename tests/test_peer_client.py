@@ -1392,6 +1392,7 @@ def test_realize_options_are_the_cli_knobs() -> None:
         "reply_timeout",
         "dma_layout",
         "posted_writes",
+        "rom_load",
     }
     with pytest.raises(ValueError):
         RealizeOptions(irq="msi")

@@ -8,7 +8,7 @@ from tests.conftest import FD_HYGIENE
 from vfioproxy.errors import ConnectionClosedError
 from vfioproxy.io.fds import close_all, make_memfd
 from vfioproxy.io.transport import fd_stream_pair
-from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError, ReplyTimeoutError
+from vfioproxy.peers.endpoint import Endpoint, ErrorReplyError, MessageIds, ReplyTimeoutError
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, RegionAccessBody
 from vfioproxy.protocol.codec import build_command, build_error_reply, build_reply, decode, encode
 from vfioproxy.protocol.header import Command
@@ -55,6 +55,23 @@ async def test_ids_count_up_from_zero_and_wrap_at_16_bits(pair):
     assert (first.request.msg_id, second.request.msg_id) == (0xFFFF, 0)
     await first.wait()
     await second.wait()
+
+
+async def test_endpoints_sharing_message_ids_number_from_one_counter_with_gaps(nursery):
+    ids = MessageIds(0xFFFE)
+    ends = [fd_stream_pair() for _ in range(2)]
+    clients = [Endpoint(a, Side.CLIENT, ids=ids) for a, _ in ends]
+    for client, (_, b) in zip(clients, ends, strict=True):
+        await nursery.start(client.run)
+        await nursery.start(Endpoint(b, Side.SERVER, handler=echo_handler).run)
+    sent = [await clients[i].send_command(Command.DEVICE_RESET) for i in (0, 1, 1, 0)]
+    assert [p.request.msg_id for p in sent] == [0xFFFE, 0xFFFF, 0, 1]
+    for pending in sent:
+        await pending.wait()
+    assert clients[0].next_id == clients[1].next_id == 2
+    for a, b in ends:
+        await a.aclose()
+        await b.aclose()
 
 
 async def test_an_error_reply_raises_with_its_errno(pair):

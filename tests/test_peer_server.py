@@ -327,6 +327,19 @@ async def test_region_info_answers_like_libvfio_user(client, index, flags, size)
     assert reply.header.size == 48 and not reply.fds
 
 
+async def test_a_device_without_rom_has_an_empty_region_6_and_a_rom_bar_that_sizes_to_0():
+    async with connected(options=DeviceOptions(rom=False)) as c:
+        reply = await c.request(Command.DEVICE_GET_REGION_INFO, RegionInfoBody.request(6))
+        assert reply.body == RegionInfoBody(32, 0, 6, 0, 0, 0)
+        await c.write(7, 0x30, (0xFFFFF800).to_bytes(4, "little"))
+        assert await c.read(7, 0x30, 4) == bytes(4)
+        assert await c.errno_of(Command.REGION_READ, RegionAccessBody(0, 6, 4)) == errno.EINVAL
+    async with connected() as c:  # the default device has its 4 KiB ROM
+        await c.write(7, 0x30, (0xFFFFF800).to_bytes(4, "little"))
+        assert await c.read(7, 0x30, 4) == (0xFFFFF000).to_bytes(4, "little")
+        assert (await c.read(6, 0, 2)) == b"\x55\xaa"
+
+
 async def test_bar2_asks_again_and_then_gets_its_sparse_mmap_area_and_memfd(client):
     short = await client.request(Command.DEVICE_GET_REGION_INFO, RegionInfoBody.request(2))
     assert short.body == RegionInfoBody(64, 0x7, 2, 0, L.BAR2_SIZE, 0) and not short.fds

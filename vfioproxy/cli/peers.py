@@ -43,7 +43,8 @@ SIGINT/SIGTERM stop it (exit 0)."""
 REALIZE_EXAMPLES = """\
 examples:
   vfioproxy realize --socket /tmp/device.sock
-  vfioproxy realize --socket /tmp/proxy.sock --workload 8 --irq msix --json"""
+  vfioproxy realize --socket /tmp/proxy.sock --workload 8 --irq msix --json
+  vfioproxy realize --socket /tmp/device.sock --workload 2 -v"""
 
 
 def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,6 +74,8 @@ def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
                          help=f"PCI vendor id, 0x0000..0xffff (default {device.vendor_id:#06x})")
     p_serve.add_argument("--device-id", type=pci_id, default=device.device_id, metavar="ID",
                          help=f"PCI device id, 0x0000..0xffff (default {device.device_id:#06x})")
+    p_serve.add_argument("--no-rom", action="store_true",
+                         help="a device without expansion ROM (region 6 of size 0, ROM BAR 0)")
     p_serve.add_argument("--write-multiple", action="store_true",
                          help="offer REGION_WRITE_MULTI in the VERSION reply")
     p_serve.add_argument("--dma-layout", choices=["auto", *LAYOUTS], default="auto",
@@ -94,6 +97,9 @@ def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p_realize.add_argument("--no-ram-fd", action="store_true",
                            help="map guest RAM without its memfd (device DMA goes by message)")
     p_realize.add_argument("--no-rombar", action="store_true", help="skip the ROM probe")
+    p_realize.add_argument("--rom-load", action="store_true",
+                           help="after the reset, read the ROM as a guest's BIOS makes QEMU do "
+                           "(GET_REGION_INFO and REGION_READ of region 6)")
     p_realize.add_argument("--no-posted-writes", action="store_true",
                            help="never post BAR writes (QEMU's x-no-posted-writes=on)")
     p_realize.add_argument("--timeout", type=seconds(), default=DEFAULT_REPLY_TIMEOUT,
@@ -103,6 +109,9 @@ def add_peer_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p_realize.add_argument("--dma-layout", choices=LAYOUTS, default="qemu",
                            help="layout of this client's DMA_READ/DMA_WRITE replies")
     p_realize.add_argument("--json", action="store_true", help="the result as JSON")
+    p_realize.add_argument("-v", "--verbose", action="store_true",
+                           help="also list every command sent with its step (R1..R14, S1..S7, "
+                           "guest-reset, bar-mmio, intx-eoi, ...)")
     p_realize.set_defaults(func=cmd_realize)
 
 
@@ -116,12 +125,15 @@ def cmd_realize(args: argparse.Namespace) -> int:
         reply_timeout=args.timeout,
         dma_layout=DmaLayout(args.dma_layout),
         posted_writes=not args.no_posted_writes,
+        rom_load=args.rom_load,
     )
     result = trio.run(realize, args.socket, options)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print(result.summary())
+        if args.verbose:
+            print("\n".join(step.text() for step in result.steps))
     return 0
 
 
@@ -130,6 +142,7 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         vendor_id=args.vendor_id,
         device_id=args.device_id,
         write_multiple=args.write_multiple,
+        rom=not args.no_rom,
         client_dma_layout=None if args.dma_layout == "auto" else DmaLayout(args.dma_layout),
     )
 

@@ -8,6 +8,15 @@ driver would. Every method that waits honours ``RealizeOptions.reply_timeout``
 (QEMU's ``x-msg-timeout``) and fails with :class:`RealizeError`, which names
 the step, instead of hanging.
 
+The client knows the step it is in: every command it sends is noted with
+its step (``R1``..``R14``, ``S1``..``S7``, a later reset as ``guest-reset``,
+and after it the running categories ``rom-load``, ``guest-config``,
+``msix-enable``, ``bar-mmio``, ``bar-mmio-posted``, ``pba-read`` and
+``intx-eoi``; :mod:`vfioproxy.protocol.steps`), and the reply takes its
+command's step: :attr:`RealizeResult.steps`. Clients given one
+:class:`~vfioproxy.peers.endpoint.MessageIds` number their commands from one
+counter, as QEMU does for every device of a process.
+
 While it runs, the client answers the server's DMA_READ/DMA_WRITE from its
 guest memory (:mod:`vfioproxy.peers.guest_memory`). Those commands are read
 in the spec layout, the one libvfio-user and the reference server send; real
@@ -52,6 +61,7 @@ from vfioproxy.peers.endpoint import (
     DEFAULT_REPLY_TIMEOUT,
     Endpoint,
     ErrorReplyError,
+    MessageIds,
     PendingReply,
     ReplyTimeoutError,
 )
@@ -84,17 +94,24 @@ from vfioproxy.protocol.constants import (
     RegionFlags,
     flag_names,
 )
-from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, Command
+from vfioproxy.protocol.header import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER_SIZE,
+    Command,
+    command_name,
+)
 from vfioproxy.protocol.offsets import VERSION_NUMBERS
 from vfioproxy.protocol.pci import (
     Capability,
     CapId,
+    Region,
     bar_offset,
     find_capability,
     format_size,
     region_name,
     walk_capabilities,
 )
+from vfioproxy.protocol.steps import REALIZE_STEPS, RESET_STEPS, STEP_ORDER, UNLABELLED
 from vfioproxy.side import Side
 
 __all__ = [
@@ -109,6 +126,7 @@ __all__ = [
     "RealizeOptions",
     "RealizeResult",
     "RegionFacts",
+    "StepMessage",
     "Timings",
     "WorkloadFacts",
     "expected_output",
@@ -186,7 +204,9 @@ class RealizeOptions:
     (QEMU's ``rombar``); ``reply_timeout``: seconds to wait for each reply
     (QEMU's ``x-msg-timeout``); ``dma_layout``: the layout of this client's
     DMA_READ/DMA_WRITE replies; ``posted_writes``: post memory-BAR writes
-    when QEMU would (False: QEMU's ``x-no-posted-writes=on``).
+    when QEMU would (False: QEMU's ``x-no-posted-writes=on``); ``rom_load``:
+    after the reset, load the ROM as the guest's BIOS makes QEMU do
+    (:meth:`RealizeClient.load_rom`; nothing without a ROM BAR).
     """
 
     workload: int = attrs.field(default=0, validator=attrs.validators.ge(0))
@@ -199,6 +219,7 @@ class RealizeOptions:
     )
     dma_layout: DmaLayout = attrs.field(default=DmaLayout.QEMU, converter=DmaLayout)
     posted_writes: bool = True
+    rom_load: bool = False
 
 
 class RealizeError(VfioProxyError):
@@ -344,8 +365,28 @@ class DoorbellResult:
 
 
 @attrs.frozen
+class StepMessage:
+    """One command the client sent and the step it sent it in (the reply, if
+    any, belongs to the same step); inside a ``guest-reset``, ``substep`` is the
+    reset step it repeats (``S4``); ``posted``: sent without asking for a reply."""
+
+    msg_id: int
+    command: int
+    step: str
+    substep: str = ""
+    posted: bool = False
+
+    def text(self) -> str:
+        """``#12 REGION_READ R7``, ``#90 DEVICE_RESET guest-reset S4``."""
+        step = f"{self.step} {self.substep}" if self.substep else self.step
+        return f"#{self.msg_id} {command_name(self.command)}{' posted' if self.posted else ''} " \
+            f"{step}"
+
+
+@attrs.frozen
 class RealizeResult:
-    """The device as the client saw it, how long each phase took, what went over the wire."""
+    """The device as the client saw it, how long each phase took, what went over
+    the wire; ``steps``: every command sent, in order, with its step."""
 
     version: tuple[int, int] | None
     server_capabilities: dict[str, Any]
@@ -361,6 +402,7 @@ class RealizeResult:
     regions: tuple[RegionFacts, ...]
     bars: tuple[BarFacts, ...]
     rom_size: int | None
+    rom_loaded: int | None
     capabilities: tuple[CapabilityFacts, ...]
     msix: MsixFacts | None
     msi_control: int | None
@@ -375,6 +417,7 @@ class RealizeResult:
     received: dict[str, int]
     unexpected_replies: int
     warnings: tuple[str, ...]
+    steps: tuple[StepMessage, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -406,7 +449,8 @@ class RealizeResult:
                 text += f" sparse {areas} ({len(region.mmapped)} mmapped)"
             lines.append(text)
         if self.rom_size is not None:
-            lines.append(f"ROM: {format_size(self.rom_size) if self.rom_size else 'none'}")
+            loaded = "" if self.rom_loaded is None else f", loaded {self.rom_loaded} bytes"
+            lines.append(f"ROM: {format_size(self.rom_size) if self.rom_size else 'none'}{loaded}")
         caps = " ".join(f"{c.name}@{c.offset:#x}" for c in self.capabilities) or "none"
         lines.append(f"capabilities: {caps}")
         if self.msix is not None:
@@ -441,9 +485,16 @@ class RealizeResult:
         if self.dma_answers:
             lines.append("DMA answered: " + _counts(self.dma_answers))
         lines.append("sent: " + _counts(self.sent))
+        lines.append("steps: " + self.step_counts())
         lines.append("received: " + _counts(self.received))
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+    def step_counts(self) -> str:
+        """Commands per step, in step order: ``R1 1, R2 2, ..., intx-eoi 8``."""
+        counts = Counter(m.step for m in self.steps)
+        return ", ".join(f"{step} {counts[step]}" for step in STEP_ORDER if counts[step]) or "-"
 
 
 def _ms(seconds: float) -> str:
@@ -544,13 +595,16 @@ class RealizeClient:
     """One vfio-user connection driven the way QEMU drives it.
 
     Make one with :func:`open_realize_client`, which runs its receiving task
-    and closes everything on exit. Methods must be called from one task at a
+    and closes everything on exit; ``ids``, when given, numbers its commands
+    (shared with other clients). Methods must be called from one task at a
     time. Each waiting method gives up after ``options.reply_timeout`` per
     reply and raises :class:`RealizeError`; on cancellation a waiting command
     is forgotten and its late reply dropped.
     """
 
-    def __init__(self, stream: FdStream, options: RealizeOptions) -> None:
+    def __init__(
+        self, stream: FdStream, options: RealizeOptions, *, ids: MessageIds | None = None
+    ) -> None:
         self.options = options
         self.stream = stream
         self.memory = GuestMemory()
@@ -560,8 +614,13 @@ class RealizeClient:
             handler=self._handle_server_command,
             dialects=Dialects(client=options.dma_layout, server=DmaLayout.SPEC),
             reply_timeout=options.reply_timeout,
+            ids=ids,
         )
         self._closed = False
+        #: the step of the commands sent now, and every command sent with its step
+        self._label = (UNLABELLED, "")
+        self.steps: list[StepMessage] = []
+        self.resets = 0
         self._fatal: str | None = None
         self._outstanding: list[PendingReply] = []
         self.warnings: list[str] = []
@@ -578,6 +637,7 @@ class RealizeClient:
         self.config = b""
         self.capabilities: tuple[Capability, ...] = ()
         self.rom_size: int | None = None
+        self.rom: bytes | None = None
         self.bar_values: dict[int, int] = {}
         self.msix: MsixFacts | None = None
         self.msi_control: int | None = None
@@ -891,8 +951,14 @@ class RealizeClient:
     # ================================================================= reset
 
     async def reset(self) -> None:
-        """S1–S7: QEMU's ``vfio_user_pci_reset`` and q35's memory re-layout."""
+        """S1–S7: QEMU's ``vfio_user_pci_reset`` and q35's memory re-layout.
+
+        The first reset is the machine reset after realize (steps S1–S7); a
+        later one is the guest's, labelled ``guest-reset`` (errors still name
+        the S step).
+        """
         start = trio.current_time()
+        self.resets += 1
         await self._s1_disable_interrupts()
         await self._s2_quiesce()
         await self._s3_force_d0()
@@ -950,6 +1016,46 @@ class RealizeClient:
         with self._step("S7", "q35 memory re-layout"):
             await self._relayout(reset_windows(ram_fd=self.options.ram_fd))
 
+    # ================================================================= guest
+
+    async def load_rom(self) -> bytes | None:
+        """The guest's first read of the ROM BAR: QEMU's ``vfio_pci_load_rom``
+        (realize-steps §2.2), step ``rom-load``.
+
+        RI(6, 32) (asked again with a larger argsz, as at R4), then REGION_READ
+        of region 6 from 0 for the whole size, asking again from where a short
+        reply stopped until a 0-byte reply. Returns the ROM; None, as in QEMU,
+        when there is nothing to read: no ROM BAR at R8 (no message at all), a
+        region of size 0, or one larger than the server's
+        ``max_data_xfer_size`` (QEMU's local EINVAL: RI(6) only, a warning).
+        Once per client, as QEMU loads it once per process. An error reply
+        fails with :class:`RealizeError` ``ROM`` (QEMU would go on with a ROM
+        that reads 0xff).
+        """
+        if not self.rom_size:
+            return None
+        if self.rom is not None or Region.ROM in self.regions:
+            return self.rom
+        with self._step("ROM", "ROM load", label="rom-load"):
+            self.regions[Region.ROM] = region = await self._region_info(Region.ROM)
+            size = region.info.size
+            if not size:
+                return None
+            if size > self.max_xfer:
+                self.warnings.append(
+                    f"ROM of {size} bytes exceeds the server's max_data_xfer_size "
+                    f"{self.max_xfer}: not read (QEMU fails it with EINVAL; the ROM reads 0xff)"
+                )
+                return None
+            rom = bytearray()
+            while len(rom) < size:
+                data = await self._region_read_some(Region.ROM, len(rom), size - len(rom))
+                if not data:
+                    break
+                rom += data
+        self.rom = bytes(rom)
+        return self.rom
+
     # ================================================================= interrupts
 
     async def _intx_enable(self, step: str) -> None:
@@ -994,11 +1100,12 @@ class RealizeClient:
         if not vectors:
             raise RealizeError(step, "MSI-X enable", "the server offers no MSI-X vectors")
         control = (msix.control & ~_MSIX_MASKALL) | _MSIX_ENABLE
-        with self._step(step, "MSI-X enable"):
+        with self._step(step, "MSI-X enable", label="guest-config"):
             await self._config_write(msix.offset + 2, _le(control, 2))
-        if self.interrupt == "intx":
-            await self._intx_disable(step)
-        with self._step(step, "MSI-X enable"):
+        with self._labelled("msix-enable"):
+            if self.interrupt == "intx":
+                await self._intx_disable(step)
+        with self._step(step, "MSI-X enable", label="msix-enable"):
             await self._set_irqs(IrqIndex.MSIX, _EVENTFD_TRIGGER, 0, 1)
             self.interrupt = "msix"
             for nr in range(vectors):
@@ -1058,7 +1165,7 @@ class RealizeClient:
             )
         if self.bar_values.get(0, 1) & 0x1:
             raise RealizeError("W0", "workload", "BAR0 is not a memory BAR")
-        with self._step("W1", "command register: memory + bus master"):
+        with self._step("W1", "command register: memory + bus master", label="guest-config"):
             await self._config_write(_COMMAND, _le(_COMMAND_DRIVER, 2))
         if self.options.irq == "msix":
             if self.interrupt != "msix":
@@ -1165,7 +1272,8 @@ class RealizeClient:
     async def bar_read(self, region: int, offset: int, count: int) -> bytes:
         """A guest read of a BAR: REGION_READ (always waited), then QEMU's INTx EOI
         if an interrupt is pending."""
-        with self._step("MMIO", f"read of {region_name(region)} @{offset:#x}"):
+        label = "pba-read" if self._in_pba(region, offset) else "bar-mmio"
+        with self._step("MMIO", f"read of {region_name(region)} @{offset:#x}", label=label):
             data = await self._region_read(region, offset, count)
             await self._eoi()
         return data
@@ -1179,20 +1287,35 @@ class RealizeClient:
     async def _bar_write(self, region: int, offset: int, data: bytes) -> None:
         if self._posted(region):
             self._check_xfer(len(data))
+            msg_id = self.endpoint.allocate_id()
             await self.endpoint.send_command(
                 Command.REGION_WRITE,
                 RegionAccessBody(offset, region, len(data), data),
                 no_reply=True,
+                msg_id=msg_id,
+            )
+            self.steps.append(
+                StepMessage(msg_id, Command.REGION_WRITE, "bar-mmio-posted", posted=True)
             )
         else:
-            await self._region_write(region, offset, data)
+            with self._labelled("bar-mmio"):
+                await self._region_write(region, offset, data)
         await self._eoi()
 
     async def _eoi(self) -> None:
         """``vfio_pci_intx_eoi``: after a BAR access, unmask INTx if it fired."""
         if self.intx_pending:
             self.intx_pending = False
-            await self._set_irqs(IrqIndex.INTX, _NONE_UNMASK, 0, 1)
+            with self._labelled("intx-eoi"):
+                await self._set_irqs(IrqIndex.INTX, _NONE_UNMASK, 0, 1)
+
+    def _in_pba(self, region: int, offset: int) -> bool:
+        """Whether a read of ``region`` at ``offset`` is a read of the MSI-X PBA
+        (QEMU's ``vfio_user_pba_read``): one bit per entry, in 64-bit words."""
+        msix = self.msix
+        if msix is None or region != msix.pba_bar:
+            return False
+        return msix.pba_offset <= offset < msix.pba_offset + -(-msix.entries // 64) * 8
 
     def _posted(self, region: int) -> bool:
         """Posted only for a memory BAR, with posted writes on and no region reporting MMAP."""
@@ -1202,10 +1325,35 @@ class RealizeClient:
     # ================================================================= messages
 
     @contextmanager
-    def _step(self, step: str, what: str) -> Iterator[None]:
-        """Turn what can go wrong inside a step into one :class:`RealizeError`."""
+    def _labelled(self, label: str, substep: str = "") -> Iterator[None]:
+        """The commands sent inside belong to step ``label`` (``substep``: see
+        :class:`StepMessage`)."""
+        outer, self._label = self._label, (label, substep)
         try:
             yield
+        finally:
+            self._label = outer
+
+    def _label_of(self, step: str) -> tuple[str, str] | None:
+        """The label of error step ``step``: itself for R and S steps, but
+        ``guest-reset`` (with ``step`` as substep) in a reset after the first;
+        None for the others."""
+        if step in RESET_STEPS:
+            return ("guest-reset", step) if self.resets > 1 else (step, "")
+        return (step, "") if step in REALIZE_STEPS else None
+
+    @contextmanager
+    def _step(self, step: str, what: str, *, label: str | None = None) -> Iterator[None]:
+        """Turn what can go wrong inside a step into one :class:`RealizeError`;
+        the commands sent inside belong to ``label`` (default: ``step``'s, see
+        :meth:`_label_of`; none: the label around it stays)."""
+        labelled = (label, "") if label else self._label_of(step)
+        try:
+            if labelled is None:
+                yield
+            else:
+                with self._labelled(*labelled):
+                    yield
         except _Problem as exc:
             raise RealizeError(step, what, str(exc), errno=exc.errno) from None
         except ErrorReplyError as exc:
@@ -1224,6 +1372,7 @@ class RealizeClient:
         pending = await self.endpoint.send_command(command, body, fds=fds)
         assert pending is not None
         self._outstanding.append(pending)
+        self.steps.append(StepMessage(pending.request.msg_id, command, *self._label))
         return pending
 
     async def _collect(self, pending: PendingReply, *, rsize: int, max_fds: int = 0) -> Message:
@@ -1271,6 +1420,13 @@ class RealizeClient:
 
     async def _region_read(self, region: int, offset: int, count: int) -> bytes:
         """REGION_READ, all ``count`` bytes or a failure (QEMU's short-read checks)."""
+        data = await self._region_read_some(region, offset, count)
+        if len(data) < count:
+            raise _Problem(f"short read: {len(data)} of {count} bytes")
+        return data
+
+    async def _region_read_some(self, region: int, offset: int, count: int) -> bytes:
+        """REGION_READ: the bytes the reply carries, at most ``count`` (more fails)."""
         self._check_xfer(count)
         reply = await self._request(
             Command.REGION_READ, RegionAccessBody(offset, region, count), rsize=32 + count
@@ -1283,9 +1439,7 @@ class RealizeClient:
             raise _Problem(
                 f"reply count {body.count} is above the {count} asked", errno_module.E2BIG
             )
-        if body.count < count or len(body.data) < count:
-            raise _Problem(f"short read: {min(body.count, len(body.data))} of {count} bytes")
-        return body.data[:count]
+        return body.data[: min(body.count, count)]
 
     async def _region_write(self, region: int, offset: int, data: bytes) -> None:
         """A waited REGION_WRITE (QEMU reads nothing of its reply but the error)."""
@@ -1413,6 +1567,7 @@ class RealizeClient:
             regions=regions,
             bars=bars,
             rom_size=self.rom_size,
+            rom_loaded=None if self.rom is None else len(self.rom),
             capabilities=tuple(
                 CapabilityFacts(c.name, c.cap_id, c.offset, c.extended)
                 for c in self.capabilities
@@ -1431,6 +1586,7 @@ class RealizeClient:
             received=dict(self.endpoint.received),
             unexpected_replies=self.endpoint.unexpected_replies,
             warnings=tuple(self.warnings),
+            steps=tuple(self.steps),
         )
 
     async def aclose(self) -> None:
@@ -1483,12 +1639,17 @@ def _decode(parse: Callable[[bytes, BodyContext], T], reply: Message) -> T:
 
 @asynccontextmanager
 async def open_realize_client(
-    target: str | os.PathLike[str] | FdStream, options: RealizeOptions | None = None
+    target: str | os.PathLike[str] | FdStream,
+    options: RealizeOptions | None = None,
+    *,
+    ids: MessageIds | None = None,
 ) -> AsyncIterator[RealizeClient]:
     """A connected :class:`RealizeClient` whose receiving task runs until exit.
 
     ``target`` is the server's socket path or an :class:`FdStream` (the
-    client takes it over); a path that cannot be connected to raises
+    client takes it over); ``ids`` numbers its commands, shared with other
+    clients given the same one (default: its own counter from 0). A path that
+    cannot be connected to raises
     :class:`RealizeError` ``R0`` (QEMU's ``vfio_user_connect_dev``). On exit,
     normal or not, the receiving task stops and every fd, mapping and the
     stream are closed. An exception from the body propagates unchanged (not
@@ -1503,7 +1664,7 @@ async def open_realize_client(
         except OSError as exc:
             raise RealizeError("R0", f"connect to {os.fspath(target)}", os_reason(exc)) from exc
     try:
-        client = RealizeClient(stream, options)
+        client = RealizeClient(stream, options, ids=ids)
     except BaseException:
         await stream.aclose()
         raise
@@ -1526,7 +1687,8 @@ async def open_realize_client(
 async def realize(
     target: str | os.PathLike[str] | FdStream, options: RealizeOptions | None = None
 ) -> RealizeResult:
-    """Realize, then (by default) the machine reset, then the workload; the result.
+    """Realize, then (by default) the machine reset, then (if asked) the ROM
+    load, then the workload; the result.
 
     Raises :class:`RealizeError` naming the step that failed. Everything is
     closed on return, on error and on cancellation.
@@ -1536,6 +1698,8 @@ async def realize(
         await client.realize()
         if options.reset:
             await client.reset()
+        if options.rom_load:
+            await client.load_rom()
         if options.workload:
             await client.run_workload(options.workload)
         return client.result()

@@ -63,6 +63,23 @@ class ReplyTimeoutError(VfioProxyError):
     """No reply came within the timeout (the command is forgotten, as QEMU does)."""
 
 
+class MessageIds:
+    """The msg_ids of one or more endpoints' commands, 0..0xffff then 0 again.
+
+    An endpoint makes its own; endpoints given one shared instance number
+    their commands from one counter, as QEMU does for every device of a
+    process (so each connection sees gaps in its ids).
+    """
+
+    def __init__(self, first: int = 0) -> None:
+        self.next = first & 0xFFFF
+
+    def allocate(self) -> int:
+        msg_id = self.next
+        self.next = (msg_id + 1) & 0xFFFF
+        return msg_id
+
+
 class PendingReply:
     """A sent command whose reply has not been collected yet."""
 
@@ -111,7 +128,11 @@ class PendingReply:
 
 
 class Endpoint:
-    """A vfio-user connection seen from one side (``side``: who we are)."""
+    """A vfio-user connection seen from one side (``side``: who we are).
+
+    Its commands are numbered from ``first_id``, or from ``ids`` when several
+    endpoints share one :class:`MessageIds`.
+    """
 
     def __init__(
         self,
@@ -122,6 +143,7 @@ class Endpoint:
         dialects: Dialects = DEFAULT_DIALECTS,
         reply_timeout: float | None = DEFAULT_REPLY_TIMEOUT,
         first_id: int = 0,
+        ids: MessageIds | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.stream = stream
@@ -130,7 +152,7 @@ class Endpoint:
         self.dialects = dialects
         self.reply_timeout = reply_timeout
         self.max_message_size = max_message_size
-        self.next_id = first_id & 0xFFFF
+        self.ids = MessageIds(first_id) if ids is None else ids
         self.sent: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
         self.unexpected_replies = 0
@@ -141,10 +163,17 @@ class Endpoint:
 
     # ------------------------------------------------------------- sending
 
+    @property
+    def next_id(self) -> int:
+        """The msg_id the next command gets."""
+        return self.ids.next
+
+    @next_id.setter
+    def next_id(self, value: int) -> None:
+        self.ids.next = value & 0xFFFF
+
     def allocate_id(self) -> int:
-        msg_id = self.next_id
-        self.next_id = (msg_id + 1) & 0xFFFF
-        return msg_id
+        return self.ids.allocate()
 
     async def send(self, message: Message) -> None:
         """Send ``message`` exactly as it is (fds as SCM_RIGHTS with it)."""

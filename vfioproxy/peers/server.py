@@ -37,7 +37,6 @@ from vfioproxy.peers.device import (
     IRQ_INFO_FLAGS,
     MAX_DMA_MAPS,
     NUM_REGIONS,
-    REGION_SIZES,
     Device,
     DeviceError,
     DmaFault,
@@ -141,6 +140,8 @@ class DeviceOptions:
     """What ``vfioproxy serve-device`` can change about the device.
 
     ``vendor_id``/``device_id``: the PCI ids in config space (and the ROM).
+    ``rom``: whether the device has its expansion ROM (False: region 6 has
+    size 0 and the ROM BAR reads 0, so QEMU's R8 finds no ROM BAR).
     ``write_multiple``: offer REGION_WRITE_MULTI in the VERSION reply (and
     accept it). ``client_dma_layout``: how to read the client's DMA_READ /
     DMA_WRITE replies; ``None`` detects it from the client's VERSION
@@ -151,6 +152,7 @@ class DeviceOptions:
     device_id: int = attrs.field(default=L.DEVICE_ID, validator=_pci_id)
     write_multiple: bool = False
     client_dma_layout: DmaLayout | None = None
+    rom: bool = True
 
 
 def server_capabilities(options: DeviceOptions) -> Capabilities:
@@ -202,7 +204,8 @@ class ServerSession:
         self.options = options
         self.name = name
         self.device = Device(
-            vendor_id=options.vendor_id, device_id=options.device_id, transport=self
+            vendor_id=options.vendor_id, device_id=options.device_id, transport=self,
+            rom=options.rom,
         )
         # libvfio-user numbers its DMA commands from 1
         self.endpoint = Endpoint(stream, Side.SERVER, handler=self.handle, first_id=1)
@@ -366,8 +369,8 @@ class ServerSession:
         body = _body(message, RegionInfoBody)
         if body.argsz < RegionInfoBody.FIXED.size or body.index >= NUM_REGIONS:
             raise _refuse(f"bad region info request: index {body.index} argsz {body.argsz}")
-        size = REGION_SIZES.get(body.index, 0)
-        flags = _REGION_FLAGS.get(body.index, 0)
+        size = self.device.region_size(body.index)
+        flags = _REGION_FLAGS.get(body.index, 0) if size else 0
         if body.index != Region.BAR2 or self.client_max_msg_fds < 1:
             return build_reply(message, RegionInfoBody.build(index=body.index, flags=flags,
                                                              size=size))

@@ -81,8 +81,12 @@ def _bar_wmask(size: int, low: int) -> int:
     return ~(size - 1) & 0xFFFFFFFF & ~low
 
 
-def power_on_config(vendor_id: int, device_id: int) -> ConfigSpace:
-    """The config space of layout.py at power-on: type-0 header, PM → MSI → PCIe → MSI-X."""
+def power_on_config(vendor_id: int, device_id: int, *, rom: bool = True) -> ConfigSpace:
+    """The config space of layout.py at power-on: type-0 header, PM → MSI → PCIe → MSI-X.
+
+    Without ``rom`` the ROM BAR is read-only 0, as on hardware with no
+    expansion ROM (sizing it reads back 0: no ROM BAR).
+    """
     c = ConfigSpace()
     c.define(0x00, 2, vendor_id)
     c.define(0x02, 2, device_id)
@@ -97,7 +101,8 @@ def power_on_config(vendor_id: int, device_id: int) -> ConfigSpace:
     c.define(BAR0_OFFSET + 12, 4, 0x0, wmask=0xFFFFFFFF)  # BAR2's upper half
     c.define(0x2C, 2, L.SUBSYSTEM_VENDOR_ID)
     c.define(0x2E, 2, L.SUBSYSTEM_ID)
-    c.define(ROM_BAR, 4, 0, wmask=_bar_wmask(L.ROM_SIZE, 0x7FF) | 0x1)  # address + enable
+    if rom:
+        c.define(ROM_BAR, 4, 0, wmask=_bar_wmask(L.ROM_SIZE, 0x7FF) | 0x1)  # address + enable
     c.define(CAP_PTR, 1, L.CAP_PM)
     c.define(0x3C, 1, 0, wmask=0xFF)  # interrupt line
     c.define(0x3D, 1, 0x01)  # interrupt pin INTA#

@@ -90,10 +90,12 @@ class Device:
         vendor_id: int = L.VENDOR_ID,
         device_id: int = L.DEVICE_ID,
         transport: MessageDma | None = None,
+        rom: bool = True,
     ) -> None:
         self.vendor_id = vendor_id
         self.device_id = device_id
-        self.rom = build_rom(vendor_id, device_id)
+        #: the expansion ROM (empty without one: region 6 has size 0, the ROM BAR reads 0)
+        self.rom = build_rom(vendor_id, device_id) if rom else b""
         #: BAR2's memory: the fd a region-info reply passes; the client's mmap sees the same bytes
         self.bar2_fd = make_memfd("vfioproxy-bar2", L.BAR2_SIZE)
         try:
@@ -109,7 +111,7 @@ class Device:
         self._power_on()
 
     def _power_on(self) -> None:
-        self.config = power_on_config(self.vendor_id, self.device_id)
+        self.config = power_on_config(self.vendor_id, self.device_id, rom=bool(self.rom))
         self.regs = Registers()
         self.bar1 = bytearray(_BAR1_SCRATCH)
         # Vector control mask bits start clear, where the PCI spec has them set:
@@ -133,12 +135,17 @@ class Device:
 
     # ----------------------------------------------------------- regions
 
-    @staticmethod
-    def check_region_access(index: int, offset: int, count: int) -> None:
+    def region_size(self, index: int) -> int:
+        """Region ``index``'s size (0: the device does not have it)."""
+        if index == Region.ROM:
+            return len(self.rom)
+        return REGION_SIZES.get(index, 0)
+
+    def check_region_access(self, index: int, offset: int, count: int) -> None:
         """EINVAL unless ``[offset, offset+count)`` lies inside region ``index``."""
         if index >= NUM_REGIONS:
             raise DeviceError(errno.EINVAL, f"no region {index}")
-        if offset + count > REGION_SIZES.get(index, 0):
+        if offset + count > self.region_size(index):
             raise DeviceError(
                 errno.EINVAL, f"access [{offset:#x}+{count:#x}) outside region {index}"
             )

@@ -15,6 +15,13 @@ from typing import Any
 
 import attrs
 
+from vfioproxy.protocol.steps import (
+    REALIZE_STEPS,
+    RESET_STEPS,
+    RUNNING_STEPS,
+    STEP_ORDER,
+    UNLABELLED,
+)
 from vfioproxy.side import Direction
 
 __all__ = [
@@ -28,20 +35,6 @@ __all__ = [
     "SessionTimeline",
     "StepTimes",
 ]
-
-#: realize steps, in QEMU's order (realize-steps.md §1.1)
-REALIZE_STEPS = tuple(f"R{i}" for i in range(1, 15))
-#: machine-reset steps (realize-steps.md §1.4)
-RESET_STEPS = tuple(f"S{i}" for i in range(1, 8))
-#: what the running guest causes (realize-steps.md §2.1)
-RUNNING_STEPS = (
-    "rom-load", "bar-mmio", "bar-mmio-posted", "pba-read", "intx-eoi", "guest-config",
-    "guest-memory-map", "msi-enable", "msix-enable", "guest-reset", "device-dma",
-)
-#: a message no rule recognised (its label's ``reason`` says why)
-UNLABELLED = "unlabelled"
-#: every step in display order
-STEP_ORDER = (*REALIZE_STEPS, *RESET_STEPS, *RUNNING_STEPS, UNLABELLED)
 
 
 @attrs.frozen
