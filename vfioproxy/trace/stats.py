@@ -10,11 +10,10 @@ from typing import Any
 import attrs
 
 from recorder.records import EventRecord, MessageRecord
-from vfioproxy.protocol.pci import format_size
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, TornMessage
 from vfioproxy.trace.tables import table, table_lines
-from vfioproxy.trace.timeline.model import SessionTimeline, StepTimes
-from vfioproxy.trace.timeline.steps import STEP_INFO
+from vfioproxy.trace.timeline.model import SessionTimeline
+from vfioproxy.trace.timeline.table import session_lines
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -174,43 +173,14 @@ def text_report(stats: TraceStats) -> list[str]:
     ]
 
 
-def _ms(ns: int) -> str:
-    return f"{ns / 1e6:.3f}"
-
-
-def _rom(step: StepTimes) -> str:
-    if step.rom_bytes is None:
-        return ""
-    rate = step.rom_throughput
-    at = f" at {rate / 1e6:.1f} MB/s" if rate is not None else ""
-    return f"{format_size(step.rom_bytes)}{at}"
-
-
-def _session_line(timeline: SessionTimeline) -> str:
-    line = (f"session {timeline.session}: {len(timeline.messages)} messages, "
-            f"{timeline.unlabelled} unlabelled")
-    if timeline.cut_short:
-        line += "; cut short: the trace ends inside this session, labelled up to its end"
-    return line
-
-
 def by_step_report(timelines: Sequence[SessionTimeline]) -> list[str]:
-    """``trace stats --by-step`` for people: per session, one row per step (start
-    relative to the session's first message, times in ms)."""
+    """``trace stats --by-step`` for people: per session, the step table of
+    ``trace timeline`` (:func:`vfioproxy.trace.timeline.table.session_lines`)."""
     lines: list[str] = []
     for timeline in timelines:
-        start = min((m.t_ns for m in timeline.messages), default=0)
-        rows = [
-            (s.step, STEP_INFO[s.step].name, s.messages, s.uncertain, _ms(s.first_ns - start),
-             _ms(s.duration_ns), _ms(s.server_ns), _ms(s.client_ns), s.bytes, _rom(s))
-            for s in timeline.steps
-        ]
-        columns = ("step", "what", "msgs", "unsure", "start ms", "duration ms", "server ms",
-                   "client ms", "bytes", "ROM read")
         if lines:
             lines.append("")
-        lines += [_session_line(timeline), "",
-                  *table_lines([table(None, columns, rows, left=2, text_last=True)])]
+        lines += session_lines(timeline)
     return lines or ["no client session with messages in the trace"]
 
 
