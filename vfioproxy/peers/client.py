@@ -102,12 +102,19 @@ from vfioproxy.protocol.header import (
 )
 from vfioproxy.protocol.offsets import VERSION_NUMBERS
 from vfioproxy.protocol.pci import (
+    COMMAND_REGISTER,
+    INTERRUPT_PIN,
+    ROM_ADDRESS_MASK,
+    ROM_BAR,
     Capability,
     CapId,
     Region,
     bar_offset,
     find_capability,
     format_size,
+    msix_location,
+    msix_pba_size,
+    msix_vectors,
     region_name,
     walk_capabilities,
 )
@@ -164,12 +171,8 @@ MAX_REGION_INFO_ASKS = 4
 
 _BAR_COUNT = 6
 _CONFIG = 7
-_COMMAND = 0x04
 _COMMAND_QUIESCE = 0x0407  # I/O, memory, bus master, INTx disable
 _COMMAND_DRIVER = 0x0006  # memory + bus master
-_ROM_BAR = 0x30
-_ROM_MASK = 0xFFFFF800
-_INTERRUPT_PIN = 0x3D
 _MSIX_ENABLE = 0x8000
 _MSIX_MASKALL = 0x4000
 _PM_STATE_MASK = 0x3
@@ -829,11 +832,11 @@ class RealizeClient:
         if not self.options.rombar:
             return
         with self._step("R8", "ROM BAR size probe"):
-            original = await self._region_read(_CONFIG, _ROM_BAR, 4)
-            await self._config_write(_ROM_BAR, _le(_ROM_MASK, 4))
-            mask = _u32(await self._region_read(_CONFIG, _ROM_BAR, 4))
-            await self._config_write(_ROM_BAR, original)
-        self.rom_size = (~(mask & _ROM_MASK) + 1) & 0xFFFFFFFF
+            original = await self._region_read(_CONFIG, ROM_BAR, 4)
+            await self._config_write(ROM_BAR, _le(ROM_ADDRESS_MASK, 4))
+            mask = _u32(await self._region_read(_CONFIG, ROM_BAR, 4))
+            await self._config_write(ROM_BAR, original)
+        self.rom_size = (~(mask & ROM_ADDRESS_MASK) + 1) & 0xFFFFFFFF
 
     async def _r9_bar_types(self) -> None:
         """R9: ``vfio_bar_prepare``: read each BAR register whose region size is not 0."""
@@ -861,19 +864,19 @@ class RealizeClient:
                 Command.DEVICE_GET_IRQ_INFO, IrqInfoBody(16, 0, IrqIndex.MSIX), rsize=32
             )
             info = _decode(IrqInfoBody.parse, reply)
-            table_bar, pba_bar = table & 0x7, pba & 0x7
+            table_bar, table_offset = msix_location(table)
+            pba_bar, pba_offset = msix_location(pba)
             for what, bir in (("table", table_bar), ("PBA", pba_bar)):
                 if bir >= _BAR_COUNT:
                     raise _Problem(f"MSI-X {what} BIR {bir} is not a BAR")
-            pba_offset = pba & ~0x7
             if pba_offset >= self.regions[pba_bar].info.size:
                 pba_offset = self._pba_quirk(pba_offset)
             self.msix = MsixFacts(
                 p,
                 control,
-                (control & 0x7FF) + 1,
+                msix_vectors(control),
                 table_bar,
-                table & ~0x7,
+                table_offset,
                 pba_bar,
                 pba_offset,
                 info.count,
@@ -931,7 +934,7 @@ class RealizeClient:
     async def _r12_r13_intx(self) -> None:
         """R12: the interrupt pin; R13: INTx on if it is not 0."""
         with self._step("R12", "interrupt pin"):
-            self.pin = (await self._region_read(_CONFIG, _INTERRUPT_PIN, 1))[0]
+            self.pin = (await self._region_read(_CONFIG, INTERRUPT_PIN, 1))[0]
         if self.pin:
             await self._intx_enable("R13")
 
@@ -979,8 +982,8 @@ class RealizeClient:
     async def _s2_quiesce(self) -> None:
         """S2: clear I/O, memory, bus master and INTx disable in the command register."""
         with self._step("S2", "command register quiesce"):
-            command = _u16(await self._region_read(_CONFIG, _COMMAND, 2))
-            await self._config_write(_COMMAND, _le(command & ~_COMMAND_QUIESCE, 2))
+            command = _u16(await self._region_read(_CONFIG, COMMAND_REGISTER, 2))
+            await self._config_write(COMMAND_REGISTER, _le(command & ~_COMMAND_QUIESCE, 2))
 
     async def _s3_force_d0(self) -> None:
         """S3: with a PM capability, read PMCSR and force D0 if needed."""
@@ -1062,7 +1065,7 @@ class RealizeClient:
         """``vfio_intx_enable`` (R13, S5, MSI-X fallback): read the pin; if set,
         a new eventfd as INTx trigger."""
         with self._step(step, "INTx enable"):
-            self.pin = (await self._region_read(_CONFIG, _INTERRUPT_PIN, 1))[0]
+            self.pin = (await self._region_read(_CONFIG, INTERRUPT_PIN, 1))[0]
             if not self.pin:
                 return
             fd = make_eventfd()
@@ -1166,7 +1169,7 @@ class RealizeClient:
         if self.bar_values.get(0, 1) & 0x1:
             raise RealizeError("W0", "workload", "BAR0 is not a memory BAR")
         with self._step("W1", "command register: memory + bus master", label="guest-config"):
-            await self._config_write(_COMMAND, _le(_COMMAND_DRIVER, 2))
+            await self._config_write(COMMAND_REGISTER, _le(_COMMAND_DRIVER, 2))
         if self.options.irq == "msix":
             if self.interrupt != "msix":
                 await self._msix_enable("W2")
@@ -1315,7 +1318,7 @@ class RealizeClient:
         msix = self.msix
         if msix is None or region != msix.pba_bar:
             return False
-        return msix.pba_offset <= offset < msix.pba_offset + -(-msix.entries // 64) * 8
+        return msix.pba_offset <= offset < msix.pba_offset + msix_pba_size(msix.entries)
 
     def _posted(self, region: int) -> bool:
         """Posted only for a memory BAR, with posted writes on and no region reporting MMAP."""
