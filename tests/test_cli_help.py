@@ -14,7 +14,7 @@ from vfioproxy.usage.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_U
 README = Path(__file__).resolve().parent.parent / "README.md"
 PARSERS = {parser.prog: parser for parser in commands(build_parser())}
 #: a command-line option as a whole word
-OPTION = re.compile(r"(?<![\w-])(--?[a-z][\w-]*)")
+OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 
 
 def options(parser):

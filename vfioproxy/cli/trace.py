@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from recorder.errors import TraceFormatError
@@ -12,7 +13,8 @@ from recorder.reader import TraceReader
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
 from vfioproxy.trace import show, stats
-from vfioproxy.trace.decoded import decoded_records
+from vfioproxy.trace.decoded import DecodedItem, decoded_records
+from vfioproxy.trace.filter import compile_filter, select
 from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.trace.sessions import TraceSessions
 from vfioproxy.trace.timeline.build import reader_timelines
@@ -22,19 +24,24 @@ from vfioproxy.trace.timeline.model import SessionTimeline
 from vfioproxy.trace.timeline.png import PNG_HINT, have_matplotlib, write_png
 from vfioproxy.trace.timeline.table import session_lines
 from vfioproxy.usage.output import claim_file, is_directory
+from vfioproxy.usage.types import integer
 
 __all__ = ["add_trace_commands"]
 
 SHOW_EXAMPLES = """\
 examples:
   vfioproxy trace show traces/reference-realize-001.trace
-  vfioproxy trace show --json --session 1 session.trace | jq .command"""
+  vfioproxy trace show --json --session 1 session.trace | jq .command
+  vfioproxy trace show -Y 'command == REGION_READ and region == ROM' session.trace
+  vfioproxy trace show -Y 'register == "COMMAND"' -c 3 session.trace"""
 
 STATS_EXAMPLES = """\
 examples:
   vfioproxy trace stats session.trace
   vfioproxy trace stats --json session.trace
-  vfioproxy trace stats --by-step traces/qemu-realize-gpio-001.trace"""
+  vfioproxy trace stats --by-step traces/qemu-realize-gpio-001.trace
+  vfioproxy trace stats -Y 'dir == c2s and region == config' session.trace
+  vfioproxy trace stats -Y 'step matches "^R"' -c 100 session.trace"""
 
 TIMELINE_EXAMPLES = """\
 examples:
@@ -74,6 +81,11 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         p.add_argument(
             "--server-dma", choices=LAYOUTS, help="DMA_READ/WRITE layout of the server (spec)"
         )
+        p.add_argument("-Y", "--filter", metavar="EXPR",
+                       help="only messages this display filter passes, e.g. "
+                       "'command == REGION_READ and region == ROM' (README: Display filters)")
+        p.add_argument("-c", "--count", metavar="N", type=integer(1),
+                       help="stop after N (matching) messages, e.g. -c 10")
 
     p_show = trace_commands.add_parser(
         "show", help="one line per message, decoded and PCI-aware", epilog=SHOW_EXAMPLES
@@ -124,6 +136,14 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p_import.set_defaults(func=cmd_trace_import)
 
 
+def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[DecodedItem]:
+    """The decoded items of ``reader`` that ``--session``, ``-Y`` and ``-c`` keep."""
+    items = decoded_records(reader, dialects=dialects(args), session=args.session)
+    if args.filter is None and args.count is None:
+        return items
+    return select(items, args.compiled, args.count)
+
+
 def _warn_truncated(reader: TraceReader) -> None:
     if reader.truncation is not None:
         print(f"vfioproxy: warning: {reader.path}: {reader.truncation}", file=sys.stderr)
@@ -146,10 +166,16 @@ def _check_session(args: argparse.Namespace) -> None:
         TraceSessions.read(args.file).require(args.session)
 
 
+def _compile(args: argparse.Namespace) -> None:
+    """``args.compiled``: ``-Y``'s expression parsed once, before the trace is read."""
+    args.compiled = None if args.filter is None else compile_filter(args.filter)
+
+
 def cmd_trace_show(args: argparse.Namespace) -> int:
+    _compile(args)
     with _open(args.file) as reader:
         _check_session(args)
-        items = decoded_records(reader, dialects=dialects(args), session=args.session)
+        items = _selected(reader, args)
         if args.json:
             show.write_lines(show.json_lines(items), sys.stdout)
         else:
@@ -162,11 +188,10 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
 def cmd_trace_stats(args: argparse.Namespace) -> int:
     if args.by_step:
         return _trace_stats_by_step(args)
+    _compile(args)
     with _open(args.file) as reader:
         _check_session(args)
-        result = stats.collect(
-            decoded_records(reader, dialects=dialects(args), session=args.session)
-        )
+        result = stats.collect(_selected(reader, args))
         if args.json:
             print(json.dumps(result.to_dict(), indent=2))
         else:
@@ -176,6 +201,8 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
 
 
 def _trace_stats_by_step(args: argparse.Namespace) -> int:
+    if args.filter is not None or args.count is not None:
+        raise UsageError("--by-step counts whole steps: it takes no -Y or -c")
     with _open(args.file) as reader:
         _check_session(args)
         timelines = [t for t in reader_timelines(reader, dialects=dialects(args))

@@ -1,0 +1,435 @@
+"""The display filter language: ``command == REGION_READ and region == ROM``.
+
+:func:`compile_filter` parses an expression once (tokenizer, recursive
+descent) into a :class:`Filter`, a predicate over
+:class:`~vfioproxy.trace.decoded.DecodedMessage`; :func:`select` applies it
+to a stream of decoded items. :data:`FIELDS` is the one table of fields: the
+parser, the "did you mean" suggestions and README's field table come from it.
+Sans-IO: nothing here reads a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno as errno_module
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import attrs
+
+from vfioproxy.errors import UsageError
+from vfioproxy.protocol.header import Command, command_name
+from vfioproxy.protocol.pci import Region, config_register_name, region_name
+from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
+from vfioproxy.trace.timeline.labels import label_messages
+
+__all__ = ["FIELDS", "FieldSpec", "Filter", "compile_filter", "select"]
+
+
+@attrs.frozen
+class _Context:
+    """What a field getter sees: the message, its session's first time, its step."""
+
+    message: DecodedMessage
+    session_start_ns: int
+    step: str | None
+
+
+Getter = Callable[[_Context], Any]
+
+
+@attrs.frozen
+class FieldSpec:
+    """One filter field. ``kind``: ``int``, ``number`` (may be fractional),
+    ``name`` (a number or a name ``names`` resolves), ``text``, ``bytes`` or
+    ``bool``; ``fold``: text compared case-insensitively by ``==``/``in``."""
+
+    name: str
+    kind: str
+    description: str
+    get: Getter
+    names: Callable[[int], str] | None = None
+    resolve: Callable[[str], int | None] | None = None
+    fold: bool = False
+
+
+def _body(ctx: _Context, attribute: str) -> Any:
+    return getattr(ctx.message.observation.message.body, attribute, None)
+
+
+def _kind(ctx: _Context) -> str:
+    header = ctx.message.observation.message.header
+    return "error" if header.is_error else "reply" if header.is_reply else "cmd"
+
+
+def _errno(ctx: _Context) -> int | None:
+    header = ctx.message.observation.message.header
+    return header.error if header.is_error else None
+
+
+def _register(ctx: _Context) -> str | None:
+    region, offset, count = (_body(ctx, a) for a in ("region", "offset", "count"))
+    if region != Region.CONFIG or offset is None or not count:
+        return None
+    return config_register_name(offset, count)
+
+
+def _data(ctx: _Context) -> bytes | None:
+    data = _body(ctx, "data")
+    return data if isinstance(data, bytes) else None
+
+
+def _enum_value(enum: Any) -> Callable[[str], int | None]:
+    def resolve(text: str) -> int | None:
+        member = enum.__members__.get(text.upper())
+        return None if member is None else int(member)
+    return resolve
+
+
+def _errno_value(text: str) -> int | None:
+    value = getattr(errno_module, text.upper(), None)
+    return value if isinstance(value, int) else None
+
+
+def _errno_name(value: int) -> str:
+    return errno_module.errorcode.get(value, str(value))
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("seq", "int", "the message's sequence number in the trace",
+              lambda c: c.message.record.seq),
+    FieldSpec("session", "int", "session number", lambda c: c.message.record.session),
+    FieldSpec("dir", "text", "direction: c2s or s2c",
+              lambda c: c.message.record.direction.value),
+    FieldSpec("kind", "text", "cmd, reply or error", _kind),
+    FieldSpec("command", "name", "command, by name (REGION_READ) or number",
+              lambda c: c.message.observation.message.command, command_name,
+              _enum_value(Command)),
+    FieldSpec("msg_id", "int", "header msg_id", lambda c: c.message.observation.message.msg_id),
+    FieldSpec("size", "int", "header size (bytes, header included)",
+              lambda c: c.message.observation.message.header.size),
+    FieldSpec("t", "number", "seconds since the session's first message",
+              lambda c: (c.message.record.t_ns - c.session_start_ns) / 1e9),
+    FieldSpec("latency", "number", "reply minus request, in microseconds (replies)",
+              lambda c: None if c.message.latency_ns is None else c.message.latency_ns / 1e3),
+    FieldSpec("region", "name", "region index or name: BAR0..BAR5, ROM, CONFIG, VGA",
+              lambda c: _body(c, "region"), region_name, _enum_value(Region)),
+    FieldSpec("offset", "int", "body offset (region accesses, region info)",
+              lambda c: _body(c, "offset")),
+    FieldSpec("count", "int", "body count (region and DMA accesses, ...)",
+              lambda c: _body(c, "count")),
+    FieldSpec("data", "bytes", "body data bytes; data[0:2] slices", _data),
+    FieldSpec("errno", "name", "error replies' errno, by number or name (EINVAL)",
+              _errno, _errno_name, _errno_value),
+    FieldSpec("fds", "int", "number of fds carried", lambda c: len(c.message.record.fds)),
+    FieldSpec("fd.kind", "text", "kinds of the fds carried (memfd, eventfd, ...); any matches",
+              lambda c: tuple(fd.kind.value for fd in c.message.record.fds)),
+    FieldSpec("violation", "bool", "the message broke a protocol rule",
+              lambda c: bool(c.message.observation.violations)),
+    FieldSpec("inject", "bool", "a fault-injection rule acted on the message",
+              lambda c: c.message.injection is not None),
+    FieldSpec("register", "text", "config-space register a config access covers (command)",
+              _register, fold=True),
+    FieldSpec("step", "text", "the realize timeline's step label (R7, S2?, ...)",
+              lambda c: c.step),
+)
+_BY_NAME = {f.name: f for f in FIELDS}
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<number>0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)
+  | (?P<string>"[^"]*")
+  | (?P<op>==|!=|<=|>=|<|>)
+  | (?P<punct>[(){}\[\],:])
+  | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
+""", re.VERBOSE)
+_KEYWORDS = {"and", "or", "not", "in", "contains", "matches"}
+
+
+@attrs.frozen
+class _Token:
+    kind: str
+    text: str
+    pos: int
+
+
+def _tokens(source: str) -> list[_Token]:
+    out: list[_Token] = []
+    pos = 0
+    while pos < len(source):
+        match = _TOKEN.match(source, pos)
+        if match is None:
+            raise UsageError(f"filter: unexpected {source[pos]!r} at {pos}")
+        kind = match.lastgroup or ""
+        if kind != "space":
+            out.append(_Token(kind, match.group(), pos))
+        pos = match.end()
+    out.append(_Token("end", "", len(source)))
+    return out
+
+
+Predicate = Callable[[_Context], bool]
+
+
+def _error(token: _Token, what: str) -> UsageError:
+    shown = f'"{token.text}"' if token.kind != "end" else "end of expression"
+    return UsageError(f"filter: {what} {shown} at {token.pos}")
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.tokens = _tokens(source)
+        self.i = 0
+        self.fields: set[str] = set()
+
+    def peek(self) -> _Token:
+        return self.tokens[self.i]
+
+    def take(self) -> _Token:
+        token = self.tokens[self.i]
+        self.i += 1
+        return token
+
+    def expect(self, text: str) -> _Token:
+        token = self.take()
+        if token.text != text:
+            raise _error(token, f'expected "{text}", got')
+        return token
+
+    def parse(self) -> Predicate:
+        predicate = self.or_()
+        if self.peek().kind != "end":
+            raise _error(self.peek(), "unexpected")
+        return predicate
+
+    def or_(self) -> Predicate:
+        parts = [self.and_()]
+        while self.peek().text == "or":
+            self.take()
+            parts.append(self.and_())
+        return parts[0] if len(parts) == 1 else (lambda c: any(p(c) for p in parts))
+
+    def and_(self) -> Predicate:
+        parts = [self.not_()]
+        while self.peek().text == "and":
+            self.take()
+            parts.append(self.not_())
+        return parts[0] if len(parts) == 1 else (lambda c: all(p(c) for p in parts))
+
+    def not_(self) -> Predicate:
+        if self.peek().text == "not":
+            self.take()
+            inner = self.not_()
+            return lambda c: not inner(c)
+        if self.peek().text == "(":
+            self.take()
+            inner = self.or_()
+            self.expect(")")
+            return inner
+        return self.comparison()
+
+    def field(self) -> tuple[FieldSpec, Getter]:
+        token = self.take()
+        if token.kind != "word" or token.text in _KEYWORDS:
+            raise _error(token, "expected a field name, got")
+        spec = _BY_NAME.get(token.text)
+        if spec is None:
+            near = difflib.get_close_matches(token.text, list(_BY_NAME), n=1)
+            hint = f'; did you mean "{near[0]}"?' if near else ""
+            raise UsageError(f'filter: unknown field "{token.text}" at {token.pos}{hint}')
+        self.fields.add(spec.name)
+        get = spec.get
+        if self.peek().text == "[":
+            if spec.kind != "bytes":
+                raise _error(self.peek(), f"field {spec.name} cannot be sliced:")
+            self.take()
+            start = self.integer()
+            self.expect(":")
+            stop = self.integer()
+            self.expect("]")
+            def get_slice(c: _Context, whole: Getter = spec.get) -> bytes | None:
+                data = whole(c)
+                return None if data is None or len(data) < stop else data[start:stop]
+            get = get_slice
+        return spec, get
+
+    def integer(self) -> int:
+        token = self.take()
+        if token.kind != "number" or "." in token.text:
+            raise _error(token, "expected an integer, got")
+        return int(token.text, 0)
+
+    def comparison(self) -> Predicate:
+        spec, get = self.field()
+        token = self.peek()
+        if token.kind == "op":
+            self.take()
+            return _compare(spec, get, token, self.value(spec))
+        if token.text == "in":
+            self.take()
+            self.expect("{")
+            values = [self.value(spec)]
+            while self.peek().text == ",":
+                self.take()
+                values.append(self.value(spec))
+            self.expect("}")
+            eq = _Token("op", "==", token.pos)
+            tests = [_compare(spec, get, eq, v) for v in values]
+            return lambda c: any(t(c) for t in tests)
+        if token.text == "contains":
+            self.take()
+            return _contains(spec, get, token, self.value(spec))
+        if token.text == "matches":
+            self.take()
+            return _matches(spec, get, token, self.take())
+        if spec.kind == "bool":
+            return lambda c: bool(get(c))
+        raise _error(token, f"expected an operator after {spec.name}, got")
+
+    def value(self, spec: FieldSpec) -> Any:
+        token = self.take()
+        if token.kind == "number":
+            if spec.kind == "bytes":
+                if not token.text.lower().startswith("0x"):
+                    raise _error(token, f"{spec.name} compares with hex bytes (0x55aa), not")
+                digits = token.text[2:]
+                return bytes.fromhex(digits if len(digits) % 2 == 0 else "0" + digits)
+            if spec.kind in ("text", "bool"):
+                raise _error(token, f"{spec.name} compares with a name, not")
+            return float(token.text) if "." in token.text else int(token.text, 0)
+        if token.kind in ("word", "string") and token.text not in _KEYWORDS:
+            text = token.text.strip('"') if token.kind == "string" else token.text
+            if spec.kind == "name":
+                assert spec.resolve is not None
+                resolved = spec.resolve(text)
+                if resolved is None:
+                    raise _error(token, f"unknown {spec.name} name")
+                return resolved
+            if spec.kind == "bytes":
+                return text.encode()
+            if spec.kind == "text":
+                return text.lower() if spec.fold else text
+            raise _error(token, f"{spec.name} compares with a number, not")
+        raise _error(token, "expected a value, got")
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": lambda a, b: bool(a == b), "!=": lambda a, b: bool(a != b),
+    "<": lambda a, b: bool(a < b), "<=": lambda a, b: bool(a <= b),
+    ">": lambda a, b: bool(a > b), ">=": lambda a, b: bool(a >= b),
+}
+
+
+def _compare(spec: FieldSpec, get: Getter, op: _Token, want: Any) -> Predicate:
+    if spec.kind in ("text", "bytes", "bool") and op.text not in ("==", "!="):
+        raise _error(op, f"{spec.name} takes == != in contains matches, not")
+    test = _OPS[op.text]
+    fold = spec.fold
+
+    def predicate(c: _Context) -> bool:
+        got = get(c)
+        if got is None:
+            return False
+        if isinstance(got, tuple):
+            return any(test(g, want) for g in got) if op.text != "!=" else want not in got
+        if fold and isinstance(got, str):
+            got = got.lower()
+        return test(got, want)
+    return predicate
+
+
+def _contains(spec: FieldSpec, get: Getter, token: _Token, want: Any) -> Predicate:
+    if spec.kind not in ("text", "bytes"):
+        raise _error(token, f"{spec.name} is not text or bytes:")
+    fold = spec.fold
+
+    def predicate(c: _Context) -> bool:
+        got = get(c)
+        if got is None:
+            return False
+        if isinstance(got, tuple):
+            return any(want in g for g in got)
+        return bool(want in (got.lower() if fold else got))
+    return predicate
+
+
+def _matches(spec: FieldSpec, get: Getter, token: _Token, pattern: _Token) -> Predicate:
+    if spec.kind not in ("text", "name"):
+        raise _error(token, f"{spec.name} has no name to match:")
+    if pattern.kind != "string":
+        raise _error(pattern, 'matches takes a quoted regex ("^REGION"), not')
+    try:
+        regex = re.compile(pattern.text[1:-1], re.IGNORECASE if spec.fold else 0)
+    except re.error as exc:
+        raise UsageError(f"filter: bad regex {pattern.text} at {pattern.pos}: {exc}") from exc
+    names = spec.names
+
+    def predicate(c: _Context) -> bool:
+        got = get(c)
+        if got is None:
+            return False
+        texts = got if isinstance(got, tuple) else (names(got) if names else got,)
+        return any(regex.search(t) for t in texts)
+    return predicate
+
+
+@attrs.frozen
+class Filter:
+    """A compiled filter expression. ``fields`` are the fields it uses."""
+
+    source: str
+    fields: frozenset[str]
+    _predicate: Predicate
+
+    def matches(self, message: DecodedMessage, *, session_start_ns: int = 0,
+                step: str | None = None) -> bool:
+        """Whether ``message`` passes; ``session_start_ns`` anchors ``t``."""
+        return self._predicate(_Context(message, session_start_ns, step))
+
+
+def compile_filter(source: str) -> Filter:
+    """Parse ``source`` once; a bad one raises :class:`UsageError` naming
+    the position and the token (and the nearest field for an unknown one)."""
+    parser = _Parser(source)
+    predicate = parser.parse()
+    return Filter(source, frozenset(parser.fields), predicate)
+
+
+def _steps(messages: Sequence[DecodedMessage]) -> dict[int, str]:
+    """Each message's step label (by seq), labelled session by session."""
+    sessions: dict[int, list[DecodedMessage]] = {}
+    for message in messages:
+        sessions.setdefault(message.record.session, []).append(message)
+    return {m.record.seq: label.text()
+            for group in sessions.values() for m, label in label_messages(group)}
+
+
+def select(items: Iterable[DecodedItem], flt: Filter | None,
+           limit: int | None = None) -> Iterator[DecodedItem]:
+    """The messages of ``items`` that ``flt`` passes, at most ``limit`` of them.
+
+    Without a filter every item passes (``limit`` still counts messages
+    only). A filter using ``step`` reads all of ``items`` first: a label may
+    depend on what follows it."""
+    if limit is not None and limit <= 0:
+        return
+    steps: dict[int, str] = {}
+    if flt is not None and "step" in flt.fields:
+        items = list(items)
+        steps = _steps([i for i in items if isinstance(i, DecodedMessage)])
+    starts: dict[int, int] = {}
+    found = 0
+    for item in items:
+        if not isinstance(item, DecodedMessage):
+            if flt is None:
+                yield item
+            continue
+        start = starts.setdefault(item.record.session, item.record.t_ns)
+        if flt is not None and not flt.matches(item, session_start_ns=start,
+                                              step=steps.get(item.record.seq)):
+            continue
+        yield item
+        found += 1
+        if found == limit:
+            return
