@@ -18,9 +18,11 @@ from typing import Any
 
 import attrs
 
+from recorder.records import FdKind
 from vfioproxy.errors import UsageError
 from vfioproxy.protocol.header import Command, command_name
 from vfioproxy.protocol.pci import Region, config_register_name, region_name
+from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
 from vfioproxy.trace.timeline.labels import label_messages
 
@@ -43,7 +45,8 @@ Getter = Callable[[_Context], Any]
 class FieldSpec:
     """One filter field. ``kind``: ``int``, ``number`` (may be fractional),
     ``name`` (a number or a name ``names`` resolves), ``text``, ``bytes`` or
-    ``bool``; ``fold``: text compared case-insensitively by ``==``/``in``."""
+    ``bool``; ``fold``: text compared case-insensitively by ``==``/``in``;
+    ``choices``: the only values a ``text`` field takes, when they are few."""
 
     name: str
     kind: str
@@ -52,15 +55,19 @@ class FieldSpec:
     names: Callable[[int], str] | None = None
     resolve: Callable[[str], int | None] | None = None
     fold: bool = False
+    choices: tuple[str, ...] = ()
 
 
 def _body(ctx: _Context, attribute: str) -> Any:
     return getattr(ctx.message.observation.message.body, attribute, None)
 
 
+_CMD, _REPLY, _ERROR = _KINDS = ("cmd", "reply", "error")
+
+
 def _kind(ctx: _Context) -> str:
     header = ctx.message.observation.message.header
-    return "error" if header.is_error else "reply" if header.is_reply else "cmd"
+    return _ERROR if header.is_error else _REPLY if header.is_reply else _CMD
 
 
 def _errno(ctx: _Context) -> int | None:
@@ -101,8 +108,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               lambda c: c.message.record.seq),
     FieldSpec("session", "int", "session number", lambda c: c.message.record.session),
     FieldSpec("dir", "text", "direction: c2s or s2c",
-              lambda c: c.message.record.direction.value),
-    FieldSpec("kind", "text", "cmd, reply or error", _kind),
+              lambda c: c.message.record.direction.value,
+              choices=tuple(d.value for d in Direction)),
+    FieldSpec("kind", "text", "cmd, reply or error", _kind, choices=_KINDS),
     FieldSpec("command", "name", "command, by name (REGION_READ) or number",
               lambda c: c.message.observation.message.command, command_name,
               _enum_value(Command)),
@@ -124,7 +132,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               _errno, _errno_name, _errno_value),
     FieldSpec("fds", "int", "number of fds carried", lambda c: len(c.message.record.fds)),
     FieldSpec("fd.kind", "text", "kinds of the fds carried (memfd, eventfd, ...); any matches",
-              lambda c: tuple(fd.kind.value for fd in c.message.record.fds)),
+              lambda c: tuple(fd.kind.value for fd in c.message.record.fds),
+              choices=tuple(k.value for k in FdKind)),
     FieldSpec("violation", "bool", "the message broke a protocol rule",
               lambda c: bool(c.message.observation.violations)),
     FieldSpec("inject", "bool", "a fault-injection rule acted on the message",
@@ -160,7 +169,7 @@ def _tokens(source: str) -> list[_Token]:
     while pos < len(source):
         match = _TOKEN.match(source, pos)
         if match is None:
-            raise UsageError(f"filter: unexpected {source[pos]!r} at {pos}")
+            raise UsageError(f'filter: unexpected "{source[pos]}" at {pos}')
         kind = match.lastgroup or ""
         if kind != "space":
             out.append(_Token(kind, match.group(), pos))
@@ -308,6 +317,8 @@ class _Parser:
                 return resolved
             if spec.kind == "bytes":
                 return text.encode()
+            if spec.choices and text not in spec.choices:
+                raise _error(token, f"{spec.name} is one of {', '.join(spec.choices)}, not")
             if spec.kind == "text":
                 return text.lower() if spec.fold else text
             raise _error(token, f"{spec.name} compares with a number, not")
