@@ -120,6 +120,27 @@ def test_fds_and_fd_kinds_and_latency():
     assert matching("latency > 100") == slow
 
 
+def test_time_is_the_wall_clock_from_the_trace_header():
+    with TraceReader(BOOT) as reader:
+        header = reader.header
+    middle = MESSAGES[len(MESSAGES) // 2]
+    when = header.wall_time(middle.record.t_ns)
+    want = [m.record.seq for m in MESSAGES if header.wall_time(m.record.t_ns) >= when]
+    assert 0 < len(want) < len(MESSAGES)
+    flt = compile_filter(f'time >= "{when.isoformat()}"')
+    assert [m.record.seq for m in select(MESSAGES, flt, header=header)] == want
+    naive = compile_filter(f'time >= "{when.replace(tzinfo=None).isoformat()}"')
+    assert [m.record.seq for m in select(MESSAGES, naive, header=header)] == want
+    assert list(select(MESSAGES, flt)) == []
+
+
+def test_t_counts_seconds_from_the_sessions_first_message():
+    start = MESSAGES[0].record.t_ns
+    want = [m.record.seq for m in MESSAGES if m.record.t_ns - start < 50_000_000]
+    assert 0 < len(want) < len(MESSAGES)
+    assert matching("t < 0.05") == want
+
+
 def test_count_stops_after_n_matches_and_keeps_order():
     assert [m.record.seq for m in select(MESSAGES, compile_filter("kind == reply"), 3)] \
         == matching("kind == reply")[:3]
@@ -160,6 +181,9 @@ def test_numbers_in_hex_and_decimal_agree():
     ("dir < c2s", 'dir takes == != in contains matches, not "<" at 4'),
     ("seq[0:2] == 1", 'field seq cannot be sliced: "[" at 3'),
     ('command matches "("', 'bad regex "(" at 16'),
+    ('time > "yesterday"',
+     'time takes an ISO 8601 time (2026-11-25T09:22:57.2), not "yesterday" at 7'),
+    ('region == "BAR9"', 'unknown region name "BAR9" at 10'),
     ("seq", 'expected an operator after seq, got end of expression at 3'),
 ])
 def test_bad_expressions_name_position_and_token(expr, error):

@@ -141,7 +141,7 @@ def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[Decoded
     items = decoded_records(reader, dialects=dialects(args), session=args.session)
     if args.filter is None and args.count is None:
         return items
-    return select(items, args.compiled, args.count)
+    return select(items, args.compiled, args.count, header=reader.header)
 
 
 def _warn_truncated(reader: TraceReader) -> None:

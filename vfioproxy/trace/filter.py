@@ -14,11 +14,12 @@ import difflib
 import errno as errno_module
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
-from recorder.records import FdKind
+from recorder.records import FdKind, TraceHeader
 from vfioproxy.errors import UsageError
 from vfioproxy.protocol.header import Command, command_name
 from vfioproxy.protocol.pci import Region, config_register_name, region_name
@@ -31,11 +32,13 @@ __all__ = ["FIELDS", "FieldSpec", "Filter", "compile_filter", "select"]
 
 @attrs.frozen
 class _Context:
-    """What a field getter sees: the message, its session's first time, its step."""
+    """What a field getter sees: the message, its session's first time, its
+    step, and the trace header that anchors it to wall-clock time."""
 
     message: DecodedMessage
     session_start_ns: int
     step: str | None
+    header: TraceHeader | None
 
 
 Getter = Callable[[_Context], Any]
@@ -44,8 +47,9 @@ Getter = Callable[[_Context], Any]
 @attrs.frozen
 class FieldSpec:
     """One filter field. ``kind``: ``int``, ``number`` (may be fractional),
-    ``name`` (a number or a name ``names`` resolves), ``text``, ``bytes`` or
-    ``bool``; ``fold``: text compared case-insensitively by ``==``/``in``;
+    ``name`` (a number or a name ``names`` resolves), ``text``, ``bytes``,
+    ``bool`` or ``time`` (a quoted ISO 8601 wall-clock time, UTC unless it
+    says); ``fold``: text compared case-insensitively by ``==``/``in``;
     ``choices``: the only values a ``text`` field takes, when they are few."""
 
     name: str
@@ -119,6 +123,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               lambda c: c.message.observation.message.header.size),
     FieldSpec("t", "number", "seconds since the session's first message",
               lambda c: (c.message.record.t_ns - c.session_start_ns) / 1e9),
+    FieldSpec("time", "time", 'wall-clock time, UTC: time >= "2026-11-25T09:22:57.2"',
+              lambda c: None if c.header is None else c.header.wall_time(c.message.record.t_ns)),
     FieldSpec("latency", "number", "reply minus request, in microseconds (replies)",
               lambda c: None if c.message.latency_ns is None else c.message.latency_ns / 1e3),
     FieldSpec("region", "name", "region index or name: BAR0..BAR5, ROM, CONFIG, VGA",
@@ -182,7 +188,8 @@ Predicate = Callable[[_Context], bool]
 
 
 def _error(token: _Token, what: str) -> UsageError:
-    shown = f'"{token.text}"' if token.kind != "end" else "end of expression"
+    shown = ("end of expression" if token.kind == "end"
+             else token.text if token.kind == "string" else f'"{token.text}"')
     return UsageError(f"filter: {what} {shown} at {token.pos}")
 
 
@@ -317,12 +324,22 @@ class _Parser:
                 return resolved
             if spec.kind == "bytes":
                 return text.encode()
+            if spec.kind == "time":
+                return _wall_time(token, text)
             if spec.choices and text not in spec.choices:
                 raise _error(token, f"{spec.name} is one of {', '.join(spec.choices)}, not")
             if spec.kind == "text":
                 return text.lower() if spec.fold else text
             raise _error(token, f"{spec.name} compares with a number, not")
         raise _error(token, "expected a value, got")
+
+
+def _wall_time(token: _Token, text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise _error(token, "time takes an ISO 8601 time (2026-11-25T09:22:57.2), not") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
@@ -394,9 +411,10 @@ class Filter:
     _predicate: Predicate
 
     def matches(self, message: DecodedMessage, *, session_start_ns: int = 0,
-                step: str | None = None) -> bool:
-        """Whether ``message`` passes; ``session_start_ns`` anchors ``t``."""
-        return self._predicate(_Context(message, session_start_ns, step))
+                step: str | None = None, header: TraceHeader | None = None) -> bool:
+        """Whether ``message`` passes; ``session_start_ns`` anchors ``t``,
+        ``header`` ``time`` (without it, ``time`` comparisons are false)."""
+        return self._predicate(_Context(message, session_start_ns, step, header))
 
 
 def compile_filter(source: str) -> Filter:
@@ -416,9 +434,10 @@ def _steps(messages: Sequence[DecodedMessage]) -> dict[int, str]:
             for group in sessions.values() for m, label in label_messages(group)}
 
 
-def select(items: Iterable[DecodedItem], flt: Filter | None,
-           limit: int | None = None) -> Iterator[DecodedItem]:
-    """The messages of ``items`` that ``flt`` passes, at most ``limit`` of them.
+def select(items: Iterable[DecodedItem], flt: Filter | None, limit: int | None = None,
+           header: TraceHeader | None = None) -> Iterator[DecodedItem]:
+    """The messages of ``items`` that ``flt`` passes, at most ``limit`` of them;
+    ``header`` is the trace's, for ``time``.
 
     Without a filter every item passes (``limit`` still counts messages
     only). A filter using ``step`` reads all of ``items`` first: a label may
@@ -438,7 +457,7 @@ def select(items: Iterable[DecodedItem], flt: Filter | None,
             continue
         start = starts.setdefault(item.record.session, item.record.t_ns)
         if flt is not None and not flt.matches(item, session_start_ns=start,
-                                              step=steps.get(item.record.seq)):
+                                              step=steps.get(item.record.seq), header=header):
             continue
         yield item
         found += 1
