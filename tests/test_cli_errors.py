@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -193,7 +194,15 @@ def test_control_socket_replies_name_no_exception_class(tmp_path, spawn):  # noq
                   "--control", ctl)
     wait_for_socket(ctl, proxy)
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(ctl))
+        # the path appears at bind(), a moment before listen(): refused until then
+        for _ in range(500):
+            try:
+                sock.connect(str(ctl))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.01)
+        else:
+            raise AssertionError(f"nothing listens on {ctl}")
         lines = sock.makefile("rwb")
         for request in (b'{"op": "add", "rule": "c2s * frobnicate"}',
                         b'{"op": "remove", "id": 9}', b"[1e999]", b"{", b'{"op": 1}'):
