@@ -216,7 +216,7 @@ async def _serve_proxy(
             with open_sink() if open_sink is not None else contextlib.nullcontext() as sink:
                 proxy = Proxy(args.server, sink=sink, options=options, observer=observer,
                               injector=injector)
-                await _run_proxy(args, proxy, listener, injector, status)
+                await _run_proxy(args, proxy, listener, status)
                 files = sink.files() if sink is not None else []
     finally:
         _remove_socket(args.listen)
@@ -229,7 +229,8 @@ async def _serve_proxy(
 
 
 async def _run_proxy(args: argparse.Namespace, proxy: Proxy, listener: trio.SocketListener,
-                     injector: Injector | None, status: StatusLine | None) -> None:
+                     status: StatusLine | None) -> None:
+    injector = proxy.injector
     sink = proxy.sink
     print(f"vfioproxy: listening on {args.listen}, forwarding to {args.server}"
           + (f", recording to {args.output}" if sink is not None else ""), file=sys.stderr)

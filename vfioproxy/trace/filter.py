@@ -221,18 +221,19 @@ class _Parser:
         return predicate
 
     def or_(self) -> Predicate:
-        parts = [self.and_()]
-        while self.peek().text == "or":
-            self.take()
-            parts.append(self.and_())
-        return parts[0] if len(parts) == 1 else (lambda c: any(p(c) for p in parts))
+        return self._joined("or", self.and_, any)
 
     def and_(self) -> Predicate:
-        parts = [self.not_()]
-        while self.peek().text == "and":
+        return self._joined("and", self.not_, all)
+
+    def _joined(self, word: str, operand: Callable[[], Predicate],
+                combine: Callable[[Iterable[bool]], bool]) -> Predicate:
+        """``operand`` (``word`` ``operand``)*, the parts combined by ``any``/``all``."""
+        parts = [operand()]
+        while self.peek().text == word:
             self.take()
-            parts.append(self.not_())
-        return parts[0] if len(parts) == 1 else (lambda c: all(p(c) for p in parts))
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else (lambda c: combine(p(c) for p in parts))
 
     def not_(self) -> Predicate:
         if self.peek().text == "not":
