@@ -1,8 +1,9 @@
-"""``vfioproxy trace``: show, stats, timeline and import."""
+"""``vfioproxy trace``: show, stats, export, timeline and import."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -12,9 +13,9 @@ from recorder.errors import TraceFormatError
 from recorder.reader import TraceReader
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
-from vfioproxy.trace import show, stats
+from vfioproxy.trace import export, show, stats
 from vfioproxy.trace.decoded import DecodedItem, decoded_records
-from vfioproxy.trace.filter import compile_filter, select
+from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
 from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.trace.sessions import TraceSessions
 from vfioproxy.trace.timeline.build import reader_timelines
@@ -54,6 +55,18 @@ Every message of each client session is labelled with the QEMU realize or
 reset step (R1..R14, S1..S7) or running-phase event that sent it; several
 sessions (of one or more traces) are also shown side by side."""
 
+EXPORT_EXAMPLES = """\
+examples:
+  vfioproxy trace export session.trace | jq -c .fields
+  vfioproxy trace export --format pairs -Y 'command == REGION_READ' session.trace \\
+      | jq 'select(.latency > 100)'
+  vfioproxy trace export --format csv -o session.csv session.trace
+  vfioproxy trace export --format csv --session 2 -c 100 -o - session.trace
+
+jsonl: `trace show --json`'s object per record, each message's with "fields";
+pairs: one object per request with its reply; csv: one row per message. The
+field names are the display filter's (README: Exporting)."""
+
 IMPORT_EXAMPLES = """\
 examples:
   vfioproxy trace import capture.jsonl capture.trace
@@ -64,16 +77,18 @@ exists is replaced only with --force."""
 
 
 def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``trace show``, ``trace stats``, ``trace timeline`` and ``trace import``."""
+    """Register ``trace show``, ``trace stats``, ``trace export``, ``trace timeline`` and
+    ``trace import``."""
     trace = commands.add_parser("trace", help="inspect and convert trace files",
                                 epilog=f"{SHOW_EXAMPLES}\n  vfioproxy trace import capture.jsonl "
                                 "capture.trace")
     trace_commands = trace.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
 
-    def add_decode_options(p: argparse.ArgumentParser) -> None:
+    def add_decode_options(p: argparse.ArgumentParser, *, json: bool = True) -> None:
         p.add_argument("file", metavar="TRACE", help="trace file")
         p.add_argument("--session", type=int, metavar="N", help="only this session")
-        p.add_argument("--json", action="store_true", help="JSON output")
+        if json:
+            p.add_argument("--json", action="store_true", help="JSON output")
         p.add_argument(
             "--client-dma", choices=LAYOUTS,
             help="DMA_READ/WRITE layout of the client (default: detected from its VERSION)",
@@ -101,6 +116,19 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p_stats.add_argument("--by-step", action="store_true",
                          help="per QEMU realize/reset/running step of each client session")
     p_stats.set_defaults(func=cmd_trace_stats)
+
+    p_export = trace_commands.add_parser(
+        "export", help="messages as data: JSON lines, request/reply pairs or CSV",
+        epilog=EXPORT_EXAMPLES
+    )
+    add_decode_options(p_export, json=False)
+    p_export.add_argument("--format", choices=export.FORMATS, default="jsonl",
+                          help="jsonl (default): one object per record; pairs: one per "
+                          "request with its reply; csv: one row per message")
+    p_export.add_argument("-o", "--output", metavar="OUT", default="-",
+                          help="output file (default: - for stdout)")
+    p_export.add_argument("--force", action="store_true", help="replace an OUT that exists")
+    p_export.set_defaults(func=cmd_trace_export)
 
     p_timeline = trace_commands.add_parser(
         "timeline", help="every message labelled with its QEMU step; per-step times, "
@@ -144,6 +172,14 @@ def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[Decoded
     return select(items, args.compiled, args.count, header=reader.header)
 
 
+def _selected_facts(reader: TraceReader, args: argparse.Namespace, flt: Filter | None,
+                    limit: int | None) -> Iterator[tuple[DecodedItem, Facts | None]]:
+    """The items ``--session`` and ``flt`` keep (at most ``limit`` messages),
+    each message's with its filter fields, step labels included."""
+    items = decoded_records(reader, dialects=dialects(args), session=args.session)
+    return select_facts(items, flt, limit, reader.header, steps=True)
+
+
 def _warn_truncated(reader: TraceReader) -> None:
     if reader.truncation is not None:
         print(f"vfioproxy: warning: {reader.path}: {reader.truncation}", file=sys.stderr)
@@ -175,12 +211,39 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
     _compile(args)
     with _open(args.file) as reader:
         _check_session(args)
-        items = _selected(reader, args)
-        if args.json:
-            show.write_lines(show.json_lines(items), sys.stdout)
+        if args.json:  # the same lines as trace export --format jsonl
+            kept = _selected_facts(reader, args, args.compiled, args.count)
+            show.write_lines(export.jsonl_lines(kept), sys.stdout)
         else:
+            items = _selected(reader, args)
             show.write_lines(show.header_lines(reader.header), sys.stdout)
             show.write_lines(show.text_lines(items, verbose=args.verbose), sys.stdout)
+        _warn_truncated(reader)
+    return 0
+
+
+def cmd_trace_export(args: argparse.Namespace) -> int:
+    _compile(args)
+    to_stdout = args.output == "-"
+    if not to_stdout:
+        if is_directory(args.output):
+            raise UsageError(f"{args.output} is a directory: -o names the one file written")
+        claim_file(args.output, force=args.force)
+    with _open(args.file) as reader:
+        _check_session(args)
+        with contextlib.ExitStack() as stack:
+            out = sys.stdout if to_stdout else stack.enter_context(
+                open(args.output, "w", encoding="utf-8", newline=""))
+            if args.format == "pairs":  # pairing reads every message; the filter picks pairs
+                every = _selected_facts(reader, args, None, None)
+                pairs = export.pair_objects(every, args.compiled, args.count)
+                show.write_lines((json.dumps(pair) for pair in pairs), out)
+            else:
+                kept = _selected_facts(reader, args, args.compiled, args.count)
+                if args.format == "jsonl":
+                    show.write_lines(export.jsonl_lines(kept), out)
+                else:
+                    export.write_csv(kept, out)
         _warn_truncated(reader)
     return 0
 

@@ -23,25 +23,56 @@ from recorder.records import FdKind, TraceHeader
 from vfioproxy.errors import UsageError
 from vfioproxy.protocol.header import Command, command_name
 from vfioproxy.protocol.pci import Region, config_register_name, region_name
+from vfioproxy.protocol.session import Observation
 from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
 from vfioproxy.trace.timeline.labels import label_messages
 
-__all__ = ["FIELDS", "FieldSpec", "Filter", "compile_filter", "select"]
+__all__ = ["FIELDS", "Facts", "FieldSpec", "Filter", "compile_filter", "facts_of", "select",
+           "select_facts", "step_labels", "values"]
 
 
-@attrs.frozen
-class _Context:
-    """What a field getter sees: the message, its session's first time, its
-    step, and the trace header that anchors it to wall-clock time."""
+class Facts:
+    """What a field getter reads of one message: its trace facts (``seq``,
+    ``session``, ``direction``, ``t_ns``, ``fds``), its decoding, the latency
+    of a reply, whether an injection acted on it, its session's first time,
+    its step label, and ``wall`` (monotonic ns to wall-clock time).
 
-    message: DecodedMessage
-    session_start_ns: int
-    step: str | None
-    header: TraceHeader | None
+    Plain slots, built once per message: trace readers make it from a
+    :class:`~vfioproxy.trace.decoded.DecodedMessage` (:func:`facts_of`), the
+    proxy's live view from what it sees on the path."""
+
+    __slots__ = ("direction", "fds", "injected", "latency_ns", "observation", "seq",
+                 "session", "session_start_ns", "step", "t_ns", "wall")
+
+    def __init__(self, seq: int, session: int, direction: Direction, t_ns: int,
+                 fds: Sequence[Any], observation: Observation, latency_ns: int | None = None,
+                 injected: bool = False, session_start_ns: int = 0, step: str | None = None,
+                 wall: Callable[[int], datetime] | None = None) -> None:
+        self.seq = seq
+        self.session = session
+        self.direction = direction
+        self.t_ns = t_ns
+        self.fds = fds
+        self.observation = observation
+        self.latency_ns = latency_ns
+        self.injected = injected
+        self.session_start_ns = session_start_ns
+        self.step = step
+        self.wall = wall
 
 
-Getter = Callable[[_Context], Any]
+def facts_of(message: DecodedMessage, *, session_start_ns: int = 0, step: str | None = None,
+             header: TraceHeader | None = None) -> Facts:
+    """The :class:`Facts` of a decoded trace message (``header``: the trace's,
+    which anchors ``time``)."""
+    record = message.record
+    return Facts(record.seq, record.session, record.direction, record.t_ns, record.fds,
+                 message.observation, message.latency_ns, message.injection is not None,
+                 session_start_ns, step, None if header is None else header.wall_time)
+
+
+Getter = Callable[[Facts], Any]
 
 
 @attrs.frozen
@@ -50,7 +81,8 @@ class FieldSpec:
     ``name`` (a number or a name ``names`` resolves), ``text``, ``bytes``,
     ``bool`` or ``time`` (a quoted ISO 8601 wall-clock time, UTC unless it
     says); ``fold``: text compared case-insensitively by ``==``/``in``;
-    ``choices``: the only values a ``text`` field takes, when they are few."""
+    ``choices``: the only values a ``text`` field takes, when they are few;
+    ``live``: why the proxy's live view cannot know it ("": it can)."""
 
     name: str
     kind: str
@@ -60,33 +92,34 @@ class FieldSpec:
     resolve: Callable[[str], int | None] | None = None
     fold: bool = False
     choices: tuple[str, ...] = ()
+    live: str = ""
 
 
-def _body(ctx: _Context, attribute: str) -> Any:
-    return getattr(ctx.message.observation.message.body, attribute, None)
+def _body(ctx: Facts, attribute: str) -> Any:
+    return getattr(ctx.observation.message.body, attribute, None)
 
 
 _CMD, _REPLY, _ERROR = _KINDS = ("cmd", "reply", "error")
 
 
-def _kind(ctx: _Context) -> str:
-    header = ctx.message.observation.message.header
+def _kind(ctx: Facts) -> str:
+    header = ctx.observation.message.header
     return _ERROR if header.is_error else _REPLY if header.is_reply else _CMD
 
 
-def _errno(ctx: _Context) -> int | None:
-    header = ctx.message.observation.message.header
+def _errno(ctx: Facts) -> int | None:
+    header = ctx.observation.message.header
     return header.error if header.is_error else None
 
 
-def _register(ctx: _Context) -> str | None:
+def _register(ctx: Facts) -> str | None:
     region, offset, count = (_body(ctx, a) for a in ("region", "offset", "count"))
     if region != Region.CONFIG or offset is None or not count:
         return None
     return config_register_name(offset, count)
 
 
-def _data(ctx: _Context) -> bytes | None:
+def _data(ctx: Facts) -> bytes | None:
     data = _body(ctx, "data")
     return data if isinstance(data, bytes) else None
 
@@ -109,24 +142,24 @@ def _errno_name(value: int) -> str:
 
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("seq", "int", "the message's sequence number in the trace",
-              lambda c: c.message.record.seq),
-    FieldSpec("session", "int", "session number", lambda c: c.message.record.session),
+              lambda c: c.seq),
+    FieldSpec("session", "int", "session number", lambda c: c.session),
     FieldSpec("dir", "text", "direction: c2s or s2c",
-              lambda c: c.message.record.direction.value,
+              lambda c: c.direction.value,
               choices=tuple(d.value for d in Direction)),
     FieldSpec("kind", "text", "cmd, reply or error", _kind, choices=_KINDS),
     FieldSpec("command", "name", "command, by name (REGION_READ) or number",
-              lambda c: c.message.observation.message.command, command_name,
+              lambda c: c.observation.message.command, command_name,
               _enum_value(Command)),
-    FieldSpec("msg_id", "int", "header msg_id", lambda c: c.message.observation.message.msg_id),
+    FieldSpec("msg_id", "int", "header msg_id", lambda c: c.observation.message.msg_id),
     FieldSpec("size", "int", "header size (bytes, header included)",
-              lambda c: c.message.observation.message.header.size),
+              lambda c: c.observation.message.header.size),
     FieldSpec("t", "number", "seconds since the session's first message",
-              lambda c: (c.message.record.t_ns - c.session_start_ns) / 1e9),
+              lambda c: (c.t_ns - c.session_start_ns) / 1e9),
     FieldSpec("time", "time", 'wall-clock time, UTC: time >= "2026-11-25T09:22:57.2"',
-              lambda c: None if c.header is None else c.header.wall_time(c.message.record.t_ns)),
+              lambda c: None if c.wall is None else c.wall(c.t_ns)),
     FieldSpec("latency", "number", "reply minus request, in microseconds (replies)",
-              lambda c: None if c.message.latency_ns is None else c.message.latency_ns / 1e3),
+              lambda c: None if c.latency_ns is None else c.latency_ns / 1e3),
     FieldSpec("region", "name", "region index or name: BAR0..BAR5, ROM, CONFIG, VGA",
               lambda c: _body(c, "region"), region_name, _enum_value(Region)),
     FieldSpec("offset", "int", "body offset (region accesses, region info)",
@@ -136,19 +169,22 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("data", "bytes", "body data bytes; data[0:2] slices", _data),
     FieldSpec("errno", "name", "error replies' errno, by number or name (EINVAL)",
               _errno, _errno_name, _errno_value),
-    FieldSpec("fds", "int", "number of fds carried", lambda c: len(c.message.record.fds)),
+    FieldSpec("fds", "int", "number of fds carried", lambda c: len(c.fds)),
     FieldSpec("fd.kind", "text", "kinds of the fds carried (memfd, eventfd, ...); any matches",
-              lambda c: tuple(fd.kind.value for fd in c.message.record.fds),
-              choices=tuple(k.value for k in FdKind)),
+              lambda c: tuple(fd.kind.value for fd in c.fds),
+              choices=tuple(k.value for k in FdKind),
+              live="the proxy passes fds on without inspecting them (filter the trace)"),
     FieldSpec("violation", "bool", "the message broke a protocol rule",
-              lambda c: bool(c.message.observation.violations)),
+              lambda c: bool(c.observation.violations)),
     FieldSpec("inject", "bool", "a fault-injection rule acted on the message",
-              lambda c: c.message.injection is not None),
+              lambda c: c.injected,
+              live="the live view does not see which rules acted (filter the trace)"),
     FieldSpec("register", "text",
               "config-space header register a config access covers (command, ROM BAR)",
               _register, fold=True),
     FieldSpec("step", "text", "the realize timeline's step label (R7, S2?, ...)",
-              lambda c: c.step),
+              lambda c: c.step,
+              live="a step label is revised by later messages (filter the trace)"),
 )
 _BY_NAME = {f.name: f for f in FIELDS}
 
@@ -185,7 +221,7 @@ def _tokens(source: str) -> list[_Token]:
     return out
 
 
-Predicate = Callable[[_Context], bool]
+Predicate = Callable[[Facts], bool]
 
 
 def _error(token: _Token, what: str) -> UsageError:
@@ -266,7 +302,7 @@ class _Parser:
             self.expect(":")
             stop = self.integer()
             self.expect("]")
-            def get_slice(c: _Context, whole: Getter = spec.get) -> bytes | None:
+            def get_slice(c: Facts, whole: Getter = spec.get) -> bytes | None:
                 data = whole(c)
                 return None if data is None or len(data) < stop else data[start:stop]
             get = get_slice
@@ -357,7 +393,7 @@ def _compare(spec: FieldSpec, get: Getter, op: _Token, want: Any) -> Predicate:
     test = _OPS[op.text]
     fold = spec.fold
 
-    def predicate(c: _Context) -> bool:
+    def predicate(c: Facts) -> bool:
         got = get(c)
         if got is None:
             return False
@@ -374,7 +410,7 @@ def _contains(spec: FieldSpec, get: Getter, token: _Token, want: Any) -> Predica
         raise _error(token, f"{spec.name} is not text or bytes:")
     fold = spec.fold
 
-    def predicate(c: _Context) -> bool:
+    def predicate(c: Facts) -> bool:
         got = get(c)
         if got is None:
             return False
@@ -395,7 +431,7 @@ def _matches(spec: FieldSpec, get: Getter, token: _Token, pattern: _Token) -> Pr
         raise UsageError(f"filter: bad regex {pattern.text} at {pattern.pos}: {exc}") from exc
     names = spec.names
 
-    def predicate(c: _Context) -> bool:
+    def predicate(c: Facts) -> bool:
         got = get(c)
         if got is None:
             return False
@@ -416,18 +452,30 @@ class Filter:
                 step: str | None = None, header: TraceHeader | None = None) -> bool:
         """Whether ``message`` passes; ``session_start_ns`` anchors ``t``,
         ``header`` ``time`` (without it, ``time`` comparisons are false)."""
-        return self._predicate(_Context(message, session_start_ns, step, header))
+        return self._predicate(facts_of(message, session_start_ns=session_start_ns,
+                                        step=step, header=header))
+
+    def test(self, facts: Facts) -> bool:
+        """Whether the message ``facts`` describe passes."""
+        return self._predicate(facts)
 
 
-def compile_filter(source: str) -> Filter:
+def compile_filter(source: str, *, live: bool = False) -> Filter:
     """Parse ``source`` once; a bad one raises :class:`UsageError` naming
-    the position and the token (and the nearest field for an unknown one)."""
+    the position and the token (and the nearest field for an unknown one).
+    ``live``: for the proxy's live view, which refuses the fields it cannot
+    know as messages pass (:attr:`FieldSpec.live`), naming why."""
     parser = _Parser(source)
     predicate = parser.parse()
+    if live:
+        for spec in FIELDS:
+            if spec.name in parser.fields and spec.live:
+                raise UsageError(f"filter: {spec.name} is not known as messages pass: "
+                                 f"{spec.live}")
     return Filter(source, frozenset(parser.fields), predicate)
 
 
-def _steps(messages: Sequence[DecodedMessage]) -> dict[int, str]:
+def step_labels(messages: Sequence[DecodedMessage]) -> dict[int, str]:
     """Each message's step label (by seq), labelled session by session."""
     sessions: dict[int, list[DecodedMessage]] = {}
     for message in messages:
@@ -444,24 +492,56 @@ def select(items: Iterable[DecodedItem], flt: Filter | None, limit: int | None =
     Without a filter every item passes (``limit`` still counts messages
     only). A filter using ``step`` reads all of ``items`` first: a label may
     depend on what follows it."""
+    return (item for item, _ in select_facts(items, flt, limit, header))
+
+
+def select_facts(items: Iterable[DecodedItem], flt: Filter | None, limit: int | None = None,
+                 header: TraceHeader | None = None, *, steps: bool = False,
+                 ) -> Iterator[tuple[DecodedItem, Facts | None]]:
+    """:func:`select`, each item with its :class:`Facts` (None for what is not
+    a decoded message). ``steps``: label every message with its step (reads
+    all of ``items`` first), as a filter using ``step`` does."""
     if limit is not None and limit <= 0:
         return
-    steps: dict[int, str] = {}
-    if flt is not None and "step" in flt.fields:
+    labels: dict[int, str] = {}
+    if steps or (flt is not None and "step" in flt.fields):
         items = list(items)
-        steps = _steps([i for i in items if isinstance(i, DecodedMessage)])
+        labels = step_labels([i for i in items if isinstance(i, DecodedMessage)])
     starts: dict[int, int] = {}
     found = 0
     for item in items:
         if not isinstance(item, DecodedMessage):
             if flt is None:
-                yield item
+                yield item, None
             continue
         start = starts.setdefault(item.record.session, item.record.t_ns)
-        if flt is not None and not flt.matches(item, session_start_ns=start,
-                                              step=steps.get(item.record.seq), header=header):
+        facts = facts_of(item, session_start_ns=start, step=labels.get(item.record.seq),
+                         header=header)
+        if flt is not None and not flt.test(facts):
             continue
-        yield item
+        yield item, facts
         found += 1
         if found == limit:
             return
+
+
+def values(facts: Facts) -> dict[str, Any]:
+    """Every field of :data:`FIELDS` of one message, by name, as plain data:
+    names for commands, regions and errnos, hex for bytes, ISO 8601 for
+    ``time``, lists for ``fd.kind``, None for what the message lacks. What
+    ``trace export`` writes (README: Exporting)."""
+    return {spec.name: _plain(spec, spec.get(facts)) for spec in FIELDS}
+
+
+def _plain(spec: FieldSpec, value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, tuple):
+        return list(value)
+    if spec.names is not None and isinstance(value, int):
+        return spec.names(value)
+    return value

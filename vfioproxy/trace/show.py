@@ -277,63 +277,68 @@ def fd_fields(fd: FdRecord) -> dict[str, Any]:
 
 
 def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
-    """One JSON object per record, for jq and other tools."""
+    """One JSON object per record, for jq and other tools (:func:`json_object`)."""
     for item in items:
-        if isinstance(item, SessionNegotiated):
-            obj: dict[str, Any] = {
-                "record": "negotiated",
-                "session": item.session,
-                "version": item.state.version,
-                "dma_layout": {
-                    "client": item.state.dialects.client.value,
-                    "server": item.state.dialects.server.value,
-                    "detected": item.detected,
-                },
-            }
-        elif isinstance(item, TornMessage):
-            obj = {
-                **_record_fields(item.record, item.violation.index),
-                "torn": True,
-                "length": item.record.wire_length,
-                "summary": item.text,
-                "fds": [fd_fields(fd) for fd in item.record.fds],
-                "violations": [item.violation.to_dict()],
-                "hex": item.record.data.hex(),
-            }
-        elif isinstance(item, EventRecord):
-            obj = {
-                "record": "event",
-                "seq": item.seq,
-                "session": item.session,
-                "t_ns": item.t_ns,
-                "kind": item.kind,
-                "data": _jsonable(item.data),
-            }
-        else:
-            record = item.record
-            message = item.observation.message
-            h = message.header
-            obj = {
-                **_record_fields(record, item.observation.index),
-                "msg_id": h.msg_id,
-                "command": h.command_name,
-                "type": "reply" if h.is_reply else "command" if h.is_command else h.type,
-                "flags": h.flags,
-                "error": h.error,
-                "size": h.size,
-                "decoded": message.decoded,
-                "summary": item.text,
-                "body": body_fields(message.body),
-                "fds": [fd_fields(fd) for fd in record.fds],
-                "latency_ns": item.latency_ns,
-                "violations": [v.to_dict() for v in item.observation.violations],
-                "hex": record.data.hex(),
-            }
-            if record.length is not None:
-                obj["length"] = record.length
-            if item.arrived is not None:  # "hex" is what the receiver got
-                obj["arrived"] = item.arrived.hex()
-        yield json.dumps(_jsonable(obj))
+        yield json.dumps(json_object(item))
+
+
+def json_object(item: DecodedItem) -> dict[str, Any]:
+    """The JSON object of one record: JSON-able values only, bytes as hex."""
+    if isinstance(item, SessionNegotiated):
+        obj: dict[str, Any] = {
+            "record": "negotiated",
+            "session": item.session,
+            "version": item.state.version,
+            "dma_layout": {
+                "client": item.state.dialects.client.value,
+                "server": item.state.dialects.server.value,
+                "detected": item.detected,
+            },
+        }
+    elif isinstance(item, TornMessage):
+        obj = {
+            **_record_fields(item.record, item.violation.index),
+            "torn": True,
+            "length": item.record.wire_length,
+            "summary": item.text,
+            "fds": [fd_fields(fd) for fd in item.record.fds],
+            "violations": [item.violation.to_dict()],
+            "hex": item.record.data.hex(),
+        }
+    elif isinstance(item, EventRecord):
+        obj = {
+            "record": "event",
+            "seq": item.seq,
+            "session": item.session,
+            "t_ns": item.t_ns,
+            "kind": item.kind,
+            "data": _jsonable(item.data),
+        }
+    else:
+        record = item.record
+        message = item.observation.message
+        h = message.header
+        obj = {
+            **_record_fields(record, item.observation.index),
+            "msg_id": h.msg_id,
+            "command": h.command_name,
+            "type": "reply" if h.is_reply else "command" if h.is_command else h.type,
+            "flags": h.flags,
+            "error": h.error,
+            "size": h.size,
+            "decoded": message.decoded,
+            "summary": item.text,
+            "body": body_fields(message.body),
+            "fds": [fd_fields(fd) for fd in record.fds],
+            "latency_ns": item.latency_ns,
+            "violations": [v.to_dict() for v in item.observation.violations],
+            "hex": record.data.hex(),
+        }
+        if record.length is not None:
+            obj["length"] = record.length
+        if item.arrived is not None:  # "hex" is what the receiver got
+            obj["arrived"] = item.arrived.hex()
+    return dict(_jsonable(obj))
 
 
 def _record_fields(record: MessageRecord, index: int) -> dict[str, Any]:

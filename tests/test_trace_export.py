@@ -1,0 +1,169 @@
+"""``vfioproxy trace export``: jsonl, pairs and csv on the bundled real traces."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from recorder.reader import TraceReader
+from tests.realdata import TRACES
+from vfioproxy.cli import main
+from vfioproxy.trace.decoded import DecodedMessage, decoded_records
+from vfioproxy.trace.export import CSV_COLUMNS, CSV_DATA_MAX
+from vfioproxy.trace.filter import FIELDS
+
+ALL = sorted(TRACES.glob("*.trace"))
+BOOT = TRACES / "qemu-boot-qemu-server-e1000e-001.trace"
+NAMES = [spec.name for spec in FIELDS]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert err == "" or "warning" in err, err
+    return code, out
+
+
+def decoded(path):
+    with TraceReader(path) as reader:
+        return [i for i in decoded_records(reader) if isinstance(i, DecodedMessage)]
+
+
+def export(capsys, path, fmt, *extra):
+    code, out = run(capsys, "trace", "export", "--format", fmt, *extra, path)
+    assert code == 0
+    if fmt == "csv":
+        return list(csv.DictReader(io.StringIO(out)))
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_jsonl_is_trace_show_json_with_every_field_named_as_the_filter_names_it(capsys, path):
+    lines = export(capsys, path, "jsonl")
+    _, shown = run(capsys, "trace", "show", "--json", path)
+    assert lines == [json.loads(line) for line in shown.splitlines()]
+    messages = [obj for obj in lines if obj["record"] == "message" and "fields" in obj]
+    expected = decoded(path)
+    assert [m["seq"] for m in messages] == [m.record.seq for m in expected]
+    assert [m["command"] for m in messages] == [
+        m.observation.message.header.command_name for m in expected]
+    for obj in messages:
+        fields = obj["fields"]
+        assert list(fields) == NAMES
+        assert (fields["seq"], fields["session"], fields["dir"], fields["msg_id"],
+                fields["size"]) == (obj["seq"], obj["session"], obj["dir"], obj["msg_id"],
+                                    obj["size"])
+        assert fields["command"] == obj["command"]
+        assert fields["fds"] == len(obj["fds"])
+        assert fields["violation"] == bool(obj["violations"])
+        assert (fields["latency"] is None) == (obj["latency_ns"] is None)
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_pairs_hold_every_request_once_and_every_reply_once(capsys, path):
+    pairs = export(capsys, path, "pairs")
+    messages = decoded(path)
+    requests = [m.record.seq for m in messages if m.observation.message.header.is_command]
+    replies = [m.record.seq for m in messages if not m.observation.message.header.is_command]
+    got_requests = [p["request"]["seq"] for p in pairs if p["request"] is not None]
+    got_replies = [p["reply"]["seq"] for p in pairs if p["reply"] is not None]
+    assert sorted(got_requests) == requests
+    assert sorted(got_replies) == replies
+    for pair in pairs:
+        request, reply = pair["request"], pair["reply"]
+        if request is not None and reply is not None:
+            assert request["msg_id"] == reply["msg_id"] == pair["msg_id"]
+            assert request["command"] == reply["command"] == pair["command"]
+            assert request["session"] == reply["session"] == pair["session"]
+            assert request["dir"] != reply["dir"] and pair["dir"] == request["dir"]
+            assert request["seq"] < reply["seq"]
+            assert pair["latency"] == reply["fields"]["latency"] is not None
+            assert pair["latency"] == pytest.approx((reply["t_ns"] - request["t_ns"]) / 1e3)
+        else:
+            assert pair["latency"] is None
+
+
+def test_pairs_pair_nearly_every_request_of_a_real_boot(capsys):
+    pairs = export(capsys, BOOT, "pairs")
+    answered = [p for p in pairs if p["request"] and p["reply"]]
+    assert len(answered) >= len(pairs) - 2 and len(answered) > 100
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_csv_has_a_row_per_message_under_the_filter_names(capsys, path):
+    rows = export(capsys, path, "csv")
+    messages = decoded(path)
+    assert len(rows) == len(messages)
+    assert list(rows[0]) == list(CSV_COLUMNS) == [*NAMES, "summary"]
+    assert [int(r["seq"]) for r in rows] == [m.record.seq for m in messages]
+    assert [r["command"] for r in rows] == [
+        m.observation.message.header.command_name for m in messages]
+    for row, message in zip(rows, messages, strict=True):
+        data = getattr(message.observation.message.body, "data", None)
+        if isinstance(data, bytes) and len(data) <= CSV_DATA_MAX:
+            assert bytes.fromhex(row["data"]) == data
+        elif isinstance(data, bytes):  # longer than a spreadsheet cell holds
+            assert row["data"] == data[:CSV_DATA_MAX].hex() + "..."
+        assert row["violation"] == ("true" if message.observation.violations else "false")
+
+
+@pytest.mark.parametrize("expr", [
+    "command == REGION_READ and region == CONFIG",
+    "kind == reply and latency > 50",
+    "step matches \"^R\" and dir == s2c",
+    "fd.kind == eventfd or errno == EINVAL",
+])
+def test_a_filter_narrows_all_three_formats_alike(capsys, expr):
+    _, shown = run(capsys, "trace", "show", "-Y", expr, BOOT)
+    seqs = [int(line.split()[0]) for line in shown.splitlines() if not line.startswith("#")]
+    assert seqs
+    jsonl = [o["seq"] for o in export(capsys, BOOT, "jsonl", "-Y", expr)]
+    rows = [int(r["seq"]) for r in export(capsys, BOOT, "csv", "-Y", expr)]
+    pairs = export(capsys, BOOT, "pairs", "-Y", expr)
+    in_pairs = {m["seq"] for p in pairs for m in (p["request"], p["reply"]) if m}
+    assert jsonl == rows == seqs
+    assert set(seqs) <= in_pairs
+    # every pair holds at least one message the filter passed
+    assert all({m["seq"] for m in (p["request"], p["reply"]) if m} & set(seqs) for p in pairs)
+
+
+def test_count_stops_each_format_after_n(capsys):
+    assert len(export(capsys, BOOT, "jsonl", "-c", "5", "-Y", "kind == cmd")) == 5
+    assert len(export(capsys, BOOT, "csv", "-c", "7")) == 7
+    pairs = export(capsys, BOOT, "pairs", "-c", "3")
+    assert [p["request"]["seq"] for p in pairs] == sorted(p["request"]["seq"] for p in pairs)
+    assert len(pairs) == 3
+
+
+def test_session_keeps_one_session_and_names_one_the_trace_lacks(capsys):
+    rows = export(capsys, BOOT, "csv", "--session", "1")
+    assert len(rows) == len(decoded(BOOT)) and {r["session"] for r in rows} == {"1"}
+    assert main(["trace", "export", "--session", "2", str(BOOT)]) == 2
+    assert "session 2" in capsys.readouterr().err
+
+
+def test_output_file_is_claimed_like_every_other_output(capsys, tmp_path):
+    out = tmp_path / "boot.csv"
+    code, printed = run(capsys, "trace", "export", "--format", "csv", "-o", out, BOOT)
+    assert code == 0 and printed == ""
+    assert len(list(csv.DictReader(out.open()))) == len(decoded(BOOT))
+    code = main(["trace", "export", "-o", str(out), str(BOOT)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err == f"vfioproxy trace export: {out} already exists (--force replaces it)\n"
+    assert main(["trace", "export", "-o", str(out), "--force", str(BOOT)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["record"] == "event"
+    code = main(["trace", "export", "-o", str(tmp_path) + "/", str(BOOT)])
+    assert code == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_a_bad_format_or_filter_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["trace", "export", "--format", "xml", str(BOOT)])
+    assert exited.value.code == 2
+    assert "invalid choice: 'xml'" in capsys.readouterr().err
+    assert main(["trace", "export", "-Y", "regoin == ROM", str(BOOT)]) == 2
+    assert capsys.readouterr().err.startswith("vfioproxy trace export: filter: unknown field")
