@@ -776,7 +776,7 @@ async def test_each_request_is_logged_in_one_debug_line(client, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert len(lines) == 2
     assert "REGION_READ cmd" in lines[0] and "REGION_READ reply" in lines[0]
-    assert lines[1].endswith("error=22 - (no region 9 (EINVAL))")
+    assert lines[1].endswith("error=22 (EINVAL) - (no region 9 (EINVAL))")
 
 
 def test_device_options_take_16_bit_pci_ids_only():

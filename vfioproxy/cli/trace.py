@@ -34,7 +34,8 @@ examples:
   vfioproxy trace show traces/reference-realize-001.trace
   vfioproxy trace show --json --session 1 session.trace | jq .command
   vfioproxy trace show -Y 'command == REGION_READ and region == ROM' session.trace
-  vfioproxy trace show -Y 'register == "COMMAND"' -c 3 session.trace"""
+  vfioproxy trace show -Y 'register == "COMMAND"' -c 3 session.trace
+  vfioproxy trace show -v -x -Y 'command == VERSION' session.trace"""
 
 STATS_EXAMPLES = """\
 examples:
@@ -107,6 +108,9 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     add_decode_options(p_show)
     p_show.add_argument("-v", "--verbose", action="store_true", help="every field")
+    p_show.add_argument("-x", "--hex", action="store_true",
+                        help="after each message, the hexdump of all its bytes, header "
+                        "included (as tshark -x)")
     p_show.set_defaults(func=cmd_trace_show)
 
     p_stats = trace_commands.add_parser(
@@ -211,13 +215,16 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
     _compile(args)
     with _open(args.file) as reader:
         _check_session(args)
+        if args.json and args.hex:
+            raise UsageError("-x is for the text listing: --json lines carry every "
+                             "message's bytes as \"hex\"")
         if args.json:  # the same lines as trace export --format jsonl
             kept = _selected_facts(reader, args, args.compiled, args.count)
             show.write_lines(export.jsonl_lines(kept), sys.stdout)
         else:
             items = _selected(reader, args)
             show.write_lines(show.header_lines(reader.header), sys.stdout)
-            show.write_lines(show.text_lines(items, verbose=args.verbose), sys.stdout)
+            show.write_lines(show.text_lines(items, verbose=args.verbose, raw=args.hex), sys.stdout)
         _warn_truncated(reader)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno as errno_module
 import struct
 
 import attrs
@@ -115,15 +116,22 @@ class Header:
         return command_name(self.command)
 
     def describe(self) -> str:
-        """Short text such as ``REGION_READ reply id=7`` or ``DMA_MAP cmd id=3 (no_reply)``
+        """Short text such as ``REGION_READ reply id=7``, ``DMA_MAP cmd id=3 (no_reply)``
+        or ``REGION_READ reply id=9 error=22 (EINVAL)``
         (``id=``: the msg_id, never to be confused with a trace's ``#seq``)."""
         kind = "reply" if self.is_reply else "cmd" if self.is_command else f"type{self.type}"
         text = f"{self.command_name} {kind} id={self.msg_id}"
         if self.is_error:
-            text += f" error={self.error}"
+            text += f" error={errno_text(self.error)}"
         if self.no_reply:
             text += " (no_reply)"
         return text
+
+
+def errno_text(value: int) -> str:
+    """``22 (EINVAL)``: an errno and its name, when it has one."""
+    name = errno_module.errorcode.get(value)
+    return f"{value} ({name})" if name else str(value)
 
 
 #: the largest message libvfio-user and QEMU accept by default: 1 MiB of data + 32

@@ -11,10 +11,9 @@ views print.
 
 from __future__ import annotations
 
-import errno as errno_module
 from typing import Protocol
 
-from vfioproxy.protocol.header import Header
+from vfioproxy.protocol.header import Header, errno_text
 from vfioproxy.protocol.pci import format_size
 from vfioproxy.protocol.session import Observation
 from vfioproxy.side import Direction
@@ -103,7 +102,3 @@ class RequestTimes:
         return None
 
 
-def errno_text(value: int) -> str:
-    """``22 (EINVAL)``: an errno and its name, when it has one."""
-    name = errno_module.errorcode.get(value)
-    return f"{value} ({name})" if name else str(value)

@@ -44,9 +44,11 @@ def header_lines(header: TraceHeader) -> list[str]:
 _DERIVED = frozenset({"violation", "violations_repeated"})
 
 
-def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterator[str]:
+def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False,
+               raw: bool = False) -> Iterator[str]:
     """Human lines for decoded records (``verbose`` adds every field, the payload
-    as a hexdump and every fd's metadata)."""
+    as a hexdump and every fd's metadata; ``raw``, tshark's ``-x``, the hexdump
+    of each whole message as recorded, header included, after its lines)."""
     origin: int | None = None
     #: the seq of the message each ``inject`` event (by its seq) is about
     injected: dict[int, int] = {}
@@ -69,6 +71,8 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterat
                 f"s{record.session} {'(torn message)':<36} {item.text}"
             )
             yield note_line(f"!!! {item.violation}")
+            if raw:
+                yield from raw_lines(record)
             continue
         if isinstance(item, EventRecord):
             if item.kind in _DERIVED:
@@ -92,6 +96,19 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False) -> Iterat
             yield note_line(f"!!! {violation}")
         if verbose:
             yield from _field_lines(item)
+        if raw:
+            yield from raw_lines(record)
+
+
+def raw_lines(record: MessageRecord) -> Iterator[str]:
+    """``-x``: the bytes of a message record, offsets from its first header
+    byte (only the start of a message recorded truncated, which says so)."""
+    data = record.data
+    if record.length is not None or record.torn:
+        yield note_line(f"raw: {len(data)} of {record.wire_length} bytes recorded")
+    else:
+        yield note_line(f"raw: {len(data)} bytes")
+    yield from (note_line("  " + line) for line in hexdump(data))
 
 
 def rewrite_text(sent: bytes, arrived: bytes, injection: EventRecord) -> str:
