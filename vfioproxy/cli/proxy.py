@@ -11,7 +11,9 @@ import resource
 import signal
 import stat
 import sys
+import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import trio
@@ -20,6 +22,7 @@ from recorder.errors import TraceError
 from recorder.reader import TraceReader
 from recorder.sink import TraceSink
 from vfioproxy.cli.args import LAYOUTS, dialects
+from vfioproxy.errors import UsageError
 from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
 from vfioproxy.proxy import (
     DEFAULT_GRACE,
@@ -37,6 +40,7 @@ from vfioproxy.proxy.refusal import check_not_itself
 from vfioproxy.proxy.tuning import tune_allocator
 from vfioproxy.trace import stats
 from vfioproxy.trace.decoded import decoded_records
+from vfioproxy.trace.filter import compile_filter
 from vfioproxy.trace.tables import table, table_lines
 from vfioproxy.usage.output import claim_file, is_directory
 from vfioproxy.usage.types import integer, octal_mode, seconds, size_in
@@ -47,6 +51,8 @@ PROXY_EXAMPLES = """\
 examples:
   vfioproxy proxy --listen /tmp/proxy.sock --server /tmp/device.sock -v
   vfioproxy proxy --listen /tmp/proxy.sock --server /tmp/device.sock \\
+      -Y 'region == CONFIG and dir == c2s'
+  vfioproxy proxy --listen /tmp/proxy.sock --server /tmp/device.sock \\
       --rule 'c2s REGION_READ delay 200us' --control /tmp/ctl.sock"""
 
 RECORD_EXAMPLES = """\
@@ -54,6 +60,8 @@ examples:
   vfioproxy record --listen /tmp/proxy.sock --server /tmp/device.sock -o session.trace
   vfioproxy record --listen /tmp/proxy.sock --server /tmp/device.sock -o traces/ \\
       --capture-fd-contents 64k
+  vfioproxy record --listen /tmp/proxy.sock --server /tmp/device.sock -o session.trace \\
+      -Y 'kind == error or violation or latency > 1000'
 
 -o TRACE writes every session into one file (an existing one only with --force);
 -o DIR/ (or an existing directory) writes one new file per session.
@@ -79,6 +87,10 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         p.add_argument("-v", "--verbose", action="store_true",
                        help="one line per forwarded message, as `trace show` prints it "
                        "(on a terminal, above the status line)")
+        p.add_argument("-Y", "--filter", metavar="EXPR",
+                       help="print only the messages this display filter passes (implies -v), "
+                       "e.g. 'command == REGION_READ and region == ROM'; not step, inject or "
+                       "fd.kind (README: Display filters)")
         p.add_argument("--grace", type=seconds(zero=True), default=DEFAULT_GRACE,
                        metavar="SECONDS",
                        help=f"seconds in-flight sessions get after SIGINT/SIGTERM "
@@ -202,14 +214,15 @@ async def _serve_proxy(
         max_queue=args.max_queue,
         connect_timeout=args.connect_timeout,
     )
-    if args.no_decode and args.verbose:
+    if args.no_decode and args.verbose and args.filter is None:
         print("vfioproxy: --no-decode: nothing is decoded on the path, so -v prints no "
               "message lines", file=sys.stderr)
     # on a terminal the status line stays below the -v lines
     status = StatusLine(sys.stderr) if sys.stderr.isatty() else None
     observer = None
     if args.verbose and not args.no_decode:
-        observer = MessageLog(sys.stdout, status if sys.stdout.isatty() else None)
+        observer = MessageLog(sys.stdout, status if sys.stdout.isatty() else None,
+                              accept=args.accept)
     listener = await open_proxy_listener(args.listen, args.server, mode=options.mode)
     try:
         async with listener:
@@ -266,7 +279,25 @@ def _remove_socket(path: str) -> None:
         pass
 
 
+def _live_filter(args: argparse.Namespace) -> None:
+    """``args.accept``: ``-Y``'s filter, compiled once for the live view
+    (``-Y`` implies ``-v``), before anything starts; None without ``-Y``."""
+    args.accept = None
+    if args.filter is None:
+        return
+    if args.no_decode:
+        raise UsageError("-Y filters the decoded -v lines: --no-decode decodes nothing")
+    flt = compile_filter(args.filter, live=True)
+    args.verbose = True
+    created, mono_ns = datetime.now(UTC), time.monotonic_ns()
+
+    def wall(t_ns: int) -> datetime:
+        return created + timedelta(microseconds=(t_ns - mono_ns) // 1000)
+    args.accept = flt.on_observations(wall)
+
+
 def cmd_proxy(args: argparse.Namespace) -> int:
+    _live_filter(args)
     trio.run(_serve_proxy, args, None)
     return 0
 
@@ -302,6 +333,7 @@ def _discard_if_empty(path: Path) -> None:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    _live_filter(args)
     if not is_directory(args.output):
         claim_file(args.output, force=args.force)
     info = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 import trio
@@ -16,6 +17,10 @@ from vfioproxy.protocol.session import Observation
 from vfioproxy.proxy.core import Proxy
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.proxy.model import ProxyStatistics
+
+#: ``accept(session, obs, t_ns, seq, latency_ns, session_start_ns)``: whether the
+#: live view prints a message (a display filter, ``-Y``, the CLI builds)
+Accept = Callable[[int, Observation, int, int, int | None, int], bool]
 
 #: back to the start of the line, and erase it
 _CLEAR = "\r\x1b[K"
@@ -57,13 +62,18 @@ class MessageLog:
     in the trace (or would have: ``proxy -v``), the time, direction, session,
     header, the decoded PCI-aware summary, the latency of replies, and the
     message's violations under it. ``status``: the terminal's status line, kept
-    below the lines."""
+    below the lines. ``accept``: which messages to print (default: all); every
+    message still feeds the session's PCI view and latencies."""
 
-    def __init__(self, out: TextIO = sys.stdout, status: StatusLine | None = None) -> None:
+    def __init__(self, out: TextIO = sys.stdout, status: StatusLine | None = None,
+                 accept: Accept | None = None) -> None:
         self.out = out
         self.status = status
+        self.accept = accept
         self._pci: dict[int, PciView] = {}
         self._times: dict[int, RequestTimes] = {}
+        #: each session's first message time (``t`` of a filter counts from it)
+        self._starts: dict[int, int] = {}
         self._origin: int | None = None
 
     def __call__(self, session: SessionLedger, obs: Observation, t_ns: int, seq: int) -> None:
@@ -74,13 +84,18 @@ class MessageLog:
         if pci is None:
             pci = self._pci[sid] = PciView()
             self._times[sid] = RequestTimes()
+            self._starts[sid] = t_ns
         message = obs.message
+        text = describe(obs, pci)  # a filtered-out message still teaches the PCI view
+        latency_ns = self._times[sid].latency(obs, t_ns)
+        if self.accept is not None and not self.accept(sid, obs, t_ns, seq, latency_ns,
+                                                       self._starts[sid]):
+            return
         fds = message.fds
         described = ", ".join(describe_fd(fd) if isinstance(fd, FdRecord) else "fd"
                               for fd in fds)
         lines = [message_line(seq, t_ns, self._origin, obs.direction, sid, message.header,
-                              describe(obs, pci), fds=described,
-                              latency_ns=self._times[sid].latency(obs, t_ns))]
+                              text, fds=described, latency_ns=latency_ns)]
         lines.extend(note_line(f"!!! {violation}") for violation in obs.violations)
         if self.status is not None:
             self.status.above(self.out, lines)
@@ -97,6 +112,7 @@ class MessageLog:
         """Drop what it kept of a session that ended (its PCI view, its requests)."""
         self._pci.pop(session, None)
         self._times.pop(session, None)
+        self._starts.pop(session, None)
 
 
 def _rate(now: int, before: int, seconds: float) -> str:

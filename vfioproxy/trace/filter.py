@@ -459,6 +459,21 @@ class Filter:
         """Whether the message ``facts`` describe passes."""
         return self._predicate(facts)
 
+    def on_observations(self, wall: Callable[[int], datetime] | None = None,
+                        ) -> Callable[[int, Observation, int, int, int | None, int], bool]:
+        """This filter as the proxy's live view asks it:
+        ``accept(session, obs, t_ns, seq, latency_ns, session_start_ns)``, the
+        fds being the observed message's (counted, not inspected); ``wall``
+        turns ``t_ns`` into wall-clock time for ``time``. Compile it with
+        ``live=True``: ``step``, ``inject`` and ``fd.kind`` read false here."""
+        predicate = self._predicate
+
+        def accept(session: int, obs: Observation, t_ns: int, seq: int,
+                   latency_ns: int | None, session_start_ns: int) -> bool:
+            return predicate(Facts(seq, session, obs.direction, t_ns, obs.message.fds, obs,
+                                   latency_ns, False, session_start_ns, None, wall))
+        return accept
+
 
 def compile_filter(source: str, *, live: bool = False) -> Filter:
     """Parse ``source`` once; a bad one raises :class:`UsageError` naming
