@@ -4,11 +4,14 @@ proxy with the reference device server and the realize client."""
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.test_cli_live import VFIOPROXY, spawn, wait_for_socket  # noqa: F401
 from vfioproxy.cli import main
+from vfioproxy.errors import UsageError
+from vfioproxy.trace.filter import FIELDS, compile_filter
 
 #: the time column, which differs between the live view and trace show
 TIME = re.compile(r"^( *\d+) +[\d.]+ ")
@@ -78,3 +81,23 @@ def test_y_with_no_decode_or_a_bad_expression_is_one_line(tmp_path, capsys):
     assert main(["proxy", "-Y", "regoin == ROM", *args]) == 2
     assert capsys.readouterr().err == ('vfioproxy proxy: filter: unknown field "regoin" at 0; '
                                        'did you mean "region"?\n')
+
+
+def test_readme_field_table_says_which_fields_the_live_view_takes():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Display filters\n", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| \w+ \| (yes|no) \|", section, re.MULTILINE)
+    assert [name for name, _ in rows] == [f.name for f in FIELDS]
+    for name, live in rows:
+        expr = f"{name} == 1" if name not in ("violation", "inject") else name
+        if name in ("dir", "kind", "fd.kind", "register", "step"):
+            expr = f'{name} matches "x"'
+        if name == "time":
+            expr = 'time >= "2026-01-01T00:00:00"'
+        if name == "data":
+            expr = "data == 0x01"
+        if live == "yes":
+            compile_filter(expr, live=True)
+        else:
+            with pytest.raises(UsageError, match=f"filter: {re.escape(name)} is not known"):
+                compile_filter(expr, live=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import errno as errno_module
+import functools
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -21,7 +23,7 @@ import attrs
 
 from recorder.records import FdKind, TraceHeader
 from vfioproxy.errors import UsageError
-from vfioproxy.protocol.header import Command, command_name
+from vfioproxy.protocol.header import FLAG_ERROR, TYPE_MASK, Command, MessageType, command_name
 from vfioproxy.protocol.pci import Region, config_register_name, region_name
 from vfioproxy.protocol.session import Observation
 from vfioproxy.side import Direction
@@ -100,22 +102,38 @@ def _body(ctx: Facts, attribute: str) -> Any:
 
 
 _CMD, _REPLY, _ERROR = _KINDS = ("cmd", "reply", "error")
+_DIRECTION_TEXT = {d: d.value for d in Direction}
+
+
+_REPLY_TYPE = int(MessageType.REPLY)
 
 
 def _kind(ctx: Facts) -> str:
-    header = ctx.observation.message.header
-    return _ERROR if header.is_error else _REPLY if header.is_reply else _CMD
+    flags = ctx.observation.message.header.flags
+    return _ERROR if flags & FLAG_ERROR else _REPLY if flags & TYPE_MASK == _REPLY_TYPE else _CMD
 
 
 def _errno(ctx: Facts) -> int | None:
     header = ctx.observation.message.header
-    return header.error if header.is_error else None
+    return header.error if header.flags & FLAG_ERROR else None
+
+
+_CONFIG = int(Region.CONFIG)
 
 
 def _register(ctx: Facts) -> str | None:
-    region, offset, count = (_body(ctx, a) for a in ("region", "offset", "count"))
-    if region != Region.CONFIG or offset is None or not count:
+    body = ctx.observation.message.body
+    if getattr(body, "region", None) != _CONFIG:
         return None
+    offset, count = getattr(body, "offset", None), getattr(body, "count", None)
+    if offset is None or not count:
+        return None
+    return _register_name(offset, count)
+
+
+@functools.lru_cache(maxsize=4096)
+def _register_name(offset: int, count: int) -> str:
+    """:func:`config_register_name`, remembered: a device's config accesses are few."""
     return config_register_name(offset, count)
 
 
@@ -145,7 +163,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               lambda c: c.seq),
     FieldSpec("session", "int", "session number", lambda c: c.session),
     FieldSpec("dir", "text", "direction: c2s or s2c",
-              lambda c: c.direction.value,
+              lambda c: _DIRECTION_TEXT[c.direction],
               choices=tuple(d.value for d in Direction)),
     FieldSpec("kind", "text", "cmd, reply or error", _kind, choices=_KINDS),
     FieldSpec("command", "name", "command, by name (REGION_READ) or number",
@@ -224,6 +242,17 @@ def _tokens(source: str) -> list[_Token]:
 Predicate = Callable[[Facts], bool]
 
 
+def _chain(parts: Sequence[Predicate], either: bool) -> Predicate:
+    """``parts[0] or parts[1] or ...`` (``either``), else ``... and ...``: nested
+    two-part closures (a generator over the parts costs more than the tests)."""
+    if len(parts) == 1:
+        return parts[0]
+    first, rest = parts[0], _chain(parts[1:], either)
+    if either:
+        return lambda c: first(c) or rest(c)
+    return lambda c: first(c) and rest(c)
+
+
 def _error(token: _Token, what: str) -> UsageError:
     shown = ("end of expression" if token.kind == "end"
              else token.text if token.kind == "string" else f'"{token.text}"')
@@ -264,12 +293,13 @@ class _Parser:
 
     def _joined(self, word: str, operand: Callable[[], Predicate],
                 combine: Callable[[Iterable[bool]], bool]) -> Predicate:
-        """``operand`` (``word`` ``operand``)*, the parts combined by ``any``/``all``."""
+        """``operand`` (``word`` ``operand``)*, the parts combined by ``any``/``all``
+        (short-circuit, left to right)."""
         parts = [operand()]
         while self.peek().text == word:
             self.take()
             parts.append(operand())
-        return parts[0] if len(parts) == 1 else (lambda c: combine(p(c) for p in parts))
+        return _chain(parts, combine is any)
 
     def not_(self) -> Predicate:
         if self.peek().text == "not":
@@ -328,9 +358,7 @@ class _Parser:
                 self.take()
                 values.append(self.value(spec))
             self.expect("}")
-            eq = _Token("op", "==", token.pos)
-            tests = [_compare(spec, get, eq, v) for v in values]
-            return lambda c: any(t(c) for t in tests)
+            return _member(spec, get, values)
         if token.text == "contains":
             self.take()
             return _contains(spec, get, token, self.value(spec))
@@ -381,9 +409,8 @@ def _wall_time(token: _Token, text: str) -> datetime:
 
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "==": lambda a, b: bool(a == b), "!=": lambda a, b: bool(a != b),
-    "<": lambda a, b: bool(a < b), "<=": lambda a, b: bool(a <= b),
-    ">": lambda a, b: bool(a > b), ">=": lambda a, b: bool(a >= b),
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+    ">": operator.gt, ">=": operator.ge,
 }
 
 
@@ -392,16 +419,34 @@ def _compare(spec: FieldSpec, get: Getter, op: _Token, want: Any) -> Predicate:
         raise _error(op, f"{spec.name} takes == != in contains matches, not")
     test = _OPS[op.text]
     fold = spec.fold
+    negated = op.text == "!="
 
     def predicate(c: Facts) -> bool:
         got = get(c)
         if got is None:
             return False
-        if isinstance(got, tuple):
-            return any(test(g, want) for g in got) if op.text != "!=" else want not in got
+        if got.__class__ is tuple:
+            return want not in got if negated else any(test(g, want) for g in got)
         if fold and isinstance(got, str):
             got = got.lower()
         return test(got, want)
+    return predicate
+
+
+def _member(spec: FieldSpec, get: Getter, values: list[Any]) -> Predicate:
+    """``field in {A, B}``: a set lookup (each value as ``==`` compares it)."""
+    wants = frozenset(values)
+    fold = spec.fold
+
+    def predicate(c: Facts) -> bool:
+        got = get(c)
+        if got is None:
+            return False
+        if got.__class__ is tuple:
+            return not wants.isdisjoint(got)
+        if fold and isinstance(got, str):
+            got = got.lower()
+        return got in wants
     return predicate
 
 
