@@ -9,8 +9,16 @@ import json
 import pytest
 
 from recorder.reader import TraceReader
+from recorder.records import TraceHeader
+from recorder.writer import TraceWriter
 from tests.realdata import TRACES
+from tests.test_proxy_inject import read_cmd
 from vfioproxy.cli import main
+from vfioproxy.protocol.bodies import VersionBody
+from vfioproxy.protocol.codec import build_command, build_reply, decode
+from vfioproxy.protocol.codec import encode as encode_with_fds
+from vfioproxy.protocol.header import Command
+from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedMessage, decoded_records
 from vfioproxy.trace.export import CSV_COLUMNS, CSV_DATA_MAX
 from vfioproxy.trace.filter import FIELDS
@@ -18,6 +26,10 @@ from vfioproxy.trace.filter import FIELDS
 ALL = sorted(TRACES.glob("*.trace"))
 BOOT = TRACES / "qemu-boot-qemu-server-e1000e-001.trace"
 NAMES = [spec.name for spec in FIELDS]
+
+
+def encode(message):
+    return encode_with_fds(message)[0]
 
 
 def run(capsys, *argv):
@@ -167,3 +179,37 @@ def test_a_bad_format_or_filter_is_one_line(capsys):
     assert "invalid choice: 'xml'" in capsys.readouterr().err
     assert main(["trace", "export", "-Y", "regoin == ROM", str(BOOT)]) == 2
     assert capsys.readouterr().err.startswith("vfioproxy trace export: filter: unknown field")
+
+
+def test_pairs_emit_unanswered_requests_at_session_close_and_orphan_replies(capsys, tmp_path):
+    """Session 1: VERSION answered, REGION_READ 1 never answered (closed), a
+    no_reply command, a reply to nothing; session 2: a request at trace end."""
+    trace = tmp_path / "t.trace"
+    version = encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))
+    with TraceWriter(trace, TraceHeader.now("test", {})) as writer:
+        for session in (1, 2):
+            writer.write_event(session, "session_open", 0, {})
+            writer.append_message(session, Direction.C2S, 1, version, ())
+            writer.append_message(session, Direction.S2C, 2, encode(build_reply(
+                decode(version), VersionBody.build(0, 0, None))), ())
+        writer.append_message(1, Direction.C2S, 3, read_cmd(1), ())
+        writer.append_message(1, Direction.C2S, 4, encode(build_command(
+            Command.DEVICE_RESET, 2, no_reply=True)), ())
+        writer.append_message(1, Direction.S2C, 5, encode(build_reply(decode(read_cmd(9)))), ())
+        writer.write_event(1, "session_close", 6, {"closed_by": "client"})
+        writer.append_message(2, Direction.C2S, 7, read_cmd(3), ())
+    pairs = export(capsys, trace, "pairs")
+    summary = [(p["session"], p["command"], p["msg_id"],
+                None if p["request"] is None else p["request"]["seq"],
+                None if p["reply"] is None else p["reply"]["seq"]) for p in pairs]
+    seqs = {m.record.seq: m for m in decoded(trace)}
+    first = {(m.record.session, m.record.t_ns): s for s, m in seqs.items()}
+    assert summary == [
+        (1, "VERSION", 0, first[1, 1], first[1, 2]),
+        (2, "VERSION", 0, first[2, 1], first[2, 2]),
+        (1, "DEVICE_RESET", 2, first[1, 4], None),   # wants no reply: at once
+        (1, "REGION_READ", 9, None, first[1, 5]),    # a reply to nothing
+        (1, "REGION_READ", 1, first[1, 3], None),    # unanswered when session 1 closed
+        (2, "REGION_READ", 3, first[2, 7], None),    # unanswered at the trace's end
+    ]
+    assert [p["latency"] for p in pairs][2:] == [None] * 4
