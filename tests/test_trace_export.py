@@ -213,3 +213,16 @@ def test_pairs_emit_unanswered_requests_at_session_close_and_orphan_replies(caps
         (2, "REGION_READ", 3, first[2, 7], None),    # unanswered at the trace's end
     ]
     assert [p["latency"] for p in pairs][2:] == [None] * 4
+
+
+def test_steps_are_labelled_only_when_asked_so_export_streams_by_default(capsys):
+    trace = TRACES / "qemu-realize-gpio-001.trace"
+    plain = export(capsys, trace, "csv")
+    assert {row["step"] for row in plain} == {""}
+    labelled = export(capsys, trace, "csv", "--steps")
+    steps = [row["step"] for row in labelled]
+    assert steps[0] == "R1" and "" not in steps
+    assert [row["seq"] for row in labelled] == [row["seq"] for row in plain]
+    # a filter on step labels without --steps, and labels only what it keeps
+    kept = export(capsys, trace, "jsonl", "-Y", 'step == "R1"')
+    assert kept and {obj["fields"]["step"] for obj in kept if "fields" in obj} == {"R1"}

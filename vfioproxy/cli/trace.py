@@ -132,6 +132,9 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p_export.add_argument("-o", "--output", metavar="OUT", default="-",
                           help="output file (default: - for stdout)")
     p_export.add_argument("--force", action="store_true", help="replace an OUT that exists")
+    p_export.add_argument("--steps", action="store_true",
+                          help="fill the step field: label each message with its QEMU realize "
+                          "step (reads the trace whole first; -Y 'step ...' implies it)")
     p_export.set_defaults(func=cmd_trace_export)
 
     p_timeline = trace_commands.add_parser(
@@ -179,9 +182,13 @@ def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[Decoded
 def _selected_facts(reader: TraceReader, args: argparse.Namespace, flt: Filter | None,
                     limit: int | None) -> Iterator[tuple[DecodedItem, Facts | None]]:
     """The items ``--session`` and ``flt`` keep (at most ``limit`` messages),
-    each message's with its filter fields, step labels included."""
+    each message's with its filter fields; step labels only with ``--steps``
+    (or a filter on ``step``): labelling reads the trace whole first, the rest
+    streams."""
     items = decoded_records(reader, dialects=dialects(args), session=args.session)
-    return select_facts(items, flt, limit, reader.header, steps=True)
+    steps = getattr(args, "steps", False) or (
+        args.compiled is not None and "step" in args.compiled.fields)
+    return select_facts(items, flt, limit, reader.header, steps=steps)
 
 
 def _warn_truncated(reader: TraceReader) -> None:
