@@ -1,0 +1,545 @@
+"""Two recorded sessions side by side: ``vfioproxy trace diff A B``.
+
+A diff is a replay where both sides are recorded. Each session is read as a
+replay :class:`~vfioproxy.replay.script.Script` (its messages paired:
+per direction, by id, FIFO for reused ids), cut into *exchanges* (a command
+and the reply that answers it), and the two sessions' exchanges are aligned
+per direction, in order, by the rule the replay server pairs a live request
+with a recorded one: two commands pair when they agree on what the
+:class:`~vfioproxy.replay.match.Matcher` looks at (command, header flags,
+every body field, the fds' kinds and sizes), ignore rules applied. A reply
+never pairs on its own: it follows its command. Where the next commands of
+the two sides do not pair, the nearer partner within :data:`LOOKAHEAD`
+exchanges wins (the commands skipped to reach it are only in one side);
+with no partner near, two commands of the same kind pair anyway and their
+fields are compared, which is how "the same step, another value" shows.
+The order the two directions interleave in, and timing, never count: two
+runs of one QEMU pipeline their DMA_MAPs differently and are still equal.
+
+Paired messages are compared field by field with
+:func:`~vfioproxy.replay.match.compare` on :func:`~vfioproxy.replay.fields.flatten`'s
+names, so a difference reads as the replay report's do (``data[0x0:0x2]
+(vendor_id) 0x494f != 0x1b36``), and :func:`~vfioproxy.replay.fields.where`
+places it in PCI terms with the config space the session read.
+
+Why here and not in :mod:`vfioproxy.trace`: the engine is replay's pairing,
+flattening, ignore rules and report wording applied to two recordings; the
+layers forbid ``trace`` to import ``replay``, and moving those pieces down
+would split replay's own facts between two packages. So ``trace diff`` is a
+``trace`` command whose engine lives with the replay it reuses.
+
+Both sessions are held in memory (the alignment looks ahead, and a message
+only one side has can be anywhere): :func:`load_session` reads only the
+session asked for and refuses one of more than ``max_messages`` messages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import attrs
+
+from recorder.reader import TraceReader
+from vfioproxy.errors import UsageError
+from vfioproxy.replay.fields import flatten, recorded_fd_facts, where
+from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
+from vfioproxy.replay.report import FieldDiff
+from vfioproxy.replay.script import Script, Step, script_from_records
+from vfioproxy.side import Direction
+from vfioproxy.trace.sessions import TraceSessions
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGES",
+    "LOOKAHEAD",
+    "DiffReport",
+    "Exchange",
+    "MessageDiff",
+    "Row",
+    "diff_scripts",
+    "load_session",
+    "parse_operand",
+]
+
+#: how many exchanges ahead the alignment looks for a partner
+LOOKAHEAD = 1000
+#: the default bound on the messages of one session (``--max-messages``)
+DEFAULT_MAX_MESSAGES = 200_000
+#: divergent exchanges the text listing shows without ``--all``
+SHOWN = 10
+#: differing fields of a message the text listing shows (the first divergence: twice
+#: as many; --json has them all)
+FIELDS_SHOWN = 4
+
+_OPERAND = re.compile(r"(?P<path>.+):(?P<session>\d+)")
+
+
+def parse_operand(text: str) -> tuple[str, int | None]:
+    """``FILE`` or ``FILE:SESSION`` as (path, session); a path that exists is a
+    FILE even if it ends in ``:N``."""
+    match = _OPERAND.fullmatch(text)
+    if match is None or os.path.exists(text):
+        return text, None
+    return match["path"], int(match["session"])
+
+
+def load_session(
+    path: str, session: int | None = None, *, max_messages: int = DEFAULT_MAX_MESSAGES
+) -> Script:
+    """Read one session of the trace at ``path`` as a paired script.
+
+    ``session`` None means the trace's only session with messages; several
+    are a :class:`~vfioproxy.errors.UsageError` naming them, and so is a
+    session of more than ``max_messages`` messages (checked before it is
+    loaded). The file is read twice: once for its sessions, once for the
+    chosen session's records alone. Trace errors propagate.
+    """
+    with TraceReader(path) as reader:
+        summaries = reader.sessions()
+        found = TraceSessions(
+            path,
+            tuple(s.session for s in summaries if s.messages),
+            tuple(s.session for s in summaries if not s.messages),
+        )
+        if session is None:
+            if len(found.with_messages) != 1:
+                listed = ", ".join(map(str, found.with_messages)) or "none"
+                raise UsageError(f"{path}: name the session as {path}:N; sessions with "
+                                 f"messages: {listed}")
+            session = found.with_messages[0]
+        found.require(session, messages=True)
+        count = next(s.messages for s in summaries if s.session == session)
+        if count > max_messages:
+            raise UsageError(f"{path}: session {session} has {count} messages, more than "
+                             f"--max-messages {max_messages}")
+        records = list(reader.for_session(session))
+        truncation = reader.truncation
+    return script_from_records(records, path=path, session=session, truncation=truncation)
+
+
+@attrs.frozen
+class Exchange:
+    """A command and its reply (None: no_reply, or the session ends first); a
+    reply that answers nothing recorded stands alone as ``first``."""
+
+    first: Step
+    reply: Step | None = None
+
+    @property
+    def direction(self) -> Direction:
+        return self.first.direction
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return (self.first,) if self.reply is None else (self.first, self.reply)
+
+    def seqs(self) -> str:
+        """``#12-#13``: the record numbers of its messages."""
+        return "-".join(f"#{s.seq}" for s in self.steps)
+
+
+def exchanges(script: Script) -> list[Exchange]:
+    """The script's exchanges in the order their first messages were recorded."""
+    out = []
+    for step in script.steps:
+        if step.is_command:
+            reply = None if step.reply is None else script.steps[step.reply]
+            out.append(Exchange(step, reply))
+        elif step.answers is None:
+            out.append(Exchange(step))
+    return out
+
+
+RowKind = Literal["equal", "differs", "only_a", "only_b"]
+DiffKind = Literal["differs", "only_a", "only_b"]
+
+
+@attrs.frozen
+class MessageDiff:
+    """One message that differs between the sessions, or that one side lacks.
+
+    ``seq_a`` / ``seq_b`` are its record numbers in A and B (None on the side
+    that lacks it); ``where`` places it in PCI terms; ``diffs`` hold A's value
+    as ``live`` and B's as ``recorded``."""
+
+    kind: DiffKind
+    label: str
+    seq_a: int | None
+    seq_b: int | None
+    where: str | None = None
+    diffs: tuple[FieldDiff, ...] = ()
+
+    def subject(self) -> str:
+        sides = " / ".join(f"{name} #{seq}" for name, seq in (("A", self.seq_a),
+                                                              ("B", self.seq_b))
+                           if seq is not None)
+        text = f"{sides} {self.label}"
+        return f"{text} ({self.where})" if self.where else text
+
+    def text(self, fields: int | None = None) -> str:
+        """One line; with ``fields``, the first that many differing fields and a count."""
+        if self.kind == "only_a":
+            return f"{self.subject()}: only in A"
+        if self.kind == "only_b":
+            return f"{self.subject()}: only in B"
+        shown = self.diffs if fields is None else self.diffs[:fields]
+        parts = [d.text(versus="") for d in shown]
+        if len(shown) < len(self.diffs):
+            parts.append(f"{len(self.diffs) - len(shown)} more field(s) differ")
+        return f"{self.subject()}: " + "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.label, "seq_a": self.seq_a,
+                "seq_b": self.seq_b, "where": self.where,
+                "diffs": [d.to_json(("a", "b")) for d in self.diffs], "text": self.text()}
+
+
+@attrs.frozen
+class Row:
+    """Two aligned exchanges (one of them None when only one side has it) and
+    the messages of theirs that differ."""
+
+    a: Exchange | None
+    b: Exchange | None
+    messages: tuple[MessageDiff, ...] = ()
+
+    @property
+    def kind(self) -> RowKind:
+        if self.a is None:
+            return "only_b"
+        if self.b is None:
+            return "only_a"
+        return "differs" if self.messages else "equal"
+
+    def subject(self) -> str:
+        """``A #2-#3 / B #2-#3 VERSION`` for a listing."""
+        sides = " / ".join(f"{name} {x.seqs()}" for name, x in (("A", self.a), ("B", self.b))
+                           if x is not None)
+        some = self.a or self.b
+        assert some is not None
+        return f"{sides} {some.first.label}"
+
+
+@attrs.frozen
+class SessionFacts:
+    """What the report says of one side: where it is from and its size."""
+
+    trace: str
+    session: int
+    messages: int
+    exchanges: int
+    duration_ns: int
+    notes: tuple[str, ...]
+
+    def text(self) -> str:
+        return (f"{self.trace} session {self.session}: {self.messages} messages, "
+                f"{self.exchanges} exchanges")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trace": self.trace, "session": self.session, "messages": self.messages,
+                "exchanges": self.exchanges, "duration_ns": self.duration_ns,
+                "notes": list(self.notes)}
+
+
+@attrs.frozen
+class DiffReport:
+    """The outcome of a diff: both sides, the rules used, every aligned row."""
+
+    a: SessionFacts
+    b: SessionFacts
+    ignore: tuple[IgnoreRule, ...]
+    rows: tuple[Row, ...]
+
+    @property
+    def equal(self) -> bool:
+        return all(row.kind == "equal" for row in self.rows)
+
+    @property
+    def exit_status(self) -> int:
+        """0 when the sessions are equal, 1 when they differ."""
+        return 0 if self.equal else 1
+
+    def divergences(self) -> list[MessageDiff]:
+        return [m for row in self.rows for m in row.messages]
+
+    def counts(self) -> dict[str, int]:
+        kinds = [row.kind for row in self.rows]
+        return {"exchanges": len(kinds), "equal": kinds.count("equal"),
+                "differ": kinds.count("differs"), "only_a": kinds.count("only_a"),
+                "only_b": kinds.count("only_b"), "messages_differ": len(self.divergences())}
+
+    def summary(self) -> str:
+        c = self.counts()
+        paired = c["equal"] + c["differ"]
+        return (f"{paired} exchanges paired: {c['equal']} equal, {c['differ']} differ; "
+                f"{c['only_a']} only in A, {c['only_b']} only in B; "
+                f"{c['messages_differ']} message(s) differ")
+
+    def text(self, *, context: int = 2, all_rows: bool = False) -> str:
+        """For people: both sides, the first divergence, then a listing where
+        equal exchanges are condensed except ``context`` of them around each
+        divergent one; the first :data:`SHOWN` divergent exchanges (every one
+        with ``all_rows``). A first divergence is marked ``>>>``, others
+        ``!`` (differ), ``-`` (only in A) or ``+`` (only in B)."""
+        lines = [f"A: {self.a.text()}", f"B: {self.b.text()}"]
+        lines.extend(f"note: A: {note}" for note in self.a.notes)
+        lines.extend(f"note: B: {note}" for note in self.b.notes)
+        lines.append(f"ignored: {', '.join(map(str, self.ignore)) or 'nothing'}")
+        divergences = self.divergences()
+        if not divergences:
+            lines.append(f"equal: {self.summary()}")
+        else:
+            lines.append(f"FIRST DIVERGENCE: {divergences[0].text(2 * FIELDS_SHOWN)}")
+            lines.extend(self._listing(context, all_rows))
+            lines.append(f"differ: {self.summary()}")
+        lines.append(f"time (never compared): A {self.a.duration_ns / 1e6:.3f} ms, "
+                     f"B {self.b.duration_ns / 1e6:.3f} ms")
+        return "\n".join(lines)
+
+    def _listing(self, context: int, all_rows: bool) -> list[str]:
+        divergent = [i for i, row in enumerate(self.rows) if row.kind != "equal"]
+        shown = divergent if all_rows else divergent[:SHOWN]
+        visible: set[int] = set()
+        for i in shown:
+            visible.update(range(max(0, i - context), i + context + 1))
+        end = shown[-1] + context + 1 if shown else 0
+        lines: list[str] = []
+        run: list[Row] = []
+
+        def flush() -> None:
+            if run:
+                lines.append(f"    ... {len(run)} equal exchange(s) "
+                             f"({_span('A', run, 'a')}, {_span('B', run, 'b')})")
+                run.clear()
+
+        first = True
+        for i, row in enumerate(self.rows[:end]):
+            if i not in visible:
+                if row.kind == "equal":
+                    run.append(row)
+                continue
+            flush()
+            if row.kind == "equal":
+                lines.append(f"    {row.subject()}")
+                continue
+            for message in row.messages:
+                mark = ">>>" if first else _MARKS[message.kind]
+                first = False
+                lines.append(f"{mark:<3} {message.text(FIELDS_SHOWN)}")
+        flush()
+        rest = len(divergent) - len(shown)
+        if rest:
+            lines.append(f"... {rest} more exchange(s) differ (--all lists them, "
+                         "--json has every one)")
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        divergences = self.divergences()
+        return {
+            "equal": self.equal,
+            "a": self.a.to_json(),
+            "b": self.b.to_json(),
+            "ignore": [str(rule) for rule in self.ignore],
+            "counts": self.counts(),
+            "first_divergence": divergences[0].to_json() if divergences else None,
+            "divergences": [m.to_json() for m in divergences],
+        }
+
+
+_MARKS: dict[DiffKind, str] = {"differs": "!", "only_a": "-", "only_b": "+"}
+
+
+def _span(name: str, rows: Sequence[Row], side: str) -> str:
+    seqs = [s.seq for row in rows for x in [getattr(row, side)] if x is not None
+            for s in x.steps]
+    return f"{name} #{min(seqs)}-#{max(seqs)}" if seqs else f"{name} none"
+
+
+def diff_scripts(
+    a: Script,
+    b: Script,
+    *,
+    ignore: Sequence[IgnoreRule] = DEFAULT_IGNORES,
+    matcher: Matcher | None = None,
+    lookahead: int = LOOKAHEAD,
+) -> DiffReport:
+    """Align and compare two sessions (see the module docstring); ``matcher``
+    (default: replay server's) says what makes two commands pair, ``lookahead``
+    how far ahead a partner is looked for."""
+    differ = _Differ(a, b, tuple(ignore), matcher or Matcher())
+    per_direction = [
+        list(_align([x for x in exchanges(a) if x.direction is d],
+                    [x for x in exchanges(b) if x.direction is d],
+                    differ.pairs, differ.same_kind, lookahead))
+        for d in Direction
+    ]
+    rows = [differ.row(x, y) for x, y in _merged(per_direction)]
+    return DiffReport(_facts(a), _facts(b), tuple(ignore), tuple(rows))
+
+
+def _facts(script: Script) -> SessionFacts:
+    return SessionFacts(script.path, script.session, len(script.steps),
+                        len(exchanges(script)), script.duration_ns, script.notes)
+
+
+Pair = tuple[Exchange | None, Exchange | None]
+
+
+def _merged(per_direction: list[list[Pair]]) -> list[Pair]:
+    """The directions' aligned pairs in one list, in A's recorded order; a pair
+    only B has goes right after the pair before it in its direction."""
+    keyed: list[tuple[tuple[int, int, int], Pair]] = []
+    for pairs in per_direction:
+        last, extra = -1, 0
+        for x, y in pairs:
+            if x is not None:
+                last, extra = x.first.position, 0
+                keyed.append(((last, 0, 0), (x, y)))
+            else:
+                extra += 1
+                keyed.append(((last, 1, extra), (x, y)))
+    keyed.sort(key=lambda item: item[0])
+    return [pair for _, pair in keyed]
+
+
+def _align(
+    xs: list[Exchange],
+    ys: list[Exchange],
+    pairs: Callable[[Exchange, Exchange], bool],
+    same_kind: Callable[[Exchange, Exchange], bool],
+    lookahead: int,
+) -> Iterator[Pair]:
+    """Pair two directions' exchanges in order (see the module docstring)."""
+    i = j = 0
+    while i < len(xs) and j < len(ys):
+        if pairs(xs[i], ys[j]):
+            yield xs[i], ys[j]
+            i, j = i + 1, j + 1
+            continue
+        skip_a, skip_b = _skips(xs, i, ys, j, pairs, lookahead)
+        if skip_a is None and skip_b is None:
+            if same_kind(xs[i], ys[j]):
+                yield xs[i], ys[j]
+                i, j = i + 1, j + 1
+                continue
+            skip_a, skip_b = _skips(xs, i, ys, j, same_kind, lookahead)
+            if skip_a is None and skip_b is None:
+                yield xs[i], None
+                yield None, ys[j]
+                i, j = i + 1, j + 1
+                continue
+        if skip_a is None or (skip_b is not None and skip_b <= skip_a):
+            assert skip_b is not None
+            for k in range(skip_b):
+                yield None, ys[j + k]
+            j += skip_b
+        else:
+            for k in range(skip_a):
+                yield xs[i + k], None
+            i += skip_a
+    for x in xs[i:]:
+        yield x, None
+    for y in ys[j:]:
+        yield None, y
+
+
+def _skips(
+    xs: list[Exchange], i: int, ys: list[Exchange], j: int,
+    partners: Callable[[Exchange, Exchange], bool], lookahead: int,
+) -> tuple[int | None, int | None]:
+    """How many of A's exchanges from ``i`` must be skipped for one to partner
+    B's ``j``, and how many of B's from ``j`` for one to partner A's ``i``
+    (None: none within ``lookahead``)."""
+    skip_a = next((k for k in range(1, min(lookahead + 1, len(xs) - i))
+                   if partners(xs[i + k], ys[j])), None)
+    skip_b = next((k for k in range(1, min(lookahead + 1, len(ys) - j))
+                   if partners(xs[i], ys[j + k])), None)
+    return skip_a, skip_b
+
+
+class _Differ:
+    """The two sessions' flattened messages (computed once each) and the
+    comparisons made of them."""
+
+    def __init__(self, a: Script, b: Script, ignore: tuple[IgnoreRule, ...],
+                 matcher: Matcher) -> None:
+        self.scripts = {"a": a, "b": b}
+        self.ignore = ignore
+        self.matcher = matcher
+        # a rule for a byte range ignores part of a field: keys cannot say that
+        self.ranges = any("[" in rule.field and ":" in rule.field for rule in ignore)
+        self.flat: dict[tuple[str, int], dict[str, Any]] = {}
+        self.keys: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self.side_of: dict[int, str] = {}
+        for side, script in self.scripts.items():
+            for step in script.steps:
+                self.side_of[id(step)] = side
+
+    def _flat(self, step: Step) -> dict[str, Any]:
+        at = (self.side_of[id(step)], step.position)
+        flat = self.flat.get(at)
+        if flat is None:
+            flat = self.flat[at] = flatten(step.message, recorded_fd_facts(step.fds))
+        return flat
+
+    def _key(self, step: Step) -> tuple[Any, ...]:
+        """What the matcher looks at, ignored fields left out, as one value."""
+        at = (self.side_of[id(step)], step.position)
+        key = self.keys.get(at)
+        if key is None:
+            label = step.label
+            fields = sorted(
+                (name, None if value == b"" else value)
+                for name, value in self._flat(step).items()
+                if self.matcher.selects(name)
+                and not any(rule.applies(label, name) for rule in self.ignore)
+            )
+            key = self.keys[at] = (label, *fields)
+        return key
+
+    def same_kind(self, x: Exchange, y: Exchange) -> bool:
+        return x.first.label == y.first.label
+
+    def pairs(self, x: Exchange, y: Exchange) -> bool:
+        """Whether B's command ``y`` pairs with A's ``x`` as a replay would match it."""
+        if not self.same_kind(x, y):
+            return False
+        if self._key(x.first) == self._key(y.first):
+            return True
+        return self.ranges and not self._compare(x.first, y.first, only=self.matcher.selects)
+
+    def _compare(self, a: Step, b: Step,
+                 only: Callable[[str], bool] | None = None) -> list[FieldDiff]:
+        return compare(self._flat(a), self._flat(b), label=a.label, message=a.message,
+                       pci=self.scripts["a"].pci, rules=self.ignore, only=only)
+
+    def _only(self, kind: DiffKind, step: Step, exchange: Exchange) -> MessageDiff:
+        """``step`` of ``exchange`` only one side has; placed by the exchange's command."""
+        side = "a" if kind == "only_a" else "b"
+        return MessageDiff(kind, step.label, step.seq if side == "a" else None,
+                           step.seq if side == "b" else None,
+                           where(exchange.first.message, self.scripts[side].pci))
+
+    def row(self, x: Exchange | None, y: Exchange | None) -> Row:
+        if x is None or y is None:
+            kind: DiffKind = "only_b" if x is None else "only_a"
+            some = y if x is None else x
+            assert some is not None
+            return Row(x, y, tuple(self._only(kind, s, some) for s in some.steps))
+        messages: list[MessageDiff] = []
+        place_a = where(x.first.message, self.scripts["a"].pci)
+        place_b = where(y.first.message, self.scripts["b"].pci)
+        place = place_a if place_a == place_b else f"A: {place_a}; B: {place_b}"
+        for a_step, b_step in [(x.first, y.first), (x.reply, y.reply)]:
+            if a_step is not None and b_step is not None:
+                diffs = self._compare(a_step, b_step)
+                if diffs:
+                    messages.append(MessageDiff("differs", a_step.label, a_step.seq,
+                                                b_step.seq, place, tuple(diffs)))
+            elif a_step is not None:
+                messages.append(self._only("only_a", a_step, x))
+            elif b_step is not None:
+                messages.append(self._only("only_b", b_step, y))
+        return Row(x, y, tuple(messages))
