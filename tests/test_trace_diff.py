@@ -317,3 +317,20 @@ def test_the_engine_compares_as_the_cli_does():
     assert all(step.message.command in (Command.DEVICE_GET_REGION_INFO, Command.REGION_READ)
                for row in relaxed.rows if row.kind == "only_b"
                for step in row.b.steps)
+
+
+def test_a_display_filter_limits_the_comparison_to_the_exchanges_it_passes(capsys):
+    # e1000e and nvme differ, but q35's DMA layout does not depend on the device
+    code, out, _ = run(capsys, "-Y", "command == DMA_MAP or command == DMA_UNMAP", E1000E, NVME)
+    assert code == 0, out
+    assert "48 exchanges, 7 selected by -Y" in out
+    assert "equal: 7 exchanges paired: 7 equal" in out
+    code, out, _ = run(capsys, "--json", "-Y", "region == config", E1000E, NVME)
+    result = json.loads(out)
+    assert code == 1 and result["filter"] == "region == config"
+    assert {d["message"].split()[0] for d in result["divergences"]} == {"REGION_READ"}
+    assert result["a"]["selected"] < result["a"]["exchanges"]
+    code, out, err = run(capsys, "-Y", "regoin == config", E1000E, NVME)
+    assert (code, out) == (2, "")
+    assert err == ('vfioproxy trace diff: filter: unknown field "regoin" at 0; '
+                   'did you mean "region"?\n')

@@ -13,7 +13,13 @@ from recorder.reader import TraceReader
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
 from vfioproxy.replay.cli import add_ignore_options, ignore_rules
-from vfioproxy.replay.diff import DEFAULT_MAX_MESSAGES, diff_scripts, load_session, parse_operand
+from vfioproxy.replay.diff import (
+    DEFAULT_MAX_MESSAGES,
+    diff_scripts,
+    filtered_seqs,
+    load_session,
+    parse_operand,
+)
 from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import DecodedItem, decoded_records
 from vfioproxy.trace.filter import compile_filter, select
@@ -61,6 +67,7 @@ examples:
   vfioproxy trace diff traces/qemu-realize-gpio-001.trace traces/qemu-realize-gpio-002.trace
   vfioproxy trace diff direct.trace proxied.trace:2 --ignore 'REGION_READ:data[0x140:0x148]'
   vfioproxy trace diff --json a.trace b.trace | jq .first_divergence
+  vfioproxy trace diff -Y 'region == config' e1000e.trace nvme.trace
 
 A and B are FILE or FILE:SESSION (default: the file's only session with
 messages). Exchanges (a command and its reply) are paired per direction in
@@ -152,6 +159,9 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                         help="equal exchanges shown around each divergent one (default 2)")
     p_diff.add_argument("--all", action="store_true",
                         help="list every divergent exchange (default: the first 10)")
+    p_diff.add_argument("-Y", "--filter", metavar="EXPR",
+                        help="compare only the exchanges (command and reply) with a message "
+                        "this display filter passes, e.g. 'region == config'")
     p_diff.add_argument("--max-messages", type=integer(1), default=DEFAULT_MAX_MESSAGES,
                         metavar="N", help="refuse a session of more messages (both are held "
                         f"in memory; default {DEFAULT_MAX_MESSAGES})")
@@ -288,13 +298,19 @@ def cmd_trace_timeline(args: argparse.Namespace) -> int:
 
 
 def cmd_trace_diff(args: argparse.Namespace) -> int:
+    _compile(args)
     scripts = []
+    selected: list[frozenset[int] | None] = []
     for operand in (args.a, args.b):
         path, session = parse_operand(operand)
         with _open(path):
             pass  # a rawcap capture is named as one
-        scripts.append(load_session(path, session, max_messages=args.max_messages))
-    report = diff_scripts(*scripts, ignore=ignore_rules(args))
+        script = load_session(path, session, max_messages=args.max_messages)
+        scripts.append(script)
+        selected.append(None if args.compiled is None
+                        else filtered_seqs(path, script.session, args.compiled))
+    report = diff_scripts(scripts[0], scripts[1], ignore=ignore_rules(args),
+                          selected=(selected[0], selected[1]), filter_text=args.filter)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
 import attrs
@@ -49,6 +50,8 @@ from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
 from vfioproxy.replay.report import FieldDiff
 from vfioproxy.replay.script import Script, Step, script_from_records
 from vfioproxy.side import Direction
+from vfioproxy.trace.decoded import DecodedMessage, decoded_records
+from vfioproxy.trace.filter import Filter, select
 from vfioproxy.trace.sessions import TraceSessions
 
 __all__ = [
@@ -59,6 +62,7 @@ __all__ = [
     "MessageDiff",
     "Row",
     "diff_scripts",
+    "filtered_seqs",
     "load_session",
     "parse_operand",
 ]
@@ -187,7 +191,7 @@ class MessageDiff:
         shown = self.diffs if fields is None else self.diffs[:fields]
         parts = [d.text(versus="") for d in shown]
         if len(shown) < len(self.diffs):
-            parts.append(f"{len(self.diffs) - len(shown)} more field(s) differ")
+            parts.append(f"{len(self.diffs) - len(shown)} more difference(s)")
         return f"{self.subject()}: " + "; ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -232,15 +236,17 @@ class SessionFacts:
     exchanges: int
     duration_ns: int
     notes: tuple[str, ...]
+    selected: int | None = None
 
     def text(self) -> str:
-        return (f"{self.trace} session {self.session}: {self.messages} messages, "
+        text = (f"{self.trace} session {self.session}: {self.messages} messages, "
                 f"{self.exchanges} exchanges")
+        return text if self.selected is None else f"{text}, {self.selected} selected by -Y"
 
     def to_json(self) -> dict[str, Any]:
         return {"trace": self.trace, "session": self.session, "messages": self.messages,
-                "exchanges": self.exchanges, "duration_ns": self.duration_ns,
-                "notes": list(self.notes)}
+                "exchanges": self.exchanges, "selected": self.selected,
+                "duration_ns": self.duration_ns, "notes": list(self.notes)}
 
 
 @attrs.frozen
@@ -251,6 +257,7 @@ class DiffReport:
     b: SessionFacts
     ignore: tuple[IgnoreRule, ...]
     rows: tuple[Row, ...]
+    filter: str | None = None
 
     @property
     def equal(self) -> bool:
@@ -287,6 +294,8 @@ class DiffReport:
         lines.extend(f"note: A: {note}" for note in self.a.notes)
         lines.extend(f"note: B: {note}" for note in self.b.notes)
         lines.append(f"ignored: {', '.join(map(str, self.ignore)) or 'nothing'}")
+        if self.filter is not None:
+            lines.append(f"compared: the exchanges with a message -Y {self.filter!r} passes")
         divergences = self.divergences()
         if not divergences:
             lines.append(f"equal: {self.summary()}")
@@ -342,6 +351,7 @@ class DiffReport:
             "a": self.a.to_json(),
             "b": self.b.to_json(),
             "ignore": [str(rule) for rule in self.ignore],
+            "filter": self.filter,
             "counts": self.counts(),
             "first_divergence": divergences[0].to_json() if divergences else None,
             "divergences": [m.to_json() for m in divergences],
@@ -357,6 +367,15 @@ def _span(name: str, rows: Sequence[Row], side: str) -> str:
     return f"{name} #{min(seqs)}-#{max(seqs)}" if seqs else f"{name} none"
 
 
+def filtered_seqs(path: str, session: int, flt: Filter) -> frozenset[int]:
+    """The record numbers of the messages of ``session`` that the display
+    filter ``flt`` passes (``trace show -Y``'s selection, read from the file)."""
+    with TraceReader(path) as reader:
+        items = decoded_records(reader, session=session)
+        return frozenset(item.record.seq for item in select(items, flt, header=reader.header)
+                         if isinstance(item, DecodedMessage))
+
+
 def diff_scripts(
     a: Script,
     b: Script,
@@ -364,24 +383,38 @@ def diff_scripts(
     ignore: Sequence[IgnoreRule] = DEFAULT_IGNORES,
     matcher: Matcher | None = None,
     lookahead: int = LOOKAHEAD,
+    selected: tuple[AbstractSet[int] | None, AbstractSet[int] | None] = (None, None),
+    filter_text: str | None = None,
 ) -> DiffReport:
     """Align and compare two sessions (see the module docstring); ``matcher``
     (default: replay server's) says what makes two commands pair, ``lookahead``
-    how far ahead a partner is looked for."""
+    how far ahead a partner is looked for. ``selected`` keeps, of A and of B,
+    only the exchanges with a message whose record number is in the set (None:
+    all), e.g. those a display filter (``filter_text``) passes."""
     differ = _Differ(a, b, tuple(ignore), matcher or Matcher())
+    kept = [_kept(script, seqs) for script, seqs in zip((a, b), selected, strict=True)]
     per_direction = [
-        list(_align([x for x in exchanges(a) if x.direction is d],
-                    [x for x in exchanges(b) if x.direction is d],
+        list(_align([x for x in kept[0] if x.direction is d],
+                    [x for x in kept[1] if x.direction is d],
                     differ.pairs, differ.same_kind, lookahead))
         for d in Direction
     ]
     rows = [differ.row(x, y) for x, y in _merged(per_direction)]
-    return DiffReport(_facts(a), _facts(b), tuple(ignore), tuple(rows))
+    facts = [_facts(script, len(mine) if seqs is not None else None)
+             for script, mine, seqs in zip((a, b), kept, selected, strict=True)]
+    return DiffReport(facts[0], facts[1], tuple(ignore), tuple(rows), filter_text)
 
 
-def _facts(script: Script) -> SessionFacts:
+def _kept(script: Script, seqs: AbstractSet[int] | None) -> list[Exchange]:
+    found = exchanges(script)
+    if seqs is None:
+        return found
+    return [x for x in found if any(step.seq in seqs for step in x.steps)]
+
+
+def _facts(script: Script, selected: int | None) -> SessionFacts:
     return SessionFacts(script.path, script.session, len(script.steps),
-                        len(exchanges(script)), script.duration_ns, script.notes)
+                        len(exchanges(script)), script.duration_ns, script.notes, selected)
 
 
 Pair = tuple[Exchange | None, Exchange | None]
