@@ -10,9 +10,14 @@ with a recorded one: two commands pair when they agree on what the
 every body field, the fds' kinds and sizes), ignore rules applied. A reply
 never pairs on its own: it follows its command. Where the next commands of
 the two sides do not pair, the nearer partner within :data:`LOOKAHEAD`
-exchanges wins (the commands skipped to reach it are only in one side);
-with no partner near, two commands of the same kind pair anyway and their
-fields are compared, which is how "the same step, another value" shows.
+exchanges wins (the commands skipped to reach it are only in one side).
+With no such partner near, looser partners are looked for the same way: a
+command of the same kind pointing at the same thing in PCI terms (the same
+config register, a capability's wherever the capability is: MSI-X's
+``msg_ctl`` at 0xa2 of one device pairs with it at 0x42 of another; the same
+region, BAR offset, IRQ type or iova), then any command of the same kind.
+Those pair and their fields are compared, which is how "the same step,
+another value" shows.
 The order the two directions interleave in, and timing, never count: two
 runs of one QEMU pipeline their DMA_MAPs differently and are still equal.
 
@@ -45,6 +50,8 @@ import attrs
 
 from recorder.reader import TraceReader
 from vfioproxy.errors import UsageError
+from vfioproxy.protocol.bodies import RegionAccessBody
+from vfioproxy.protocol.pci import Region
 from vfioproxy.replay.fields import flatten, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
 from vfioproxy.replay.report import FieldDiff
@@ -78,6 +85,8 @@ SHOWN = 10
 FIELDS_SHOWN = 4
 
 _OPERAND = re.compile(r"(?P<path>.+):(?P<session>\d+)")
+#: a capability's offset in a register name: ``MSI-X[0xa0].msg_ctl``
+_CAP_OFFSET = re.compile(r"\[0x[0-9a-fA-F]+\]")
 
 
 def parse_operand(text: str) -> tuple[str, int | None]:
@@ -396,7 +405,7 @@ def diff_scripts(
     per_direction = [
         list(_align([x for x in kept[0] if x.direction is d],
                     [x for x in kept[1] if x.direction is d],
-                    differ.pairs, differ.same_kind, lookahead))
+                    (differ.pairs, differ.same_place, differ.same_kind), lookahead))
         for d in Direction
     ]
     rows = [differ.row(x, y) for x, y in _merged(per_direction)]
@@ -440,29 +449,35 @@ def _merged(per_direction: list[list[Pair]]) -> list[Pair]:
 def _align(
     xs: list[Exchange],
     ys: list[Exchange],
-    pairs: Callable[[Exchange, Exchange], bool],
-    same_kind: Callable[[Exchange, Exchange], bool],
+    tiers: Sequence[Callable[[Exchange, Exchange], bool]],
     lookahead: int,
 ) -> Iterator[Pair]:
-    """Pair two directions' exchanges in order (see the module docstring)."""
+    """Pair two directions' exchanges in order (see the module docstring):
+    ``tiers`` are ever looser partner tests, the first the replay's match."""
+    pairs = tiers[0]
     i = j = 0
     while i < len(xs) and j < len(ys):
         if pairs(xs[i], ys[j]):
             yield xs[i], ys[j]
             i, j = i + 1, j + 1
             continue
-        skip_a, skip_b = _skips(xs, i, ys, j, pairs, lookahead)
+        skip_a = skip_b = None
+        for partners in tiers:
+            if partners is not pairs and partners(xs[i], ys[j]):
+                skip_a = skip_b = 0  # partners of this tier, and none was of a closer one
+                break
+            skip_a, skip_b = _skips(xs, i, ys, j, partners, lookahead)
+            if skip_a is not None or skip_b is not None:
+                break
         if skip_a is None and skip_b is None:
-            if same_kind(xs[i], ys[j]):
-                yield xs[i], ys[j]
-                i, j = i + 1, j + 1
-                continue
-            skip_a, skip_b = _skips(xs, i, ys, j, same_kind, lookahead)
-            if skip_a is None and skip_b is None:
-                yield xs[i], None
-                yield None, ys[j]
-                i, j = i + 1, j + 1
-                continue
+            yield xs[i], None
+            yield None, ys[j]
+            i, j = i + 1, j + 1
+            continue
+        if skip_a == 0:
+            yield xs[i], ys[j]
+            i, j = i + 1, j + 1
+            continue
         if skip_a is None or (skip_b is not None and skip_b <= skip_a):
             assert skip_b is not None
             for k in range(skip_b):
@@ -505,6 +520,7 @@ class _Differ:
         self.ranges = any("[" in rule.field and ":" in rule.field for rule in ignore)
         self.flat: dict[tuple[str, int], dict[str, Any]] = {}
         self.keys: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self.places: dict[tuple[str, int], str | None] = {}
         self.side_of: dict[int, str] = {}
         for side, script in self.scripts.items():
             for step in script.steps:
@@ -534,6 +550,26 @@ class _Differ:
 
     def same_kind(self, x: Exchange, y: Exchange) -> bool:
         return x.first.label == y.first.label
+
+    def same_place(self, x: Exchange, y: Exchange) -> bool:
+        """Same kind, and pointing at the same thing in PCI terms: the same
+        config register (a capability's wherever it is: ``MSI-X.msg_ctl``),
+        region, BAR offset, IRQ type or iova."""
+        return self.same_kind(x, y) and self._place(x.first) == self._place(y.first)
+
+    def _place(self, step: Step) -> str | None:
+        at = (self.side_of[id(step)], step.position)
+        if at not in self.places:
+            pci = self.scripts[at[0]].pci
+            body = step.message.body
+            if (isinstance(body, RegionAccessBody) and body.region == Region.CONFIG
+                    and 0 < body.count <= 8):
+                place: str | None = _CAP_OFFSET.sub("", pci.register_name(body.offset,
+                                                                         body.count))
+            else:
+                place = where(step.message, pci)
+            self.places[at] = place
+        return self.places[at]
 
     def pairs(self, x: Exchange, y: Exchange) -> bool:
         """Whether B's command ``y`` pairs with A's ``x`` as a replay would match it."""
