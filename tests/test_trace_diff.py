@@ -4,6 +4,7 @@ bundled real traces (and copies of them with one thing changed)."""
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -344,3 +345,37 @@ def test_a_display_filter_limits_the_comparison_to_the_exchanges_it_passes(capsy
     assert (code, out) == (2, "")
     assert err == ('vfioproxy trace diff: filter: unknown field "regoin" at 0; '
                    'did you mean "region"?\n')
+
+
+def readme_examples() -> list[tuple[list[str], str]]:
+    """README's ``$ vfioproxy trace diff ...`` examples on bundled traces, with
+    the output shown under each."""
+    readme = (TRACES.parent / "README.md").read_text()
+    section = readme.split("### Comparing two sessions: trace diff\n", 1)[1].split("\n### ")[0]
+    examples = []
+    for block in section.split("```\n")[1::2]:
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("$ vfioproxy trace diff ") or "|" in line:
+                continue
+            argv = shlex.split(line[len("$ vfioproxy trace diff "):])
+            files = [a for a in argv if a.endswith(".trace")]
+            if not all(a.startswith("traces/") for a in files):
+                continue
+            out = []
+            for following in lines[i + 1:]:
+                if following.startswith("$ "):
+                    break
+                out.append(following)
+            examples.append((argv, "\n".join(out) + "\n"))
+    return examples
+
+
+def test_readme_shows_the_real_output_of_its_examples_on_bundled_traces(capsys, monkeypatch):
+    monkeypatch.chdir(TRACES.parent)
+    examples = readme_examples()
+    assert len(examples) >= 3
+    for argv, shown in examples:
+        code, out, _ = run(capsys, *argv)
+        assert out == shown, argv
+        assert code == (0 if "\nequal: " in shown else 1)
