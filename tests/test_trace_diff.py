@@ -17,7 +17,7 @@ from tests.realdata import TRACES, capture_files
 from vfioproxy.cli import main
 from vfioproxy.protocol.header import Command, Header
 from vfioproxy.protocol.offsets import MSG_ID, MSG_ID_ONLY
-from vfioproxy.replay.diff import diff_scripts, load_session, parse_operand
+from vfioproxy.replay.diff import LOOKAHEAD, _align, diff_scripts, load_session, parse_operand
 from vfioproxy.replay.match import IgnoreRule
 from vfioproxy.side import Direction
 
@@ -379,3 +379,38 @@ def test_readme_shows_the_real_output_of_its_examples_on_bundled_traces(capsys, 
         code, out, _ = run(capsys, *argv)
         assert out == shown, argv
         assert code == (0 if "\nequal: " in shown else 1)
+
+
+def align(xs, ys, *, also=None, lookahead=LOOKAHEAD):
+    """``_align`` on stand-in exchanges: (kind, value) pairs, keyed exactly, then by kind."""
+    keys = (lambda e: e, lambda e: e[0])
+    return list(_align(xs, ys, keys, lookahead, also))
+
+
+def test_alignment_takes_the_nearest_partner_and_the_earliest_like_replay_server():
+    w1, w2, w3, r = ("W", 1), ("W", 2), ("W", 3), ("R", 0)
+    # B lacks w1: skipping one of A's is nearer than anything else
+    assert align([w1, w2, w3], [w2, w3]) == [(w1, None), (w2, w2), (w3, w3)]
+    assert align([w2, w3], [w1, w2, w3]) == [(None, w1), (w2, w2), (w3, w3)]
+    # no exact partner: the same kind pairs (and is compared), another kind does not
+    assert align([w1, r], [w3, r]) == [(w1, w3), (r, r)]
+    assert align([r], [w1]) == [(r, None), (None, w1)]
+    # only within the lookahead
+    assert align([w1, w2, w3], [w3], lookahead=1) == [(w1, w3), (w2, None), (w3, None)]
+    # what an ignore rule for a byte range leaves equal pairs as a replay matches:
+    # the earliest that matches, not the one that is also byte-equal further on
+    near = ("W", 12)
+    same_tens = lambda x, y: x[0] == y[0] and x[1] // 10 == y[1] // 10  # noqa: E731
+    assert align([("W", 11), near], [near]) == [(("W", 11), None), (near, near)]
+    assert align([("W", 11), near], [near], also=same_tens) == [(("W", 11), near),
+                                                                 (near, None)]
+
+
+def test_a_changed_value_in_a_repetitive_stream_pairs_where_it_is():
+    # doorbell-like writes: the changed one must not pair with the same value
+    # two exchanges on and leave the two between unpaired
+    d1, d2, changed = ("W", 1), ("W", 2), ("W", 9)
+    xs, ys = [d1, d2, d1, d2, d1, d2], [d1, changed, d1, d2, d1, d2]
+    assert align(xs, ys) == list(zip(xs, ys, strict=True))
+    # a skip counts only when the sides then go on matching
+    assert align([d1, d2, d1], [d2, d1]) == [(d1, None), (d2, d2), (d1, d1)]

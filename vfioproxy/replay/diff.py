@@ -9,15 +9,22 @@ with a recorded one: two commands pair when they agree on what the
 :class:`~vfioproxy.replay.match.Matcher` looks at (command, header flags,
 every body field, the fds' kinds and sizes), ignore rules applied. A reply
 never pairs on its own: it follows its command. Where the next commands of
-the two sides do not pair, the nearer partner within :data:`LOOKAHEAD`
-exchanges wins (the commands skipped to reach it are only in one side).
-With no such partner near, looser partners are looked for the same way: a
-command of the same kind pointing at the same thing in PCI terms (the same
-config register, a capability's wherever the capability is: MSI-X's
-``msg_ctl`` at 0xa2 of one device pairs with it at 0x42 of another; the same
-region, BAR offset, IRQ type or iova), then any command of the same kind.
-Those pair and their fields are compared, which is how "the same step,
-another value" shows.
+the two sides do not pair:
+
+- if they are of one kind (and so, perhaps, the next few), and the sides
+  match again right after them (:data:`SYNC` exchanges in a row), they
+  changed: they pair, and their fields are compared;
+- else the nearer partner within :data:`LOOKAHEAD` exchanges wins, if the
+  sides then go on matching for :data:`SYNC` exchanges (in a repetitive
+  stream the same value comes again soon: that alone proves nothing); the
+  exchanges skipped to reach it are only in one side;
+- with no such partner near, looser partners are looked for the same way:
+  a command of the same kind pointing at the same thing in PCI terms (the
+  same config register, a capability's wherever the capability is: MSI-X's
+  ``msg_ctl`` at 0xa2 of one device pairs with it at 0x42 of another; the
+  same region, BAR offset, IRQ type or iova), then any command of the same
+  kind; those pair and their fields are compared, which is how "the same
+  step, another value" shows.
 The order the two directions interleave in, and timing, never count: two
 runs of one QEMU pipeline their DMA_MAPs differently and are still equal.
 
@@ -40,9 +47,10 @@ session asked for and refuses one of more than ``max_messages`` messages.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
@@ -76,6 +84,10 @@ __all__ = [
 
 #: how many exchanges ahead the alignment looks for a partner
 LOOKAHEAD = 1000
+#: how many exchanges in a row must partner after a skip for the skip to count
+SYNC = 3
+#: how many changed exchanges in a row are looked for before a skip is taken
+CHANGED = 64
 #: the default bound on the messages of one session (``--max-messages``)
 DEFAULT_MAX_MESSAGES = 200_000
 #: divergent exchanges the text listing shows without ``--all``
@@ -405,7 +417,8 @@ def diff_scripts(
     per_direction = [
         list(_align([x for x in kept[0] if x.direction is d],
                     [x for x in kept[1] if x.direction is d],
-                    (differ.pairs, differ.same_place, differ.same_kind), lookahead))
+                    (differ.key, differ.place, differ.kind), lookahead,
+                    differ.pairs_within_ranges if differ.ranges else None))
         for d in Direction
     ]
     rows = [differ.row(x, y) for x, y in _merged(per_direction)]
@@ -446,65 +459,167 @@ def _merged(per_direction: list[list[Pair]]) -> list[Pair]:
     return [pair for _, pair in keyed]
 
 
+Key = Callable[[Exchange], Hashable]
+
+
+class _Index:
+    """Where each key occurs in a list of exchanges, to find the next occurrences fast."""
+
+    def __init__(self, items: Sequence[Exchange], key: Key) -> None:
+        self.positions: dict[Hashable, list[int]] = {}
+        for n, item in enumerate(items):
+            self.positions.setdefault(key(item), []).append(n)
+
+    def after(self, key: Hashable, start: int, lookahead: int) -> Iterator[int]:
+        """How far after ``start`` each item with ``key`` is, nearest first,
+        up to ``lookahead``."""
+        found = self.positions.get(key, [])
+        for n in range(bisect.bisect_right(found, start), len(found)):
+            if found[n] - start > lookahead:
+                return
+            yield found[n] - start
+
+
 def _align(
     xs: list[Exchange],
     ys: list[Exchange],
-    tiers: Sequence[Callable[[Exchange, Exchange], bool]],
+    keys: Sequence[Key],
     lookahead: int,
+    also: Callable[[Exchange, Exchange], bool] | None = None,
 ) -> Iterator[Pair]:
-    """Pair two directions' exchanges in order (see the module docstring):
-    ``tiers`` are ever looser partner tests, the first the replay's match."""
-    pairs = tiers[0]
-    i = j = 0
-    while i < len(xs) and j < len(ys):
-        if pairs(xs[i], ys[j]):
-            yield xs[i], ys[j]
-            i, j = i + 1, j + 1
-            continue
-        skip_a = skip_b = None
-        for partners in tiers:
-            if partners is not pairs and partners(xs[i], ys[j]):
-                skip_a = skip_b = 0  # partners of this tier, and none was of a closer one
-                break
-            skip_a, skip_b = _skips(xs, i, ys, j, partners, lookahead)
-            if skip_a is not None or skip_b is not None:
-                break
-        if skip_a is None and skip_b is None:
-            yield xs[i], None
-            yield None, ys[j]
-            i, j = i + 1, j + 1
-            continue
-        if skip_a == 0:
-            yield xs[i], ys[j]
-            i, j = i + 1, j + 1
-            continue
-        if skip_a is None or (skip_b is not None and skip_b <= skip_a):
-            assert skip_b is not None
-            for k in range(skip_b):
-                yield None, ys[j + k]
-            j += skip_b
+    """Pair two directions' exchanges in order (see the module docstring)."""
+    return _Aligner(xs, ys, keys, lookahead, also).pairs()
+
+
+class _Aligner:
+    """The alignment of A's exchanges ``xs`` with B's ``ys``.
+
+    ``keys`` are ever looser partner tests, as keys that partners share: the
+    first is the replay's match (``also`` says which other exchanges it
+    pairs, looked for one by one: what a byte-range ignore rule leaves equal).
+    Everything before ``i`` and ``j`` is paired, so the partners of a key are
+    its next occurrences after them (a bisection). Skipping to a partner
+    ahead counts only if the two sides then go on partnering for :data:`SYNC`
+    exchanges: in a repetitive stream (doorbell writes) a value that changed
+    must not pair with the same value further on and leave all between it
+    unpaired.
+    """
+
+    def __init__(self, xs: list[Exchange], ys: list[Exchange], keys: Sequence[Key],
+                 lookahead: int, also: Callable[[Exchange, Exchange], bool] | None) -> None:
+        self.xs, self.ys, self.keys, self.lookahead, self.also = xs, ys, keys, lookahead, also
+        self.indexes = [(_Index(xs, key), _Index(ys, key)) for key in keys]
+
+    def pairs(self) -> Iterator[Pair]:
+        xs, ys = self.xs, self.ys
+        i = j = 0
+        while i < len(xs) and j < len(ys):
+            move, n = self.move(i, j)
+            if move == "pair":
+                yield from zip(xs[i : i + n], ys[j : j + n], strict=True)
+                i, j = i + n, j + n
+            elif move == "only_a":
+                yield from ((x, None) for x in xs[i : i + n])
+                i += n
+            elif move == "only_b":
+                yield from ((None, y) for y in ys[j : j + n])
+                j += n
+            else:  # nothing alike near: each is only in its side
+                yield xs[i], None
+                yield None, ys[j]
+                i, j = i + 1, j + 1
+        yield from ((x, None) for x in xs[i:])
+        yield from ((None, y) for y in ys[j:])
+
+    def move(self, i: int, j: int) -> tuple[Literal["pair", "only_a", "only_b", "apart"], int]:
+        """What to do with A's exchanges from ``i`` and B's from ``j``: pair n
+        of them, or take n of one side as only in it, or neither pairs."""
+        xs, ys = self.xs, self.ys
+        if self.partners(0, xs[i], ys[j]):
+            return "pair", 1
+        for tier in range(len(self.keys)):
+            if tier and self.partners(tier, xs[i], ys[j]):
+                return "pair", 1  # alike, and no closer-tier partner is ahead
+            skip_a = self.skip(tier, i, j, a_side=True)
+            skip_b = self.skip(tier, i, j, a_side=False)
+            if tier == 0:
+                nearest = _nearer(skip_a, skip_b)
+                changed = self.changed(i, j, CHANGED if nearest is None else nearest - 1)
+                if changed:
+                    return "pair", changed
+            if skip_a is not None and skip_a == skip_b:
+                # as near either way: the way the sides then match longer
+                after_a = self.run(tier, i + skip_a, j, CHANGED)
+                if after_a > self.run(tier, i, j + skip_b, CHANGED):
+                    return "only_a", skip_a
+            if skip_b is not None and (skip_a is None or skip_b <= skip_a):
+                return "only_b", skip_b
+            if skip_a is not None:
+                return "only_a", skip_a
+        return "apart", 1
+
+    def partners(self, tier: int, x: Exchange, y: Exchange) -> bool:
+        key = self.keys[tier]
+        return key(x) == key(y) or (tier == 0 and self.also is not None and self.also(x, y))
+
+    def skip(self, tier: int, i: int, j: int, *, a_side: bool) -> int | None:
+        """The fewest of A's exchanges from ``i`` (``a_side``; else B's from
+        ``j``) to skip for the two sides to partner again, in sync."""
+        index_a, index_b = self.indexes[tier]
+        key = self.keys[tier]
+        if a_side:
+            ahead = set(index_a.after(key(self.ys[j]), i, self.lookahead))
+            fixed, items, start = self.ys[j], self.xs, i
         else:
-            for k in range(skip_a):
-                yield xs[i + k], None
-            i += skip_a
-    for x in xs[i:]:
-        yield x, None
-    for y in ys[j:]:
-        yield None, y
+            ahead = set(index_b.after(key(self.xs[i]), j, self.lookahead))
+            fixed, items, start = self.xs[i], self.ys, j
+        if tier == 0 and self.also is not None:
+            also = self.also
+            ahead.update(k for k in range(1, min(self.lookahead + 1, len(items) - start))
+                         if (also(items[start + k], fixed) if a_side
+                             else also(fixed, items[start + k])))
+        for k in sorted(ahead):
+            if self.synced(tier, i + k if a_side else i, j if a_side else j + k):
+                return k
+        return None
+
+    def changed(self, i: int, j: int, most: int) -> int:
+        """How many exchanges from A's ``i`` and B's ``j``, pairwise of one
+        kind, changed (at most ``most``; 0: none) before the two sides match
+        again in sync: a value that changed, not exchanges one side lacks."""
+        kind = self.keys[-1]
+        for n in range(1, most + 1):
+            if i + n > len(self.xs) or j + n > len(self.ys):
+                return 0
+            if kind(self.xs[i + n - 1]) != kind(self.ys[j + n - 1]):
+                return 0
+            if self.synced(0, i + n, j + n, together=True):
+                return n
+        return 0
+
+    def run(self, tier: int, i: int, j: int, most: int) -> int:
+        """How many of A's exchanges from ``i`` and B's from ``j`` partner
+        pairwise before the first that do not (at most ``most``)."""
+        n = 0
+        while (n < most and i + n < len(self.xs) and j + n < len(self.ys)
+               and self.partners(tier, self.xs[i + n], self.ys[j + n])):
+            n += 1
+        return n
+
+    def synced(self, tier: int, i: int, j: int, *, together: bool = False) -> bool:
+        """Whether A's exchanges from ``i`` and B's from ``j`` partner pairwise
+        for :data:`SYNC` exchanges, or until one side ends (``together``: both)."""
+        for m in range(SYNC):
+            a_ends, b_ends = i + m >= len(self.xs), j + m >= len(self.ys)
+            if a_ends or b_ends:
+                return a_ends == b_ends or not together
+            if not self.partners(tier, self.xs[i + m], self.ys[j + m]):
+                return False
+        return True
 
 
-def _skips(
-    xs: list[Exchange], i: int, ys: list[Exchange], j: int,
-    partners: Callable[[Exchange, Exchange], bool], lookahead: int,
-) -> tuple[int | None, int | None]:
-    """How many of A's exchanges from ``i`` must be skipped for one to partner
-    B's ``j``, and how many of B's from ``j`` for one to partner A's ``i``
-    (None: none within ``lookahead``)."""
-    skip_a = next((k for k in range(1, min(lookahead + 1, len(xs) - i))
-                   if partners(xs[i + k], ys[j])), None)
-    skip_b = next((k for k in range(1, min(lookahead + 1, len(ys) - j))
-                   if partners(xs[i], ys[j + k])), None)
-    return skip_a, skip_b
+def _nearer(first: int | None, second: int | None) -> int | None:
+    return second if first is None else first if second is None else min(first, second)
 
 
 class _Differ:
@@ -521,6 +636,7 @@ class _Differ:
         self.flat: dict[tuple[str, int], dict[str, Any]] = {}
         self.keys: dict[tuple[str, int], tuple[Any, ...]] = {}
         self.places: dict[tuple[str, int], str | None] = {}
+        self.in_key: dict[tuple[str, str], bool] = {}
         self.side_of: dict[int, str] = {}
         for side, script in self.scripts.items():
             for step in script.steps:
@@ -533,31 +649,38 @@ class _Differ:
             flat = self.flat[at] = flatten(step.message, recorded_fd_facts(step.fds))
         return flat
 
-    def _key(self, step: Step) -> tuple[Any, ...]:
-        """What the matcher looks at, ignored fields left out, as one value."""
+    def key(self, exchange: Exchange) -> tuple[Any, ...]:
+        """What the matcher looks at of the exchange's command, ignored fields
+        left out, as one value: two commands with equal keys pair as a replay
+        would match them."""
+        step = exchange.first
         at = (self.side_of[id(step)], step.position)
         key = self.keys.get(at)
         if key is None:
             label = step.label
-            fields = sorted(
-                (name, None if value == b"" else value)
-                for name, value in self._flat(step).items()
-                if self.matcher.selects(name)
-                and not any(rule.applies(label, name) for rule in self.ignore)
-            )
+            fields = sorted((name, None if value == b"" else value)
+                            for name, value in self._flat(step).items()
+                            if self._in_key(label, name))
             key = self.keys[at] = (label, *fields)
         return key
 
-    def same_kind(self, x: Exchange, y: Exchange) -> bool:
-        return x.first.label == y.first.label
+    def _in_key(self, label: str, name: str) -> bool:
+        """Whether the matcher looks at field ``name`` of ``label`` messages and
+        no rule ignores it (the same few names recur: asked once each)."""
+        kept = self.in_key.get((label, name))
+        if kept is None:
+            kept = self.in_key[label, name] = self.matcher.selects(name) and not any(
+                rule.applies(label, name) for rule in self.ignore)
+        return kept
 
-    def same_place(self, x: Exchange, y: Exchange) -> bool:
-        """Same kind, and pointing at the same thing in PCI terms: the same
-        config register (a capability's wherever it is: ``MSI-X.msg_ctl``),
-        region, BAR offset, IRQ type or iova."""
-        return self.same_kind(x, y) and self._place(x.first) == self._place(y.first)
+    def kind(self, exchange: Exchange) -> str:
+        return exchange.first.label
 
-    def _place(self, step: Step) -> str | None:
+    def place(self, exchange: Exchange) -> tuple[str, str | None]:
+        """The exchange's kind and where its command points in PCI terms: the
+        config register (a capability's wherever the capability is:
+        ``MSI-X.msg_ctl``), or the region, BAR offset, IRQ type or iova."""
+        step = exchange.first
         at = (self.side_of[id(step)], step.position)
         if at not in self.places:
             pci = self.scripts[at[0]].pci
@@ -569,15 +692,13 @@ class _Differ:
             else:
                 place = where(step.message, pci)
             self.places[at] = place
-        return self.places[at]
+        return step.label, self.places[at]
 
-    def pairs(self, x: Exchange, y: Exchange) -> bool:
-        """Whether B's command ``y`` pairs with A's ``x`` as a replay would match it."""
-        if not self.same_kind(x, y):
-            return False
-        if self._key(x.first) == self._key(y.first):
-            return True
-        return self.ranges and not self._compare(x.first, y.first, only=self.matcher.selects)
+    def pairs_within_ranges(self, x: Exchange, y: Exchange) -> bool:
+        """Whether two commands of the same kind, keys apart, pair once the
+        byte-range ignore rules (which keys cannot apply) are."""
+        return (self.kind(x) == self.kind(y)
+                and not self._compare(x.first, y.first, only=self.matcher.selects))
 
     def _compare(self, a: Step, b: Step,
                  only: Callable[[str], bool] | None = None) -> list[FieldDiff]:
