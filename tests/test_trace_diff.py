@@ -414,3 +414,12 @@ def test_a_changed_value_in_a_repetitive_stream_pairs_where_it_is():
     assert align(xs, ys) == list(zip(xs, ys, strict=True))
     # a skip counts only when the sides then go on matching
     assert align([d1, d2, d1], [d2, d1]) == [(d1, None), (d2, d2), (d1, d1)]
+
+
+def test_a_trace_without_messages_cannot_be_diffed(capsys, tmp_path):
+    empty = tmp_path / "empty.trace"
+    with TraceReader(GPIO[0]) as reader, TraceWriter(empty, reader.header) as writer:
+        writer.write_event(1, "session_open", 1, {})
+    code, out, err = run(capsys, empty, GPIO[0])
+    assert (code, out, err) == (2, "", f"vfioproxy trace diff: {empty}: the trace holds no "
+                                       "messages\n")

@@ -25,6 +25,7 @@ the two sides do not pair:
   same region, BAR offset, IRQ type or iova), then any command of the same
   kind; those pair and their fields are compared, which is how "the same
   step, another value" shows.
+
 The order the two directions interleave in, and timing, never count: two
 runs of one QEMU pipeline their DMA_MAPs differently and are still equal.
 
@@ -129,8 +130,10 @@ def load_session(
             tuple(s.session for s in summaries if not s.messages),
         )
         if session is None:
-            if len(found.with_messages) != 1:
-                listed = ", ".join(map(str, found.with_messages)) or "none"
+            if not found.with_messages:
+                raise UsageError(f"{path}: the trace holds no messages")
+            if len(found.with_messages) > 1:
+                listed = ", ".join(map(str, found.with_messages))
                 raise UsageError(f"{path}: name the session as {path}:N; sessions with "
                                  f"messages: {listed}")
             session = found.with_messages[0]
