@@ -32,8 +32,9 @@ runs of one QEMU pipeline their DMA_MAPs differently and are still equal.
 Paired messages are compared field by field with
 :func:`~vfioproxy.replay.match.compare` on :func:`~vfioproxy.replay.fields.flatten`'s
 names, so a difference reads as the replay report's do (``data[0x0:0x2]
-(vendor_id) 0x494f != 0x1b36``), and :func:`~vfioproxy.replay.fields.where`
-places it in PCI terms with the config space the session read.
+(vendor_id) 0x494f != 0x1b36``; config-space byte ranges named by A's config
+space), and :func:`~vfioproxy.replay.fields.where` places each side's message
+in PCI terms with the config space that side read.
 
 Why here and not in :mod:`vfioproxy.trace`: the engine is replay's pairing,
 flattening, ignore rules and report wording applied to two recordings; the
