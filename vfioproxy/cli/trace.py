@@ -1,4 +1,4 @@
-"""``vfioproxy trace``: show, stats, export, timeline and import."""
+"""``vfioproxy trace``: show, stats, export, timeline, diff and import."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from recorder.errors import TraceFormatError
 from recorder.reader import TraceReader
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
+from vfioproxy.replay.cli import add_ignore_options, ignore_rules
+from vfioproxy.replay.diff import (
+    DEFAULT_MAX_MESSAGES,
+    diff_scripts,
+    filtered_seqs,
+    load_session,
+    parse_operand,
+)
 from vfioproxy.trace import export, show, stats
 from vfioproxy.trace.decoded import DecodedItem, decoded_records
 from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
@@ -67,6 +75,17 @@ examples:
 jsonl: `trace show --json`'s object per record, each message's with "fields";
 pairs: one object per request with its reply; csv: one row per message. The
 field names are the display filter's (README: Exporting)."""
+DIFF_EXAMPLES = """\
+examples:
+  vfioproxy trace diff traces/qemu-realize-gpio-001.trace traces/qemu-realize-gpio-002.trace
+  vfioproxy trace diff direct.trace proxied.trace:2 --ignore 'REGION_READ:data[0x140:0x148]'
+  vfioproxy trace diff --json a.trace b.trace | jq .first_divergence
+  vfioproxy trace diff -Y 'region == config' e1000e.trace nvme.trace
+
+A and B are FILE or FILE:SESSION (default: the file's only session with
+messages). Exchanges (a command and its reply) are paired per direction in
+order, as replay server pairs requests; paired messages are compared field by
+field, ignore rules applied; timing never counts. Exit 0: equal, 1: they differ."""
 
 IMPORT_EXAMPLES = """\
 examples:
@@ -78,7 +97,7 @@ exists is replaced only with --force."""
 
 
 def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``trace show``, ``trace stats``, ``trace export``, ``trace timeline`` and
+    """Register ``trace show``, ``trace stats``, ``trace export``, ``trace timeline``, ``trace diff`` and
     ``trace import``."""
     trace = commands.add_parser("trace", help="inspect and convert trace files",
                                 epilog=f"{SHOW_EXAMPLES}\n  vfioproxy trace import capture.jsonl "
@@ -160,6 +179,26 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--server-dma", choices=LAYOUTS, help="DMA_READ/WRITE layout of the server (spec)"
     )
     p_timeline.set_defaults(func=cmd_trace_timeline)
+
+    p_diff = trace_commands.add_parser(
+        "diff", help="two sessions side by side, field by field; exit 1 when they differ",
+        epilog=DIFF_EXAMPLES)
+    p_diff.add_argument("a", metavar="A", help="first session: FILE or FILE:SESSION")
+    p_diff.add_argument("b", metavar="B", help="second session: FILE or FILE:SESSION")
+    add_ignore_options(p_diff)
+    p_diff.add_argument("--json", action="store_true",
+                        help="JSON output: both sides, counts and every divergence")
+    p_diff.add_argument("--context", type=integer(0), default=2, metavar="N",
+                        help="equal exchanges shown around each divergent one (default 2)")
+    p_diff.add_argument("--all", action="store_true",
+                        help="list every divergent exchange (default: the first 10)")
+    p_diff.add_argument("-Y", "--filter", metavar="EXPR",
+                        help="compare only the exchanges (command and reply) with a message "
+                        "this display filter passes, e.g. 'region == config'")
+    p_diff.add_argument("--max-messages", type=integer(1), default=DEFAULT_MAX_MESSAGES,
+                        metavar="N", help="refuse a session of more messages (both are held "
+                        f"in memory; default {DEFAULT_MAX_MESSAGES})")
+    p_diff.set_defaults(func=cmd_trace_diff)
 
     p_import = trace_commands.add_parser(
         "import", help="convert rawcap JSON-lines captures into traces", epilog=IMPORT_EXAMPLES
@@ -331,6 +370,27 @@ def cmd_trace_timeline(args: argparse.Namespace) -> int:
     if args.html is not None:
         write_html(timelines, args.html)
     return 0
+
+
+def cmd_trace_diff(args: argparse.Namespace) -> int:
+    _compile(args)
+    scripts = []
+    selected: list[frozenset[int] | None] = []
+    for operand in (args.a, args.b):
+        path, session = parse_operand(operand)
+        with _open(path):
+            pass  # a rawcap capture is named as one
+        script = load_session(path, session, max_messages=args.max_messages)
+        scripts.append(script)
+        selected.append(None if args.compiled is None
+                        else filtered_seqs(path, script.session, args.compiled))
+    report = diff_scripts(scripts[0], scripts[1], ignore=ignore_rules(args),
+                          selected=(selected[0], selected[1]), filter_text=args.filter)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.text(context=args.context, all_rows=args.all))
+    return report.exit_status
 
 
 def cmd_trace_import(args: argparse.Namespace) -> int:

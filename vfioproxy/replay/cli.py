@@ -24,7 +24,7 @@ from vfioproxy.replay.report import ReplayReport
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
 from vfioproxy.usage.types import real, seconds
 
-__all__ = ["add_replay_commands"]
+__all__ = ["add_ignore_options", "add_replay_commands", "ignore_rules"]
 
 CLIENT_EXAMPLES = """\
 examples:
@@ -53,7 +53,18 @@ def _matcher(text: str) -> Matcher:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _ignores(args: argparse.Namespace) -> tuple[IgnoreRule, ...]:
+def add_ignore_options(p: argparse.ArgumentParser) -> None:
+    """``--ignore RULE`` (repeatable) and ``--no-default-ignores``: what may differ,
+    for the replays and ``trace diff`` alike (read back by :func:`ignore_rules`)."""
+    p.add_argument("--ignore", type=_rule, action="append", default=[], metavar="RULE",
+                   help="[COMMAND:]FIELD that may differ, e.g. 'REGION_READ:data[0x140:0x148]' "
+                        "or 'json.capabilities' (repeatable)")
+    p.add_argument("--no-default-ignores", action="store_true",
+                   help=f"also compare {', '.join(map(str, DEFAULT_IGNORES))}")
+
+
+def ignore_rules(args: argparse.Namespace) -> tuple[IgnoreRule, ...]:
+    """The rules :func:`add_ignore_options`' options asked for, defaults first."""
     defaults = () if args.no_default_ignores else DEFAULT_IGNORES
     return (*defaults, *args.ignore)
 
@@ -70,7 +81,7 @@ def _run(args: argparse.Namespace, replay: Callable[[], Awaitable[ReplayReport]]
 def cmd_replay_client(args: argparse.Namespace) -> int:
     options = ClientReplayOptions(
         session=args.session, timing=args.timing, speed=args.speed, timeout=args.timeout,
-        ignore=_ignores(args),
+        ignore=ignore_rules(args),
     )
     return _run(args, functools.partial(replay_client, args.trace, args.server, options))
 
@@ -79,7 +90,7 @@ def cmd_replay_server(args: argparse.Namespace) -> int:
     if args.on_mismatch == "passthrough" and not args.passthrough_server:
         raise UsageError("--on-mismatch passthrough needs --passthrough-server SOCK")
     options = ServerReplayOptions(
-        session=args.session, match_on=args.match_on, ignore=_ignores(args),
+        session=args.session, match_on=args.match_on, ignore=ignore_rules(args),
         on_mismatch=args.on_mismatch, passthrough=args.passthrough_server, timeout=args.timeout,
     )
 
@@ -114,11 +125,7 @@ def add_replay_commands(subcommands: argparse._SubParsersAction) -> None:  # typ
                        help="session to replay (default: the first)")
         p.add_argument("--timeout", type=seconds(), default=5.0, metavar="SECONDS",
                        help="seconds to wait for each live message (default 5)")
-        p.add_argument("--ignore", type=_rule, action="append", default=[], metavar="RULE",
-                       help="[COMMAND:]FIELD that may differ, e.g. 'REGION_READ:data[0x140:0x148]' "
-                            "or 'json.capabilities' (repeatable)")
-        p.add_argument("--no-default-ignores", action="store_true",
-                       help=f"also compare {', '.join(map(str, DEFAULT_IGNORES))}")
+        add_ignore_options(p)
         p.add_argument("--json", action="store_true", help="the report as JSON")
 
     client = actions.add_parser(

@@ -79,19 +79,22 @@ class FieldDiff:
         """A diff that stands for several (``data[0x53:0x14c]: 39 more ranges differ``)."""
         return cls(field, None, None, remark=remark)
 
-    def text(self) -> str:
+    def text(self, versus: str = "recorded") -> str:
+        """``data 0xfe000000 != recorded 0xfd000000``; ``versus`` names the second
+        value (``""``: none, as ``trace diff`` shows its A and B values)."""
         name = f"{self.field} ({self.note})" if self.note else self.field
         if self.remark:
             return f"{name}: {self.remark}"
         live = _value_text(self.field, self.live, self.recorded)
         recorded = _value_text(self.field, self.recorded, self.live)
-        return f"{name} {live} != recorded {recorded}"
+        return f"{name} {live} != {versus + ' ' if versus else ''}{recorded}"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, names: tuple[str, str] = ("live", "recorded")) -> dict[str, Any]:
+        """The diff as JSON; ``names`` are the keys of the two values."""
         out = {
             "field": self.field,
-            "live": _json_value(self.live),
-            "recorded": _json_value(self.recorded),
+            names[0]: _json_value(self.live),
+            names[1]: _json_value(self.recorded),
         }
         if self.note:
             out["note"] = self.note
