@@ -97,8 +97,7 @@ exists is replaced only with --force."""
 
 
 def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``trace show``, ``trace stats``, ``trace export``, ``trace timeline``, ``trace diff`` and
-    ``trace import``."""
+    """Register ``trace show``, ``stats``, ``export``, ``timeline``, ``diff`` and ``import``."""
     trace = commands.add_parser("trace", help="inspect and convert trace files",
                                 epilog=f"{SHOW_EXAMPLES}\n  vfioproxy trace import capture.jsonl "
                                 "capture.trace")
