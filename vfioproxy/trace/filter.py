@@ -27,7 +27,7 @@ from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
 from vfioproxy.trace.timeline.labels import label_messages
 
-__all__ = ["FIELDS", "FieldSpec", "Filter", "compile_filter", "select"]
+__all__ = ["FIELDS", "FieldSpec", "Filter", "compile_filter", "marked", "select"]
 
 
 @attrs.frozen
@@ -436,30 +436,42 @@ def _steps(messages: Sequence[DecodedMessage]) -> dict[int, str]:
             for group in sessions.values() for m, label in label_messages(group)}
 
 
+def marked(items: Iterable[DecodedItem], flt: Filter | None,
+           header: TraceHeader | None = None) -> Iterator[tuple[DecodedItem, bool]]:
+    """Every item of ``items``, each with whether ``flt`` passes it: every
+    message passes without a filter, an event never does; ``header`` is the
+    trace's, for ``time``. A filter using ``step`` reads all of ``items``
+    first: a label may depend on what follows it."""
+    steps: dict[int, str] = {}
+    if flt is not None and "step" in flt.fields:
+        items = list(items)
+        steps = _steps([i for i in items if isinstance(i, DecodedMessage)])
+    starts: dict[int, int] = {}
+    for item in items:
+        if not isinstance(item, DecodedMessage):
+            yield item, False
+            continue
+        start = starts.setdefault(item.record.session, item.record.t_ns)
+        yield item, flt is None or flt.matches(item, session_start_ns=start,
+                                               step=steps.get(item.record.seq), header=header)
+
+
 def select(items: Iterable[DecodedItem], flt: Filter | None, limit: int | None = None,
            header: TraceHeader | None = None) -> Iterator[DecodedItem]:
     """The messages of ``items`` that ``flt`` passes, at most ``limit`` of them;
     ``header`` is the trace's, for ``time``.
 
     Without a filter every item passes (``limit`` still counts messages
-    only). A filter using ``step`` reads all of ``items`` first: a label may
-    depend on what follows it."""
+    only). A filter using ``step`` reads all of ``items`` first (:func:`marked`)."""
     if limit is not None and limit <= 0:
         return
-    steps: dict[int, str] = {}
-    if flt is not None and "step" in flt.fields:
-        items = list(items)
-        steps = _steps([i for i in items if isinstance(i, DecodedMessage)])
-    starts: dict[int, int] = {}
     found = 0
-    for item in items:
+    for item, passed in marked(items, flt, header):
         if not isinstance(item, DecodedMessage):
             if flt is None:
                 yield item
             continue
-        start = starts.setdefault(item.record.session, item.record.t_ns)
-        if flt is not None and not flt.matches(item, session_start_ns=start,
-                                              step=steps.get(item.record.seq), header=header):
+        if not passed:
             continue
         yield item
         found += 1
