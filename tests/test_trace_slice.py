@@ -244,13 +244,15 @@ def newer(path, version):
     (["{out}", "--session", "7"], "no session 7 in the trace"),
     (["{existing}"], "already exists (--force replaces it)"),
     (["{src}", "--force"], "is also an input"),
+    (["{nodir}"], "nodir/out.trace: No such file or directory"),
 ])
 def test_bad_slices_are_one_line_errors_and_leave_nothing_behind(capsys, tmp_path, argv, words):
     existing = tmp_path / "existing.trace"
     existing.write_text("mine\n")
     src = tmp_path / "src.trace"
     src.write_bytes(WORKLOAD.read_bytes())
-    values = {"out": tmp_path / "out.trace", "existing": existing, "src": src}
+    values = {"out": tmp_path / "out.trace", "existing": existing, "src": src,
+              "nodir": tmp_path / "nodir" / "out.trace"}
     argv = [a.format(**values) for a in argv]
     before = sorted(os.listdir(tmp_path))
     code, _, err = run(capsys, "trace", "slice", src, *argv)

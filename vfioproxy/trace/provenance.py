@@ -73,7 +73,10 @@ def output_trace(
     out = os.fspath(out)
     partial = os.path.join(os.path.dirname(out) or ".",
                            f".{os.path.basename(out)}.partial-{os.getpid()}")
-    writer = TraceWriter(partial, header, overwrite=True)
+    try:
+        writer = TraceWriter(partial, header, overwrite=True)
+    except OSError as exc:  # named by the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror, out) from None
     try:
         with writer:
             yield writer
