@@ -45,7 +45,7 @@ from vfioproxy.trace.provenance import (
 __all__ = ["SEQ_WINDOW", "MergeResult", "merge_traces"]
 
 #: how many recent messages of each input an event's ``a.seq`` is looked up in
-SEQ_WINDOW = 1 << 16
+SEQ_WINDOW = 1 << 14
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SOURCE = "vfioproxy trace merge"

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from recorder.errors import TraceLimitError
 from recorder.reader import TraceReader
 from recorder.records import FORMAT_VERSION, TraceHeader
 from recorder.writer import TraceWriter
@@ -68,7 +69,8 @@ def output_trace(
     to ``out`` (replacing a file there only with ``overwrite``; otherwise an
     ``out`` that appeared meanwhile raises :class:`FileExistsError`). On any
     error or cancellation the temporary file is removed and ``out`` is left
-    as it was.
+    as it was. A ``header`` a reader would refuse (e.g. a merge listing too
+    many sessions) raises :class:`UsageError`.
     """
     out = os.fspath(out)
     partial = os.path.join(os.path.dirname(out) or ".",
@@ -77,6 +79,9 @@ def output_trace(
         writer = TraceWriter(partial, header, overwrite=True)
     except OSError as exc:  # named by the file asked for, not the temporary one
         raise OSError(exc.errno, exc.strerror, out) from None
+    except TraceLimitError as exc:
+        raise UsageError(f"{out}: its header would exceed a trace header's limits ({exc})"
+                         ) from None
     try:
         with writer:
             yield writer
