@@ -116,7 +116,7 @@ def decoded_records(
                 yield injection
                 continue
         if isinstance(record, EventRecord):
-            if record.kind == EventKind.SESSION_CLOSE:
+            if record.kind == EventKind.SESSION_CLOSE and record.session is not None:
                 sessions.pop(record.session, None)  # nothing of a session follows its close
             yield record
         elif record.torn:
