@@ -91,6 +91,14 @@ def test_a_seq_range_keeps_its_messages_with_their_original_numbers_and_the_setu
     assert all(source[r.seq] == r for r in kept)
 
 
+def test_a_filter_selecting_a_seq_range_keeps_what_the_range_keeps(tmp_path):
+    # -Y decodes the trace, --seq reads only the headers: the same pairs and setup
+    by_range, _ = sliced(tmp_path, WORKLOAD, seq=(100, 154))
+    flt = compile_filter("seq >= 100 and seq <= 154")
+    by_filter, _ = sliced(tmp_path, WORKLOAD, "filtered.trace", filter=flt)
+    assert records(by_filter)[1] == records(by_range)[1]
+
+
 def test_without_setup_a_seq_range_keeps_only_itself(tmp_path):
     out, result = sliced(tmp_path, WORKLOAD, seq=(100, 154), setup=False)
     assert seqs(out) == list(range(100, 154))

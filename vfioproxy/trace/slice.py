@@ -1,9 +1,10 @@
 """``vfioproxy trace slice``: a part of a trace, as a trace that still replays.
 
 :func:`slice_trace` reads a trace twice, record by record. The first pass
-decodes it (:func:`~vfioproxy.trace.decoded.decoded_records`) and decides
-which messages stay: those the selection (:class:`SliceSpec`: ``-Y``,
-``--seq``, ``--time``, ``--session``) passes; with ``pair`` the reply of a
+decides which messages stay, reading each message's header (and, for
+``-Y``, decoding the trace: :func:`~vfioproxy.trace.decoded.decoded_records`):
+those the selection (:class:`SliceSpec`: ``-Y``, ``--seq``, ``--time``,
+``--session``) passes; with ``pair`` the reply of a
 kept command and the command of a kept reply, paired by
 :class:`~vfioproxy.protocol.pairing.Outstanding` as the session state pairs
 them; with ``setup`` the VERSION exchange and the DMA_MAP/DMA_UNMAP
@@ -41,7 +42,7 @@ from recorder.records import (
     Record,
 )
 from vfioproxy.protocol.codec import Dialects
-from vfioproxy.protocol.header import Command
+from vfioproxy.protocol.header import HEADER_SIZE, Command, Header
 from vfioproxy.protocol.pairing import MAX_OUTSTANDING, Outstanding
 from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedMessage, TornMessage, decoded_records
@@ -154,14 +155,22 @@ class _Selector:
         self._waiting: dict[tuple[int, Direction], Outstanding[int]] = {}
         #: setup messages of sessions with nothing selected yet
         self._setup: dict[int, list[int]] = {}
+        if spec.filter is None:  # the headers are enough
+            for record in reader:
+                if isinstance(record, EventRecord):
+                    self._event(record)
+                else:
+                    whole = not record.torn and len(record.data) >= HEADER_SIZE
+                    self._message(record, True, Header.parse(record.data) if whole else None)
+            return
         items = decoded_records(reader, dialects=spec.dialects)
         for item, passed in marked(items, spec.filter, reader.header):
             if isinstance(item, EventRecord):
                 self._event(item)
             elif isinstance(item, DecodedMessage):
-                self._message(item.record, passed, item)
+                self._message(item.record, passed, item.observation.message.header)
             elif isinstance(item, TornMessage):
-                self._message(item.record, spec.filter is None, None)
+                self._message(item.record, False, None)
 
     def _event(self, event: EventRecord) -> None:
         if self.origin is None:
@@ -181,19 +190,21 @@ class _Selector:
             and spec.session in (None, record.session)
         )
 
-    def _message(self, record: MessageRecord, passed: bool, item: DecodedMessage | None) -> None:
+    def _message(self, record: MessageRecord, passed: bool, header: Header | None) -> None:
+        """Decide on ``record``: ``passed`` the filter; ``header`` (None: torn, or
+        too short to have one) pairs it."""
         if self.origin is None:
             self.origin = record.t_ns
         session, seq = record.session, record.seq
         keep = passed and self.selected(record)
-        if self.spec.pair and item is not None:
-            keep = self._pair(record, item, keep)
+        if self.spec.pair and header is not None:
+            keep = self._pair(record, header, keep)
         if (
             not keep
             and self.spec.setup
-            and item is not None
+            and header is not None
             and session not in self.kept.sessions
-            and item.observation.message.command in SETUP_COMMANDS
+            and header.command in SETUP_COMMANDS
             and self.spec.session in (None, session)
         ):
             self._setup.setdefault(session, []).append(seq)
@@ -204,10 +215,9 @@ class _Selector:
             self.kept.runs.add(seq, extend=self._previous_kept)
         self._previous_kept = keep
 
-    def _pair(self, record: MessageRecord, item: DecodedMessage, keep: bool) -> bool:
+    def _pair(self, record: MessageRecord, header: Header, keep: bool) -> bool:
         """Mirror the session state's pairing table; returns whether ``record``
         stays once its pair is taken into account."""
-        header = item.observation.message.header
         if header.is_command and not header.no_reply:
             self._table(record.session, record.direction).add(header.msg_id, record.seq)
         elif header.is_reply:
