@@ -212,3 +212,13 @@ def test_an_existing_output_is_kept_without_force_and_an_input_never_replaced(ca
 def test_one_input_is_not_a_merge(capsys, tmp_path):
     code, _, err = run(capsys, "trace", "merge", tmp_path / "out.trace", REALIZE)
     assert code == 2 and "merging needs at least two traces" in one_error_line(err)
+
+
+def test_a_torn_input_is_merged_up_to_its_last_whole_record_with_a_warning(capsys, tmp_path):
+    torn = tmp_path / "torn.trace"
+    torn.write_bytes(GPIO.read_bytes()[:-7])  # into the final session_close
+    out = tmp_path / "out.trace"
+    code, text, err = run(capsys, "trace", "merge", out, torn, REALIZE)
+    assert code == 0
+    assert "torn.trace: trace truncated after record 79" in err
+    assert text.endswith("174 messages, 177 records\n")  # 78 + 96; 79 + 98 records
