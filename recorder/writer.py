@@ -23,6 +23,7 @@ from recorder.records import (
     FdRecord,
     MessageRecord,
     PlainMessagePacker,
+    Record,
     TraceHeader,
     bin_header,
     data_depth,
@@ -403,6 +404,24 @@ class TraceWriter(Closing):
         written, the disk being full)."""
         with self._lock:
             return self._append_event(self._event_blob(self._seq + 1, session, t_ns, kind, data))
+
+    def copy_record(self, record: Record) -> int:
+        """Append ``record`` as it is, its ``seq`` included: what a tool that
+        slices or merges traces writes (FORMAT.md §7 lets such a file have gaps
+        in ``seq``). ``record.seq`` must exceed the last ``seq`` written
+        (:class:`ValueError` otherwise, nothing written); a record a reader
+        would refuse raises :class:`TraceLimitError`. Returns the ``seq``."""
+        message = isinstance(record, MessageRecord)
+        with self._lock:
+            if record.seq <= self._seq:
+                raise ValueError(f"cannot write seq {record.seq} after seq {self._seq}: "
+                                 "sequence numbers must increase")
+            blob = self._check(record.to_wire(),
+                               "max_record_bytes" if message else "max_event_bytes", check=True)
+            if not self._write([blob], message=message):
+                raise OSError(errno.ENOSPC, f"{self.path}: no room for record {record.seq}")
+            self._seq = record.seq
+        return record.seq
 
     def _append_event(self, blob: bytes) -> int:
         """Append one packed event numbered ``seq + 1`` (the lock held): its seq, or 0

@@ -1,4 +1,4 @@
-"""``vfioproxy trace``: show, stats, export, timeline, diff and import."""
+"""``vfioproxy trace``: show, stats, export, timeline, diff, import, slice and merge."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from vfioproxy.replay.diff import (
 from vfioproxy.trace import export, show, stats
 from vfioproxy.trace.decoded import DecodedItem, decoded_records
 from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
+from vfioproxy.trace.merge import merge_traces
 from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.trace.sessions import TraceSessions
+from vfioproxy.trace.slice import SliceSpec, slice_trace
 from vfioproxy.trace.timeline.build import reader_timelines
 from vfioproxy.trace.timeline.compare import compare, comparison_lines
 from vfioproxy.trace.timeline.html import write_html
@@ -33,7 +35,7 @@ from vfioproxy.trace.timeline.model import SessionTimeline
 from vfioproxy.trace.timeline.png import PNG_HINT, have_matplotlib, write_png
 from vfioproxy.trace.timeline.table import session_lines
 from vfioproxy.usage.output import claim_file, is_directory
-from vfioproxy.usage.types import integer
+from vfioproxy.usage.types import integer, span
 
 __all__ = ["add_trace_commands"]
 
@@ -96,8 +98,34 @@ DEST/ (or an existing directory) gets one SRC.trace per source; a DEST that
 exists is replaced only with --force."""
 
 
+SLICE_EXAMPLES = """\
+examples:
+  vfioproxy trace slice session.trace part.trace --seq 100:200
+  vfioproxy trace slice session.trace rom.trace -Y 'region == ROM'
+  vfioproxy trace slice session.trace late.trace --time 2.5: --session 2
+  vfioproxy trace slice session.trace part.trace --seq 100:200 && \\
+      vfioproxy replay client part.trace --server dev.sock
+
+OUT keeps IN's header and sequence numbers (#58 is the same message in
+both); its header's info.sliced_from names IN, its SHA-256 and the
+selection. A kept command keeps its reply and a kept reply its command
+(--no-pair: not), and each kept session keeps its open and close and the
+VERSION and DMA_MAP/DMA_UNMAP exchanges before its first selected message
+(--no-setup: not), so that the slice replays."""
+
+MERGE_EXAMPLES = """\
+examples:
+  vfioproxy trace merge both.trace host-a.trace host-b.trace
+  vfioproxy trace merge runs.trace run-1.trace run-2.trace run-3.trace
+
+Records are ordered by wall-clock time (each trace's header anchors its
+clock), sessions renumbered in the order they started; the header's
+info.merged_from says which trace (path, SHA-256, host, source) each new
+session came from."""
+
 def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``trace show``, ``stats``, ``export``, ``timeline``, ``diff`` and ``import``."""
+    """Register ``trace show``, ``stats``, ``export``, ``timeline``, ``diff``, ``import``,
+    ``slice`` and ``merge``."""
     trace = commands.add_parser("trace", help="inspect and convert trace files",
                                 epilog=f"{SHOW_EXAMPLES}\n  vfioproxy trace import capture.jsonl "
                                 "capture.trace")
@@ -207,6 +235,38 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                           help="trace file, or DIR/ for one trace per source")
     p_import.add_argument("--force", action="store_true", help="replace traces that exist")
     p_import.set_defaults(func=cmd_trace_import)
+
+    p_slice = trace_commands.add_parser(
+        "slice", help="a part of a trace as a trace that still replays", epilog=SLICE_EXAMPLES
+    )
+    p_slice.add_argument("file", metavar="IN", help="trace file to slice")
+    p_slice.add_argument("out", metavar="OUT", help="trace file to write")
+    p_slice.add_argument("-Y", "--filter", metavar="EXPR",
+                         help="only messages this display filter passes (README: Display "
+                         "filters), e.g. 'command == REGION_READ'")
+    p_slice.add_argument("--seq", metavar="A:B", type=span(int, "sequence numbers", "100:200"),
+                         help="only records with sequence numbers A to B (A: or :B open)")
+    p_slice.add_argument("--time", metavar="A:B", type=span(float, "seconds", "2.5:4"),
+                         help="only records A to B seconds after the trace's first record")
+    p_slice.add_argument("--session", type=int, metavar="N", help="only this session")
+    p_slice.add_argument("--no-pair", action="store_true",
+                         help="do not add the reply of a kept command nor the command of a "
+                         "kept reply")
+    p_slice.add_argument("--no-setup", action="store_true",
+                         help="do not add each kept session's VERSION and DMA_MAP/DMA_UNMAP "
+                         "exchanges from before its first selected message")
+    p_slice.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p_slice.set_defaults(func=cmd_trace_slice)
+
+    p_merge = trace_commands.add_parser(
+        "merge", help="several traces (hosts, runs) as one, in wall-clock order",
+        epilog=MERGE_EXAMPLES
+    )
+    p_merge.add_argument("out", metavar="OUT", help="trace file to write")
+    p_merge.add_argument("files", nargs="+", metavar="IN", help="trace files to merge (two or "
+                         "more)")
+    p_merge.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p_merge.set_defaults(func=cmd_trace_merge)
 
 
 def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[DecodedItem]:
@@ -406,4 +466,35 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
     for src, target in zip(sources, targets, strict=True):
         result = import_rawcap(src, target, overwrite=args.force)
         print(f"{src} -> {target}: {result.messages} messages, {result.fds} fds")
+    return 0
+
+
+def cmd_trace_slice(args: argparse.Namespace) -> int:
+    _compile(args)
+    claim_file(args.out, force=args.force)
+    spec = SliceSpec(filter=args.compiled, seq=args.seq, time=args.time, session=args.session,
+                     pair=not args.no_pair, setup=not args.no_setup)
+    with _open(args.file) as reader:
+        _check_session(args)
+        result = slice_trace(reader, args.out, spec, overwrite=args.force)
+        _warn_truncated(reader)
+    added = f" ({result.added} added for pairing and setup)" if result.added else ""
+    print(f"{args.file} -> {args.out}: {result.messages} messages{added}, "
+          f"{result.records} records, sessions {', '.join(map(str, result.sessions)) or 'none'}")
+    return 0
+
+
+def cmd_trace_merge(args: argparse.Namespace) -> int:
+    if len(args.files) < 2:
+        raise UsageError("merging needs at least two traces")
+    claim_file(args.out, force=args.force)
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(_open(path)) for path in args.files]
+        result = merge_traces(readers, args.out, overwrite=args.force)
+        for reader in readers:
+            _warn_truncated(reader)
+    for path, sessions in zip(args.files, result.sessions, strict=True):
+        renumbered = ", ".join(f"{old} -> {new}" for old, new in sorted(sessions.items()))
+        print(f"{path}: sessions {renumbered or 'none'}")
+    print(f"-> {args.out}: {result.messages} messages, {result.records} records")
     return 0

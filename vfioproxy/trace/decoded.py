@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-from recorder.records import EventRecord, MessageRecord, Record, arrived_bytes
+from recorder.records import EventKind, EventRecord, MessageRecord, Record, arrived_bytes
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.listing import RequestTimes
@@ -99,7 +99,9 @@ def decoded_records(
     session; ``session`` keeps only that session's records. A message is
     decoded with the ``inject`` event recorded right after it: violations of
     a message an injected action rewrote, and of the answer to it, are
-    attributed to the injection (:attr:`Violation.caused_by`).
+    attributed to the injection (:attr:`Violation.caused_by`). A session's
+    state is dropped at its ``session_close`` event, so memory grows with the
+    sessions open at once, not with the trace.
     """
     sessions: dict[int, _Session] = {}
     pending: MessageRecord | None = None
@@ -114,6 +116,8 @@ def decoded_records(
                 yield injection
                 continue
         if isinstance(record, EventRecord):
+            if record.kind == EventKind.SESSION_CLOSE and record.session is not None:
+                sessions.pop(record.session, None)  # nothing of a session follows its close
             yield record
         elif record.torn:
             yield from _decode(sessions, record, None, dialects)

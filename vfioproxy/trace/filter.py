@@ -30,8 +30,8 @@ from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
 from vfioproxy.trace.timeline.labels import label_messages
 
-__all__ = ["FIELDS", "Facts", "FieldSpec", "Filter", "compile_filter", "facts_of", "select",
-           "select_facts", "step_labels", "values"]
+__all__ = ["FIELDS", "Facts", "FieldSpec", "Filter", "compile_filter", "facts_of", "marked",
+           "select", "select_facts", "step_labels", "values"]
 
 
 class Facts:
@@ -544,14 +544,37 @@ def step_labels(messages: Sequence[DecodedMessage]) -> dict[int, str]:
             for group in sessions.values() for m, label in label_messages(group)}
 
 
+def marked(items: Iterable[DecodedItem], flt: Filter | None,
+           header: TraceHeader | None = None, *, steps: bool = False,
+           ) -> Iterator[tuple[DecodedItem, Facts | None, bool]]:
+    """Every item of ``items`` with its :class:`Facts` (None for what is not a
+    decoded message) and whether ``flt`` passes it: every message passes
+    without a filter, an event never does; ``header`` is the trace's, for
+    ``time``. ``steps``: label every message with its step; a filter using
+    ``step`` does too, reading all of ``items`` first: a label may depend on
+    what follows it."""
+    labels: dict[int, str] = {}
+    if steps or (flt is not None and "step" in flt.fields):
+        items = list(items)
+        labels = step_labels([i for i in items if isinstance(i, DecodedMessage)])
+    starts: dict[int, int] = {}
+    for item in items:
+        if not isinstance(item, DecodedMessage):
+            yield item, None, False
+            continue
+        start = starts.setdefault(item.record.session, item.record.t_ns)
+        facts = facts_of(item, session_start_ns=start, step=labels.get(item.record.seq),
+                         header=header)
+        yield item, facts, flt is None or flt.test(facts)
+
+
 def select(items: Iterable[DecodedItem], flt: Filter | None, limit: int | None = None,
            header: TraceHeader | None = None) -> Iterator[DecodedItem]:
     """The messages of ``items`` that ``flt`` passes, at most ``limit`` of them;
     ``header`` is the trace's, for ``time``.
 
     Without a filter every item passes (``limit`` still counts messages
-    only). A filter using ``step`` reads all of ``items`` first: a label may
-    depend on what follows it."""
+    only). A filter using ``step`` reads all of ``items`` first (:func:`marked`)."""
     return (item for item, _ in select_facts(items, flt, limit, header))
 
 
@@ -559,25 +582,16 @@ def select_facts(items: Iterable[DecodedItem], flt: Filter | None, limit: int | 
                  header: TraceHeader | None = None, *, steps: bool = False,
                  ) -> Iterator[tuple[DecodedItem, Facts | None]]:
     """:func:`select`, each item with its :class:`Facts` (None for what is not
-    a decoded message). ``steps``: label every message with its step (reads
-    all of ``items`` first), as a filter using ``step`` does."""
+    a decoded message); ``steps`` as :func:`marked`."""
     if limit is not None and limit <= 0:
         return
-    labels: dict[int, str] = {}
-    if steps or (flt is not None and "step" in flt.fields):
-        items = list(items)
-        labels = step_labels([i for i in items if isinstance(i, DecodedMessage)])
-    starts: dict[int, int] = {}
     found = 0
-    for item in items:
+    for item, facts, passed in marked(items, flt, header, steps=steps):
         if not isinstance(item, DecodedMessage):
             if flt is None:
                 yield item, None
             continue
-        start = starts.setdefault(item.record.session, item.record.t_ns)
-        facts = facts_of(item, session_start_ns=start, step=labels.get(item.record.seq),
-                         header=header)
-        if flt is not None and not flt.test(facts):
+        if not passed:
             continue
         yield item, facts
         found += 1

@@ -9,7 +9,9 @@ import math
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["integer", "octal_mode", "pci_id", "real", "seconds", "size", "size_in"]
+__all__ = [
+    "integer", "octal_mode", "pci_id", "real", "seconds", "size", "size_in", "span",
+]
 
 T = TypeVar("T")
 
@@ -89,6 +91,28 @@ def real(what: str, *, zero: bool = False) -> Callable[[str], float]:
 def seconds(*, zero: bool = False) -> Callable[[str], float]:
     """An argparse type: a duration in seconds above 0 (or from 0 with ``zero``)."""
     return real("seconds", zero=zero)
+
+
+def span(number: Callable[[str], float], what: str,
+         example: str) -> Callable[[str], tuple[float | None, float | None]]:
+    """An argparse type: ``A:B``, inclusive bounds of ``what`` that ``number``
+    converts (``int`` or ``float``, from 0); either may be left out (``A:``,
+    ``:B``), not both, and ``A`` may not exceed ``B``."""
+    wanted = f"A:B, {what} from A to B (either may be left out)"
+
+    def convert(text: str) -> tuple[float | None, float | None]:
+        low, sep, high = text.partition(":")
+        if not sep or not (low.strip() or high.strip()):
+            raise ValueError(text)
+        bounds = tuple(number(part) if part.strip() else None for part in (low, high))
+        return bounds[0], bounds[1]
+
+    def accepts(bounds: tuple[float | None, float | None]) -> bool:
+        low, high = bounds
+        return (all(b is None or (math.isfinite(b) and b >= 0) for b in bounds)
+                and (low is None or high is None or low <= high))
+
+    return _checked(convert, accepts, wanted, example)
 
 
 def octal_mode(text: str) -> int:
