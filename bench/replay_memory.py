@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,81 +79,104 @@ def write_trace(path: Path, commands: int, *, answered: bool) -> None:
             writer.write_event(1, EventKind.SESSION_CLOSE, t_ns + 1000, {})
 
 
-def measure(argv: list[str], **popen: object) -> tuple[float, float, int, str]:
-    """(peak RSS MiB, seconds, exit status, last output line) of one subprocess."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)  # type: ignore[call-overload]
+#: a row: label, peak RSS MiB, seconds, exit status (None: stopped at --limit), last line
+Row = tuple[str, float, float, int | None, str]
+
+
+def _reap(proc: subprocess.Popen[str], start: float, limit: float, label: str) -> Row:
+    """Read ``proc``'s output and wait4 it (killed at ``limit`` seconds from ``start``)."""
     assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()))  # type: ignore[union-attr]
+    reader.start()
+    killed = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - start > limit:
+            proc.kill()
+            killed = True
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.02)
     proc.returncode = os.waitstatus_to_exitcode(status)
     took = time.perf_counter() - start
-    lines = [line for line in out.splitlines() if line.strip()]
-    return usage.ru_maxrss / 1024, took, proc.returncode, lines[-1] if lines else ""
+    reader.join()
+    lines = [line for line in "".join(chunks).splitlines() if line.strip()]
+    return (label, usage.ru_maxrss / 1024, took, None if killed else proc.returncode,
+            lines[-1] if lines else "")
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 600
+def _wait_for(path: Path, proc: subprocess.Popen[str], limit: float) -> bool:
+    """Whether ``proc`` listens on ``path`` within ``limit`` seconds."""
+    deadline = time.monotonic() + limit
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{proc.args} did not start listening on {path}")
+            return False
         time.sleep(0.05)
+    return True
 
 
-def run(unanswered: int, answered: int, extra: list[str]) -> list[tuple[str, float, float, int,
-                                                                          str]]:
+def show(row: Row, base: Row | None) -> None:
+    label, rss, took, status, last = row
+    ratio_rss = f"{rss / base[1]:.1f}" if base else "1.0"
+    ratio_time = f"{took / base[2]:.1f}" if base else "1.0"
+    shown = "killed at --limit" if status is None else str(status)
+    print(f"| {label} | {rss:.0f} | {ratio_rss} | {took:.2f} | {ratio_time} | {shown} |",
+          flush=True)
+    if last:
+        print(f"|   {last} |||||", flush=True)
+
+
+def run(unanswered: int, answered: int, extra: list[str], limit: float) -> None:
     python = sys.executable
-    env = dict(os.environ)
-    rows = []
+    replay = [python, "-m", "vfioproxy", "replay"]
+    print("| run | peak RSS MiB | x baseline | time s | x baseline | exit |")
+    print("|---|---:|---:|---:|---:|---:|", flush=True)
     with tempfile.TemporaryDirectory(prefix="replay-memory-") as tmp:
-        base = Path(tmp)
-        rss, took, status, _ = measure([python, "-c", "import vfioproxy.replay"], env=env)
-        rows.append(("baseline: import vfioproxy.replay", rss, took, status, ""))
+        base_dir = Path(tmp)
+        start = time.perf_counter()
+        proc = subprocess.Popen([python, "-c", "import vfioproxy.replay"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        base = _reap(proc, start, limit, "baseline: python -c 'import vfioproxy.replay'")
+        show(base, None)
         traces = {}
         for name, count, with_replies in (("unanswered", unanswered, False),
                                           ("answered", answered, True)):
-            path = base / f"{name}.trace"
+            path = base_dir / f"{name}.trace"
             write_trace(path, count, answered=with_replies)
-            traces[name] = (path, count)
-        device = base / "dev.sock"
+            traces[name] = (path, f"{name} ({count} cmds, {path.stat().st_size / 1e6:.0f} MB)")
+        device = base_dir / "dev.sock"
         server = subprocess.Popen([python, "-m", "vfioproxy", "serve-device", "--socket",
-                                   str(device)], env=env, stderr=subprocess.DEVNULL, text=True)
+                                   str(device)], stderr=subprocess.DEVNULL)
         try:
-            _wait_for(device, server)
-            for name, (path, count) in traces.items():
-                size = path.stat().st_size / 1e6
-                label = f"replay client, {name} ({count} cmds, {size:.0f} MB)"
-                rss, took, status, last = measure(
-                    [python, "-m", "vfioproxy", "replay", "client", str(path), "--session", "1",
-                     "--server", str(device), *extra], env=env)
-                rows.append((label, rss, took, status, last))
+            if not _wait_for(device, server, 60):  # type: ignore[arg-type]
+                raise SystemExit("serve-device did not start")
+            for path, what in traces.values():
+                start = time.perf_counter()
+                proc = subprocess.Popen(
+                    [*replay, "client", str(path), "--session", "1", "--server", str(device),
+                     *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                show(_reap(proc, start, limit, f"replay client, {what}"), base)
         finally:
             server.terminate()
             server.wait()
-        for name, (path, count) in traces.items():
-            size = path.stat().st_size / 1e6
-            listen = base / f"replay-{name}.sock"
-            replayer = subprocess.Popen(
-                [python, "-m", "vfioproxy", "replay", "server", str(path), "--session", "1",
-                 "--listen", str(listen), *extra],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for name, (path, what) in traces.items():
+            listen = base_dir / f"replay-{name}.sock"
             start = time.perf_counter()
-            _wait_for(listen, replayer)
-            client = subprocess.run(
-                [python, "-m", "vfioproxy", "replay", "client", str(path), "--session", "1",
-                 "--server", str(listen), *extra],
-                env=env, capture_output=True, text=True, check=False)
-            assert replayer.stdout is not None
-            out = replayer.stdout.read()
-            _, status, usage = os.wait4(replayer.pid, 0)
-            took = time.perf_counter() - start
-            lines = [line for line in out.splitlines() if line.strip()]
-            rows.append((f"replay server, {name} ({count} cmds, {size:.0f} MB)",
-                         usage.ru_maxrss / 1024, took, os.waitstatus_to_exitcode(status),
-                         lines[-1] if lines else ""))
-            del client
-    return rows
+            proc = subprocess.Popen(
+                [*replay, "server", str(path), "--session", "1", "--listen", str(listen),
+                 *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            client = None
+            if _wait_for(listen, proc, limit):
+                client = subprocess.Popen(
+                    [*replay, "client", str(path), "--session", "1", "--server", str(listen),
+                     *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            show(_reap(proc, start, limit, f"replay server, {what}"), base)
+            if client is not None:
+                client.kill()
+                client.wait()
 
 
 def main() -> None:
@@ -162,22 +186,15 @@ def main() -> None:
                         help="commands of the unanswered trace (default 1000000)")
     parser.add_argument("--answered", type=int, default=200_000, metavar="M",
                         help="command/reply pairs of the answered trace (default 200000)")
+    parser.add_argument("--limit", type=float, default=600, metavar="SECONDS",
+                        help="kill a replay still running after this long (default 600)")
     parser.add_argument("extra", nargs="*", metavar="OPTION",
                         help="more options for every replay (after --)")
     args = parser.parse_args()
     import vfioproxy
 
     print(f"replay from {Path(vfioproxy.__file__).parent}; python {sys.version.split()[0]}")
-    rows = run(args.unanswered, args.answered, args.extra)
-    base_rss, base_time = rows[0][1], rows[0][2]
-    print("| run | peak RSS MiB | x baseline | time s | x baseline | exit |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, rss, took, status, _ in rows:
-        print(f"| {label} | {rss:.0f} | {rss / base_rss:.1f} | {took:.2f} | "
-              f"{took / base_time:.1f} | {status} |")
-    print()
-    for label, *_, last in rows[1:]:
-        print(f"{label}: {last}")
+    run(args.unanswered, args.answered, args.extra, args.limit)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ counterpart field by field (:mod:`.match`); the result is a
 :class:`~vfioproxy.replay.report.ReplayReport`. Waiting is bounded: no live
 counterpart within ``timeout`` seconds, or the server closing the
 connection, ends the replay with a divergence saying what was awaited.
+
+Memory does not grow with the session: the recorded messages are read from
+the trace as they are played (:class:`~vfioproxy.replay.script.Cursor`), and
+at most ``window`` sent commands await their reply at once (with that many
+waiting, the replay waits for replies before it sends more).
 """
 
 from __future__ import annotations

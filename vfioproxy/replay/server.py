@@ -3,10 +3,11 @@
 :func:`serve_replay` listens on a UNIX socket and, for the first client that
 connects, answers each live request with the recorded reply of the recorded
 request it matches. Matching is in order: the earliest recorded request not
-yet used whose fields agree with the live one on what the
-:class:`~vfioproxy.replay.match.Matcher` looks at (by default the command,
-the header flags, every body field and the fds' kinds and sizes; the
-command number must always agree), ignore rules applied. So repeated
+yet used, among the first ``window`` of them (decoded in memory; the rest of
+the session is read from the trace as the window moves), whose fields agree
+with the live one on what the :class:`~vfioproxy.replay.match.Matcher` looks
+at (by default the command, the header flags, every body field and the fds'
+kinds and sizes; the command number must always agree), ignore rules applied. So repeated
 identical requests (QEMU reads the interrupt pin twice, the ROM BAR before
 and after sizing) get their recorded replies in recorded order. The reply is
 the recorded bytes with the live request's msg_id, and fresh fds of the
@@ -227,9 +228,8 @@ class _ServerReplay(Replay):
                    f"the client sent nothing for {self.options.timeout:g} s; "
                    "the recording continues with this request")
 
-    def _unused(self) -> list[int]:
-        """Positions of the recorded requests in the window, in order (see
-        :class:`ServerReplayOptions`)."""
+    def _fill(self) -> None:
+        """Take recorded requests into the window until it holds ``options.window``."""
         while len(self.unused) < self.options.window and self.more:
             position = next(self.requests, None)
             if position is None:
@@ -238,11 +238,16 @@ class _ServerReplay(Replay):
             self.unused[position] = self.reader.get(position)
             self.windowed = position
             self.script.hold()
+
+    def _unused(self) -> list[int]:
+        """Positions of the recorded requests in the window, in order (see
+        :class:`ServerReplayOptions`)."""
+        self._fill()
         return list(self.unused)
 
     def _next_request(self) -> Step | None:
-        unused = self._unused()
-        return self.unused[unused[0]] if unused else None
+        self._fill()
+        return next(iter(self.unused.values()), None)
 
     def _use(self, position: int) -> None:
         del self.unused[position]
@@ -268,7 +273,7 @@ class _ServerReplay(Replay):
                 yield position
 
     def _report_missing(self) -> None:
-        self._unused()
+        self._fill()
         count = 0
         first: str | None = None
         cursor = self.script.cursor(keep=1)
@@ -309,10 +314,11 @@ class _ServerReplay(Replay):
         if live.command == Command.VERSION:
             self.client_version = data
         flat = flatten(live, live_fd_facts(fds))
+        self._fill()
         match = next(
-            (self.unused[p] for p in self._unused()
-             if self.unused[p].message.command == live.command
-             and not self._diffs(flat, self.unused[p], matching=True)),
+            (step for step in self.unused.values()
+             if step.message.command == live.command
+             and not self._diffs(flat, step, matching=True)),
             None,
         )
         if match is None:
