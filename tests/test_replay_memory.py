@@ -26,7 +26,7 @@ from vfioproxy.protocol.codec import build_command, build_reply, encode
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.pci import Region
 from vfioproxy.replay.client import ClientReplayOptions, replay_client
-from vfioproxy.replay.script import CURSOR_KEEP, load_script
+from vfioproxy.replay.script import CURSOR_KEEP, ReplayError, load_script
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
 from vfioproxy.side import Direction
 
@@ -158,3 +158,14 @@ async def test_divergences_beyond_max_divergences_are_counted_not_kept(tmp_path)
     assert "divergences (200):" in text
     assert ("  ... and 195 more divergence(s) counted, not kept (the report keeps the "
             "first 5: --max-divergences)") in text
+
+
+async def test_a_long_session_whose_trace_changes_under_the_replay_is_an_error(tmp_path):
+    trace = write_session(tmp_path / "session.trace", 100, answered=True)
+    script = load_script(trace, keep=WINDOW)
+    trace.unlink()
+    write_session(trace, 100, answered=False)  # the same seqs, other messages
+    async with open_device_server(tmp_path / "dev.sock"):
+        with pytest.raises(ReplayError, match=r"session.trace: the trace changed during the "
+                           r"replay \(message #5 is not the one loaded\)"):
+            await replay_client(script, tmp_path / "dev.sock")

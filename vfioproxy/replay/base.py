@@ -19,7 +19,7 @@ import trio
 from vfioproxy.io.transport import FdStream
 from vfioproxy.replay.fdrebuild import FdRebuilder
 from vfioproxy.replay.report import Divergence, ReplayReport, StopReplay
-from vfioproxy.replay.script import Script
+from vfioproxy.replay.script import ReplayError, Script
 
 __all__ = ["Replay"]
 
@@ -47,7 +47,10 @@ class Replay:
         self.closed: str | None = None
 
     async def run(self) -> ReplayReport:
-        """Play the session; the report says what matched and what diverged."""
+        """Play the session; the report says what matched and what diverged.
+
+        Raises :class:`~vfioproxy.replay.script.ReplayError` when the trace of a
+        session read on demand changed since it was loaded."""
         start = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
@@ -55,6 +58,14 @@ class Replay:
                 with contextlib.suppress(StopReplay):
                     await self._main()
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(ReplayError)
+            if matched is None or rest is not None:
+                raise
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None  # the trace changed under the replay: one error, not a group
         finally:
             self.fds.close()
             self._release()

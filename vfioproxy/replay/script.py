@@ -14,7 +14,8 @@ after the other was seen.
 
 Memory: loading reads the trace as a stream and keeps a compact index of
 the session (:data:`INDEX_BYTES` bytes a message: seq, direction and kind,
-command, pairing), not the messages. A message's bytes and decoding, a
+command, pairing, a CRC of its bytes), not the messages; a session of up to
+``keep`` messages is kept whole. A message's bytes and decoding, a
 :class:`Step`, are read again from the trace when a replay needs them,
 through a :class:`Cursor`: a forward reader that keeps the last
 :data:`CURSOR_KEEP` steps it read. :meth:`Script.statistics` says how many
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import array
 import os
+import zlib
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, overload
@@ -66,7 +68,7 @@ CURSOR_KEEP = 64
 #: requests a server replay matches live ones against (a replay's ``window``)
 DEFAULT_WINDOW = 4096
 #: bytes of the script's index per recorded message
-INDEX_BYTES = 8 + 1 + 2 + 4 + 4
+INDEX_BYTES = 8 + 1 + 2 + 4 + 4 + 4
 
 _C2S, _COMMAND, _NO_REPLY, _REPLY = 1, 2, 4, 8  # bits of the index's kind byte
 #: ids of live recorded commands kept while pairing, before dropping those the
@@ -127,13 +129,15 @@ class Step:
 
 @attrs.define
 class _Index:
-    """Per recorded message: seq, kind bits, command, answers and reply (-1: none)."""
+    """Per recorded message: seq, kind bits, command, answers and reply (-1: none),
+    and the CRC-32 of its bytes (to notice a trace that changed since)."""
 
     seqs: array.array[int] = attrs.field(factory=lambda: array.array("Q"))
     kinds: bytearray = attrs.field(factory=bytearray)
     commands: array.array[int] = attrs.field(factory=lambda: array.array("H"))
     answers: array.array[int] = attrs.field(factory=lambda: array.array("i"))
     replies: array.array[int] = attrs.field(factory=lambda: array.array("i"))
+    crcs: array.array[int] = attrs.field(factory=lambda: array.array("I"))
 
 
 class Script:
@@ -309,10 +313,10 @@ class Script:
             if count == len(self):
                 return
             if isinstance(record, MessageRecord) and record.session == self.session:
-                if record.seq != self._index.seqs[count]:
+                if (record.seq != self._index.seqs[count]
+                        or zlib.crc32(record.data) != self._index.crcs[count]):
                     raise ReplayError(f"{self.path}: the trace changed during the replay "
-                                      f"(record {record.seq} where {self._index.seqs[count]} "
-                                      "was)")
+                                      f"(message #{record.seq} is not the one loaded)")
                 count += 1
                 yield record
         if count < len(self):
@@ -516,6 +520,7 @@ def _build(
         index.commands.append(header.command)
         index.answers.append(-1 if answers is None else answers)
         index.replies.append(-1)
+        index.crcs.append(zlib.crc32(record.data))
         _describe_config(view, obs.message)
         if early is not None:
             early.append((record, obs.message))
