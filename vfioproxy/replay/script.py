@@ -438,11 +438,18 @@ def load_script(
     one is read again as replays need it (and must not change meanwhile:
     :class:`ReplayError` if it does).
     """
-    found = TraceSessions.read(path)
+    name = os.fspath(path)
+    indexer = _Indexer(session, keep)
     with TraceReader(path) as reader:
-        script = _build(reader, found, path=os.fspath(path), session=session, records=None,
-                        keep=keep)
+        if session is None:  # the first session with messages: known after a first pass
+            found = TraceSessions.read(path)
+            indexer.session = _choose(found, name, None)
+            for record in reader:
+                indexer.feed(record)
+        else:
+            found = TraceSessions.of(indexer.tap(reader), path=name)
         truncation = reader.truncation
+    script = indexer.finish(found, path=name, session=session, records=None)
     if truncation is not None:
         script.notes = (f"{truncation}: the replay ends where the trace does", *script.notes)
     return script
@@ -459,57 +466,70 @@ def script_from_records(
     """Build a :class:`Script` from trace records (see :func:`load_script`); the
     script reads its steps from ``records`` again when replayed."""
     items = list(records)
-    script = _build(items, TraceSessions.of(items, path=path), path=path, session=session,
-                    records=items, keep=keep)
+    found = TraceSessions.of(items, path=path)
+    indexer = _Indexer(_choose(found, path, session), keep)
+    for record in items:
+        indexer.feed(record)
+    script = indexer.finish(found, path=path, session=session, records=items)
     if truncation is not None:
         script.notes = (f"{truncation}: the replay ends where the trace does", *script.notes)
     return script
 
 
-def _build(
-    source: Iterable[Record], found: TraceSessions, *, path: str, session: int | None,
-    records: Sequence[Record] | None, keep: int,
-) -> Script:
-    """Index ``session`` of ``source`` (one pass): pairing, dialects, config space;
-    and its steps, if no more than ``keep``."""
+def _choose(found: TraceSessions, path: str, session: int | None) -> int:
+    """The session to replay (default: the first with messages); ReplayError or
+    NoSuchSessionError when there is none such."""
     sessions = found.with_messages
     if not sessions:
         raise ReplayError(f"{path}: the trace holds no messages to replay")
     chosen = sessions[0] if session is None else session
     found.require(chosen, messages=True)
-    notes: list[str] = []
-    if session is None and len(sessions) > 1:
-        notes.append(
-            f"the trace holds sessions {', '.join(map(str, sessions))}; replaying session "
-            f"{chosen} (choose another with --session)"
-        )
-    index = _Index()
-    state = SessionState()
-    pairing = _Pairing(state)
-    view = PciView()
-    closed = stopped = False
-    first: tuple[Direction, Header] | None = None
-    t_first = t_last = 0
-    early: list[tuple[MessageRecord, Message]] | None = []
-    for record in source:
-        if record.session != chosen:
-            continue
+    return chosen
+
+
+class _Indexer:
+    """Indexes one session from its records, fed in file order (one pass):
+    pairing, dialects, config space; and its steps, while no more than ``keep``."""
+
+    def __init__(self, session: int | None, keep: int) -> None:
+        self.session = session
+        self.keep = keep
+        self.index = _Index()
+        self.state = SessionState()
+        self.pairing = _Pairing(self.state)
+        self.view = PciView()
+        self.notes: list[str] = []
+        self.closed = self.stopped = False
+        self.first: tuple[Direction, Header] | None = None
+        self.t_first = self.t_last = 0
+        self.early: list[tuple[MessageRecord, Message]] | None = []
+
+    def tap(self, records: Iterable[Record]) -> Iterator[Record]:
+        """``records``, each fed on its way."""
+        for record in records:
+            self.feed(record)
+            yield record
+
+    def feed(self, record: Record) -> None:
+        if record.session != self.session or record.session is None:
+            return
         if isinstance(record, EventRecord):
-            closed = closed or record.kind == EventKind.SESSION_CLOSE
-            continue
-        if stopped:
-            continue
+            self.closed = self.closed or record.kind == EventKind.SESSION_CLOSE
+            return
+        if self.stopped:
+            return
         if record.torn or record.length is not None:
             what = ("closed in the middle of a message" if record.torn else
                     f"sent a {record.length}-byte message the trace holds only the start of")
-            notes.append(f"the recorded {record.direction.sender.value} {what} (#{record.seq}): "
-                         "the replay ends before it")
-            stopped = True
-            continue
+            self.notes.append(f"the recorded {record.direction.sender.value} {what} "
+                              f"(#{record.seq}): the replay ends before it")
+            self.stopped = True
+            return
+        index = self.index
         position = len(index.seqs)
-        obs = state.observe(record.direction, record.data, record.fds)
+        obs = self.state.observe(record.direction, record.data, record.fds)
         header = obs.message.header
-        answers = pairing.answers(obs)
+        answers = self.pairing.answers(obs)
         if answers is not None:
             index.replies[answers] = position
         index.seqs.append(record.seq)
@@ -521,39 +541,53 @@ def _build(
         index.answers.append(-1 if answers is None else answers)
         index.replies.append(-1)
         index.crcs.append(zlib.crc32(record.data))
-        _describe_config(view, obs.message)
-        if early is not None:
-            early.append((record, obs.message))
-            if len(early) > keep:
-                early = None
-        if first is None:
-            first, t_first = (record.direction, header), record.t_ns
-        t_last = record.t_ns
-    if first is None:
-        raise ReplayError(f"{path}: session {chosen} has no whole message to replay")
-    direction, header = first
-    if direction is not Direction.C2S or header.command != Command.VERSION:
-        kind = "reply" if header.is_reply else "cmd"
-        notes.append(f"the session does not start with the client's VERSION "
-                     f"({header.command_name} {kind})")
-    return Script(
-        path=path,
-        session=chosen,
-        index=index,
-        dialects=state.dialects,
-        client_caps=state.client_caps or Capabilities(),
-        server_caps=state.server_caps or Capabilities(),
-        pci=PciContext.from_config(view.config),
-        notes=tuple(notes),
-        cut_off=not closed,
-        span_ns=t_last - t_first,
-        records=records,
-        steps=None if early is None else [
-            Step(p, record.seq, record.direction, record.t_ns, record.data, record.fds, message,
-                 None if index.answers[p] < 0 else index.answers[p],
-                 None if index.replies[p] < 0 else index.replies[p])
-            for p, (record, message) in enumerate(early)],
-    )
+        _describe_config(self.view, obs.message)
+        if self.early is not None:
+            self.early.append((record, obs.message))
+            if len(self.early) > self.keep:
+                self.early = None
+        if self.first is None:
+            self.first, self.t_first = (record.direction, header), record.t_ns
+        self.t_last = record.t_ns
+
+    def finish(self, found: TraceSessions, *, path: str, session: int | None,
+               records: Sequence[Record] | None) -> Script:
+        """The script of the records fed (``session``: the one asked for)."""
+        chosen = _choose(found, path, session)
+        notes: list[str] = []
+        sessions = found.with_messages
+        if session is None and len(sessions) > 1:
+            notes.append(
+                f"the trace holds sessions {', '.join(map(str, sessions))}; replaying session "
+                f"{chosen} (choose another with --session)"
+            )
+        notes += self.notes
+        if self.first is None:
+            raise ReplayError(f"{path}: session {chosen} has no whole message to replay")
+        direction, header = self.first
+        if direction is not Direction.C2S or header.command != Command.VERSION:
+            kind = "reply" if header.is_reply else "cmd"
+            notes.append(f"the session does not start with the client's VERSION "
+                         f"({header.command_name} {kind})")
+        index, state = self.index, self.state
+        return Script(
+            path=path,
+            session=chosen,
+            index=index,
+            dialects=state.dialects,
+            client_caps=state.client_caps or Capabilities(),
+            server_caps=state.server_caps or Capabilities(),
+            pci=PciContext.from_config(self.view.config),
+            notes=tuple(notes),
+            cut_off=not self.closed,
+            span_ns=self.t_last - self.t_first,
+            records=records,
+            steps=None if self.early is None else [
+                Step(p, record.seq, record.direction, record.t_ns, record.data, record.fds,
+                     message, None if index.answers[p] < 0 else index.answers[p],
+                     None if index.replies[p] < 0 else index.replies[p])
+                for p, (record, message) in enumerate(self.early)],
+        )
 
 
 class _Pairing:
