@@ -43,8 +43,9 @@ def version_exchange() -> list[bytes]:
         return [r.data for r in reader if isinstance(r, MessageRecord)][:2]
 
 
-def write_session(path: Path, commands: int, *, answered: bool) -> Path:
-    """The reference VERSION exchange, then ``commands`` config reads."""
+def write_session(path: Path, commands: int, *, answered: bool, burst: bool = False) -> Path:
+    """The reference VERSION exchange, then ``commands`` config reads (``burst``: all
+    the commands, then all the replies)."""
     t_ns = 1000
     with TraceWriter(path, TraceHeader.now("test", {})) as writer:
         writer.write_event(1, EventKind.SESSION_OPEN, t_ns, {})
@@ -57,10 +58,16 @@ def write_session(path: Path, commands: int, *, answered: bool) -> Path:
                                     RegionAccessBody(0, Region.CONFIG, 4))
             t_ns += 1000
             writer.write_message(1, Direction.C2S, t_ns, encode(command)[0])
-            if answered:
+            if answered and not burst:
                 reply = build_reply(command, RegionAccessBody(0, Region.CONFIG, 4, VENDOR_DEVICE))
                 t_ns += 1000
                 writer.write_message(1, Direction.S2C, t_ns, encode(reply)[0])
+        for n in range(commands if burst else 0):
+            command = build_command(Command.REGION_READ, n + 1,
+                                    RegionAccessBody(0, Region.CONFIG, 4))
+            reply = build_reply(command, RegionAccessBody(0, Region.CONFIG, 4, VENDOR_DEVICE))
+            t_ns += 1000
+            writer.write_message(1, Direction.S2C, t_ns, encode(reply)[0])
         writer.write_event(1, EventKind.SESSION_CLOSE, t_ns + 1000, {})
     return path
 
@@ -85,8 +92,21 @@ async def test_a_long_session_is_indexed_not_kept_and_read_again_in_one_pass_per
     assert report.compared == report.matched == COMMANDS + 1
     stats = script.statistics()
     assert 0 < stats["most_held"] <= bound(3) < len(script) and stats["held"] == 0
-    # the player and the replies cursor read forward once each (no server commands)
-    assert stats["passes"] == 2 and stats["restarts"] == 0
+    # one pass: the player's cursor also reads each recorded reply, just ahead of it
+    assert stats["passes"] == 1 and stats["restarts"] == 0
+
+
+async def test_a_burst_longer_than_the_window_is_sent_as_replies_make_room(tmp_path):
+    trace = write_session(tmp_path / "burst.trace", COMMANDS, answered=True, burst=True)
+    script = load_script(trace, keep=WINDOW)
+    async with open_device_server(tmp_path / "dev.sock"):
+        report = await replay_client(script, tmp_path / "dev.sock",
+                                     ClientReplayOptions(window=WINDOW))
+    assert report.ok, report.text()
+    assert report.compared == report.matched == COMMANDS + 1
+    stats = script.statistics()
+    assert 0 < stats["most_held"] <= bound(3) and stats["restarts"] == 0
+    assert stats["passes"] == 2  # the replies, far ahead of the player, have a cursor of their own
 
 
 async def test_a_long_session_replayed_as_server_holds_its_window_only(tmp_path):

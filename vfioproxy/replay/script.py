@@ -356,6 +356,11 @@ class Cursor:
         self._steps: Generator[Step, None, None] | None = None
         self._next = 0  # the position the pass yields next
 
+    @property
+    def ahead(self) -> int:
+        """The position the cursor reads next (those before it are read or kept)."""
+        return self._next
+
     def get(self, position: int) -> Step:
         """The step at ``position`` (IndexError outside the script)."""
         if not 0 <= position < len(self.script):
