@@ -130,7 +130,12 @@ def show(row: Row, base: Row | None) -> None:
 
 
 def run(unanswered: int, answered: int, extra: list[str], limit: float) -> None:
+    import vfioproxy
+
     python = sys.executable
+    # python -m puts the working directory first on sys.path: run the replays from the
+    # checkout this process imported vfioproxy from (PYTHONPATH), not from this one
+    os.chdir(Path(vfioproxy.__file__).resolve().parent.parent)
     replay = [python, "-m", "vfioproxy", "replay"]
     print("| run | peak RSS MiB | x baseline | time s | x baseline | exit |")
     print("|---|---:|---:|---:|---:|---:|", flush=True)
