@@ -19,7 +19,7 @@ import trio
 from vfioproxy.io.transport import FdStream
 from vfioproxy.replay.fdrebuild import FdRebuilder
 from vfioproxy.replay.report import Divergence, ReplayReport, StopReplay
-from vfioproxy.replay.script import Script
+from vfioproxy.replay.script import ReplayError, Script
 
 __all__ = ["Replay"]
 
@@ -32,12 +32,13 @@ class Replay:
 
     def __init__(self, script: Script, stream: FdStream, options: Any, peer: str) -> None:
         self.script = script
-        self.steps = script.steps
         self.stream = stream
         self.options = options
         self.peer = peer
         self.fds = FdRebuilder()
+        #: the first ``options.max_divergences`` divergences; ``dropped`` counts the rest
         self.divergences: list[Divergence] = []
+        self.dropped = 0
         self.notes = list(script.notes)
         self.sent = self.received = self.compared = self.matched = self.replayed = 0
         #: why the replay stopped early (None: it played to the end)
@@ -46,7 +47,10 @@ class Replay:
         self.closed: str | None = None
 
     async def run(self) -> ReplayReport:
-        """Play the session; the report says what matched and what diverged."""
+        """Play the session; the report says what matched and what diverged.
+
+        Raises :class:`~vfioproxy.replay.script.ReplayError` when the trace of a
+        session read on demand changed since it was loaded."""
         start = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
@@ -54,6 +58,14 @@ class Replay:
                 with contextlib.suppress(StopReplay):
                     await self._main()
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(ReplayError)
+            if matched is None or rest is not None:
+                raise
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None  # the trace changed under the replay: one error, not a group
         finally:
             self.fds.close()
             self._release()
@@ -63,11 +75,20 @@ class Replay:
         self.stopped = self.stopped or self.script.end()
         return ReplayReport(
             mode=self.mode, trace=self.script.path, session=self.script.session, peer=self.peer,
-            recorded=len(self.steps), replayed=self.replayed, sent=self.sent,
+            recorded=len(self.script), replayed=self.replayed, sent=self.sent,
             received=self.received, compared=self.compared, matched=self.matched,
             elapsed=trio.current_time() - start, divergences=tuple(self.divergences),
-            stopped=self.stopped, notes=tuple(self.notes),
+            stopped=self.stopped, notes=tuple(self.notes), dropped=self.dropped,
+            max_divergences=self.options.max_divergences,
         )
+
+    def diverged(self, divergence: Divergence) -> None:
+        """Keep ``divergence`` in the report, or only count it once the report
+        holds ``options.max_divergences``."""
+        if len(self.divergences) < self.options.max_divergences:
+            self.divergences.append(divergence)
+        else:
+            self.dropped += 1
 
     async def _read(self) -> None:
         """Receive the live peer's messages until it closes (a task beside the player)."""

@@ -20,9 +20,10 @@ import trio
 from vfioproxy.errors import UsageError
 from vfioproxy.replay.client import ClientReplayOptions, replay_client
 from vfioproxy.replay.match import DEFAULT_IGNORES, DEFAULT_MATCH_ON, IgnoreRule, Matcher
-from vfioproxy.replay.report import ReplayReport
+from vfioproxy.replay.report import DEFAULT_MAX_DIVERGENCES, ReplayReport
+from vfioproxy.replay.script import DEFAULT_WINDOW
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
-from vfioproxy.usage.types import real, seconds
+from vfioproxy.usage.types import integer, real, seconds
 
 __all__ = ["add_ignore_options", "add_replay_commands", "ignore_rules"]
 
@@ -81,7 +82,7 @@ def _run(args: argparse.Namespace, replay: Callable[[], Awaitable[ReplayReport]]
 def cmd_replay_client(args: argparse.Namespace) -> int:
     options = ClientReplayOptions(
         session=args.session, timing=args.timing, speed=args.speed, timeout=args.timeout,
-        ignore=ignore_rules(args),
+        ignore=ignore_rules(args), window=args.window, max_divergences=args.max_divergences,
     )
     return _run(args, functools.partial(replay_client, args.trace, args.server, options))
 
@@ -92,6 +93,7 @@ def cmd_replay_server(args: argparse.Namespace) -> int:
     options = ServerReplayOptions(
         session=args.session, match_on=args.match_on, ignore=ignore_rules(args),
         on_mismatch=args.on_mismatch, passthrough=args.passthrough_server, timeout=args.timeout,
+        window=args.window, max_divergences=args.max_divergences,
     )
 
     async def serve() -> ReplayReport:
@@ -126,6 +128,10 @@ def add_replay_commands(subcommands: argparse._SubParsersAction) -> None:  # typ
         p.add_argument("--timeout", type=seconds(), default=5.0, metavar="SECONDS",
                        help="seconds to wait for each live message (default 5)")
         add_ignore_options(p)
+        p.add_argument("--max-divergences", type=integer(1),
+                       default=DEFAULT_MAX_DIVERGENCES, metavar="N",
+                       help="divergences the report keeps; the rest are counted "
+                            f"(default {DEFAULT_MAX_DIVERGENCES})")
         p.add_argument("--json", action="store_true", help="the report as JSON")
 
     client = actions.add_parser(
@@ -139,6 +145,11 @@ def add_replay_commands(subcommands: argparse._SubParsersAction) -> None:  # typ
                         help="asap: causal order only; recorded: keep the recorded gaps")
     client.add_argument("--speed", type=real("a speed factor"), default=1.0, metavar="X",
                         help="with --timing recorded: play X times faster")
+    client.add_argument("--window", type=integer(1), default=DEFAULT_WINDOW,
+                        metavar="N",
+                        help="sent commands that may await their reply at once; beyond, "
+                             "the replay waits for replies (default "
+                             f"{DEFAULT_WINDOW})")
     client.set_defaults(func=cmd_replay_client)
 
     server = actions.add_parser(
@@ -158,4 +169,8 @@ def add_replay_commands(subcommands: argparse._SubParsersAction) -> None:  # typ
                              "goes to --passthrough-server")
     server.add_argument("--passthrough-server", metavar="SOCK",
                         help="live server for --on-mismatch passthrough")
+    server.add_argument("--window", type=integer(1), default=DEFAULT_WINDOW,
+                        metavar="N",
+                        help="a live request is matched against the first N unused "
+                             f"recorded requests (default {DEFAULT_WINDOW})")
     server.set_defaults(func=cmd_replay_server)

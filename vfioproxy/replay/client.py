@@ -30,12 +30,16 @@ counterpart field by field (:mod:`.match`); the result is a
 :class:`~vfioproxy.replay.report.ReplayReport`. Waiting is bounded: no live
 counterpart within ``timeout`` seconds, or the server closing the
 connection, ends the replay with a divergence saying what was awaited.
+
+Memory does not grow with the session: the recorded messages are read from
+the trace as they are played (:class:`~vfioproxy.replay.script.Cursor`), and
+at most ``window`` sent commands await their reply at once (with that many
+waiting, the replay waits for replies before it sends more).
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Sequence
 from typing import Literal, NoReturn
 
@@ -53,8 +57,14 @@ from vfioproxy.replay.base import Replay
 from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, compare
 from vfioproxy.replay.memory import ReplayMemory
-from vfioproxy.replay.report import Divergence, DivergenceKind, ReplayReport, StopReplay
-from vfioproxy.replay.script import ReplayError, Script, Step, load_script
+from vfioproxy.replay.report import (
+    DEFAULT_MAX_DIVERGENCES,
+    Divergence,
+    DivergenceKind,
+    ReplayReport,
+    StopReplay,
+)
+from vfioproxy.replay.script import DEFAULT_WINDOW, ReplayError, Script, Step, load_script
 from vfioproxy.side import Direction, Side
 
 __all__ = ["ClientReplayOptions", "replay_client", "replay_client_on"]
@@ -64,7 +74,11 @@ __all__ = ["ClientReplayOptions", "replay_client", "replay_client_on"]
 class ClientReplayOptions:
     """How to replay: which ``session``; ``timing`` ``"asap"`` (causality only)
     or ``"recorded"`` (recorded gaps divided by ``speed``); ``timeout``: seconds
-    to wait for each live message; ``ignore``: what may differ."""
+    to wait for each live message; ``ignore``: what may differ; ``window``: how
+    many sent commands may await their reply at once (the replay waits for
+    replies beyond that, and stops if none comes within ``timeout``);
+    ``max_divergences``: how many divergences the report keeps (the rest are
+    counted)."""
 
     session: int | None = None
     timing: Literal["asap", "recorded"] = attrs.field(
@@ -72,6 +86,9 @@ class ClientReplayOptions:
     speed: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     ignore: tuple[IgnoreRule, ...] = DEFAULT_IGNORES
+    window: int = attrs.field(default=DEFAULT_WINDOW, validator=attrs.validators.ge(1))
+    max_divergences: int = attrs.field(default=DEFAULT_MAX_DIVERGENCES,
+                                       validator=attrs.validators.ge(1))
 
 
 async def replay_client(
@@ -87,7 +104,8 @@ async def replay_client(
     everything the live server does differently is in the report.
     Cancellation closes the connection and releases every fd.
     """
-    script = trace if isinstance(trace, Script) else load_script(trace, options.session)
+    script = trace if isinstance(trace, Script) else load_script(
+        trace, options.session, keep=options.window)
     try:
         stream = await open_unix_fd_stream(server)
     except OSError as exc:
@@ -114,33 +132,41 @@ class _ClientReplay(Replay):
         super().__init__(script, stream, options, peer)
         self.memory = ReplayMemory()
         self.send_lock = trio.Lock()
-        s2c = script.of_direction(Direction.S2C)
-        #: recorded server messages, each set once its live counterpart arrived
-        self.satisfied = {s.position: trio.Event() for s in s2c}
-        self.order = [s.position for s in s2c]
-        self.waited = 0  # how many of them (in order) the player has seen arrive
+        #: the recorded messages as the player plays them, the recorded replies live
+        #: ones are compared with, the recorded server commands: each a forward reader
+        self.player = script.cursor()
+        self.replies = script.cursor()
+        self.commands = script.cursor()
+        #: recorded server messages, in order, that the player still has to see arrive
+        self.s2c = script.positions(Direction.S2C)
+        self.waiting: int | None = next(self.s2c, None)
+        #: those whose live counterpart arrived before the player got to them
         self.arrived: set[int] = set()
-        #: sent commands waiting for their reply, by msg_id (FIFO for reused ids)
-        self.expect: Outstanding[int] = Outstanding()
+        #: set (and replaced) when a live message arrives or the server closes
+        self.progress = trio.Event()
+        #: sent commands waiting for their reply, by msg_id (FIFO for reused ids):
+        #: position, and the recorded command when its recorded reply is to be compared
+        self.expect: Outstanding[tuple[int, Message | None]] = Outstanding()
         #: recorded server commands not yet met live, in order
-        self.server_commands = deque(s.position for s in s2c if s.is_command)
-        #: live server commands the replay answers at their recorded reply's place
-        self.live_commands: dict[int, Message] = {}
-        for step in s2c:
-            if step.is_reply and step.answers is None:
-                self._arrive(step.position)  # a reply to nothing: nothing to wait for
+        self.server_commands = script.positions(Direction.S2C, commands=True)
+        #: live server commands the replay answers at their recorded reply's place,
+        #: with the recorded command
+        self.live_commands: dict[int, tuple[Message, Message]] = {}
 
     # ------------------------------------------------------------- running
 
     def _release(self) -> None:
         self.memory.close()
+        for cursor in (self.player, self.replies, self.commands):
+            cursor.close()
+        self.script.hold(-sum(request is not None for _, request in self.expect))
+        self.script.hold(-len(self.live_commands))
 
     async def _main(self) -> None:
         origin: tuple[float, int] | None = None
-        for step in self.steps:
-            if step.direction is Direction.S2C:
-                continue
-            await self._await_server_before(step.position)
+        for position in self.script.positions(Direction.C2S):
+            await self._await_server_before(position)
+            step = self.player.get(position)
             if self.options.timing == "recorded":
                 if origin is None:
                     origin = (trio.current_time(), step.t_ns)
@@ -151,18 +177,27 @@ class _ClientReplay(Replay):
                 await self._answer_recorded(step)
             else:
                 await self._send_command(step)
-        await self._await_server_before(len(self.steps))
+        await self._await_server_before(len(self.script))
+
+    def _has_arrived(self, position: int) -> bool:
+        script = self.script
+        return position in self.arrived or (  # a reply to nothing: nothing to wait for
+            script.is_reply(position) and script.answers(position) is None)
 
     async def _await_server_before(self, position: int) -> None:
         """Wait until every recorded server message before ``position`` was met live."""
-        while self.waited < len(self.order) and self.order[self.waited] < position:
-            pos = self.order[self.waited]
+        while self.waiting is not None and self.waiting < position:
+            pos = self.waiting
             with trio.move_on_after(self.options.timeout):
-                await self.satisfied[pos].wait()
-            if pos in self.arrived:
-                self.waited += 1
+                if self._has_arrived(pos) or self.closed is not None:
+                    await trio.lowlevel.checkpoint()
+                while not self._has_arrived(pos) and self.closed is None:
+                    await self.progress.wait()
+            if self._has_arrived(pos):
+                self.arrived.discard(pos)
+                self.waiting = next(self.s2c, None)
                 continue
-            step = self.steps[pos]
+            step = self.script.step(pos)
             if self.closed is not None:
                 self._stop("closed", step, f"the server closed the connection ({self.closed}) "
                            f"before sending it")
@@ -171,10 +206,14 @@ class _ClientReplay(Replay):
                        "(the server hangs or never sends it)")
 
     def _stop(self, kind: DivergenceKind, step: Step, detail: str) -> NoReturn:
-        self.divergences.append(Divergence(kind, step.label, step.seq,
-                                           where(step.message, self.script.pci), detail=detail))
+        self.diverged(Divergence(kind, step.label, step.seq,
+                                 where(step.message, self.script.pci), detail=detail))
         self.stopped = f"waiting for message {step.describe()}: {detail}"
         raise StopReplay
+
+    def _progress(self) -> None:
+        self.progress.set()
+        self.progress = trio.Event()
 
     # ------------------------------------------------------------- sending
 
@@ -198,17 +237,36 @@ class _ClientReplay(Replay):
         elif isinstance(body, DmaUnmapBody):
             self.memory.unmap(body)
         if not step.no_reply or step.reply is not None:  # a posted write may get an error
-            self.expect.add(step.message.msg_id, step.position)
+            await self._window(step)
+            kept = None if step.reply is None else step.message
+            self.expect.add(step.message.msg_id, (step.position, kept))
+            if kept is not None:
+                self.script.hold()
         await self._send(step.data, self.fds.fresh(Direction.C2S, step.fds), step)
         self.replayed += 1
+
+    async def _window(self, step: Step) -> None:
+        """Wait while ``options.window`` sent commands await their reply; stop
+        the replay if the server answers none of them within the timeout."""
+        window = self.options.window
+        if len(self.expect) < window:
+            return
+        with trio.move_on_after(self.options.timeout):
+            while len(self.expect) >= window and self.closed is None:
+                await self.progress.wait()
+        if len(self.expect) >= window:
+            self.stopped = (f"at message {step.describe()}: {len(self.expect)} commands await "
+                            f"the server's reply, the window (--window {window}), and none "
+                            f"was answered within {self.options.timeout:g} s")
+            raise StopReplay
 
     async def _answer_recorded(self, step: Step) -> None:
         """Send the client's reply to a server command where the recording has it."""
         if step.answers is None:
             self.notes.append(f"{step.describe()} answers no recorded command: not sent")
             return
-        live = self.live_commands.pop(step.answers)
-        recorded = self.steps[step.answers].message
+        live, recorded = self.live_commands.pop(step.answers)
+        self.script.hold(-1)
         body = live.body
         identical = (live.header.command, live.header.flags, body) == (
             recorded.header.command, recorded.header.flags, recorded.body)
@@ -240,8 +298,7 @@ class _ClientReplay(Replay):
                 data, fds = await self.stream.receive_message(DEFAULT_MAX_MESSAGE_SIZE)
             except (ConnectionClosedError, TransportError, trio.ClosedResourceError) as exc:
                 self.closed = str(exc)
-                for event in self.satisfied.values():
-                    event.set()  # wake the player: it sees what did not arrive
+                self._progress()  # wake the player: it sees what did not arrive
                 return
             self.received += 1
             try:
@@ -253,44 +310,53 @@ class _ClientReplay(Replay):
                 close_all(fds)
 
     def _arrive(self, position: int) -> None:
-        self.arrived.add(position)
-        self.satisfied[position].set()
+        if self.waiting is not None and position >= self.waiting:
+            self.arrived.add(position)
+        self._progress()
 
     def _on_reply(self, data: bytes, fds: list[OwnedFd]) -> None:
         header = Header.parse(data)
-        position = self.expect.take(header.msg_id)
-        if position is None:
-            self.divergences.append(Divergence(
+        taken = self.expect.take(header.msg_id)
+        if taken is None:
+            self.diverged(Divergence(
                 "unexpected", f"{header.command_name} reply id={header.msg_id}",
                 detail="a reply to no command the replay is waiting for"))
             return
-        command = self.steps[position]
-        live = decode(data, fds, sender=Side.SERVER, dialects=self.script.dialects,
-                      request=command.message)
-        if command.reply is None:
+        position, request = taken
+        reply = self.script.reply(position)
+        if request is None or reply is None:
+            self._progress()  # a command of the window less
             return  # the recording ends before this reply: nothing to compare with
-        self._compare(live, fds, self.steps[command.reply], command)
-        self._arrive(command.reply)
+        self.script.hold(-1)
+        live = decode(data, fds, sender=Side.SERVER, dialects=self.script.dialects,
+                      request=request)
+        # a recorded reply just ahead of the player is read by its cursor (the player
+        # then finds it kept); one further on by a cursor of its own
+        near = reply < self.player.ahead + self.player.keep // 2
+        self._compare(live, fds, (self.player if near else self.replies).get(reply), request)
+        self._arrive(reply)
 
     async def _on_server_command(self, data: bytes, fds: list[OwnedFd]) -> None:
         live = decode(data, fds, sender=Side.SERVER, dialects=self.script.dialects)
-        if not self.server_commands:
-            self.divergences.append(Divergence(
+        position = next(self.server_commands, None)
+        if position is None:
+            self.diverged(Divergence(
                 "unexpected", f"{live.header.command_name} cmd id={live.msg_id} from the server",
                 detail="the recording has no further server command; answered from guest "
                        "memory"))
             await self._answer_from_memory(live)
             return
-        position = self.server_commands.popleft()
-        step = self.steps[position]
-        self._compare(live, fds, step, step)
+        step = self.commands.get(position)
+        self._compare(live, fds, step, step.message)
         if step.reply is None:
             await self._answer_from_memory(live)  # the recording lacks the client's answer
         else:
-            self.live_commands[position] = live
+            self.live_commands[position] = (live, step.message)
+            self.script.hold()
         self._arrive(position)
 
-    def _compare(self, live: Message, fds: list[OwnedFd], recorded: Step, request: Step) -> None:
+    def _compare(self, live: Message, fds: list[OwnedFd], recorded: Step, request: Message
+                 ) -> None:
         recorded_facts = recorded_fd_facts(recorded.fds)
         diffs = compare(
             flatten(live, live_fd_facts(fds, recorded_facts)),
@@ -303,7 +369,6 @@ class _ClientReplay(Replay):
         if not diffs:
             self.matched += 1
             return
-        self.divergences.append(Divergence(
-            "mismatch", recorded.label, recorded.seq, where(request.message, self.script.pci),
+        self.diverged(Divergence(
+            "mismatch", recorded.label, recorded.seq, where(request, self.script.pci),
             tuple(diffs)))
-

@@ -26,6 +26,8 @@ __all__ = ["Divergence", "DivergenceKind", "FieldDiff", "Nearest", "ReplayReport
 TEXT_LIMIT = 60
 #: a run of more missing messages than this is shown by its ends
 MISSING_RUN = 4
+#: divergences a report keeps by default (the rest are counted)
+DEFAULT_MAX_DIVERGENCES = 1000
 
 #: mismatch: a live message differs from its recorded counterpart; unmatched: a
 #: live request no recorded one matches; unexpected: a live message with no
@@ -172,6 +174,8 @@ class ReplayReport:
     way; ``compared``: live messages compared with a recorded one, of which
     ``matched`` had no difference. ``stopped`` says why a replay ended before
     the recording did; ``notes`` what to know about the recording.
+    ``divergences`` holds the first ``max_divergences`` (None: no bound);
+    ``dropped`` counts those found beyond them.
     """
 
     mode: Literal["client", "server"]
@@ -188,11 +192,18 @@ class ReplayReport:
     divergences: tuple[Divergence, ...] = ()
     stopped: str | None = None
     notes: tuple[str, ...] = ()
+    dropped: int = 0
+    max_divergences: int | None = None
 
     @property
     def ok(self) -> bool:
         """True when nothing diverged (the CLI's exit status 0)."""
-        return not self.divergences
+        return not self.divergences and not self.dropped
+
+    @property
+    def diverged_count(self) -> int:
+        """Every divergence found, kept or not."""
+        return len(self.divergences) + self.dropped
 
     @property
     def exit_status(self) -> int:
@@ -203,7 +214,7 @@ class ReplayReport:
             f"{self.replayed} of {self.recorded} recorded messages replayed "
             f"({self.sent} sent, {self.received} received); {self.compared} compared: "
             f"{self.matched} matched, {self.compared - self.matched} diverged; "
-            f"{len(self.divergences)} divergence(s); {self.elapsed:.3f} s"
+            f"{self.diverged_count} divergence(s); {self.elapsed:.3f} s"
         )
 
     def text(self) -> str:
@@ -214,8 +225,12 @@ class ReplayReport:
         lines.extend(f"note: {note}" for note in self.notes)
         if self.divergences:
             lines.append(f"FIRST DIVERGENCE: {self.divergences[0].text()}")
-            lines.append(f"divergences ({len(self.divergences)}):")
+            lines.append(f"divergences ({self.diverged_count}):")
             lines.extend(f"  {line}" for line in self._listing())
+            if self.dropped:
+                lines.append(f"  ... and {self.dropped} more divergence(s) counted, not kept "
+                             f"(the report keeps the first {self.max_divergences}: "
+                             "--max-divergences)")
         else:
             lines.append("no divergence")
         if self.stopped:
@@ -268,4 +283,5 @@ class ReplayReport:
             "stopped": self.stopped,
             "notes": list(self.notes),
             "divergences": [d.to_json() for d in self.divergences],
+            "divergences_dropped": self.dropped,
         }

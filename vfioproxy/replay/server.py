@@ -3,10 +3,11 @@
 :func:`serve_replay` listens on a UNIX socket and, for the first client that
 connects, answers each live request with the recorded reply of the recorded
 request it matches. Matching is in order: the earliest recorded request not
-yet used whose fields agree with the live one on what the
-:class:`~vfioproxy.replay.match.Matcher` looks at (by default the command,
-the header flags, every body field and the fds' kinds and sizes; the
-command number must always agree), ignore rules applied. So repeated
+yet used, among the first ``window`` of them (decoded in memory; the rest of
+the session is read from the trace as the window moves), whose fields agree
+with the live one on what the :class:`~vfioproxy.replay.match.Matcher` looks
+at (by default the command, the header flags, every body field and the fds'
+kinds and sizes; the command number must always agree), ignore rules applied. So repeated
 identical requests (QEMU reads the interrupt pin twice, the ROM BAR before
 and after sizing) get their recorded replies in recorded order. The reply is
 the recorded bytes with the live request's msg_id, and fresh fds of the
@@ -32,11 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NoReturn
 
 import attrs
@@ -51,8 +51,15 @@ from vfioproxy.protocol.header import DEFAULT_MAX_MESSAGE_SIZE, Command, Header
 from vfioproxy.replay.base import Replay
 from vfioproxy.replay.fields import flatten, live_fd_facts, recorded_fd_facts, where
 from vfioproxy.replay.match import DEFAULT_IGNORES, IgnoreRule, Matcher, compare
-from vfioproxy.replay.report import Divergence, FieldDiff, Nearest, ReplayReport, StopReplay
-from vfioproxy.replay.script import ReplayError, Script, Step, load_script
+from vfioproxy.replay.report import (
+    DEFAULT_MAX_DIVERGENCES,
+    Divergence,
+    FieldDiff,
+    Nearest,
+    ReplayReport,
+    StopReplay,
+)
+from vfioproxy.replay.script import DEFAULT_WINDOW, ReplayError, Script, Step, load_script
 from vfioproxy.side import Direction, Side
 
 __all__ = ["ServerReplayOptions", "replay_server_on", "serve_replay"]
@@ -73,7 +80,10 @@ class ServerReplayOptions:
     """How to serve a replay: which ``session``; ``match_on`` (what makes a live
     request match a recorded one); ``ignore`` (what may differ); ``on_mismatch``
     and the ``passthrough`` server's socket; ``timeout``: seconds to wait for
-    the client while recorded requests remain, and for each of its replies."""
+    the client while recorded requests remain, and for each of its replies;
+    ``window``: how many unused recorded requests, the first ones, a live
+    request is matched against; ``max_divergences``: how many divergences the
+    report keeps (the rest are counted)."""
 
     session: int | None = None
     match_on: Matcher = attrs.field(factory=Matcher)
@@ -82,6 +92,9 @@ class ServerReplayOptions:
         default="error", validator=attrs.validators.in_(("error", "close", "passthrough")))
     passthrough: str | None = attrs.field(default=None, validator=_check_passthrough)
     timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    window: int = attrs.field(default=DEFAULT_WINDOW, validator=attrs.validators.ge(1))
+    max_divergences: int = attrs.field(default=DEFAULT_MAX_DIVERGENCES,
+                                       validator=attrs.validators.ge(1))
 
 
 async def serve_replay(
@@ -101,7 +114,8 @@ async def serve_replay(
     :class:`~vfioproxy.replay.script.ReplayError` (or a ``TraceError``) when
     the trace has nothing to replay. Cancellation closes everything.
     """
-    script = trace if isinstance(trace, Script) else load_script(trace, options.session)
+    script = trace if isinstance(trace, Script) else load_script(
+        trace, options.session, keep=options.window)
     path = os.fspath(listen)
     listener = await open_unix_listener(path)
     try:
@@ -133,12 +147,18 @@ class _ServerReplay(Replay):
         self, script: Script, stream: FdStream, options: ServerReplayOptions, peer: str
     ) -> None:
         super().__init__(script, stream, options, peer)
-        self.requests = [s.position for s in self.steps
-                         if s.direction is Direction.C2S and s.is_command]
-        self.used: set[int] = set()
-        self.cursor = 0  # self.requests[:cursor] are all used
-        self.sent_steps: set[int] = set()
+        #: recorded requests not yet taken into the window, in order
+        self.requests = script.positions(Direction.C2S, commands=True)
+        #: the window: the first ``options.window`` recorded requests not matched
+        #: yet, in order, with their flattened fields once compared
+        self.unused: dict[int, Step] = {}
         self.flat: dict[int, dict[str, Any]] = {}
+        self.windowed = -1  # the last position taken into the window
+        self.more = True  # whether requests remain outside the window
+        self.reader = script.cursor()  # fills the window
+        self.outbound = script.cursor()  # the recorded replies and server commands sent
+        #: server commands sent, by position (a byte each)
+        self.sent_steps = bytearray(len(script))
         self.inbox_in, self.inbox = trio.open_memory_channel[Live](math.inf)
         self.deferred: deque[Live] = deque()
         self.client_version: bytes | None = None
@@ -149,6 +169,11 @@ class _ServerReplay(Replay):
     def _release(self) -> None:
         for data_fds in [*self.deferred, *self._drain_inbox()]:
             close_all(data_fds[1])
+        self.reader.close()
+        self.outbound.close()
+        self.script.hold(-len(self.unused))
+        self.unused.clear()
+        self.flat.clear()
 
     async def _aclose(self) -> None:
         if self.passthrough is not None:
@@ -203,50 +228,84 @@ class _ServerReplay(Replay):
                    f"the client sent nothing for {self.options.timeout:g} s; "
                    "the recording continues with this request")
 
+    def _fill(self) -> None:
+        """Take recorded requests into the window until it holds ``options.window``."""
+        while len(self.unused) < self.options.window and self.more:
+            position = next(self.requests, None)
+            if position is None:
+                self.more = False
+                break
+            self.unused[position] = self.reader.get(position)
+            self.windowed = position
+            self.script.hold()
+
     def _unused(self) -> list[int]:
-        """Positions of the recorded requests not matched yet, in order."""
-        while self.cursor < len(self.requests) and self.requests[self.cursor] in self.used:
-            self.cursor += 1
-        return [p for p in self.requests[self.cursor :] if p not in self.used]
+        """Positions of the recorded requests in the window, in order (see
+        :class:`ServerReplayOptions`)."""
+        self._fill()
+        return list(self.unused)
 
     def _next_request(self) -> Step | None:
-        for position in itertools.islice(self.requests, self.cursor, None):
-            if position not in self.used:
-                return self.steps[position]
-        return None
+        self._fill()
+        return next(iter(self.unused.values()), None)
+
+    def _use(self, position: int) -> None:
+        del self.unused[position]
+        self.flat.pop(position, None)
+        self.script.hold(-1)
 
     def _stop(self, kind: Literal["timeout", "closed"], step: Step, detail: str) -> NoReturn:
-        self.divergences.append(Divergence(kind, step.label, step.seq,
-                                           where(step.message, self.script.pci), detail=detail))
+        self.diverged(Divergence(kind, step.label, step.seq,
+                                 where(step.message, self.script.pci), detail=detail))
         self.stopped = f"at message {step.describe()}: {detail}"
         raise StopReplay
 
+    def _missing(self) -> Iterator[int]:
+        """Recorded requests never matched and server commands never sent, in order."""
+        script = self.script
+        for position in range(len(script)):
+            if not script.is_command(position):
+                continue
+            if script.direction(position) is Direction.C2S:
+                if position in self.unused or position > self.windowed:
+                    yield position
+            elif not self.sent_steps[position]:
+                yield position
+
     def _report_missing(self) -> None:
-        missing = [self.steps[p] for p in self._unused()]
-        missing += [s for s in self.steps if s.direction is Direction.S2C and s.is_command
-                    and s.position not in self.sent_steps]
-        missing.sort(key=lambda s: s.position)
-        for step in missing:
+        self._fill()
+        count = 0
+        first: str | None = None
+        cursor = self.script.cursor(keep=1)
+        for position in self._missing():
+            count += 1
+            if first is None:
+                first = self.script.describe(position)
+            if len(self.divergences) >= self.options.max_divergences:
+                self.dropped += 1
+                continue
+            step = self.unused.get(position) or cursor.get(position)
             detail = ("the client never sent it" if step.direction is Direction.C2S
                       else "the replay never got to send it")
-            self.divergences.append(Divergence("missing", step.label, step.seq,
-                                               where(step.message, self.script.pci),
-                                               detail=detail))
-        if missing:
-            self.stopped = (f"the client closed the connection with {len(missing)} recorded "
-                            f"message(s) still to come, the first {missing[0].describe()}")
+            self.diverged(Divergence("missing", step.label, step.seq,
+                                     where(step.message, self.script.pci), detail=detail))
+        cursor.close()
+        if count:
+            self.stopped = (f"the client closed the connection with {count} recorded "
+                            f"message(s) still to come, the first {first}")
 
     # ------------------------------------------------------------- requests
 
-    def _recorded_flat(self, position: int) -> dict[str, Any]:
-        flat = self.flat.get(position)
+    def _recorded_flat(self, step: Step) -> dict[str, Any]:
+        flat = self.flat.get(step.position)
         if flat is None:
-            step = self.steps[position]
-            flat = self.flat[position] = flatten(step.message, recorded_fd_facts(step.fds))
+            flat = flatten(step.message, recorded_fd_facts(step.fds))
+            if step.position in self.unused:
+                self.flat[step.position] = flat
         return flat
 
     def _diffs(self, live: dict[str, Any], step: Step, *, matching: bool) -> list[FieldDiff]:
-        return compare(live, self._recorded_flat(step.position), label=step.label,
+        return compare(live, self._recorded_flat(step), label=step.label,
                        message=step.message, pci=self.script.pci, rules=self.options.ignore,
                        only=self.options.match_on.selects if matching else None)
 
@@ -255,24 +314,24 @@ class _ServerReplay(Replay):
         if live.command == Command.VERSION:
             self.client_version = data
         flat = flatten(live, live_fd_facts(fds))
+        self._fill()
         match = next(
-            (self.steps[p] for p in self._unused()
-             if self.steps[p].message.command == live.command
-             and not self._diffs(flat, self.steps[p], matching=True)),
+            (step for step in self.unused.values()
+             if step.message.command == live.command
+             and not self._diffs(flat, step, matching=True)),
             None,
         )
         if match is None:
             await self._unmatched(live, flat, data, fds)
             return
         close_all(fds)
-        self.used.add(match.position)
+        self._use(match.position)
         self.compared += 1
         self.replayed += 1
         diffs = self._diffs(flat, match, matching=False)
         if diffs:
-            self.divergences.append(Divergence("mismatch", match.label, match.seq,
-                                               where(match.message, self.script.pci),
-                                               tuple(diffs)))
+            self.diverged(Divergence("mismatch", match.label, match.seq,
+                                     where(match.message, self.script.pci), tuple(diffs)))
         else:
             self.matched += 1
         end = match.reply if match.reply is not None else match.position
@@ -283,10 +342,9 @@ class _ServerReplay(Replay):
                                 "the replay stops there")
                 raise StopReplay
         else:  # a no_reply command's recorded reply is an error reply: sent too
-            reply = self.steps[match.reply]
+            reply = self.outbound.get(match.reply)
             await self._send(reply.with_id(live.msg_id),
                              self.fds.fresh(Direction.S2C, reply.fds))
-            self.sent_steps.add(reply.position)
             self.replayed += 1
         await self._server_commands_after(end)
 
@@ -294,10 +352,15 @@ class _ServerReplay(Replay):
         self, live: Message, flat: dict[str, Any], data: bytes, fds: list[OwnedFd]
     ) -> None:
         detail = "no recorded request matches it"
-        if self._next_request() is None:
+        first = self._next_request()
+        if first is None:
             detail = (f"the recording has no more requests (it ends at "
-                      f"{self.steps[-1].describe()})")
-        self.divergences.append(Divergence(
+                      f"{self.script.describe(len(self.script) - 1)})")
+        elif self.more:
+            detail += (f" among the first {len(self.unused)} unused recorded requests, "
+                       f"from {first.describe()} (the window, --window "
+                       f"{self.options.window}; more follow)")
+        self.diverged(Divergence(
             "unmatched", f"live {live.header.describe()}", None, where(live, self.script.pci),
             detail=detail, nearest=self._nearest(live, flat)))
         mode = self.options.on_mismatch
@@ -314,41 +377,48 @@ class _ServerReplay(Replay):
 
     def _nearest(self, live: Message, flat: dict[str, Any]) -> tuple[Nearest, ...]:
         unused = self._unused()
-        same = [p for p in unused if self.steps[p].message.command == live.command]
+        steps = self.unused
+        same = [p for p in unused if steps[p].message.command == live.command]
         ranked = sorted(
             ((len(diffs), i, p, diffs)
              for i, p in enumerate(same)
-             for diffs in [self._diffs(flat, self.steps[p], matching=False)]),
+             for diffs in [self._diffs(flat, steps[p], matching=False)]),
             key=lambda item: (item[0], item[1]),
         )
         if ranked:
             picks = [(p, diffs) for _, _, p, diffs in ranked[:NEAREST]]
         else:
-            picks = [(p, self._diffs(flat, self.steps[p], matching=False))
+            picks = [(p, self._diffs(flat, steps[p], matching=False))
                      for p in unused[:NEAREST]]
-        return tuple(Nearest(self.steps[p].seq, self.steps[p].label, tuple(diffs))
+        return tuple(Nearest(steps[p].seq, steps[p].label, tuple(diffs))
                      for p, diffs in picks)
 
     # ------------------------------------------------------------- server commands
 
+    def _is_server_command(self, position: int) -> bool:
+        return (self.script.direction(position) is Direction.S2C
+                and self.script.is_command(position))
+
     async def _server_commands_between(self, start: int, end: int) -> None:
-        for step in itertools.islice(self.steps, start + 1, end):
-            if step.direction is Direction.S2C and step.is_command:
-                await self._server_command(step)
+        for position in range(start + 1, end):
+            if self._is_server_command(position):
+                await self._server_command(position)
 
     async def _server_commands_after(self, position: int) -> None:
         """Send the server commands recorded right after ``position`` (before the
         client's next request), each with its awaited reply."""
-        for step in itertools.islice(self.steps, position + 1, None):
-            if step.direction is Direction.S2C and step.is_command:
-                await self._server_command(step)
-            elif not (step.direction is Direction.C2S and step.is_reply):
+        script = self.script
+        for later in range(position + 1, len(script)):
+            if self._is_server_command(later):
+                await self._server_command(later)
+            elif not (script.direction(later) is Direction.C2S and script.is_reply(later)):
                 return
 
-    async def _server_command(self, step: Step) -> None:
-        if step.position in self.sent_steps:
+    async def _server_command(self, position: int) -> None:
+        if self.sent_steps[position]:
             return
-        self.sent_steps.add(step.position)
+        self.sent_steps[position] = 1
+        step = self.outbound.get(position)
         await self._send(step.data, self.fds.fresh(Direction.S2C, step.fds))
         self.replayed += 1
         if step.no_reply:
@@ -357,14 +427,14 @@ class _ServerReplay(Replay):
         try:
             if step.reply is None:
                 return
-            recorded = self.steps[step.reply]
+            recorded = self.outbound.get(step.reply)
             live = decode(data, fds, sender=Side.CLIENT, dialects=self.script.dialects,
                           request=step.message)
             diffs = self._diffs(flatten(live, live_fd_facts(fds)), recorded, matching=False)
             self.compared += 1
             self.replayed += 1
             if diffs:
-                self.divergences.append(Divergence(
+                self.diverged(Divergence(
                     "mismatch", recorded.label, recorded.seq,
                     where(step.message, self.script.pci), tuple(diffs)))
             else:
@@ -404,7 +474,7 @@ class _ServerReplay(Replay):
 
     def _unexpected_reply(self, data: bytes) -> None:
         header = Header.parse(data)
-        self.divergences.append(Divergence(
+        self.diverged(Divergence(
             "unexpected", f"live {header.describe()}",
             detail="a reply to no command the replay sent"))
 
