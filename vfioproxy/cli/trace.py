@@ -12,6 +12,7 @@ from recorder.errors import TraceFormatError
 from recorder.reader import TraceReader
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
+from vfioproxy.protocol.header import HEADER_SIZE
 from vfioproxy.trace import show, stats
 from vfioproxy.trace.decoded import DecodedItem, decoded_records
 from vfioproxy.trace.filter import compile_filter, select
@@ -144,15 +145,35 @@ def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[Decoded
     return select(items, args.compiled, args.count, header=reader.header)
 
 
-def _warn_truncated(reader: TraceReader) -> None:
+#: how many skipped damaged records are named one by one on stderr
+DAMAGED_SHOWN = 20
+
+
+def _warn_truncated(reader: TraceReader) -> int:
+    """Say on stderr what the last pass over ``reader`` could not read: a torn
+    tail, and each damaged record it skipped (the first :data:`DAMAGED_SHOWN`,
+    then how many more) with a count. Returns the exit status it calls for:
+    1 when records were skipped, else 0."""
     if reader.truncation is not None:
         print(f"vfioproxy: warning: {reader.path}: {reader.truncation}", file=sys.stderr)
+    if not reader.damaged_count:
+        return 0
+    for damaged in reader.damaged[:DAMAGED_SHOWN]:
+        print(f"vfioproxy: damaged record: {damaged}", file=sys.stderr)
+    if reader.damaged_count > DAMAGED_SHOWN:
+        print(f"vfioproxy: ... and {reader.damaged_count - DAMAGED_SHOWN} more damaged records",
+              file=sys.stderr)
+    plural = "s" if reader.damaged_count > 1 else ""
+    print(f"vfioproxy: {reader.path}: skipped {reader.damaged_count} damaged record{plural}",
+          file=sys.stderr)
+    return 1
 
 
 def _open(path: str) -> TraceReader:
-    """The trace at ``path``; a rawcap capture given instead is named as one."""
+    """The trace at ``path``, read past damaged records (:func:`_warn_truncated`
+    names them); a rawcap capture given instead is named as one."""
     try:
-        return TraceReader(path)
+        return TraceReader(path, skip_damaged=True, min_message_bytes=HEADER_SIZE)
     except TraceFormatError as exc:
         with open(path, "rb") as file:
             if file.read(1) != b"{":
@@ -181,8 +202,7 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
         else:
             show.write_lines(show.header_lines(reader.header), sys.stdout)
             show.write_lines(show.text_lines(items, verbose=args.verbose), sys.stdout)
-        _warn_truncated(reader)
-    return 0
+        return _warn_truncated(reader)
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
@@ -196,8 +216,7 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_dict(), indent=2))
         else:
             show.write_lines(stats.text_report(result), sys.stdout)
-        _warn_truncated(reader)
-    return 0
+        return _warn_truncated(reader)
 
 
 def _trace_stats_by_step(args: argparse.Namespace) -> int:
@@ -211,22 +230,22 @@ def _trace_stats_by_step(args: argparse.Namespace) -> int:
             print(json.dumps(stats.by_step_dict(timelines), indent=2))
         else:
             show.write_lines(stats.by_step_report(timelines), sys.stdout)
-        _warn_truncated(reader)
-    return 0
+        return _warn_truncated(reader)
 
 
-def _timelines_of(path: str, args: argparse.Namespace) -> list[SessionTimeline]:
-    """The client sessions of the trace ``path`` that ``--session`` picks."""
+def _timelines_of(path: str, args: argparse.Namespace) -> tuple[list[SessionTimeline], int]:
+    """The client sessions of the trace ``path`` that ``--session`` picks, and
+    the exit status its reading calls for (:func:`_warn_truncated`)."""
     with _open(path) as reader:
         if args.session is not None:
             TraceSessions.read(path).require(args.session, messages=True)
         found = [t for t in reader_timelines(reader, dialects=dialects(args))
                  if args.session in (None, t.session)]
-        _warn_truncated(reader)
+        status = _warn_truncated(reader)
     if not found:
         which = "no" if args.session is None else f"session {args.session} is no"
         raise UsageError(f"{path}: {which} client session with messages")
-    return found
+    return found, status
 
 
 def cmd_trace_timeline(args: argparse.Namespace) -> int:
@@ -237,7 +256,12 @@ def cmd_trace_timeline(args: argparse.Namespace) -> int:
         raise UsageError(f"--png and --html both name {args.png}")
     for out in outputs:
         claim_file(out, force=args.force)
-    timelines = [t for path in args.files for t in _timelines_of(path, args)]
+    timelines: list[SessionTimeline] = []
+    status = 0
+    for path in args.files:
+        found, read_status = _timelines_of(path, args)
+        timelines += found
+        status = max(status, read_status)
     if args.json:
         result: dict[str, object] = {"sessions": [t.to_dict() for t in timelines]}
         if len(timelines) > 1:
@@ -253,7 +277,7 @@ def cmd_trace_timeline(args: argparse.Namespace) -> int:
         write_png(timelines, args.png)
     if args.html is not None:
         write_html(timelines, args.html)
-    return 0
+    return status
 
 
 def cmd_trace_import(args: argparse.Namespace) -> int:

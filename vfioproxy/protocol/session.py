@@ -250,6 +250,8 @@ class SessionState:
         large to buffer): its header still pairs and checks, its body is not
         decoded, and it is reported as ``truncated_record``.
         """
+        if len(data) < HEADER_SIZE:
+            return self._short(direction, bytes(data), fds)
         index = self._counts[direction]
         self._counts[direction] = index + 1
         sender = _SENDERS[direction]
@@ -298,6 +300,23 @@ class SessionState:
         if self.strict and problems:
             raise problems[0].as_error()
         return Observation(direction, index, message, request, tuple(problems))
+
+    def _short(self, direction: Direction, data: bytes, fds: Sequence[Any]) -> Observation:
+        """A "message" shorter than the header (only a damaged recording holds
+        one): reported as ``short_message``, its header read as if padded with
+        zeros, nothing paired, checked or decoded."""
+        index = self._counts[direction]
+        self._counts[direction] = index + 1
+        header = Header.parse(data.ljust(HEADER_SIZE, b"\0"))
+        text = f"a {len(data)}-byte message, shorter than the {HEADER_SIZE}-byte header"
+        violation = Violation(
+            "short_message", _SENDERS[direction], index, f"{len(data)} bytes", text,
+            field="header", offset=0, expected=f">= {HEADER_SIZE} bytes", got=len(data),
+        )
+        if self.strict:
+            raise violation.as_error()
+        message = Message(header, RawBody(data, text), tuple(fds))
+        return Observation(direction, index, message, None, (violation,))
 
     def torn(
         self,
