@@ -353,8 +353,14 @@ class TraceReader(Closing):
                 buf, base, pos = bytearray(), found, 0
                 index += 1
                 continue
-            yield index, base + pos, end - pos, wire
-            pos = end
+            start, size = base + pos, end - pos
+            if size > CHUNK:  # let go of a big record's bytes before it is used
+                buf = bytearray(memoryview(buf)[end:])
+                base += end
+                pos = 0
+            else:
+                pos = end
+            yield index, start, size, wire
             index += 1
 
     def _resync(self, offset: int) -> int | None:

@@ -14,7 +14,7 @@ from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
 from vfioproxy.protocol.header import HEADER_SIZE
 from vfioproxy.trace import show, stats
-from vfioproxy.trace.decoded import DecodedItem, decoded_records
+from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, decoded_records
 from vfioproxy.trace.filter import compile_filter, select
 from vfioproxy.trace.rawcap import import_rawcap
 from vfioproxy.trace.sessions import TraceSessions
@@ -87,6 +87,10 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                        "'command == REGION_READ and region == ROM' (README: Display filters)")
         p.add_argument("-c", "--count", metavar="N", type=integer(1),
                        help="stop after N (matching) messages, e.g. -c 10")
+        p.add_argument("--max-open-sessions", metavar="N", type=integer(1),
+                       default=MAX_OPEN_SESSIONS,
+                       help="decode at most N sessions open at once; one more drops the state "
+                       "of the one idle the longest, with a notice (default: %(default)s)")
 
     p_show = trace_commands.add_parser(
         "show", help="one line per message, decoded and PCI-aware", epilog=SHOW_EXAMPLES
@@ -139,7 +143,8 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[DecodedItem]:
     """The decoded items of ``reader`` that ``--session``, ``-Y`` and ``-c`` keep."""
-    items = decoded_records(reader, dialects=dialects(args), session=args.session)
+    items = decoded_records(reader, dialects=dialects(args), session=args.session,
+                            max_open_sessions=args.max_open_sessions)
     if args.filter is None and args.count is None:
         return items
     return select(items, args.compiled, args.count, header=reader.header)
@@ -198,7 +203,7 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
         _check_session(args)
         items = _selected(reader, args)
         if args.json:
-            show.write_lines(show.json_lines(items), sys.stdout)
+            show.write_json(items, sys.stdout)
         else:
             show.write_lines(show.header_lines(reader.header), sys.stdout)
             show.write_lines(show.text_lines(items, verbose=args.verbose), sys.stdout)

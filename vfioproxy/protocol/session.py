@@ -11,7 +11,7 @@ as a :class:`~vfioproxy.errors.RemoteProtocolError` instead.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,9 +152,12 @@ class InjectionBlame:
     request it rewrote (the peer answered what it got). One per session, fed
     every observation in order, by a reader of the trace and by live checks."""
 
-    def __init__(self) -> None:
-        #: rewritten requests waiting for their reply: what rewrote them
-        self._requests: dict[int, str] = {}
+    def __init__(self, limit: int = 2 * MAX_OUTSTANDING) -> None:
+        #: rewritten requests waiting for their reply, by id() of the message:
+        #: its header (so that a reused id does not match) and what rewrote it;
+        #: at most ``limit`` (the oldest is forgotten: no reply is waited for longer)
+        self._requests: OrderedDict[int, tuple[Header, str]] = OrderedDict()
+        self._limit = limit
 
     def observe(self, obs: Observation, rewritten_by: str | None = None) -> Observation:
         """``obs`` with its violations attributed (``rewritten_by``: the actions
@@ -162,9 +165,13 @@ class InjectionBlame:
         header = obs.message.header
         cause = rewritten_by
         if cause is not None and header.is_command and not header.no_reply:
-            self._requests[id(obs.message)] = cause
+            self._requests[id(obs.message)] = (header, cause)
+            if len(self._requests) > self._limit:
+                self._requests.popitem(last=False)
         if obs.request is not None and self._requests:
-            cause = self._requests.pop(id(obs.request), cause)
+            entry = self._requests.pop(id(obs.request), None)
+            if entry is not None and entry[0] is obs.request.header:
+                cause = entry[1]
         if cause is None or not obs.violations:
             return obs
         return attrs.evolve(obs, violations=tuple(
@@ -228,6 +235,12 @@ class SessionState:
 
     def _update_max_message_size(self) -> None:
         self._xfer_limit = {d: self.max_data_xfer_size(_RECEIVERS[d]) for d in Direction}
+
+    @property
+    def counts(self) -> dict[Direction, int]:
+        """How many messages were seen in each direction (the next one's index);
+        a reader that resumes a session whose state it dropped sets them."""
+        return self._counts
 
     def outstanding(self, direction: Direction) -> list[Message]:
         """Commands sent in ``direction`` that still wait for their reply, oldest first."""

@@ -24,7 +24,7 @@ from vfioproxy.errors import UsageError
 from vfioproxy.protocol.header import Command, command_name
 from vfioproxy.protocol.pci import Region, config_register_name, region_name
 from vfioproxy.side import Direction
-from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
+from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice
 from vfioproxy.trace.timeline.labels import label_messages
 
 __all__ = ["FIELDS", "FieldSpec", "Filter", "compile_filter", "select"]
@@ -454,7 +454,7 @@ def select(items: Iterable[DecodedItem], flt: Filter | None, limit: int | None =
     found = 0
     for item in items:
         if not isinstance(item, DecodedMessage):
-            if flt is None:
+            if flt is None or isinstance(item, SessionNotice):
                 yield item
             continue
         start = starts.setdefault(item.record.session, item.record.t_ns)
