@@ -163,24 +163,23 @@ SHAPES: dict[str, Callable[[Path, int], None]] = {
 
 def measure(argv: list[str], cwd: Path, timeout: float) -> dict[str, Any]:
     """Run ``argv`` (output to /dev/null); its peak RSS in MiB, seconds and exit status."""
-    errors = tempfile.TemporaryFile()
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
-    deadline = start + timeout
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            child.kill()
-            pid, status, usage = os.wait4(child.pid, 0)
-            break
-        time.sleep(0.02)
-    seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    errors.seek(0)
-    stderr = errors.read().decode(errors="replace")
-    errors.close()
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                child.kill()
+                pid, status, usage = os.wait4(child.pid, 0)
+                break
+            time.sleep(0.02)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
     return {"rss_mib": usage.ru_maxrss / 1024, "seconds": seconds, "status": child.returncode,
             "stderr": stderr.strip().splitlines()[-1:] if child.returncode else []}
 
