@@ -229,7 +229,8 @@ def _trace_stats_by_step(args: argparse.Namespace) -> int:
         raise UsageError("--by-step counts whole steps: it takes no -Y or -c")
     with _open(args.file) as reader:
         _check_session(args)
-        timelines = [t for t in reader_timelines(reader, dialects=dialects(args))
+        timelines = [t for t in reader_timelines(reader, dialects=dialects(args),
+                                                 max_open_sessions=args.max_open_sessions)
                      if args.session in (None, t.session)]
         if args.json:
             print(json.dumps(stats.by_step_dict(timelines), indent=2))
