@@ -29,7 +29,7 @@ from vfioproxy.protocol.session import SessionState
 from vfioproxy.side import Direction
 from vfioproxy.trace import show
 from vfioproxy.trace.decoded import DecodedMessage, SessionNotice, decoded_records
-from vfioproxy.trace.stats import LatencySample, LatencyStats
+from vfioproxy.trace.stats import LatencySample, LatencyStats, TraceStats, text_report
 
 C2S, S2C = Direction.C2S, Direction.S2C
 
@@ -332,3 +332,14 @@ def test_a_record_bigger_than_a_read_chunk_reads_back_whole_after_damage(tmp_pat
         records = list(reader)
     assert [r.seq for r in records] == [1, 2] and reader.damaged_count == 1
     assert isinstance(records[1], MessageRecord) and records[1].data == big
+
+
+def test_stats_marks_estimated_percentiles():
+    collected = TraceStats()
+    collected.latencies["REGION_READ"] = sample = LatencySample(size=2)
+    for ns in (1000, 2000, 3000):
+        sample.add(ns)
+    report = "\n".join(text_report(collected))
+    assert "~: estimated from a sample of" in report and "~" in report.split("REGION_READ")[1]
+    assert collected.to_dict()["latency"]["REGION_READ"]["exact"] is False
+    assert collected.to_dict()["latency"]["REGION_READ"]["count"] == 3
