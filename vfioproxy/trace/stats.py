@@ -209,11 +209,8 @@ def text_report(stats: TraceStats) -> list[str]:
     ], left=3)]
     latencies = stats.latency_table()
     if latencies:
-        sampled = not all(s.exact for s in latencies.values())
-        title = "request -> reply latency (us)"
-        if sampled:
-            title += f"; ~: estimated from a sample of {LATENCY_SAMPLES}"
-        tables.append(table(title, ("command", "n", "p50", "p90", "p99", "max"), [
+        tables.append(table("request -> reply latency (us)",
+                            ("command", "n", "p50", "p90", "p99", "max"), [
             (name, s.count, *(("" if s.exact else "~") + _us(ns)
                               for ns in (s.p50_ns, s.p90_ns, s.p99_ns)), _us(s.max_ns))
             for name, s in latencies.items()
@@ -227,8 +224,12 @@ def text_report(stats: TraceStats) -> list[str]:
     if stats.events:
         tables.append(table("events", ("kind", "count"), sorted(stats.events.items())))
     notes = []
+    sizes = sorted({sample.size for sample in stats.latencies.values() if not sample.exact})
+    if sizes:
+        notes = [f"~: latency percentiles estimated from a uniform sample of "
+                 f"{'/'.join(map(str, sizes))} per command (n and max exact)", ""]
     if stats.notices["evicted"]:
-        notes = [f"decoding state of {stats.notices['evicted']} sessions dropped (more open at "
+        notes += [f"decoding state of {stats.notices['evicted']} sessions dropped (more open at "
                  f"once than --max-open-sessions), {stats.notices['resumed']} of them went on "
                  "and were decoded afresh", ""]
     return [
