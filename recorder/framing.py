@@ -59,7 +59,7 @@ def _lead_bytes() -> list[tuple[int, int, int]]:
 _LEAD = _lead_bytes()
 
 
-def object_end(buf: bytes, pos: int, limits: ReaderLimits) -> int:
+def object_end(buf: bytes | bytearray, pos: int, limits: ReaderLimits) -> int:
     """Return the index just past the msgpack object that starts at ``buf[pos]``.
 
     Raises :class:`Incomplete` if ``buf`` ends first, :class:`TraceLimitError`

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Generator, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from recorder.migrate import Migration, steps_from
 from recorder.records import (
     FORMAT_MAGIC,
     FORMAT_VERSION,
+    TORN,
     EventKind,
     EventRecord,
     MessageRecord,
@@ -24,13 +26,40 @@ from recorder.records import (
     TraceHeader,
 )
 
-__all__ = ["SessionSummary", "TraceReader"]
+__all__ = ["DamagedRecord", "SessionSummary", "TraceReader"]
 
 #: how much is read from the file at a time (more when a record is bigger)
 CHUNK = 256 * 1024
 
+#: how many :class:`DamagedRecord` a pass keeps (it counts them all)
+DAMAGED_KEPT = 100
+
+#: how a record starts: a small map whose first entry is "k": "m" or "k": "e"
+#: (the writer puts ``k`` first); what a resync after damage looks for
+_RECORD_START = re.compile(rb"[\x80-\x8f]\xa1k\xa1[me]")
+
 #: the header's first map entry, "magic": "vfioproxy-trace", as msgpack bytes
 SIGNATURE = msgpack.packb("magic") + msgpack.packb(FORMAT_MAGIC)
+
+
+@attrs.frozen
+class DamagedRecord:
+    """A damaged stretch of a trace that a lenient reader skipped.
+
+    ``record`` is its index (the header is 0; after a resync, the records
+    that follow are counted on from it, as if the stretch were one record),
+    ``offset`` its first byte, ``size`` how many bytes were skipped, and
+    ``error`` what was wrong with it.
+    """
+
+    path: str
+    record: int
+    offset: int
+    size: int
+    error: TraceError
+
+    def __str__(self) -> str:
+        return f"{self.error}; skipped {self.size} bytes"
 
 
 @attrs.frozen
@@ -57,13 +86,44 @@ class TraceReader(Closing):
     anywhere else raises :class:`TraceFormatError` or, past ``limits``,
     :class:`TraceLimitError`, both naming the record index (the header is 0)
     and the byte offset.
+
+    With ``skip_damaged``, damage is not raised but skipped: a record that is
+    whole msgpack but not a valid record (a bad field, a message shorter
+    than its header, a sequence number that does not increase) is skipped
+    alone; bytes that are not msgpack, or a record over ``limits``, are
+    skipped up to the next place a valid record starts (the next
+    ``"k": "m"``/``"k": "e"`` map that reads as a whole record with a larger
+    seq), or to the end of the file when there is none. Each skip is
+    counted in :attr:`damaged_count` and described (the first
+    :data:`DAMAGED_KEPT`) in :attr:`damaged`. A header that does not read
+    is still an error.
+
+    The format does not interpret a message's bytes, so any length reads;
+    ``min_message_bytes`` (the protocol's header size, for a reader that
+    decodes them) makes a message record that holds fewer bytes and is not
+    marked torn a damaged record.
+
+    Memory: about one read chunk, or the record being read (once as read,
+    once as decoded) when it is bigger.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, limits: ReaderLimits = DEFAULT_LIMITS
+        self,
+        path: str | os.PathLike[str],
+        *,
+        limits: ReaderLimits = DEFAULT_LIMITS,
+        skip_damaged: bool = False,
+        min_message_bytes: int = 0,
     ) -> None:
         self.path = os.fspath(path)
         self.limits = limits
+        self.skip_damaged = skip_damaged
+        self.min_message_bytes = min_message_bytes
+        #: the damaged stretches the last pass skipped (the first DAMAGED_KEPT)
+        self.damaged: list[DamagedRecord] = []
+        #: how many damaged stretches the last pass skipped
+        self.damaged_count = 0
+        self._last_seq = 0
         #: index of the last whole record if the last pass found a torn tail
         self.truncated_after: int | None = None
         #: bytes after the last whole record (0 unless truncated)
@@ -91,22 +151,39 @@ class TraceReader(Closing):
         self.truncated_after = None
         self.trailing_bytes = 0
         self.skipped = 0
-        last_seq = 0
+        self.damaged = []
+        self.damaged_count = 0
+        self._last_seq = 0
         for index, offset, size, wire in self._frames(self._body_offset, 1):
             try:
-                record = self._record(wire, size)
-                if record is None:
-                    continue
-                if record.seq <= last_seq:
-                    raise TraceFormatError(
-                        f"seq {record.seq} after seq {last_seq}: sequence numbers must increase",
-                        field="q (seq)",
-                    )
+                record = self._checked(wire, size)
             except TraceError as exc:
                 exc.located(path=self.path, record=index, offset=offset)
-                raise
-            last_seq = record.seq
+                if not self.skip_damaged:
+                    raise
+                self._damage(exc, size)
+                continue
+            if record is None:
+                continue
+            self._last_seq = record.seq
             yield record
+
+    def _checked(self, wire: Any, size: int) -> Record | None:
+        """The record ``wire`` holds (None: skipped), its seq checked against the last one's."""
+        record = self._record(wire, size)
+        if record is not None and record.seq <= self._last_seq:
+            raise TraceFormatError(
+                f"seq {record.seq} after seq {self._last_seq}: sequence numbers must increase",
+                field="q (seq)",
+            )
+        return record
+
+    def _damage(self, error: TraceError, size: int) -> None:
+        """Count (and keep, up to DAMAGED_KEPT) one skipped damaged stretch."""
+        self.damaged_count += 1
+        if len(self.damaged) < DAMAGED_KEPT:
+            self.damaged.append(DamagedRecord(
+                self.path, error.record or 0, error.offset or 0, size, error))
 
     def for_session(self, session: int) -> Iterator[Record]:
         """The messages and events of one session, in file order."""
@@ -205,59 +282,124 @@ class TraceReader(Closing):
     def _frames(self, offset: int, index: int) -> Generator[tuple[int, int, int, Any], None, None]:
         """Yield (index, offset, size, decoded msgpack) of each whole record from ``offset``.
 
-        At the end of the file, records a torn tail in the truncation attributes.
+        At the end of the file, records a torn tail in the truncation
+        attributes. Bytes that do not frame as msgpack raise, or with
+        ``skip_damaged`` are skipped up to the next record (:meth:`_resync`).
         """
         fd = self._file.fileno()
         limits = self.limits
-        buf = b""
+        buf = bytearray()
         base = offset  # file offset of buf[0]
         pos = 0
         while True:
             try:
-                end = object_end(buf, pos, limits)
-            except Incomplete as torn:
-                if torn.need - pos > limits.max_record_bytes:
+                try:
+                    end = object_end(buf, pos, limits)
+                except Incomplete as torn:
+                    need = torn.need - pos  # bytes of the record, at least
+                    if need > limits.max_record_bytes:
+                        raise TraceLimitError(
+                            f"record of at least {need} bytes exceeds "
+                            f"max_record_bytes ({limits.max_record_bytes})",
+                            limit="max_record_bytes",
+                            offset=pos,
+                        ) from None
+                    there = os.fstat(fd).st_size - (base + pos)  # bytes from the record on
+                    if need > there or there == len(buf) - pos:
+                        found = None
+                        if index and there > 0 and self.skip_damaged:
+                            found = self._resync(base + pos + 1)
+                        if found is not None:  # not a torn tail: damage before a record
+                            self._damage(TraceFormatError(
+                                f"a record of at least {need} bytes runs past the end of the "
+                                f"file ({there} bytes), but a record starts after it",
+                                path=self.path, record=index, offset=base + pos,
+                            ), found - base - pos)
+                            buf, base, pos = bytearray(), found, 0
+                            index += 1
+                            continue
+                        if there > 0:
+                            self.truncated_after = index - 1
+                            self.trailing_bytes = there
+                        return
+                    buf = _refill(fd, buf, pos, base + len(buf), min(max(need, CHUNK), there))
+                    base += pos
+                    pos = 0
+                    continue
+                if end - pos > limits.max_record_bytes:
                     raise TraceLimitError(
-                        f"record of at least {torn.need - pos} bytes exceeds "
+                        f"record of {end - pos} bytes exceeds "
                         f"max_record_bytes ({limits.max_record_bytes})",
                         limit="max_record_bytes",
-                        path=self.path,
-                        record=index,
-                        offset=base + pos,
-                    ) from None
-                more = os.pread(fd, max(torn.need - len(buf), CHUNK), base + len(buf))
-                if not more:
-                    if len(buf) > pos:
-                        self.truncated_after = index - 1
-                        self.trailing_bytes = len(buf) - pos
-                    return
-                buf = buf[pos:] + more
-                base += pos
-                pos = 0
-                continue
+                        offset=pos,
+                    )
+                try:
+                    wire = msgpack.unpackb(memoryview(buf)[pos:end], raw=False,
+                                           strict_map_key=True)
+                except ValueError as exc:
+                    raise TraceFormatError(f"undecodable msgpack ({exc})", offset=pos) from None
             except TraceError as exc:
-                if exc.offset is not None:
-                    exc.offset += base
+                start = base + pos
+                exc.offset = start if exc.offset is None else exc.offset + base
                 exc.located(path=self.path, record=index)
-                raise
-            if end - pos > limits.max_record_bytes:
-                raise TraceLimitError(
-                    f"record of {end - pos} bytes exceeds "
-                    f"max_record_bytes ({limits.max_record_bytes})",
-                    limit="max_record_bytes",
-                    path=self.path,
-                    record=index,
-                    offset=base + pos,
-                )
-            try:
-                wire = msgpack.unpackb(memoryview(buf)[pos:end], raw=False, strict_map_key=True)
-            except ValueError as exc:
-                raise TraceFormatError(
-                    f"undecodable msgpack ({exc})", path=self.path, record=index, offset=base + pos
-                ) from None
-            yield index, base + pos, end - pos, wire
-            pos = end
+                if not (self.skip_damaged and index):
+                    raise
+                found = self._resync(start + 1)
+                exc.offset = start
+                if found is None:
+                    self._damage(exc, os.fstat(fd).st_size - start)
+                    return
+                self._damage(exc, found - start)
+                buf, base, pos = bytearray(), found, 0
+                index += 1
+                continue
+            start, size = base + pos, end - pos
+            if size > CHUNK:  # let go of a big record's bytes before it is used
+                buf = bytearray(memoryview(buf)[end:])
+                base += end
+                pos = 0
+            else:
+                pos = end
+            yield index, start, size, wire
             index += 1
+
+    def _resync(self, offset: int) -> int | None:
+        """The offset of the first record at or after ``offset`` that reads as a
+        whole valid record with a larger seq than the last one, or None."""
+        fd = self._file.fileno()
+        while True:
+            window = os.pread(fd, CHUNK + 4, offset)
+            if len(window) < 5:
+                return None
+            for match in _RECORD_START.finditer(window):
+                at = offset + match.start()
+                if self._valid_at(at):
+                    return at
+            offset += len(window) - 4
+
+    def _valid_at(self, offset: int) -> bool:
+        """Whether a whole valid record with a larger seq than the last one starts at ``offset``."""
+        fd = self._file.fileno()
+        data = os.pread(fd, CHUNK, offset)
+        while True:
+            try:
+                end = object_end(data, 0, self.limits)
+            except Incomplete as torn:
+                if torn.need > self.limits.max_record_bytes:
+                    return False
+                more = os.pread(fd, torn.need - len(data), offset + len(data))
+                if not more:
+                    return False
+                data += more
+                continue
+            except TraceError:
+                return False
+            break
+        try:
+            wire = msgpack.unpackb(memoryview(data)[:end], raw=False, strict_map_key=True)
+            return self._checked(wire, end) is not None
+        except (ValueError, TraceError):
+            return False
 
     def _record(self, wire: Any, size: int) -> Record | None:
         """Build one record from its wire form, or None if it is skipped."""
@@ -267,7 +409,14 @@ class TraceReader(Closing):
             wire = step.record(wire)
         kind = wire.get("k")
         if kind == "m":
-            return MessageRecord.from_wire(wire, limits=self.limits)
+            message = MessageRecord.from_wire(wire, limits=self.limits)
+            if len(message.data) < self.min_message_bytes and not message.torn:
+                raise TraceFormatError(
+                    f"a message of {len(message.data)} bytes, shorter than the "
+                    f"{self.min_message_bytes}-byte header, and not marked torn (x: {TORN!r})",
+                    field="b (data)",
+                )
+            return message
         if kind == "e":
             if size > self.limits.max_event_bytes:
                 raise TraceLimitError(
@@ -280,3 +429,23 @@ class TraceReader(Closing):
             self.skipped += 1
             return None
         raise TraceFormatError(f"unknown record kind {repr(kind)[:40]}", field="k (kind)")
+
+
+def _refill(fd: int, buf: bytearray, pos: int, offset: int, size: int) -> bytearray:
+    """A new buffer: ``buf[pos:]`` then up to ``size - len(buf[pos:])`` bytes more of
+    the file from ``offset`` (fewer at its end), read in place, without a
+    second copy of a large record."""
+    kept = len(buf) - pos
+    new = bytearray(max(size, kept + 1))
+    new[:kept] = memoryview(buf)[pos:]
+    view = memoryview(new)
+    filled = kept
+    while filled < len(new):
+        got = os.preadv(fd, [view[filled:]], offset + filled - kept)
+        if not got:
+            break
+        filled += got
+    view.release()
+    if filled < len(new):
+        del new[filled:]
+    return new

@@ -13,6 +13,7 @@ from recorder.errors import TraceFormatError
 from recorder.reader import TraceReader
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
+from vfioproxy.protocol.header import HEADER_SIZE
 from vfioproxy.replay.cli import add_ignore_options, ignore_rules
 from vfioproxy.replay.diff import (
     DEFAULT_MAX_MESSAGES,
@@ -22,7 +23,7 @@ from vfioproxy.replay.diff import (
     parse_operand,
 )
 from vfioproxy.trace import export, show, stats
-from vfioproxy.trace.decoded import DecodedItem, decoded_records
+from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, decoded_records
 from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
 from vfioproxy.trace.merge import merge_traces
 from vfioproxy.trace.rawcap import import_rawcap
@@ -148,6 +149,10 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                        "'command == REGION_READ and region == ROM' (README: Display filters)")
         p.add_argument("-c", "--count", metavar="N", type=integer(1),
                        help="stop after N (matching) messages, e.g. -c 10")
+        p.add_argument("--max-open-sessions", metavar="N", type=integer(1),
+                       default=MAX_OPEN_SESSIONS,
+                       help="decode at most N sessions open at once; one more drops the state "
+                       "of the one idle the longest, with a notice (default: %(default)s)")
 
     p_show = trace_commands.add_parser(
         "show", help="one line per message, decoded and PCI-aware", epilog=SHOW_EXAMPLES
@@ -180,7 +185,8 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p_export.add_argument("--force", action="store_true", help="replace an OUT that exists")
     p_export.add_argument("--steps", action="store_true",
                           help="fill the step field: label each message with its QEMU realize "
-                          "step (reads the trace whole first; -Y 'step ...' implies it)")
+                          "step (holds each session's messages until it ends; -Y 'step ...' "
+                          "implies it)")
     p_export.set_defaults(func=cmd_trace_export)
 
     p_timeline = trace_commands.add_parser(
@@ -271,7 +277,8 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[DecodedItem]:
     """The decoded items of ``reader`` that ``--session``, ``-Y`` and ``-c`` keep."""
-    items = decoded_records(reader, dialects=dialects(args), session=args.session)
+    items = decoded_records(reader, dialects=dialects(args), session=args.session,
+                            max_open_sessions=args.max_open_sessions)
     if args.filter is None and args.count is None:
         return items
     return select(items, args.compiled, args.count, header=reader.header)
@@ -281,23 +288,44 @@ def _selected_facts(reader: TraceReader, args: argparse.Namespace, flt: Filter |
                     limit: int | None) -> Iterator[tuple[DecodedItem, Facts | None]]:
     """The items ``--session`` and ``flt`` keep (at most ``limit`` messages),
     each message's with its filter fields; step labels only with ``--steps``
-    (or a filter on ``step``): labelling reads the trace whole first, the rest
-    streams."""
-    items = decoded_records(reader, dialects=dialects(args), session=args.session)
+    (or a filter on ``step``), which holds each session's messages until it
+    ends; the rest streams."""
+    items = decoded_records(reader, dialects=dialects(args), session=args.session,
+                            max_open_sessions=args.max_open_sessions)
     steps = getattr(args, "steps", False) or (
         args.compiled is not None and "step" in args.compiled.fields)
     return select_facts(items, flt, limit, reader.header, steps=steps)
 
 
-def _warn_truncated(reader: TraceReader) -> None:
+#: how many skipped damaged records are named one by one on stderr
+DAMAGED_SHOWN = 20
+
+
+def _warn_truncated(reader: TraceReader) -> int:
+    """Say on stderr what the last pass over ``reader`` could not read: a torn
+    tail, and each damaged record it skipped (the first :data:`DAMAGED_SHOWN`,
+    then how many more) with a count. Returns the exit status it calls for:
+    1 when records were skipped, else 0."""
     if reader.truncation is not None:
         print(f"vfioproxy: warning: {reader.path}: {reader.truncation}", file=sys.stderr)
+    if not reader.damaged_count:
+        return 0
+    for damaged in reader.damaged[:DAMAGED_SHOWN]:
+        print(f"vfioproxy: damaged record: {damaged}", file=sys.stderr)
+    if reader.damaged_count > DAMAGED_SHOWN:
+        print(f"vfioproxy: ... and {reader.damaged_count - DAMAGED_SHOWN} more damaged records",
+              file=sys.stderr)
+    plural = "s" if reader.damaged_count > 1 else ""
+    print(f"vfioproxy: {reader.path}: skipped {reader.damaged_count} damaged record{plural}",
+          file=sys.stderr)
+    return 1
 
 
 def _open(path: str) -> TraceReader:
-    """The trace at ``path``; a rawcap capture given instead is named as one."""
+    """The trace at ``path``, read past damaged records (:func:`_warn_truncated`
+    names them); a rawcap capture given instead is named as one."""
     try:
-        return TraceReader(path)
+        return TraceReader(path, skip_damaged=True, min_message_bytes=HEADER_SIZE)
     except TraceFormatError as exc:
         with open(path, "rb") as file:
             if file.read(1) != b"{":
@@ -325,13 +353,12 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
                              "message's bytes as \"hex\"")
         if args.json:  # the same lines as trace export --format jsonl
             kept = _selected_facts(reader, args, args.compiled, args.count)
-            show.write_lines(export.jsonl_lines(kept), sys.stdout)
+            export.write_jsonl(kept, sys.stdout)
         else:
             items = _selected(reader, args)
             show.write_lines(show.header_lines(reader.header), sys.stdout)
             show.write_lines(show.text_lines(items, verbose=args.verbose, raw=args.hex), sys.stdout)
-        _warn_truncated(reader)
-    return 0
+        return _warn_truncated(reader)
 
 
 def cmd_trace_export(args: argparse.Namespace) -> int:
@@ -348,16 +375,14 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
                 open(args.output, "w", encoding="utf-8", newline=""))
             if args.format == "pairs":  # pairing reads every message; the filter picks pairs
                 every = _selected_facts(reader, args, None, None)
-                pairs = export.pair_objects(every, args.compiled, args.count)
-                show.write_lines((json.dumps(pair) for pair in pairs), out)
+                export.write_pairs(every, out, args.compiled, args.count)
             else:
                 kept = _selected_facts(reader, args, args.compiled, args.count)
                 if args.format == "jsonl":
-                    show.write_lines(export.jsonl_lines(kept), out)
+                    export.write_jsonl(kept, out)
                 else:
                     export.write_csv(kept, out)
-        _warn_truncated(reader)
-    return 0
+        return _warn_truncated(reader)
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
@@ -371,8 +396,7 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_dict(), indent=2))
         else:
             show.write_lines(stats.text_report(result), sys.stdout)
-        _warn_truncated(reader)
-    return 0
+        return _warn_truncated(reader)
 
 
 def _trace_stats_by_step(args: argparse.Namespace) -> int:
@@ -380,28 +404,29 @@ def _trace_stats_by_step(args: argparse.Namespace) -> int:
         raise UsageError("--by-step counts whole steps: it takes no -Y or -c")
     with _open(args.file) as reader:
         _check_session(args)
-        timelines = [t for t in reader_timelines(reader, dialects=dialects(args))
+        timelines = [t for t in reader_timelines(reader, dialects=dialects(args),
+                                                 max_open_sessions=args.max_open_sessions)
                      if args.session in (None, t.session)]
         if args.json:
             print(json.dumps(stats.by_step_dict(timelines), indent=2))
         else:
             show.write_lines(stats.by_step_report(timelines), sys.stdout)
-        _warn_truncated(reader)
-    return 0
+        return _warn_truncated(reader)
 
 
-def _timelines_of(path: str, args: argparse.Namespace) -> list[SessionTimeline]:
-    """The client sessions of the trace ``path`` that ``--session`` picks."""
+def _timelines_of(path: str, args: argparse.Namespace) -> tuple[list[SessionTimeline], int]:
+    """The client sessions of the trace ``path`` that ``--session`` picks, and
+    the exit status its reading calls for (:func:`_warn_truncated`)."""
     with _open(path) as reader:
         if args.session is not None:
             TraceSessions.read(path).require(args.session, messages=True)
         found = [t for t in reader_timelines(reader, dialects=dialects(args))
                  if args.session in (None, t.session)]
-        _warn_truncated(reader)
+        status = _warn_truncated(reader)
     if not found:
         which = "no" if args.session is None else f"session {args.session} is no"
         raise UsageError(f"{path}: {which} client session with messages")
-    return found
+    return found, status
 
 
 def cmd_trace_timeline(args: argparse.Namespace) -> int:
@@ -412,7 +437,12 @@ def cmd_trace_timeline(args: argparse.Namespace) -> int:
         raise UsageError(f"--png and --html both name {args.png}")
     for out in outputs:
         claim_file(out, force=args.force)
-    timelines = [t for path in args.files for t in _timelines_of(path, args)]
+    timelines: list[SessionTimeline] = []
+    status = 0
+    for path in args.files:
+        found, read_status = _timelines_of(path, args)
+        timelines += found
+        status = max(status, read_status)
     if args.json:
         result: dict[str, object] = {"sessions": [t.to_dict() for t in timelines]}
         if len(timelines) > 1:
@@ -428,7 +458,7 @@ def cmd_trace_timeline(args: argparse.Namespace) -> int:
         write_png(timelines, args.png)
     if args.html is not None:
         write_html(timelines, args.html)
-    return 0
+    return status
 
 
 def cmd_trace_diff(args: argparse.Namespace) -> int:
@@ -477,11 +507,11 @@ def cmd_trace_slice(args: argparse.Namespace) -> int:
     with _open(args.file) as reader:
         _check_session(args)
         result = slice_trace(reader, args.out, spec, overwrite=args.force)
-        _warn_truncated(reader)
+        status = _warn_truncated(reader)
     added = f" ({result.added} added for pairing and setup)" if result.added else ""
     print(f"{args.file} -> {args.out}: {result.messages} messages{added}, "
           f"{result.records} records, sessions {', '.join(map(str, result.sessions)) or 'none'}")
-    return 0
+    return status
 
 
 def cmd_trace_merge(args: argparse.Namespace) -> int:
@@ -491,10 +521,9 @@ def cmd_trace_merge(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(_open(path)) for path in args.files]
         result = merge_traces(readers, args.out, overwrite=args.force)
-        for reader in readers:
-            _warn_truncated(reader)
+        status = max(_warn_truncated(reader) for reader in readers)
     for path, sessions in zip(args.files, result.sessions, strict=True):
         renumbered = ", ".join(f"{old} -> {new}" for old, new in sorted(sessions.items()))
         print(f"{path}: sessions {renumbered or 'none'}")
     print(f"-> {args.out}: {result.messages} messages, {result.records} records")
-    return 0
+    return status

@@ -90,11 +90,11 @@ def analyse_trace(path: str | os.PathLike[str]) -> TraceFacts:
     with TraceReader(path) as reader:
         collected = stats.collect(keep(decoded_records(reader)))
     latency = {}
-    for name, values in sorted(collected.latencies.items()):
-        if values:
-            table = stats.LatencyStats.of(values)
+    for name, sample in sorted(collected.latencies.items()):
+        if sample.count:
+            table = stats.LatencyStats.of(sample)
             latency[name] = CommandLatency(
-                table.count, table.p50_ns / 1e9, table.p99_ns / 1e9, sum(values) / 1e9
+                table.count, table.p50_ns / 1e9, table.p99_ns / 1e9, sample.total / 1e9
             )
     per_direction: Counter[str] = Counter()
     for (_, direction, _), (count, _) in collected.traffic.items():

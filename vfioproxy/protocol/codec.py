@@ -251,6 +251,14 @@ def decode(
     raw = bytes(data)
     if header is None:
         header = Header.parse(raw)
+    if len(raw) > _VIEWED_PAYLOAD and header.command in _VIEWED_PARSERS:
+        # a large data payload is parsed from a view, so that only its body's
+        # data is copied (not first the whole payload too)
+        try:
+            return _decode_viewed(raw, header, tuple(fds), sender, dialects, request, strict)
+        except ProtocolError:
+            if strict:
+                raise
     payload = raw[HEADER_SIZE:]
     fd_tuple = tuple(fds)
     if header.size != len(raw):
@@ -307,6 +315,46 @@ def decode(
             raise
         return Message(header, RawBody(payload, str(exc)), fd_tuple)
     return Message(header, body, fd_tuple)
+
+
+#: payloads larger than this, of the commands whose parsers take a memoryview,
+#: are parsed from a view of the message (:func:`decode`)
+_VIEWED_PAYLOAD = 64 * 1024
+#: the parsers that slice their payload only (no bytes methods): a memoryview will do
+_VIEWED_PARSERS = frozenset({Command.REGION_READ, Command.REGION_WRITE,
+                             Command.DMA_READ, Command.DMA_WRITE})
+
+
+def _decode_viewed(
+    raw: bytes,
+    header: Header,
+    fds: tuple[Any, ...],
+    sender: Side | None,
+    dialects: Dialects,
+    request: Message | None,
+    strict: bool,
+) -> Message:
+    """:func:`decode` of a whole, well-typed REGION/DMA access message, its payload
+    parsed from a view (its data fields copied once, into bytes); raises
+    :class:`ProtocolError` (the caller decodes it the ordinary way then)."""
+    kind = header.flags & TYPE_MASK
+    if header.size != len(raw) or kind > _REPLY or (kind == _REPLY and header.flags & FLAG_ERROR):
+        raise ProtocolError("not a plain access message")
+    is_reply = kind == _REPLY
+    parser = (REPLY_PARSERS if is_reply else COMMAND_PARSERS)[header.command]
+    if sender is None:
+        client_sent = is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
+        sender = Side.CLIENT if client_sent else Side.SERVER
+    layout = dialects.client if sender is _CLIENT else dialects.server
+    if request is None or header.command not in REPLIES_READING_REQUEST:
+        ctx = _CONTEXTS[layout]
+    else:
+        ctx = BodyContext(layout, request.body)
+    with memoryview(raw) as view:
+        body: Any = parser(view[HEADER_SIZE:], ctx)  # type: ignore[arg-type]
+        owned = {field.name: bytes(value) for field in attrs.fields(type(body))
+                 if isinstance(value := getattr(body, field.name), memoryview)}
+    return Message(header, attrs.evolve(body, **owned), fds)
 
 
 def encode(message: Message) -> tuple[bytes, tuple[Any, ...]]:

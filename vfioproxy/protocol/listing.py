@@ -11,11 +11,12 @@ views print.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Protocol
 
 from vfioproxy.protocol.header import Header, errno_text
 from vfioproxy.protocol.pci import format_size
-from vfioproxy.protocol.session import Observation
+from vfioproxy.protocol.session import MAX_OUTSTANDING, Observation
 from vfioproxy.side import Direction
 
 __all__ = [
@@ -85,20 +86,35 @@ def note_line(text: str) -> str:
 
 
 class RequestTimes:
-    """When each request of one session was sent, to give its reply a latency."""
+    """When each request of one session was sent, to give its reply a latency.
 
-    def __init__(self) -> None:
-        self._sent: dict[int, int] = {}
+    Remembers at most ``limit`` requests (by default as many as a session
+    state keeps waiting in both directions): the oldest is forgotten first,
+    so a peer that never answers does not make it grow.
+    """
+
+    def __init__(self, limit: int = 2 * MAX_OUTSTANDING) -> None:
+        # by id() of the request: its header (so that a reused id does not
+        # match another message) and when it was sent; oldest first
+        self._sent: OrderedDict[int, tuple[Header, int]] = OrderedDict()
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._sent)
 
     def latency(self, obs: Observation, t_ns: int) -> int | None:
         """Note a request sent at ``t_ns``, or return the latency of a reply (ns)."""
         header = obs.message.header
         if header.is_command and not header.no_reply:
-            self._sent[id(obs.message)] = t_ns
+            self._sent[id(obs.message)] = (header, t_ns)
+            if len(self._sent) > self._limit:
+                self._sent.popitem(last=False)
             return None
         if obs.request is not None:
             sent = self._sent.pop(id(obs.request), None)
-            return None if sent is None else t_ns - sent
+            if sent is None or sent[0] is not obs.request.header:
+                return None
+            return t_ns - sent[1]
         return None
 
 

@@ -11,7 +11,7 @@ as a :class:`~vfioproxy.errors.RemoteProtocolError` instead.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,9 +152,12 @@ class InjectionBlame:
     request it rewrote (the peer answered what it got). One per session, fed
     every observation in order, by a reader of the trace and by live checks."""
 
-    def __init__(self) -> None:
-        #: rewritten requests waiting for their reply: what rewrote them
-        self._requests: dict[int, str] = {}
+    def __init__(self, limit: int = 2 * MAX_OUTSTANDING) -> None:
+        #: rewritten requests waiting for their reply, by id() of the message:
+        #: its header (so that a reused id does not match) and what rewrote it;
+        #: at most ``limit`` (the oldest is forgotten: no reply is waited for longer)
+        self._requests: OrderedDict[int, tuple[Header, str]] = OrderedDict()
+        self._limit = limit
 
     def observe(self, obs: Observation, rewritten_by: str | None = None) -> Observation:
         """``obs`` with its violations attributed (``rewritten_by``: the actions
@@ -162,9 +165,13 @@ class InjectionBlame:
         header = obs.message.header
         cause = rewritten_by
         if cause is not None and header.is_command and not header.no_reply:
-            self._requests[id(obs.message)] = cause
+            self._requests[id(obs.message)] = (header, cause)
+            if len(self._requests) > self._limit:
+                self._requests.popitem(last=False)
         if obs.request is not None and self._requests:
-            cause = self._requests.pop(id(obs.request), cause)
+            entry = self._requests.pop(id(obs.request), None)
+            if entry is not None and entry[0] is obs.request.header:
+                cause = entry[1]
         if cause is None or not obs.violations:
             return obs
         return attrs.evolve(obs, violations=tuple(
@@ -229,6 +236,12 @@ class SessionState:
     def _update_max_message_size(self) -> None:
         self._xfer_limit = {d: self.max_data_xfer_size(_RECEIVERS[d]) for d in Direction}
 
+    @property
+    def counts(self) -> dict[Direction, int]:
+        """How many messages were seen in each direction (the next one's index);
+        a reader that resumes a session whose state it dropped sets them."""
+        return self._counts
+
     def outstanding(self, direction: Direction) -> list[Message]:
         """Commands sent in ``direction`` that still wait for their reply, oldest first."""
         return [message for _, message in sorted(self._pending[direction], key=lambda p: p[0])]
@@ -250,6 +263,8 @@ class SessionState:
         large to buffer): its header still pairs and checks, its body is not
         decoded, and it is reported as ``truncated_record``.
         """
+        if len(data) < HEADER_SIZE:
+            return self._short(direction, bytes(data), fds)
         index = self._counts[direction]
         self._counts[direction] = index + 1
         sender = _SENDERS[direction]
@@ -298,6 +313,23 @@ class SessionState:
         if self.strict and problems:
             raise problems[0].as_error()
         return Observation(direction, index, message, request, tuple(problems))
+
+    def _short(self, direction: Direction, data: bytes, fds: Sequence[Any]) -> Observation:
+        """A "message" shorter than the header (only a damaged recording holds
+        one): reported as ``short_message``, its header read as if padded with
+        zeros, nothing paired, checked or decoded."""
+        index = self._counts[direction]
+        self._counts[direction] = index + 1
+        header = Header.parse(data.ljust(HEADER_SIZE, b"\0"))
+        text = f"a {len(data)}-byte message, shorter than the {HEADER_SIZE}-byte header"
+        violation = Violation(
+            "short_message", _SENDERS[direction], index, f"{len(data)} bytes", text,
+            field="header", offset=0, expected=f">= {HEADER_SIZE} bytes", got=len(data),
+        )
+        if self.strict:
+            raise violation.as_error()
+        message = Message(header, RawBody(data, text), tuple(fds))
+        return Observation(direction, index, message, None, (violation,))
 
     def torn(
         self,

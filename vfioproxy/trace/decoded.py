@@ -2,13 +2,22 @@
 
 :func:`decoded_records` walks a trace once, keeps one
 :class:`~vfioproxy.protocol.session.SessionState` and one
-:class:`~vfioproxy.protocol.pci_view.PciView` per session, and yields each record with
+:class:`~vfioproxy.protocol.pci_view.PciView` per open session, and yields each record with
 what the tools need: the decoded message, the command a reply answers, the
 request-to-reply latency, protocol violations, and a PCI-aware description.
+
+Memory is bounded by the window of open sessions, not by the trace: a
+session's state is dropped at its ``session_close`` event, and when more than
+``max_open_sessions`` sessions are open at once, the one idle the longest is
+dropped (a :class:`SessionNotice` says so; if it goes on, it is decoded
+afresh, with a second notice). What one session keeps is bounded too (at
+most :data:`~vfioproxy.protocol.pairing.MAX_OUTSTANDING` commands waiting
+per direction).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
 import attrs
@@ -63,7 +72,28 @@ class SessionNegotiated:
     detected: bool
 
 
-DecodedItem = DecodedMessage | TornMessage | EventRecord | SessionNegotiated
+@attrs.frozen
+class SessionNotice:
+    """What the reader says about its own decoding of a session (not a record):
+    ``kind`` ``evicted`` when the session's state was dropped to keep within
+    the window of open sessions, ``resumed`` when it goes on after that and is
+    decoded afresh. ``t_ns``: the time of the record that caused it."""
+
+    session: int
+    kind: str
+    text: str
+    t_ns: int
+
+
+DecodedItem = DecodedMessage | TornMessage | EventRecord | SessionNegotiated | SessionNotice
+
+#: how many sessions may be open (seen, not yet closed) at once before the
+#: one idle the longest has its decoding state dropped
+MAX_OPEN_SESSIONS = 1024
+
+#: per window slot, how many dropped sessions are remembered (to say so, and
+#: to go on numbering their messages, if they continue)
+EVICTED_MEMORY = 16
 
 
 class _Session:
@@ -73,6 +103,17 @@ class _Session:
         self.times = RequestTimes()
         self.blame = InjectionBlame()
         self.announced = False
+
+
+@attrs.frozen
+class DecodeStatistics:
+    """How much decoding state :class:`DecodedRecords` holds and has held."""
+
+    open_sessions: int
+    peak_open_sessions: int
+    evicted: int
+    closed: int
+    waiting_requests: int
 
 
 def _injection_of(record: MessageRecord, event: Record | None) -> EventRecord | None:
@@ -87,55 +128,135 @@ def _injection_of(record: MessageRecord, event: Record | None) -> EventRecord | 
     return None
 
 
+class DecodedRecords(Iterator[DecodedItem]):
+    """The decoded items of ``records``, one pass: see :func:`decoded_records`."""
+
+    def __init__(
+        self,
+        records: Iterable[Record],
+        *,
+        dialects: Dialects | None = None,
+        session: int | None = None,
+        max_open_sessions: int = MAX_OPEN_SESSIONS,
+    ) -> None:
+        if max_open_sessions < 1:
+            raise ValueError(f"max_open_sessions must be at least 1, got {max_open_sessions}")
+        self.max_open_sessions = max_open_sessions
+        self._dialects = dialects
+        # open sessions, the one idle the longest first
+        self._sessions: OrderedDict[int, _Session] = OrderedDict()
+        # dropped sessions: their message counts per direction and DMA layouts
+        self._evicted: OrderedDict[int, tuple[dict[Direction, int], Dialects, bool]] = (
+            OrderedDict())
+        self._peak = 0
+        self._evictions = 0
+        self._closed = 0
+        self._items = self._walk(records, session)
+
+    def __next__(self) -> DecodedItem:
+        return next(self._items)
+
+    def statistics(self) -> DecodeStatistics:
+        """The sessions whose state is held now and at most, and how many were
+        dropped (window) or closed."""
+        return DecodeStatistics(
+            len(self._sessions), self._peak, self._evictions, self._closed,
+            sum(len(s.state.outstanding(d)) for s in self._sessions.values()
+                for d in Direction),
+        )
+
+    def _walk(self, records: Iterable[Record], only: int | None) -> Iterator[DecodedItem]:
+        pending: MessageRecord | None = None
+        for record in records:
+            if only is not None and record.session != only:
+                continue
+            if pending is not None:
+                injection = _injection_of(pending, record)
+                yield from self._decode(pending, injection)
+                pending = None
+                if injection is not None:
+                    yield injection
+                    continue
+            if isinstance(record, EventRecord):
+                yield record
+                if record.kind == EventKind.SESSION_CLOSE and record.session is not None:
+                    if self._sessions.pop(record.session, None) is not None:
+                        self._closed += 1
+                    self._evicted.pop(record.session, None)
+            elif record.torn:
+                yield from self._decode(record, None)
+            else:
+                pending = record
+        if pending is not None:
+            yield from self._decode(pending, None)
+
+    def _state(self, record: MessageRecord) -> Iterator[DecodedItem]:
+        """Make sure ``record``'s session has a state (dropping the one idle the
+        longest when the window is full), saying so."""
+        session = record.session
+        if session in self._sessions:
+            self._sessions.move_to_end(session)
+            return
+        if len(self._sessions) >= self.max_open_sessions:
+            gone, state = self._sessions.popitem(last=False)
+            self._evictions += 1
+            self._evicted[gone] = (dict(state.state.counts), state.state.dialects,
+                                   state.announced)
+            if len(self._evicted) > EVICTED_MEMORY * self.max_open_sessions:
+                self._evicted.popitem(last=False)
+            yield SessionNotice(
+                gone, "evicted",
+                f"more than {self.max_open_sessions} sessions open at once "
+                f"(--max-open-sessions): the decoding state of session {gone}, idle the "
+                "longest, is dropped; if it goes on, it is decoded afresh", record.t_ns)
+        state = self._sessions[session] = _Session(self._dialects)
+        self._peak = max(self._peak, len(self._sessions))
+        evicted = self._evicted.pop(session, None)
+        if evicted is not None:
+            counts, dialects, announced = evicted
+            state.state.counts.update(counts)
+            state.state.dialects = dialects
+            state.announced = announced
+            yield SessionNotice(
+                session, "resumed",
+                f"session {session} goes on after its decoding state was dropped: replies "
+                "to its earlier commands are unpaired, its negotiated limits are the "
+                "defaults (its DMA layout is kept)", record.t_ns)
+
+    def _decode(
+        self, record: MessageRecord, injection: EventRecord | None
+    ) -> Iterator[DecodedItem]:
+        yield from self._state(record)
+        yield from _decode(self._sessions[record.session], record, injection, self._dialects)
+
+
 def decoded_records(
     records: Iterable[Record],
     *,
     dialects: Dialects | None = None,
     session: int | None = None,
-) -> Iterator[DecodedItem]:
+    max_open_sessions: int = MAX_OPEN_SESSIONS,
+) -> DecodedRecords:
     """Decode ``records`` (from a :class:`~recorder.reader.TraceReader`).
 
     ``dialects`` overrides the DMA layouts that are otherwise detected per
     session; ``session`` keeps only that session's records. A message is
     decoded with the ``inject`` event recorded right after it: violations of
     a message an injected action rewrote, and of the answer to it, are
-    attributed to the injection (:attr:`Violation.caused_by`). A session's
-    state is dropped at its ``session_close`` event, so memory grows with the
-    sessions open at once, not with the trace.
+    attributed to the injection (:attr:`Violation.caused_by`). At most
+    ``max_open_sessions`` sessions' states are kept (see the module's
+    docstring); :meth:`DecodedRecords.statistics` says how many are.
     """
-    sessions: dict[int, _Session] = {}
-    pending: MessageRecord | None = None
-    for record in records:
-        if session is not None and record.session != session:
-            continue
-        if pending is not None:
-            injection = _injection_of(pending, record)
-            yield from _decode(sessions, pending, injection, dialects)
-            pending = None
-            if injection is not None:
-                yield injection
-                continue
-        if isinstance(record, EventRecord):
-            if record.kind == EventKind.SESSION_CLOSE and record.session is not None:
-                sessions.pop(record.session, None)  # nothing of a session follows its close
-            yield record
-        elif record.torn:
-            yield from _decode(sessions, record, None, dialects)
-        else:
-            pending = record
-    if pending is not None:
-        yield from _decode(sessions, pending, None, dialects)
+    return DecodedRecords(records, dialects=dialects, session=session,
+                          max_open_sessions=max_open_sessions)
 
 
 def _decode(
-    sessions: dict[int, _Session],
+    state: _Session,
     record: MessageRecord,
     injection: EventRecord | None,
     dialects: Dialects | None,
 ) -> Iterator[DecodedItem]:
-    state = sessions.get(record.session)
-    if state is None:
-        state = sessions[record.session] = _Session(dialects)
     if record.torn:
         violation = state.state.torn(record.direction, record.data, record.length)
         yield TornMessage(record, violation, f"torn: {record.wire_length} bytes, then EOF")

@@ -5,7 +5,7 @@ Three formats, one set of names: the fields of the display filter
 :func:`~vfioproxy.trace.filter.values`.
 
 - ``jsonl``: ``trace show --json``'s object per record, each message's with
-  a ``fields`` object (:func:`jsonl_lines`);
+  a ``fields`` object (:func:`write_jsonl`);
 - ``pairs``: one object per request with its reply (:func:`pair_objects`);
 - ``csv``: one row per message, a column per field (:func:`write_csv`).
 
@@ -15,7 +15,6 @@ Sans-IO apart from the text stream :func:`write_csv` writes to.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
@@ -25,9 +24,10 @@ from recorder.records import EventRecord
 from vfioproxy.protocol.pairing import MAX_OUTSTANDING
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
 from vfioproxy.trace.filter import FIELDS, Facts, Filter, values
-from vfioproxy.trace.show import json_object
+from vfioproxy.trace.show import json_object, write_json
 
-__all__ = ["CSV_COLUMNS", "CSV_DATA_MAX", "FORMATS", "jsonl_lines", "pair_objects", "write_csv"]
+__all__ = ["CSV_COLUMNS", "CSV_DATA_MAX", "FORMATS", "message_object", "pair_objects",
+           "write_csv", "write_jsonl", "write_pairs"]
 
 FORMATS = ("jsonl", "pairs", "csv")
 
@@ -50,11 +50,16 @@ def message_object(item: DecodedItem, facts: Facts | None) -> dict[str, Any]:
     return obj
 
 
-def jsonl_lines(selected: Selected) -> Iterator[str]:
-    """One JSON object per record (:func:`message_object`): ``trace show
-    --json`` and ``trace export --format jsonl``."""
-    for item, facts in selected:
-        yield json.dumps(message_object(item, facts))
+def write_jsonl(selected: Selected, out: TextIO) -> None:
+    """One JSON object per record (:func:`message_object`) to ``out``: ``trace
+    show --json`` and ``trace export --format jsonl``."""
+    write_json((message_object(item, facts) for item, facts in selected), out)
+
+
+def write_pairs(selected: Selected, out: TextIO, flt: Filter | None = None,
+                limit: int | None = None) -> None:
+    """:func:`pair_objects` to ``out``, one JSON object a line."""
+    write_json(pair_objects(selected, flt, limit), out)
 
 
 @attrs.define
@@ -63,6 +68,8 @@ class _Waiting:
 
     obj: dict[str, Any]
     passed: bool
+    #: the request's message, kept alive while it waits: its id() is the key
+    message: object = None
 
 
 def pair_objects(selected: Selected, flt: Filter | None = None,
@@ -96,7 +103,8 @@ def pair_objects(selected: Selected, flt: Filter | None = None,
             header = item.observation.message.header
             request = item.observation.request
             if header.is_command and not header.no_reply:
-                session[id(item.observation.message)] = _Waiting(obj, passed)
+                session[id(item.observation.message)] = _Waiting(
+                    obj, passed, item.observation.message)
                 if len(session) > MAX_OUTSTANDING:
                     oldest = next(iter(session))
                     pairs.append(_pair(session.pop(oldest), None, False))

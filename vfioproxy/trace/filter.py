@@ -15,23 +15,24 @@ import errno as errno_module
 import functools
 import operator
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
-from recorder.records import FdKind, TraceHeader
+from recorder.records import EventKind, EventRecord, FdKind, TraceHeader
 from vfioproxy.errors import UsageError
 from vfioproxy.protocol.header import FLAG_ERROR, TYPE_MASK, Command, MessageType, command_name
 from vfioproxy.protocol.pci import Region, config_register_name, region_name
 from vfioproxy.protocol.session import Observation
 from vfioproxy.side import Direction
-from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
+from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice
 from vfioproxy.trace.timeline.labels import label_messages
 
 __all__ = ["FIELDS", "Facts", "FieldSpec", "Filter", "compile_filter", "facts_of", "marked",
-           "select", "select_facts", "step_labels", "values"]
+           "select", "select_facts", "values"]
 
 
 class Facts:
@@ -535,13 +536,48 @@ def compile_filter(source: str, *, live: bool = False) -> Filter:
     return Filter(source, frozenset(parser.fields), predicate)
 
 
-def step_labels(messages: Sequence[DecodedMessage]) -> dict[int, str]:
-    """Each message's step label (by seq), labelled session by session."""
-    sessions: dict[int, list[DecodedMessage]] = {}
-    for message in messages:
-        sessions.setdefault(message.record.session, []).append(message)
-    return {m.record.seq: label.text()
-            for group in sessions.values() for m, label in label_messages(group)}
+def _with_steps(items: Iterable[DecodedItem]) -> Iterator[tuple[DecodedItem, str | None]]:
+    """``items`` in their order, each message with its step label.
+
+    A label may depend on what follows it in its session, so a session's
+    messages are held until it ends (its ``session_close``, the reader
+    dropping its state from the window, or the end of the trace), and with
+    them whatever follows its first held message: memory grows with what
+    happens while the oldest open session goes on, not with the trace.
+    """
+    held: deque[DecodedItem] = deque()
+    open_sessions: dict[int, list[DecodedMessage]] = {}
+    steps: dict[int, str] = {}
+
+    def label(session: int) -> None:
+        for message, found in label_messages(open_sessions.pop(session, [])):
+            steps[message.record.seq] = found.text()
+
+    def release() -> Iterator[tuple[DecodedItem, str | None]]:
+        while held:
+            first = held[0]
+            if isinstance(first, DecodedMessage):
+                if first.record.session in open_sessions:
+                    return
+                yield held.popleft(), steps.pop(first.record.seq, None)
+            else:
+                yield held.popleft(), None
+
+    for item in items:
+        held.append(item)
+        if isinstance(item, DecodedMessage):
+            open_sessions.setdefault(item.record.session, []).append(item)
+            continue
+        ended = None
+        if (isinstance(item, SessionNotice) and item.kind == "evicted") or (
+                isinstance(item, EventRecord) and item.kind == EventKind.SESSION_CLOSE):
+            ended = item.session
+        if ended is not None:
+            label(ended)
+            yield from release()
+    for session in list(open_sessions):
+        label(session)
+    yield from release()
 
 
 def marked(items: Iterable[DecodedItem], flt: Filter | None,
@@ -551,20 +587,20 @@ def marked(items: Iterable[DecodedItem], flt: Filter | None,
     decoded message) and whether ``flt`` passes it: every message passes
     without a filter, an event never does; ``header`` is the trace's, for
     ``time``. ``steps``: label every message with its step; a filter using
-    ``step`` does too, reading all of ``items`` first: a label may depend on
-    what follows it."""
-    labels: dict[int, str] = {}
+    ``step`` does too, holding a session's messages until the session ends:
+    a label may depend on what follows it (:func:`_with_steps`)."""
+    labelled: Iterable[tuple[DecodedItem, str | None]]
     if steps or (flt is not None and "step" in flt.fields):
-        items = list(items)
-        labels = step_labels([i for i in items if isinstance(i, DecodedMessage)])
+        labelled = _with_steps(items)
+    else:
+        labelled = ((item, None) for item in items)
     starts: dict[int, int] = {}
-    for item in items:
+    for item, step in labelled:
         if not isinstance(item, DecodedMessage):
             yield item, None, False
             continue
         start = starts.setdefault(item.record.session, item.record.t_ns)
-        facts = facts_of(item, session_start_ns=start, step=labels.get(item.record.seq),
-                         header=header)
+        facts = facts_of(item, session_start_ns=start, step=step, header=header)
         yield item, facts, flt is None or flt.test(facts)
 
 
@@ -574,7 +610,8 @@ def select(items: Iterable[DecodedItem], flt: Filter | None, limit: int | None =
     ``header`` is the trace's, for ``time``.
 
     Without a filter every item passes (``limit`` still counts messages
-    only). A filter using ``step`` reads all of ``items`` first (:func:`marked`)."""
+    only); the reader's notices (:class:`SessionNotice`) always do. A filter
+    using ``step`` holds a session's messages until the session ends (:func:`marked`)."""
     return (item for item, _ in select_facts(items, flt, limit, header))
 
 
@@ -588,7 +625,7 @@ def select_facts(items: Iterable[DecodedItem], flt: Filter | None, limit: int | 
     found = 0
     for item, facts, passed in marked(items, flt, header, steps=steps):
         if not isinstance(item, DecodedMessage):
-            if flt is None:
+            if flt is None or isinstance(item, SessionNotice):
                 yield item, None
             continue
         if not passed:

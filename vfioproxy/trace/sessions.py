@@ -51,8 +51,9 @@ class TraceSessions:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> TraceSessions:
-        """The sessions of the trace at ``path`` (read once, start to end or torn tail)."""
-        with TraceReader(path) as reader:
+        """The sessions of the trace at ``path`` (read once, start to end or torn
+        tail, past damaged records: the tool's own pass reports them)."""
+        with TraceReader(path, skip_damaged=True) as reader:
             return cls.of(reader, path=os.fspath(path))
 
     def require(self, session: int, *, messages: bool = False) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
+import re
+import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
@@ -24,6 +26,7 @@ from vfioproxy.trace.decoded import (
     DecodedItem,
     DecodedMessage,
     SessionNegotiated,
+    SessionNotice,
     TornMessage,
 )
 
@@ -61,6 +64,9 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False,
                 f"# session {item.session}: version {version}; DMA_READ/DMA_WRITE layout "
                 f"{state.dialects.describe()} ({how})"
             )
+            continue
+        if isinstance(item, SessionNotice):
+            yield f"# session {item.session}: {item.text}"
             continue
         if origin is None:
             origin = item.t_ns if isinstance(item, EventRecord) else item.record.t_ns
@@ -258,25 +264,39 @@ def _verbose(value: Any) -> str:
     return str(value)
 
 
-def _jsonable(value: Any) -> Any:
+#: bytes longer than this are written out in hex piece by piece by :func:`write_json`
+BIG_BYTES = 64 * 1024
+
+#: what stands for the N-th big bytes value in the JSON text before it is written
+_MARK = f"\x00vfioproxy-bytes-{secrets.token_hex(8)}-"
+_MARKED = re.compile(re.escape(json.dumps(_MARK)[1:-1]) + r"(\d+)")
+
+
+def _jsonable(value: Any, big: list[bytes] | None = None) -> Any:
+    """``value`` as JSON-able data, bytes as hex; with ``big``, bytes longer
+    than :data:`BIG_BYTES` are appended to it and stand as a mark instead."""
     if isinstance(value, bytes):
+        if big is not None and len(value) > BIG_BYTES:
+            big.append(value)
+            return f"{_MARK}{len(big) - 1}"
         return value.hex()
     if isinstance(value, DmaLayout):
         return value.value
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, big) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, big) for v in value]
     if attrs.has(type(value)):
-        return body_fields(value)
+        return body_fields(value, big)
     return value
 
 
-def body_fields(body: Any) -> dict[str, Any]:
-    """Every field of a body (views included) as JSON-able values, bytes as hex."""
+def body_fields(body: Any, big: list[bytes] | None = None) -> dict[str, Any]:
+    """Every field of a body (views included) as JSON-able values, bytes as hex
+    (``big``: see :func:`_jsonable`)."""
     out: dict[str, Any] = {"type": type(body).__name__}
     for field in attrs.fields(type(body)):
-        out[field.name] = _jsonable(getattr(body, field.name))
+        out[field.name] = _jsonable(getattr(body, field.name), big)
     return out
 
 
@@ -296,11 +316,32 @@ def fd_fields(fd: FdRecord) -> dict[str, Any]:
 def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
     """One JSON object per record, for jq and other tools (:func:`json_object`)."""
     for item in items:
-        yield json.dumps(json_object(item))
+        yield json.dumps(_jsonable(json_object(item)))
+
+
+def write_json(objects: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """Write each of ``objects`` (as :func:`json_object` makes them: bytes still
+    bytes) to ``out`` as one line of JSON, bytes in hex; the hex of large bytes
+    (a big message) is written piece by piece, not built whole first."""
+    for obj in objects:
+        big: list[bytes] = []
+        text = json.dumps(_jsonable(obj, big))
+        if not big:
+            out.write(text + "\n")
+            continue
+        at = 0
+        for mark in _MARKED.finditer(text):
+            out.write(text[at:mark.start()])
+            with memoryview(big[int(mark.group(1))]) as value:
+                for piece in range(0, len(value), BIG_BYTES):
+                    out.write(value[piece:piece + BIG_BYTES].hex())
+            at = mark.end()
+        out.write(text[at:] + "\n")
 
 
 def json_object(item: DecodedItem) -> dict[str, Any]:
-    """The JSON object of one record: JSON-able values only, bytes as hex."""
+    """The JSON object of one item, bytes still as bytes (:func:`write_json`
+    writes them in hex)."""
     if isinstance(item, SessionNegotiated):
         obj: dict[str, Any] = {
             "record": "negotiated",
@@ -312,6 +353,9 @@ def json_object(item: DecodedItem) -> dict[str, Any]:
                 "detected": item.detected,
             },
         }
+    elif isinstance(item, SessionNotice):
+        obj = {"record": "notice", "session": item.session, "kind": item.kind,
+               "t_ns": item.t_ns, "text": item.text}
     elif isinstance(item, TornMessage):
         obj = {
             **_record_fields(item.record, item.violation.index),
@@ -320,7 +364,7 @@ def json_object(item: DecodedItem) -> dict[str, Any]:
             "summary": item.text,
             "fds": [fd_fields(fd) for fd in item.record.fds],
             "violations": [item.violation.to_dict()],
-            "hex": item.record.data.hex(),
+            "hex": item.record.data,
         }
     elif isinstance(item, EventRecord):
         obj = {
@@ -345,17 +389,17 @@ def json_object(item: DecodedItem) -> dict[str, Any]:
             "size": h.size,
             "decoded": message.decoded,
             "summary": item.text,
-            "body": body_fields(message.body),
+            "body": message.body,
             "fds": [fd_fields(fd) for fd in record.fds],
             "latency_ns": item.latency_ns,
             "violations": [v.to_dict() for v in item.observation.violations],
-            "hex": record.data.hex(),
+            "hex": record.data,
         }
         if record.length is not None:
             obj["length"] = record.length
         if item.arrived is not None:  # "hex" is what the receiver got
-            obj["arrived"] = item.arrived.hex()
-    return dict(_jsonable(obj))
+            obj["arrived"] = item.arrived
+    return obj
 
 
 def _record_fields(record: MessageRecord, index: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import attrs
 
 from recorder.records import EventRecord, MessageRecord
-from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, TornMessage
+from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice, TornMessage
 from vfioproxy.trace.tables import table, table_lines
 from vfioproxy.trace.timeline.model import SessionTimeline
 from vfioproxy.trace.timeline.table import session_lines
@@ -22,16 +23,65 @@ def percentile(sorted_values: Sequence[int], fraction: float) -> int:
     return sorted_values[rank - 1]
 
 
+#: latencies kept exactly per command; past that many, a uniform sample of that many
+LATENCY_SAMPLES = 10_000
+
+
+class LatencySample:
+    """The request -> reply latencies of one command, in bounded memory.
+
+    ``count``, ``total`` and ``max`` are exact. The values themselves are
+    kept exactly up to ``size`` of them; past that, ``values`` is a uniform
+    random sample of ``size`` of all of them (reservoir sampling, Vitter's
+    algorithm R, seeded: the same trace always gives the same figures), so
+    percentiles computed from it are estimates (``exact`` is False).
+    """
+
+    __slots__ = ("_random", "count", "max", "size", "total", "values")
+
+    def __init__(self, size: int = LATENCY_SAMPLES) -> None:
+        self.size = size
+        self.values: list[int] = []
+        self.count = 0
+        self.total = 0
+        self.max = 0
+        self._random = random.Random(0)
+
+    @property
+    def exact(self) -> bool:
+        """Whether every value is kept (so percentiles are exact)."""
+        return self.count == len(self.values)
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.total += ns
+        self.max = max(self.max, ns)
+        if len(self.values) < self.size:
+            self.values.append(ns)
+            return
+        slot = self._random.randrange(self.count)
+        if slot < self.size:
+            self.values[slot] = ns
+
+
 @attrs.frozen
 class LatencyStats:
+    """Percentiles of one command's latencies; ``exact`` False when they are
+    estimated from a sample (:class:`LatencySample`); count and max are exact."""
+
     count: int
     p50_ns: int
     p90_ns: int
     p99_ns: int
     max_ns: int
+    exact: bool = True
 
     @classmethod
-    def of(cls, values: Sequence[int]) -> LatencyStats:
+    def of(cls, values: Sequence[int] | LatencySample) -> LatencyStats:
+        if isinstance(values, LatencySample):
+            ordered = sorted(values.values)
+            return cls(values.count, percentile(ordered, 0.50), percentile(ordered, 0.90),
+                       percentile(ordered, 0.99), values.max, values.exact)
         ordered = sorted(values)
         return cls(
             len(ordered),
@@ -53,15 +103,21 @@ class TraceStats:
     last_ns: int | None = None
     #: (command, direction, kind) -> [messages, bytes]; kind: command/reply/error/posted
     traffic: dict[tuple[str, str, str], list[int]] = attrs.field(factory=dict)
-    latencies: dict[str, list[int]] = attrs.field(factory=lambda: defaultdict(list))
+    latencies: dict[str, LatencySample] = attrs.field(
+        factory=lambda: defaultdict(LatencySample))
     fds: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     violations: Counter[str] = attrs.field(factory=Counter)
     events: Counter[str] = attrs.field(factory=Counter)
     undecoded: int = 0
+    #: the reader's own notices (SessionNotice.kind: evicted, resumed)
+    notices: Counter[str] = attrs.field(factory=Counter)
 
     def add(self, item: DecodedItem) -> None:
         if isinstance(item, EventRecord):
             self.events[item.kind] += 1
+            return
+        if isinstance(item, SessionNotice):
+            self.notices[item.kind] += 1
             return
         if isinstance(item, TornMessage):
             self._count(item.record)
@@ -81,7 +137,7 @@ class TraceStats:
         row[0] += 1
         row[1] += record.wire_length
         if item.latency_ns is not None:
-            self.latencies[header.command_name].append(item.latency_ns)
+            self.latencies[header.command_name].add(item.latency_ns)
         for fd in record.fds:
             self.fds[(fd.kind.value, record.direction.value)] += 1
         for violation in item.observation.violations:
@@ -97,7 +153,7 @@ class TraceStats:
         self.last_ns = record.t_ns if self.last_ns is None else max(self.last_ns, record.t_ns)
 
     def latency_table(self) -> dict[str, LatencyStats]:
-        return {name: LatencyStats.of(v) for name, v in sorted(self.latencies.items()) if v}
+        return {name: LatencyStats.of(v) for name, v in sorted(self.latencies.items()) if v.count}
 
     def to_dict(self) -> dict[str, Any]:
         span = 0 if self.first_ns is None or self.last_ns is None else self.last_ns - self.first_ns
@@ -117,6 +173,7 @@ class TraceStats:
             ],
             "violations": dict(sorted(self.violations.items())),
             "events": dict(sorted(self.events.items())),
+            "notices": dict(sorted(self.notices.items())),
         }
 
 
@@ -154,7 +211,8 @@ def text_report(stats: TraceStats) -> list[str]:
     if latencies:
         tables.append(table("request -> reply latency (us)",
                             ("command", "n", "p50", "p90", "p99", "max"), [
-            (name, s.count, _us(s.p50_ns), _us(s.p90_ns), _us(s.p99_ns), _us(s.max_ns))
+            (name, s.count, *(("" if s.exact else "~") + _us(ns)
+                              for ns in (s.p50_ns, s.p90_ns, s.p99_ns)), _us(s.max_ns))
             for name, s in latencies.items()
         ]))
     tables.append(table("fds passed", ("kind", "dir", "count"), [
@@ -165,10 +223,20 @@ def text_report(stats: TraceStats) -> list[str]:
                             sorted(stats.violations.items())))
     if stats.events:
         tables.append(table("events", ("kind", "count"), sorted(stats.events.items())))
+    notes = []
+    sizes = sorted({sample.size for sample in stats.latencies.values() if not sample.exact})
+    if sizes:
+        notes = [f"~: latency percentiles estimated from a uniform sample of "
+                 f"{'/'.join(map(str, sizes))} per command (n and max exact)", ""]
+    if stats.notices["evicted"]:
+        notes += [f"decoding state of {stats.notices['evicted']} sessions dropped (more open at "
+                 f"once than --max-open-sessions), {stats.notices['resumed']} of them went on "
+                 "and were decoded afresh", ""]
     return [
         f"sessions: {len(stats.sessions)}  messages: {stats.messages}  bytes: {stats.bytes}  "
         f"span: {span / 1e6:.3f} ms  undecoded: {stats.undecoded}",
         "",
+        *notes,
         *table_lines(tables),
     ]
 

@@ -26,7 +26,12 @@ from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.pci import Region
 from vfioproxy.side import Direction
-from vfioproxy.trace.decoded import DecodedMessage, TornMessage, decoded_records
+from vfioproxy.trace.decoded import (
+    MAX_OPEN_SESSIONS,
+    DecodedMessage,
+    TornMessage,
+    decoded_records,
+)
 from vfioproxy.trace.timeline.labels import label_messages
 from vfioproxy.trace.timeline.model import (
     STEP_ORDER,
@@ -168,14 +173,19 @@ def session_timelines(
 
 
 def reader_timelines(
-    reader: TraceReader, *, dialects: Dialects | None = None
+    reader: TraceReader,
+    *,
+    dialects: Dialects | None = None,
+    max_open_sessions: int = MAX_OPEN_SESSIONS,
 ) -> list[SessionTimeline]:
     """:func:`session_timelines` of an open trace (read once, from its start);
-    afterwards ``reader.truncation`` says whether its last record was torn."""
+    afterwards ``reader.truncation`` says whether its last record was torn.
+    ``max_open_sessions``: see :func:`~vfioproxy.trace.decoded.decoded_records`
+    (the timelines themselves hold every message of every session)."""
     sessions: dict[int, list[DecodedMessage]] = defaultdict(list)
     closed: set[int] = set()
     torn: set[int] = set()
-    for item in decoded_records(reader, dialects=dialects):
+    for item in decoded_records(reader, dialects=dialects, max_open_sessions=max_open_sessions):
         if isinstance(item, DecodedMessage):
             sessions[item.record.session].append(item)
         elif isinstance(item, TornMessage):
