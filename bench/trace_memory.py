@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
 MiB = 1024 * 1024
 
-#: tool name -> its arguments after ``python -m vfioproxy`` ({trace}: the file).
+#: tool name -> its arguments after ``python -m vfioproxy`` ({trace}: the file,
+#: {out}: a trace it writes, deleted after the run).
 #: Add a row per tool; a checkout that lacks the command shows its exit status.
 TOOLS: dict[str, list[str]] = {
     "show": ["trace", "show", "{trace}"],
@@ -57,6 +58,13 @@ TOOLS: dict[str, list[str]] = {
     "show -v": ["trace", "show", "-v", "{trace}"],
     "stats": ["trace", "stats", "{trace}"],
     "stats --json": ["trace", "stats", "--json", "{trace}"],
+    "export pairs": ["trace", "export", "--format", "pairs", "{trace}"],
+    "export csv": ["trace", "export", "--format", "csv", "{trace}"],
+    "slice --seq": ["trace", "slice", "--seq", "1000:2000", "{trace}", "{out}"],
+    "slice -Y": ["trace", "slice", "-Y", "command == REGION_READ and region == CONFIG",
+                 "{trace}", "{out}"],
+    "merge": ["trace", "merge", "{out}", "{trace}", "{trace}"],
+    "diff": ["trace", "diff", "{trace}:1", "{trace}:1"],
 }
 
 
@@ -255,9 +263,12 @@ def main() -> int:
                 entry["tools"][tool] = {}
                 for name, directory in checkouts:
                     python = str(Path(directory).resolve() / ".venv" / "bin" / "python")
+                    out = where / "out.trace"
                     argv = [python, "-m", "vfioproxy",
-                            *(a.replace("{trace}", str(path)) for a in TOOLS[tool])]
+                            *(a.replace("{trace}", str(path)).replace("{out}", str(out))
+                              for a in TOOLS[tool])]
                     m = measure(argv, Path(directory), args.timeout)
+                    out.unlink(missing_ok=True)
                     entry["tools"][tool][name] = m
                     print(f"# {shape} {tool} {name}: {m['rss_mib']:.0f} MiB, "
                           f"{m['seconds']:.1f} s, exit {m['status']} {m['stderr']}",

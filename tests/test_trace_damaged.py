@@ -344,3 +344,30 @@ def test_stats_marks_estimated_percentiles():
     assert "REGION_READ   3   ~1.0   ~3.0   ~3.0   3.0" in report
     assert collected.to_dict()["latency"]["REGION_READ"]["exact"] is False
     assert collected.to_dict()["latency"]["REGION_READ"]["count"] == 3
+
+
+@pytest.mark.parametrize("tool", ["export", "diff", "slice", "merge"])
+def test_every_trace_tool_names_damaged_records_goes_on_and_exits_1(capsys, damaged, tmp_path,
+                                                                       tool):
+    path, offsets = damaged
+    out_trace = tmp_path / "out.trace"
+    argv = {
+        "export": ["export", "--format", "csv", path],
+        "diff": ["diff", path, path],
+        "slice": ["slice", "--session", "1", path, out_trace],
+        "merge": ["merge", out_trace, path, path],
+    }[tool]
+    code, out, err = run(capsys, "trace", *argv)
+    assert code == 1
+    named = [line for line in err.splitlines() if "damaged record" in line]
+    assert named[0].startswith(f"vfioproxy: damaged record: {path}: record 3: byte offset "
+                               f"{offsets[0]}: ")
+    assert f"vfioproxy: {path}: skipped 3 damaged records" in err.splitlines()
+    if tool == "export":  # the messages after the damage are all there
+        assert [row.split(",")[0] for row in out.splitlines()[1:]] == ["2", "6", "7", "8"]
+    elif tool == "diff":
+        assert "equal: 2 exchanges paired: 2 equal" in out
+    else:
+        with TraceReader(out_trace) as reader:  # what it wrote is a whole, valid trace
+            messages = [r for r in reader if isinstance(r, MessageRecord)]
+        assert len(messages) == (4 if tool == "slice" else 8)

@@ -319,7 +319,8 @@ def test_a_bad_ignore_rule_exits_2_before_reading(capsys):
 
 
 def test_the_engine_compares_as_the_cli_does():
-    a, b = load_session(str(GPIO[0])), load_session(str(LVU[0]))
+    with TraceReader(GPIO[0]) as ra, TraceReader(LVU[0]) as rb:
+        a, b = load_session(ra), load_session(rb)
     report = diff_scripts(a, b)
     assert report.exit_status == 1 and not report.equal
     relaxed = diff_scripts(a, b, ignore=[IgnoreRule("*", "*")])

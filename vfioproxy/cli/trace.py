@@ -465,21 +465,22 @@ def cmd_trace_diff(args: argparse.Namespace) -> int:
     _compile(args)
     scripts = []
     selected: list[frozenset[int] | None] = []
+    status = 0
     for operand in (args.a, args.b):
         path, session = parse_operand(operand)
-        with _open(path):
-            pass  # a rawcap capture is named as one
-        script = load_session(path, session, max_messages=args.max_messages)
-        scripts.append(script)
-        selected.append(None if args.compiled is None
-                        else filtered_seqs(path, script.session, args.compiled))
+        with _open(path) as reader:
+            script = load_session(reader, session, max_messages=args.max_messages)
+            scripts.append(script)
+            status = max(status, _warn_truncated(reader))
+            selected.append(None if args.compiled is None
+                            else filtered_seqs(reader, script.session, args.compiled))
     report = diff_scripts(scripts[0], scripts[1], ignore=ignore_rules(args),
                           selected=(selected[0], selected[1]), filter_text=args.filter)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(report.text(context=args.context, all_rows=args.all))
-    return report.exit_status
+    return max(report.exit_status, status)
 
 
 def cmd_trace_import(args: argparse.Namespace) -> int:

@@ -113,38 +113,40 @@ def parse_operand(text: str) -> tuple[str, int | None]:
 
 
 def load_session(
-    path: str, session: int | None = None, *, max_messages: int = DEFAULT_MAX_MESSAGES
+    reader: TraceReader, session: int | None = None, *,
+    max_messages: int = DEFAULT_MAX_MESSAGES,
 ) -> Script:
-    """Read one session of the trace at ``path`` as a paired script.
+    """Read one session of the trace ``reader`` reads as a paired script.
 
     ``session`` None means the trace's only session with messages; several
     are a :class:`~vfioproxy.errors.UsageError` naming them, and so is a
     session of more than ``max_messages`` messages (checked before it is
     loaded). The file is read twice: once for its sessions, once for the
-    chosen session's records alone. Trace errors propagate.
+    chosen session's records alone. Trace errors propagate; a reader that
+    skips damaged records (``skip_damaged``) has them counted as usual.
     """
-    with TraceReader(path) as reader:
-        summaries = reader.sessions()
-        found = TraceSessions(
-            path,
-            tuple(s.session for s in summaries if s.messages),
-            tuple(s.session for s in summaries if not s.messages),
-        )
-        if session is None:
-            if not found.with_messages:
-                raise UsageError(f"{path}: the trace holds no messages")
-            if len(found.with_messages) > 1:
-                listed = ", ".join(map(str, found.with_messages))
-                raise UsageError(f"{path}: name the session as {path}:N; sessions with "
-                                 f"messages: {listed}")
-            session = found.with_messages[0]
-        found.require(session, messages=True)
-        count = next(s.messages for s in summaries if s.session == session)
-        if count > max_messages:
-            raise UsageError(f"{path}: session {session} has {count} messages, more than "
-                             f"--max-messages {max_messages}")
-        records = list(reader.for_session(session))
-        truncation = reader.truncation
+    path = reader.path
+    summaries = reader.sessions()
+    found = TraceSessions(
+        path,
+        tuple(s.session for s in summaries if s.messages),
+        tuple(s.session for s in summaries if not s.messages),
+    )
+    if session is None:
+        if not found.with_messages:
+            raise UsageError(f"{path}: the trace holds no messages")
+        if len(found.with_messages) > 1:
+            listed = ", ".join(map(str, found.with_messages))
+            raise UsageError(f"{path}: name the session as {path}:N; sessions with "
+                             f"messages: {listed}")
+        session = found.with_messages[0]
+    found.require(session, messages=True)
+    count = next(s.messages for s in summaries if s.session == session)
+    if count > max_messages:
+        raise UsageError(f"{path}: session {session} has {count} messages, more than "
+                         f"--max-messages {max_messages}")
+    records = list(reader.for_session(session))
+    truncation = reader.truncation
     return script_from_records(records, path=path, session=session, truncation=truncation)
 
 
@@ -392,13 +394,12 @@ def _span(name: str, rows: Sequence[Row], side: str) -> str:
     return f"{name} #{min(seqs)}-#{max(seqs)}" if seqs else f"{name} none"
 
 
-def filtered_seqs(path: str, session: int, flt: Filter) -> frozenset[int]:
+def filtered_seqs(reader: TraceReader, session: int, flt: Filter) -> frozenset[int]:
     """The record numbers of the messages of ``session`` that the display
-    filter ``flt`` passes (``trace show -Y``'s selection, read from the file)."""
-    with TraceReader(path) as reader:
-        items = decoded_records(reader, session=session)
-        return frozenset(item.record.seq for item in select(items, flt, header=reader.header)
-                         if isinstance(item, DecodedMessage))
+    filter ``flt`` passes (``trace show -Y``'s selection, read again from ``reader``)."""
+    items = decoded_records(reader, session=session)
+    return frozenset(item.record.seq for item in select(items, flt, header=reader.header)
+                     if isinstance(item, DecodedMessage))
 
 
 def diff_scripts(
