@@ -137,3 +137,27 @@ def test_replay_server_serves_one_client_and_exits_with_its_report(tmp_path, cap
     assert f"replaying the server of {E1000E} on {path}" in err
     out = capsys.readouterr().out
     assert "summary: 96 of 96 recorded messages replayed (48 sent, 48 received)" in out
+
+
+def test_replay_client_plays_past_a_damaged_record_names_it_and_exits_1(tmp_path, capsys):
+    import msgpack
+
+    from recorder.reader import TraceReader
+    trace = tmp_path / "damaged.trace"
+    data = REALIZE.read_bytes()
+    with TraceReader(REALIZE) as reader:
+        last = max(record.seq for record in reader)
+    # a message record shorter than a vfio-user header, after every record
+    short = msgpack.packb({"k": "m", "q": last + 1, "s": 1, "d": "s2c", "t": 1, "f": [],
+                           "b": b"\x01\x00"}, use_bin_type=True)
+    trace.write_bytes(data + short)
+    with device_server(tmp_path / "dev.sock"):
+        status = run_cli("replay", "client", str(trace), "--server", str(tmp_path / "dev.sock"),
+                         "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert status == 1
+    assert report["damaged"] == 1 and not report["ok"] and report["divergences"] == []
+    assert report["replayed"] == report["recorded"] == 96
+    assert report["notes"][0].startswith(
+        f"damaged record: {trace}: record {last + 1}: byte offset {len(data)}: ")
+    assert f"{trace}: skipped 1 damaged record" in report["notes"]

@@ -13,7 +13,6 @@ from recorder.errors import TraceFormatError
 from recorder.reader import TraceReader
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
-from vfioproxy.protocol.header import HEADER_SIZE
 from vfioproxy.replay.cli import add_ignore_options, ignore_rules
 from vfioproxy.replay.diff import (
     DEFAULT_MAX_MESSAGES,
@@ -27,6 +26,7 @@ from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, decoded_reco
 from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
 from vfioproxy.trace.merge import merge_traces
 from vfioproxy.trace.rawcap import import_rawcap
+from vfioproxy.trace.reading import damage_lines, open_trace
 from vfioproxy.trace.sessions import TraceSessions
 from vfioproxy.trace.slice import SliceSpec, slice_trace
 from vfioproxy.trace.timeline.build import reader_timelines
@@ -297,35 +297,23 @@ def _selected_facts(reader: TraceReader, args: argparse.Namespace, flt: Filter |
     return select_facts(items, flt, limit, reader.header, steps=steps)
 
 
-#: how many skipped damaged records are named one by one on stderr
-DAMAGED_SHOWN = 20
-
-
 def _warn_truncated(reader: TraceReader) -> int:
     """Say on stderr what the last pass over ``reader`` could not read: a torn
-    tail, and each damaged record it skipped (the first :data:`DAMAGED_SHOWN`,
-    then how many more) with a count. Returns the exit status it calls for:
-    1 when records were skipped, else 0."""
+    tail, and the damaged records it skipped (:func:`damage_lines`). Returns
+    the exit status it calls for: 1 when records were skipped, else 0."""
     if reader.truncation is not None:
         print(f"vfioproxy: warning: {reader.path}: {reader.truncation}", file=sys.stderr)
-    if not reader.damaged_count:
-        return 0
-    for damaged in reader.damaged[:DAMAGED_SHOWN]:
-        print(f"vfioproxy: damaged record: {damaged}", file=sys.stderr)
-    if reader.damaged_count > DAMAGED_SHOWN:
-        print(f"vfioproxy: ... and {reader.damaged_count - DAMAGED_SHOWN} more damaged records",
-              file=sys.stderr)
-    plural = "s" if reader.damaged_count > 1 else ""
-    print(f"vfioproxy: {reader.path}: skipped {reader.damaged_count} damaged record{plural}",
-          file=sys.stderr)
-    return 1
+    lines = damage_lines(reader)
+    for line in lines:
+        print(f"vfioproxy: {line}", file=sys.stderr)
+    return 1 if lines else 0
 
 
 def _open(path: str) -> TraceReader:
     """The trace at ``path``, read past damaged records (:func:`_warn_truncated`
     names them); a rawcap capture given instead is named as one."""
     try:
-        return TraceReader(path, skip_damaged=True, min_message_bytes=HEADER_SIZE)
+        return open_trace(path)
     except TraceFormatError as exc:
         with open(path, "rb") as file:
             if file.read(1) != b"{":

@@ -79,7 +79,7 @@ class Replay:
             received=self.received, compared=self.compared, matched=self.matched,
             elapsed=trio.current_time() - start, divergences=tuple(self.divergences),
             stopped=self.stopped, notes=tuple(self.notes), dropped=self.dropped,
-            max_divergences=self.options.max_divergences,
+            max_divergences=self.options.max_divergences, damaged=self.script.damaged,
         )
 
     def diverged(self, divergence: Divergence) -> None:

@@ -175,7 +175,8 @@ class ReplayReport:
     ``matched`` had no difference. ``stopped`` says why a replay ended before
     the recording did; ``notes`` what to know about the recording.
     ``divergences`` holds the first ``max_divergences`` (None: no bound);
-    ``dropped`` counts those found beyond them.
+    ``dropped`` counts those found beyond them; ``damaged`` the trace's
+    records skipped as damaged (named in ``notes``).
     """
 
     mode: Literal["client", "server"]
@@ -194,11 +195,13 @@ class ReplayReport:
     notes: tuple[str, ...] = ()
     dropped: int = 0
     max_divergences: int | None = None
+    damaged: int = 0
 
     @property
     def ok(self) -> bool:
-        """True when nothing diverged (the CLI's exit status 0)."""
-        return not self.divergences and not self.dropped
+        """True when nothing diverged and the whole trace was read (the CLI's
+        exit status 0): ``damaged`` counts its records skipped as damaged."""
+        return not self.divergences and not self.dropped and not self.damaged
 
     @property
     def diverged_count(self) -> int:
@@ -284,4 +287,5 @@ class ReplayReport:
             "notes": list(self.notes),
             "divergences": [d.to_json() for d in self.divergences],
             "divergences_dropped": self.dropped,
+            "damaged": self.damaged,
         }

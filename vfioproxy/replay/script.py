@@ -33,7 +33,6 @@ from typing import Any, overload
 
 import attrs
 
-from recorder.reader import TraceReader
 from recorder.records import EventKind, EventRecord, FdRecord, MessageRecord, Record
 from vfioproxy.errors import VfioProxyError
 from vfioproxy.protocol.bodies import RegionAccessBody
@@ -47,6 +46,7 @@ from vfioproxy.protocol.pci_view import PciView
 from vfioproxy.protocol.session import POSTED_MEMORY, Observation, SessionState
 from vfioproxy.replay.fields import PciContext
 from vfioproxy.side import Direction
+from vfioproxy.trace.reading import damage_lines, open_trace
 from vfioproxy.trace.sessions import TraceSessions
 
 __all__ = [
@@ -175,6 +175,8 @@ class Script:
         self.pci = pci
         self.notes = notes
         self.cut_off = cut_off
+        #: damaged records of the trace skipped while loading (named in ``notes``)
+        self.damaged = 0
         self._index = index
         self._span_ns = span_ns
         self._records = records
@@ -304,7 +306,7 @@ class Script:
         if self._records is not None:
             yield from self._session_messages(self._records)
             return
-        with TraceReader(self.path) as reader:
+        with open_trace(self.path) as reader:
             yield from self._session_messages(reader)
 
     def _session_messages(self, records: Any) -> Iterator[MessageRecord]:
@@ -438,14 +440,16 @@ def load_script(
     recorder's :class:`~recorder.errors.TraceError` family for a file that is
     not a trace or comes from a newer format version. A torn tail is not an
     error: the script ends where the trace does and says so in its notes.
-    The trace is read as a stream (twice: its sessions, then the session).
+    The trace is read as a stream (twice: its sessions, then the session),
+    past damaged records: they are named in the script's notes and counted
+    in ``damaged`` (a replay of such a script is not ok).
     A session of up to ``keep`` messages is kept in memory whole; a longer
     one is read again as replays need it (and must not change meanwhile:
     :class:`ReplayError` if it does).
     """
     name = os.fspath(path)
     indexer = _Indexer(session, keep)
-    with TraceReader(path) as reader:
+    with open_trace(path) as reader:
         if session is None:  # the first session with messages: known after a first pass
             found = TraceSessions.read(path)
             indexer.session = _choose(found, name, None)
@@ -454,9 +458,14 @@ def load_script(
         else:
             found = TraceSessions.of(indexer.tap(reader), path=name)
         truncation = reader.truncation
+        damage = damage_lines(reader)
+        damaged = reader.damaged_count
     script = indexer.finish(found, path=name, session=session, records=None)
     if truncation is not None:
         script.notes = (f"{truncation}: the replay ends where the trace does", *script.notes)
+    if damaged:
+        script.damaged = damaged
+        script.notes = (*damage, "the replay plays the records around them", *script.notes)
     return script
 
 

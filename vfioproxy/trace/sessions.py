@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 import attrs
 
-from recorder.reader import TraceReader
 from recorder.records import MessageRecord, Record
 from vfioproxy.errors import UsageError
+from vfioproxy.trace.reading import open_trace
 
 __all__ = ["NoSuchSessionError", "TraceSessions"]
 
@@ -53,7 +53,7 @@ class TraceSessions:
     def read(cls, path: str | os.PathLike[str]) -> TraceSessions:
         """The sessions of the trace at ``path`` (read once, start to end or torn
         tail, past damaged records: the tool's own pass reports them)."""
-        with TraceReader(path, skip_damaged=True) as reader:
+        with open_trace(path) as reader:
             return cls.of(reader, path=os.fspath(path))
 
     def require(self, session: int, *, messages: bool = False) -> None:
