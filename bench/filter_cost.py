@@ -26,17 +26,17 @@ The exit status is 1 when a filter costs more than ``--budget`` ns (2000).
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from rounds import median_rounds  # bench/rounds.py, beside this script
 
 from recorder.reader import TraceReader
 from recorder.records import MessageRecord
@@ -157,18 +157,7 @@ def line_pass(raw: Sequence[Raw], observations: Sequence[Observation], passes: i
 def measure(candidates: dict[str, Timed], reps: int) -> dict[str, float]:
     """Median ns per message of each candidate over ``reps`` rounds (one
     untimed round first; the candidates take turns within a round)."""
-    for run in candidates.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(reps):
-            for name, run in candidates.items():
-                times[name].append(run())
-    finally:
-        gc.enable()
-    return {name: statistics.median(values) for name, values in times.items()}
+    return median_rounds(candidates, reps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,16 +24,17 @@ rules of different shapes.
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from rounds import median_rounds  # bench/rounds.py, beside this script
 
 from recorder.reader import TraceReader
 from recorder.records import MessageRecord
@@ -104,18 +105,10 @@ def measure(
     untimed repeat of each comes first.
     """
     clocks = {name: [0.0] for name in candidates}
-    for name, decide in candidates.items():
-        one_repeat(decide, messages, passes, clocks[name])
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(reps):
-            for name, decide in candidates.items():
-                times[name].append(one_repeat(decide, messages, passes, clocks[name]))
-    finally:
-        gc.enable()
-    return {name: statistics.median(values) for name, values in times.items()}
+    return median_rounds({
+        name: functools.partial(one_repeat, decide, messages, passes, clocks[name])
+        for name, decide in candidates.items()
+    }, reps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

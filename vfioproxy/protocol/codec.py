@@ -298,14 +298,7 @@ def decode(
         return Message(header, RawBody(payload, str(problem)), fd_tuple)
     if is_reply and not payload:
         return Message(header, EmptyBody(), fd_tuple)
-    if sender is None:
-        client_sent = is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
-        sender = Side.CLIENT if client_sent else Side.SERVER
-    layout = dialects.client if sender is _CLIENT else dialects.server
-    if request is None or header.command not in REPLIES_READING_REQUEST:
-        ctx = _CONTEXTS[layout]
-    else:
-        ctx = BodyContext(layout, request.body)
+    ctx = _context(header, is_reply, sender, dialects, request)
     try:
         body = parser(payload, ctx)
     except ProtocolError as exc:
@@ -315,6 +308,22 @@ def decode(
             raise
         return Message(header, RawBody(payload, str(exc)), fd_tuple)
     return Message(header, body, fd_tuple)
+
+
+def _context(
+    header: Header, is_reply: bool, sender: Side | None, dialects: Dialects,
+    request: Message | None,
+) -> BodyContext:
+    """What a body parser needs to know: the DMA layout of the side that sent
+    the message (by default, the side that sends this kind of ``header``)
+    and, for the replies that read it, the request's body."""
+    if sender is None:
+        client_sent = is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
+        sender = Side.CLIENT if client_sent else Side.SERVER
+    layout = dialects.client if sender is _CLIENT else dialects.server
+    if request is None or header.command not in REPLIES_READING_REQUEST:
+        return _CONTEXTS[layout]
+    return BodyContext(layout, request.body)
 
 
 #: payloads larger than this, of the commands whose parsers take a memoryview,
@@ -342,14 +351,7 @@ def _decode_viewed(
         raise ProtocolError("not a plain access message")
     is_reply = kind == _REPLY
     parser = (REPLY_PARSERS if is_reply else COMMAND_PARSERS)[header.command]
-    if sender is None:
-        client_sent = is_reply == (header.command in (Command.DMA_READ, Command.DMA_WRITE))
-        sender = Side.CLIENT if client_sent else Side.SERVER
-    layout = dialects.client if sender is _CLIENT else dialects.server
-    if request is None or header.command not in REPLIES_READING_REQUEST:
-        ctx = _CONTEXTS[layout]
-    else:
-        ctx = BodyContext(layout, request.body)
+    ctx = _context(header, is_reply, sender, dialects, request)
     with memoryview(raw) as view:
         body: Any = parser(view[HEADER_SIZE:], ctx)  # type: ignore[arg-type]
         owned = {field.name: bytes(value) for field in attrs.fields(type(body))
