@@ -73,6 +73,19 @@ def test_register_names_the_config_space_command_register_case_insensitively():
     assert matching('register == "command" and offset == 0x4') == want
 
 
+def test_register_names_capability_fields_as_the_sessions_config_space_does():
+    # e1000e: MSI-X at 0xa0 (msg_ctl, table, pba read), MSI at 0xd0 (msg_ctl read)
+    want = [m.record.seq for m in MESSAGES if region_access(m, Region.CONFIG)
+            and (0xa0 <= body(m).offset < 0xac or 0xd0 <= body(m).offset < 0xd4)]
+    assert len(want) == 8
+    assert matching('register matches "^MSI"') == want
+    assert matching('register contains "msg_ctl"') == [want[0], want[1], want[6], want[7]]
+    assert matching('register == "MSI-X[0xa0].pba"') == want[4:6]
+    # each matches what trace show prints for it
+    shown = {m.record.seq: m.text for m in MESSAGES}
+    assert all("MSI" in shown[seq] for seq in want)
+
+
 def test_step_uses_the_timelines_labels():
     labels = {m.record.seq: label.text() for m, label in label_messages(MESSAGES)}
     want = [seq for seq, text in sorted(labels.items()) if text.startswith("S")]

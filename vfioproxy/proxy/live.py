@@ -12,15 +12,17 @@ import trio
 
 from recorder.records import FdRecord
 from vfioproxy.protocol.listing import RequestTimes, describe_fd, message_line, note_line
+from vfioproxy.protocol.pci import Capability
 from vfioproxy.protocol.pci_view import PciView, describe
 from vfioproxy.protocol.session import Observation
 from vfioproxy.proxy.core import Proxy
 from vfioproxy.proxy.ledger import SessionLedger
 from vfioproxy.proxy.model import ProxyStatistics
 
-#: ``accept(session, obs, t_ns, seq, latency_ns, session_start_ns)``: whether the
-#: live view prints a message (a display filter, ``-Y``, the CLI builds)
-Accept = Callable[[int, Observation, int, int, int | None, int], bool]
+#: ``accept(session, obs, t_ns, seq, latency_ns, session_start_ns, caps)``: whether
+#: the live view prints a message (a display filter, ``-Y``, the CLI builds);
+#: ``caps``: the PCI capabilities of the session's config space read so far
+Accept = Callable[[int, Observation, int, int, int | None, int, tuple[Capability, ...]], bool]
 
 #: back to the start of the line, and erase it
 _CLEAR = "\r\x1b[K"
@@ -89,7 +91,7 @@ class MessageLog:
         text = describe(obs, pci)  # a filtered-out message still teaches the PCI view
         latency_ns = self._times[sid].latency(obs, t_ns)
         if self.accept is not None and not self.accept(sid, obs, t_ns, seq, latency_ns,
-                                                       self._starts[sid]):
+                                                       self._starts[sid], pci.capabilities):
             return
         fds = message.fds
         described = ", ".join(describe_fd(fd) if isinstance(fd, FdRecord) else "fd"

@@ -26,6 +26,7 @@ from recorder.records import EventKind, EventRecord, MessageRecord, Record, arri
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
 from vfioproxy.protocol.listing import RequestTimes
+from vfioproxy.protocol.pci import Capability
 from vfioproxy.protocol.pci_view import PciView, describe
 from vfioproxy.protocol.session import (
     InjectionBlame,
@@ -43,7 +44,9 @@ class DecodedMessage:
 
     ``injection`` is the ``inject`` event recorded with the message, if any;
     ``arrived`` the message as it arrived when an injected action rewrote it
-    (the record holds what the receiver got)."""
+    (the record holds what the receiver got); ``caps`` the PCI capabilities
+    of the session's config space as read up to this message (they name the
+    capability fields a config access covers)."""
 
     record: MessageRecord
     observation: Observation
@@ -51,6 +54,7 @@ class DecodedMessage:
     latency_ns: int | None = None
     injection: EventRecord | None = None
     arrived: bytes | None = None
+    caps: tuple[Capability, ...] = ()
 
 
 @attrs.frozen
@@ -270,7 +274,8 @@ def _decode(
         cause = injection_cause(injection.data.get("applied"))
     obs = state.blame.observe(obs, cause)
     latency = state.times.latency(obs, record.t_ns)
-    yield DecodedMessage(record, obs, describe(obs, state.pci), latency, injection, arrived)
+    text = describe(obs, state.pci)
+    yield DecodedMessage(record, obs, text, latency, injection, arrived, state.pci.capabilities)
     if (
         not state.announced
         and message.command == Command.VERSION

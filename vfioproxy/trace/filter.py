@@ -25,7 +25,7 @@ import attrs
 from recorder.records import EventKind, EventRecord, FdKind, TraceHeader
 from vfioproxy.errors import UsageError
 from vfioproxy.protocol.header import FLAG_ERROR, TYPE_MASK, Command, MessageType, command_name
-from vfioproxy.protocol.pci import Region, config_register_name, region_name
+from vfioproxy.protocol.pci import Capability, Region, config_register_name, region_name
 from vfioproxy.protocol.session import Observation
 from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice
@@ -39,19 +39,22 @@ class Facts:
     """What a field getter reads of one message: its trace facts (``seq``,
     ``session``, ``direction``, ``t_ns``, ``fds``), its decoding, the latency
     of a reply, whether an injection acted on it, its session's first time,
-    its step label, and ``wall`` (monotonic ns to wall-clock time).
+    its step label, ``wall`` (monotonic ns to wall-clock time) and ``caps``,
+    the PCI capabilities its session's config space holds (to name the
+    capability fields a config access covers).
 
     Plain slots, built once per message: trace readers make it from a
     :class:`~vfioproxy.trace.decoded.DecodedMessage` (:func:`facts_of`), the
     proxy's live view from what it sees on the path."""
 
-    __slots__ = ("direction", "fds", "injected", "latency_ns", "observation", "seq",
+    __slots__ = ("caps", "direction", "fds", "injected", "latency_ns", "observation", "seq",
                  "session", "session_start_ns", "step", "t_ns", "wall")
 
     def __init__(self, seq: int, session: int, direction: Direction, t_ns: int,
                  fds: Sequence[Any], observation: Observation, latency_ns: int | None = None,
                  injected: bool = False, session_start_ns: int = 0, step: str | None = None,
-                 wall: Callable[[int], datetime] | None = None) -> None:
+                 wall: Callable[[int], datetime] | None = None,
+                 caps: tuple[Capability, ...] = ()) -> None:
         self.seq = seq
         self.session = session
         self.direction = direction
@@ -63,6 +66,7 @@ class Facts:
         self.session_start_ns = session_start_ns
         self.step = step
         self.wall = wall
+        self.caps = caps
 
 
 def facts_of(message: DecodedMessage, *, session_start_ns: int = 0, step: str | None = None,
@@ -72,7 +76,8 @@ def facts_of(message: DecodedMessage, *, session_start_ns: int = 0, step: str | 
     record = message.record
     return Facts(record.seq, record.session, record.direction, record.t_ns, record.fds,
                  message.observation, message.latency_ns, message.injection is not None,
-                 session_start_ns, step, None if header is None else header.wall_time)
+                 session_start_ns, step, None if header is None else header.wall_time,
+                 message.caps)
 
 
 Getter = Callable[[Facts], Any]
@@ -129,13 +134,14 @@ def _register(ctx: Facts) -> str | None:
     offset, count = getattr(body, "offset", None), getattr(body, "count", None)
     if offset is None or not count:
         return None
-    return _register_name(offset, count)
+    return _register_name(offset, count, ctx.caps)
 
 
 @functools.lru_cache(maxsize=4096)
-def _register_name(offset: int, count: int) -> str:
-    """:func:`config_register_name`, remembered: a device's config accesses are few."""
-    return config_register_name(offset, count)
+def _register_name(offset: int, count: int, caps: tuple[Capability, ...]) -> str:
+    """:func:`config_register_name`, remembered: a device's config accesses
+    and capability lists are few."""
+    return config_register_name(offset, count, caps)
 
 
 def _data(ctx: Facts) -> bytes | None:
@@ -199,7 +205,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               lambda c: c.injected,
               live="the live view does not see which rules acted (filter the trace)"),
     FieldSpec("register", "text",
-              "config-space header register a config access covers (command, ROM BAR)",
+              "config-space register a config access covers: header registers (command, "
+              "ROM BAR), capability fields as the session's config names them "
+              "(MSI-X[0xa0].msg_ctl)",
               _register, fold=True),
     FieldSpec("step", "text", "the realize timeline's step label (R7, S2?, ...)",
               lambda c: c.step,
@@ -506,18 +514,20 @@ class Filter:
         return self._predicate(facts)
 
     def on_observations(self, wall: Callable[[int], datetime] | None = None,
-                        ) -> Callable[[int, Observation, int, int, int | None, int], bool]:
-        """This filter as the proxy's live view asks it:
-        ``accept(session, obs, t_ns, seq, latency_ns, session_start_ns)``, the
+                        ) -> Callable[[int, Observation, int, int, int | None, int,
+                                       tuple[Capability, ...]], bool]:
+        """This filter as the proxy's live view asks it: ``accept(session,
+        obs, t_ns, seq, latency_ns, session_start_ns, caps)``, the
         fds being the observed message's (counted, not inspected); ``wall``
         turns ``t_ns`` into wall-clock time for ``time``. Compile it with
         ``live=True``: ``step``, ``inject`` and ``fd.kind`` read false here."""
         predicate = self._predicate
 
         def accept(session: int, obs: Observation, t_ns: int, seq: int,
-                   latency_ns: int | None, session_start_ns: int) -> bool:
+                   latency_ns: int | None, session_start_ns: int,
+                   caps: tuple[Capability, ...]) -> bool:
             return predicate(Facts(seq, session, obs.direction, t_ns, obs.message.fds, obs,
-                                   latency_ns, False, session_start_ns, None, wall))
+                                   latency_ns, False, session_start_ns, None, wall, caps))
         return accept
 
 
