@@ -226,3 +226,23 @@ def test_steps_are_labelled_only_when_asked_so_export_streams_by_default(capsys)
     # a filter on step labels without --steps, and labels only what it keeps
     kept = export(capsys, trace, "jsonl", "-Y", 'step == "R1"')
     assert kept and {obj["fields"]["step"] for obj in kept if "fields" in obj} == {"R1"}
+
+
+def test_pairs_hold_waiting_requests_only_of_the_sessions_decoded_at_once(capsys, tmp_path):
+    """Session 1 leaves a request unanswered and never closes; sessions 2-4
+    each answer theirs. With a window of 2 open sessions, session 1 is dropped
+    when session 3 starts, and its request goes out unanswered then, not at
+    the trace's end: what pairs hold follows the window, not the trace."""
+    trace = tmp_path / "t.trace"
+    version = encode(build_command(Command.VERSION, 0, VersionBody.build(0, 0, None)))
+    version_reply = encode(build_reply(decode(version), VersionBody.build(0, 0, None)))
+    with TraceWriter(trace, TraceHeader.now("test", {})) as writer:
+        writer.append_message(1, Direction.C2S, 1, read_cmd(1), ())
+        for session in (2, 3, 4):
+            writer.append_message(session, Direction.C2S, 2 * session, version, ())
+            writer.append_message(session, Direction.S2C, 2 * session + 1, version_reply, ())
+    order = [p["session"] for p in export(capsys, trace, "pairs")]
+    assert order == [2, 3, 4, 1]  # every session stays open: session 1 waits to the end
+    windowed = export(capsys, trace, "pairs", "--max-open-sessions", "2")
+    assert [p["session"] for p in windowed] == [2, 1, 3, 4]
+    assert windowed[1]["reply"] is None and windowed[1]["command"] == "REGION_READ"

@@ -22,7 +22,7 @@ import attrs
 
 from recorder.records import EventRecord
 from vfioproxy.protocol.pairing import MAX_OUTSTANDING
-from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
+from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice
 from vfioproxy.trace.filter import FIELDS, Facts, Filter, values
 from vfioproxy.trace.show import json_object, write_json
 
@@ -87,7 +87,10 @@ def pair_objects(selected: Selected, flt: Filter | None = None,
     to no request as ``"request": null``. ``flt`` keeps the pairs either of
     whose messages it passes; ``limit`` stops after that many pairs. Memory:
     the requests waiting (at most :data:`MAX_OUTSTANDING` per session, as
-    the session state keeps; older ones are emitted unanswered).
+    the session state keeps; older ones are emitted unanswered), of the
+    sessions the reader decodes at once (a session it drops from its window,
+    :class:`SessionNotice` ``evicted``, has its waiting requests emitted
+    unanswered then).
     """
     if limit is not None and limit <= 0:
         return
@@ -113,8 +116,12 @@ def pair_objects(selected: Selected, flt: Filter | None = None,
             else:
                 found = None if request is None else session.pop(id(request), None)
                 pairs.append(_pair(found, obj, passed))
-        elif (isinstance(item, EventRecord) and item.kind == "session_close"
-              and item.session is not None):
+        elif ((isinstance(item, EventRecord) and item.kind == "session_close"
+               and item.session is not None)
+              or (isinstance(item, SessionNotice) and item.kind == "evicted")):
+            # a closed session's requests will not be answered; an evicted one's
+            # answers will not be paired (its decoding starts afresh)
+            assert item.session is not None
             pairs.extend(_pair(w, None, False) for w in waiting.pop(item.session, {}).values())
         for pair, keep in pairs:
             if keep:
