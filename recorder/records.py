@@ -87,6 +87,7 @@ class EventKind(enum.StrEnum):
     DISK_FULL = "disk_full"
     RECORDING_RESUMED = "recording_resumed"
     VIOLATIONS_REPEATED = "violations_repeated"
+    MERGED_FROM = "merged_from"
 
 
 # --- field validators (attrs signature: instance, attribute, value) ---------

@@ -50,6 +50,17 @@ def wall_ns(header, t_ns):
     return since_epoch // timedelta(microseconds=1) * 1000 + t_ns - header.mono_ns
 
 
+def origins(records):
+    """Each merged session's ``merged_from`` event: {new session: (input, old session)}."""
+    return {r.session: (r.data["input"], r.data["session"]) for r in records
+            if isinstance(r, EventRecord) and r.kind == "merged_from"}
+
+
+def copied(records):
+    """The records copied from the inputs (not the merge's own events)."""
+    return [r for r in records if not (isinstance(r, EventRecord) and r.kind == "merged_from")]
+
+
 def merged(tmp_path, *paths):
     out = tmp_path / "merged.trace"
     readers = [TraceReader(p) for p in paths]
@@ -74,9 +85,10 @@ def test_two_hosts_merge_into_one_trace_ordered_by_wall_clock(tmp_path, two_host
     out, result = merged(tmp_path, *two_hosts)
     header, records = contents(out)
     inputs = [contents(p) for p in two_hosts]
-    assert (result.records, result.messages) == (98 + 154, 96 + 152)
+    assert (result.records, result.messages) == (98 + 154 + 2, 96 + 152)
     assert result.sessions == ({1: 1}, {1: 2})  # REALIZE started first
-    assert [r.seq for r in records] == list(range(1, 253))
+    assert [r.seq for r in records] == list(range(1, 255))
+    records = copied(records)
     assert header.source == "vfioproxy trace merge" and header.host is None
     # each input's records are there, in their order, at their wall-clock time
     for session, (in_header, in_records) in enumerate(inputs, start=1):
@@ -98,12 +110,17 @@ def test_two_hosts_merge_into_one_trace_ordered_by_wall_clock(tmp_path, two_host
 
 def test_the_merged_header_says_where_each_session_came_from(tmp_path, two_hosts):
     out, _ = merged(tmp_path, *two_hosts)
-    header, _ = contents(out)
+    header, records = contents(out)
     entries = header.info["merged_from"]
-    assert [(e["path"], e["host"], e["source"], e["sessions"]) for e in entries] == [
-        (str(two_hosts[0]), "vm", "vfioproxy record", {"1": 1}),
-        (str(two_hosts[1]), "vm2", "vfioproxy record", {"1": 2}),
+    assert [(e["path"], e["host"], e["source"]) for e in entries] == [
+        (str(two_hosts[0]), "vm", "vfioproxy record"),
+        (str(two_hosts[1]), "vm2", "vfioproxy record"),
     ]
+    # each session's first record is its merged_from event, naming input and session
+    assert origins(records) == {1: (0, 1), 2: (1, 1)}
+    for session in (1, 2):
+        first = next(r for r in records if r.session == session)
+        assert (first.kind, first.data["input"]) == ("merged_from", session - 1)
     for entry, path in zip(entries, two_hosts, strict=True):
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert entry["version"] == [1, 0]
@@ -130,7 +147,9 @@ def test_two_runs_of_one_host_merge_with_their_sessions_renumbered(tmp_path):
     # gpio-001 was captured at 01:57:23.6, gpio-002 at 01:57:24.8: the first input
     # and its copy start together (input order breaks the tie), then gpio-002
     assert result.sessions == ({1: 1}, {1: 3}, {1: 2})
-    assert result.records == 3 * 80
+    assert result.records == 3 * 80 + 3
+    assert origins(records) == {1: (0, 1), 2: (2, 1), 3: (1, 1)}
+    records = copied(records)
     assert header.host is None  # rawcap imports name no host
     assert [r.session for r in records[:2]] == [1, 2]
     assert {r.session for r in records[160:]} == {3}
@@ -167,7 +186,7 @@ def test_the_cli_merges_and_names_the_renumbered_sessions(capsys, tmp_path, two_
     code, text, _ = run(capsys, "trace", "merge", out, *two_hosts)
     assert code == 0
     assert text == (f"{two_hosts[0]}: sessions 1 -> 1\n{two_hosts[1]}: sessions 1 -> 2\n"
-                    f"-> {out}: 248 messages, 252 records\n")
+                    f"-> {out}: 248 messages, 254 records\n")
     code, text, _ = run(capsys, "trace", "show", "--session", "2", out)
     assert code == 0 and "s2 VERSION cmd" in text
 
@@ -221,4 +240,4 @@ def test_a_torn_input_is_merged_up_to_its_last_whole_record_with_a_warning(capsy
     code, text, err = run(capsys, "trace", "merge", out, torn, REALIZE)
     assert code == 0
     assert "torn.trace: trace truncated after record 79" in err
-    assert text.endswith("174 messages, 177 records\n")  # 78 + 96; 79 + 98 records
+    assert text.endswith("174 messages, 179 records\n")  # 78 + 96; 79 + 98 records + 2 origins

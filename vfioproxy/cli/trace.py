@@ -121,8 +121,9 @@ examples:
 
 Records are ordered by wall-clock time (each trace's header anchors its
 clock), sessions renumbered in the order they started; the header's
-info.merged_from says which trace (path, SHA-256, host, source) each new
-session came from."""
+info.merged_from lists the traces (path, SHA-256, host, source) and each
+session's merged_from event names the trace and session it came from."""
+
 
 def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``trace show``, ``stats``, ``export``, ``timeline``, ``diff``, ``import``,

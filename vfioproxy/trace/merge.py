@@ -8,17 +8,20 @@ output is on one clock: its header's ``created`` and ``mono_ns`` are those
 of the input whose clock started earliest (``created - mono_ns``), and every
 ``t`` is moved onto it, so a record's wall-clock time is the same in the
 output as in its input. Records are renumbered ``1, 2, ...``; sessions are
-renumbered ``1, 2, ...`` in the order they start (their first record), and
-the header's ``info.merged_from`` says, per input, its path, SHA-256, host,
-source, creation time, version, ``info`` and which new session each of its
-sessions became, so a session keeps its host and source.
+renumbered ``1, 2, ...`` in the order they start (their first record). The
+header's ``info.merged_from`` says, per input, its path, SHA-256, host,
+source, creation time, version and ``info``; a ``merged_from`` event right
+before each session's first record names the input (its index there) and
+the session's number in it, so a session keeps its host and source however
+many sessions there are.
 
 Events that name a message (``a.seq``) or a session (``a.twin_of``) are
 renumbered with it. Such a reference is followed for the last
 :data:`SEQ_WINDOW` messages of each input (they name recent messages); an
 older one loses ``seq`` and keeps the original number in ``source_seq``.
 Memory does not grow with the inputs' length: a first pass finds where each
-session starts, the second merges record by record.
+session starts, the second merges record by record (a few integers a
+session are kept: the renumbering).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 import attrs
 
 from recorder.reader import TraceReader
-from recorder.records import EventRecord, MessageRecord, Record, TraceHeader
+from recorder.records import EventKind, EventRecord, MessageRecord, Record, TraceHeader
 from vfioproxy.errors import UsageError
 from vfioproxy.trace.provenance import (
     output_trace,
@@ -171,15 +174,22 @@ def merge_traces(
             "created": header.created.isoformat(),
             "version": list(source.reader.file_version),
             "info": header.info,
-            "sessions": {str(old): new for old, new in sorted(source.sessions.items())},
         })
     header = _header(inputs, entries)
     zero = _epoch_ns(header.created) - header.mono_ns
     records = messages = 0
     merged = heapq.merge(*(source.keyed() for source in inputs), key=lambda pair: pair[0])
+    announced: set[int] = set()
     with output_trace(out, header, overwrite=overwrite) as writer:
         for (wall, *_, index), record in merged:
+            source = inputs[index]
+            if record.session is not None and source.sessions[record.session] not in announced:
+                new = source.sessions[record.session]
+                announced.add(new)
+                records += 1
+                writer.copy_record(EventRecord(records, new, wall - zero, EventKind.MERGED_FROM,
+                                               {"input": index, "session": record.session}))
             records += 1
-            writer.copy_record(_renumbered(inputs[index], record, records, wall - zero))
+            writer.copy_record(_renumbered(source, record, records, wall - zero))
             messages += isinstance(record, MessageRecord)
     return MergeResult(records, messages, tuple(source.sessions for source in inputs))
