@@ -286,3 +286,23 @@ def test_a_file_that_is_not_a_trace_is_refused(capsys, tmp_path):
     bogus.write_text("hello\n")
     code, _, err = run(capsys, "trace", "slice", bogus, tmp_path / "out.trace")
     assert code == 2 and "notes.txt: not a vfioproxy trace" in one_error_line(err)
+
+
+def test_pairing_follows_at_most_max_open_sessions_sessions(tmp_path):
+    """Session 1 sends a command, sessions 2 and 3 talk, then session 1's reply
+    comes. Slicing out that reply keeps its command while session 1 is
+    followed; with a window of 2 sessions it was forgotten (the memory a slice
+    takes follows the sessions open at once, not the trace)."""
+    src = tmp_path / "three.trace"
+    command = bytes.fromhex("0400" "10000000" "00000000" "00000000")  # DEVICE_GET_INFO
+    reply = bytes.fromhex("0400" "10000000" "01000000" "00000000")
+    with TraceWriter(src, TraceHeader.now("vfioproxy record")) as writer:
+        writer.append_message(1, Direction.C2S, 10, (1).to_bytes(2, "little") + command)
+        for session in (2, 3):
+            writer.append_message(session, Direction.C2S, 20, (7).to_bytes(2, "little") + command)
+        last = writer.append_message(1, Direction.S2C, 30, (1).to_bytes(2, "little") + reply)
+    out, _ = sliced(tmp_path, src, seq=(last, last), setup=False)
+    assert seqs(out) == [1, last]
+    out, _ = sliced(tmp_path, src, "windowed.trace", seq=(last, last), setup=False,
+                    max_open_sessions=2)
+    assert seqs(out) == [last]

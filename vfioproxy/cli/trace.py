@@ -262,6 +262,10 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p_slice.add_argument("--no-setup", action="store_true",
                          help="do not add each kept session's VERSION and DMA_MAP/DMA_UNMAP "
                          "exchanges from before its first selected message")
+    p_slice.add_argument("--max-open-sessions", metavar="N", type=integer(1),
+                         default=MAX_OPEN_SESSIONS,
+                         help="follow (pair, decode) at most N sessions open at once; one more "
+                         "drops the one idle the longest (default: %(default)s)")
     p_slice.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p_slice.set_defaults(func=cmd_trace_slice)
 
@@ -493,7 +497,8 @@ def cmd_trace_slice(args: argparse.Namespace) -> int:
     _compile(args)
     claim_file(args.out, force=args.force)
     spec = SliceSpec(filter=args.compiled, seq=args.seq, time=args.time, session=args.session,
-                     pair=not args.no_pair, setup=not args.no_setup)
+                     pair=not args.no_pair, setup=not args.no_setup,
+                     max_open_sessions=args.max_open_sessions)
     with _open(args.file) as reader:
         _check_session(args)
         result = slice_trace(reader, args.out, spec, overwrite=args.force)

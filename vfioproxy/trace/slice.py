@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from array import array
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,7 +46,12 @@ from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import HEADER_SIZE, Command, Header
 from vfioproxy.protocol.pairing import MAX_OUTSTANDING, Outstanding
 from vfioproxy.side import Direction
-from vfioproxy.trace.decoded import DecodedMessage, TornMessage, decoded_records
+from vfioproxy.trace.decoded import (
+    MAX_OPEN_SESSIONS,
+    DecodedMessage,
+    TornMessage,
+    decoded_records,
+)
 from vfioproxy.trace.filter import Filter, marked
 from vfioproxy.trace.provenance import (
     output_trace,
@@ -75,7 +81,10 @@ class SliceSpec:
     ``time``: inclusive bounds in seconds since the trace's first record;
     either bound may be None (open). ``session``: only that session.
     ``filter``: only messages it passes. A message is selected when it
-    passes all of those given. ``pair`` and ``setup``: see the module."""
+    passes all of those given. ``pair`` and ``setup``: see the module.
+    ``max_open_sessions``: the sessions whose pairing and setup are followed
+    at once (and decoded, with ``filter``); one more drops the one idle the
+    longest, as :func:`~vfioproxy.trace.decoded.decoded_records` does."""
 
     filter: Filter | None = None
     seq: Range | None = None
@@ -84,6 +93,7 @@ class SliceSpec:
     pair: bool = True
     setup: bool = True
     dialects: Dialects | None = None
+    max_open_sessions: int = MAX_OPEN_SESSIONS
 
     def provenance(self) -> dict[str, Any]:
         """The selection, for the output header's ``info.sliced_from``."""
@@ -155,6 +165,8 @@ class _Selector:
         self._waiting: dict[tuple[int, Direction], Outstanding[int]] = {}
         #: setup messages of sessions with nothing selected yet
         self._setup: dict[int, list[int]] = {}
+        #: the sessions followed (pairing tables, setup), the one idle the longest first
+        self._open: OrderedDict[int, None] = OrderedDict()
         if spec.filter is None:  # the headers are enough
             for record in reader:
                 if isinstance(record, EventRecord):
@@ -163,7 +175,8 @@ class _Selector:
                     whole = not record.torn and len(record.data) >= HEADER_SIZE
                     self._message(record, True, Header.parse(record.data) if whole else None)
             return
-        items = decoded_records(reader, dialects=spec.dialects)
+        items = decoded_records(reader, dialects=spec.dialects,
+                                max_open_sessions=spec.max_open_sessions)
         for item, _, passed in marked(items, spec.filter, reader.header):
             if isinstance(item, EventRecord):
                 self._event(item)
@@ -176,9 +189,23 @@ class _Selector:
         if self.origin is None:
             self.origin = event.t_ns
         if event.kind == EventKind.SESSION_CLOSE and event.session is not None:
-            self._setup.pop(event.session, None)
-            for direction in Direction:
-                self._waiting.pop((event.session, direction), None)
+            self._forget(event.session)
+            self._open.pop(event.session, None)
+
+    def _follow(self, session: int) -> None:
+        """``session`` sent a message: it is the one idle the shortest; past
+        ``max_open_sessions`` the one idle the longest is forgotten (a reply
+        to a command it sent before then is not paired)."""
+        self._open[session] = None
+        self._open.move_to_end(session)
+        if len(self._open) > self.spec.max_open_sessions:
+            gone, _ = self._open.popitem(last=False)
+            self._forget(gone)
+
+    def _forget(self, session: int) -> None:
+        self._setup.pop(session, None)
+        for direction in Direction:
+            self._waiting.pop((session, direction), None)
 
     def selected(self, record: Record) -> bool:
         """Whether ``record`` lies in ``--seq``, ``--time`` and ``--session``."""
@@ -196,6 +223,7 @@ class _Selector:
         if self.origin is None:
             self.origin = record.t_ns
         session, seq = record.session, record.seq
+        self._follow(session)
         keep = passed and self.selected(record)
         if self.spec.pair and header is not None:
             keep = self._pair(record, header, keep)
