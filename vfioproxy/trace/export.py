@@ -46,7 +46,7 @@ def message_object(item: DecodedItem, facts: Facts | None) -> dict[str, Any]:
     (every filter field by name) when it is a decoded message."""
     obj = json_object(item)
     if facts is not None:
-        obj["fields"] = values(facts)
+        obj["fields"] = values(facts, raw_bytes=True)  # write_json writes bytes in hex
     return obj
 
 
@@ -170,10 +170,11 @@ def write_csv(selected: Selected, out: TextIO) -> int:
     for item, facts in selected:
         if not isinstance(item, DecodedMessage) or facts is None:
             continue
-        row = values(facts)
+        row = values(facts, raw_bytes=True)
         data = row["data"]
-        if data is not None and len(data) > 2 * CSV_DATA_MAX:
-            row["data"] = data[:2 * CSV_DATA_MAX] + "..."
+        if data is not None:
+            cut = len(data) > CSV_DATA_MAX
+            row["data"] = data[:CSV_DATA_MAX].hex() + "..." * cut
         writer.writerow([*(_cell(row[spec.name]) for spec in FIELDS), item.text])
         rows += 1
     return rows

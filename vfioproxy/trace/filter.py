@@ -646,19 +646,21 @@ def select_facts(items: Iterable[DecodedItem], flt: Filter | None, limit: int | 
             return
 
 
-def values(facts: Facts) -> dict[str, Any]:
+def values(facts: Facts, *, raw_bytes: bool = False) -> dict[str, Any]:
     """Every field of :data:`FIELDS` of one message, by name, as plain data:
-    names for commands, regions and errnos, hex for bytes, ISO 8601 for
-    ``time``, lists for ``fd.kind``, None for what the message lacks. What
-    ``trace export`` writes (README: Exporting)."""
-    return {spec.name: _plain(spec, spec.get(facts)) for spec in FIELDS}
+    names for commands, regions and errnos, hex for bytes (``raw_bytes``:
+    bytes left as they are, for a writer that writes their hex piece by
+    piece or only part of it), ISO 8601 for ``time``, lists for
+    ``fd.kind``, None for what the message lacks. What ``trace export``
+    writes (README: Exporting)."""
+    return {spec.name: _plain(spec, spec.get(facts), raw_bytes) for spec in FIELDS}
 
 
-def _plain(spec: FieldSpec, value: Any) -> Any:
+def _plain(spec: FieldSpec, value: Any, raw_bytes: bool) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, bytes):
-        return value.hex()
+        return value if raw_bytes else value.hex()
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, tuple):
