@@ -154,19 +154,60 @@ class TraceReader(Closing):
         self.damaged = []
         self.damaged_count = 0
         self._last_seq = 0
+        if self.skip_damaged:
+            yield from self._lenient()
+            return
         for index, offset, size, wire in self._frames(self._body_offset, 1):
             try:
                 record = self._checked(wire, size)
             except TraceError as exc:
                 exc.located(path=self.path, record=index, offset=offset)
-                if not self.skip_damaged:
-                    raise
-                self._damage(exc, size)
-                continue
+                raise
             if record is None:
                 continue
             self._last_seq = record.seq
             yield record
+
+    def _lenient(self) -> Iterator[Record]:
+        """The records past damage (``skip_damaged``), one record behind the file.
+
+        A seq that does not increase is damage, but which one: a record whose
+        seq jumped ahead, or the next whose seq went back? Each record is held
+        until the next one is read: when the next one's seq is not above the
+        held one's but is above the last yielded, the held one jumped ahead
+        and is skipped; otherwise the next one went back and is."""
+        held: tuple[Record, int, int, int] | None = None  # record, index, offset, size
+        yielded = 0
+        for index, offset, size, wire in self._frames(self._body_offset, 1):
+            try:
+                record = self._record(wire, size)
+            except TraceError as exc:
+                exc.located(path=self.path, record=index, offset=offset)
+                self._damage(exc, size)
+                continue
+            if record is None:
+                continue
+            last = yielded if held is None else held[0].seq
+            if record.seq <= last:
+                if held is not None and record.seq > yielded:
+                    jumped, at, where, length = held
+                    self._damage(TraceFormatError(
+                        f"seq {jumped.seq} after seq {yielded}, then seq {record.seq}: "
+                        "its sequence number jumped ahead", field="q (seq)",
+                        path=self.path, record=at, offset=where), length)
+                    held = None
+                else:
+                    self._damage(TraceFormatError(
+                        f"seq {record.seq} after seq {last}: sequence numbers must increase",
+                        field="q (seq)", path=self.path, record=index, offset=offset), size)
+                    continue
+            if held is not None:
+                yielded = held[0].seq
+                yield held[0]
+            held = (record, index, offset, size)
+            self._last_seq = record.seq
+        if held is not None:
+            yield held[0]
 
     def _checked(self, wire: Any, size: int) -> Record | None:
         """The record ``wire`` holds (None: skipped), its seq checked against the last one's."""

@@ -371,3 +371,24 @@ def test_every_trace_tool_names_damaged_records_goes_on_and_exits_1(capsys, dama
         with TraceReader(out_trace) as reader:  # what it wrote is a whole, valid trace
             messages = [r for r in reader if isinstance(r, MessageRecord)]
         assert len(messages) == (4 if tool == "slice" else 8)
+
+
+def test_a_seq_damaged_ahead_costs_its_own_record_not_every_later_one(tmp_path):
+    """A record whose seq jumped far ahead (a flipped high bit) is the damaged
+    one, not every record after it; a seq that went back is still skipped."""
+    path = tmp_path / "jump.trace"
+    with TraceWriter(path, TraceHeader.now("test")) as writer:
+        writer.write_message(1, C2S, 10, message(1, Command.VERSION, VERSION))
+    reply = message(1, Command.VERSION, VERSION, reply=True)
+    jumped = append(path, record(k="m", q=1 << 40, s=1, d="s2c", t=20, f=[], b=reply))
+    for seq, t in ((3, 30), (4, 40)):
+        append(path, record(k="m", q=seq, s=1, d="c2s", t=t, f=[], b=read4(seq)))
+    back = append(path, record(k="m", q=2, s=1, d="s2c", t=45, f=[], b=read4_reply(3)))
+    append(path, record(k="m", q=5, s=1, d="s2c", t=50, f=[], b=read4_reply(3)))
+    with TraceReader(path, skip_damaged=True) as reader:
+        assert [r.seq for r in reader] == [1, 3, 4, 5]
+        assert [(d.record, d.offset) for d in reader.damaged] == [(2, jumped), (5, back)]
+        assert "jumped ahead" in str(reader.damaged[0])
+        assert "seq 2 after seq 4" in str(reader.damaged[1])
+    with TraceReader(path) as reader, pytest.raises(TraceFormatError):
+        list(reader)  # strict: the first non-increasing seq raises, as before
