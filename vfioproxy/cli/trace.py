@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from vfioproxy.replay.diff import (
     load_session,
     parse_operand,
 )
-from vfioproxy.trace import export, show, stats
+from vfioproxy.trace import export, parquet, show, stats
 from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, decoded_records
 from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
 from vfioproxy.trace.merge import merge_traces
@@ -74,9 +75,11 @@ examples:
       | jq 'select(.latency > 100)'
   vfioproxy trace export --format csv -o session.csv session.trace
   vfioproxy trace export --format csv --session 2 -c 100 -o - session.trace
+  vfioproxy trace export --format parquet -o pq session.trace   # pq/messages, pq/events
 
 jsonl: `trace show --json`'s object per record, each message's with "fields";
-pairs: one object per request with its reply; csv: one row per message. The
+pairs: one object per request with its reply; csv: one row per message;
+parquet: OUTDIR/messages/NAME.parquet and OUTDIR/events/NAME.parquet. The
 field names are the display filter's (README: Exporting)."""
 DIFF_EXAMPLES = """\
 examples:
@@ -180,10 +183,14 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     add_decode_options(p_export, json=False)
     p_export.add_argument("--format", choices=export.FORMATS, default="jsonl",
                           help="jsonl (default): one object per record; pairs: one per "
-                          "request with its reply; csv: one row per message")
+                          "request with its reply; csv: one row per message; parquet: "
+                          "typed messages and events tables in -o OUTDIR (needs "
+                          "vfioproxy[sql])")
     p_export.add_argument("-o", "--output", metavar="OUT", default="-",
-                          help="output file (default: - for stdout)")
-    p_export.add_argument("--force", action="store_true", help="replace an OUT that exists")
+                          help="output file (default: - for stdout); with --format "
+                          "parquet the directory written")
+    p_export.add_argument("--force", action="store_true",
+                          help="replace an OUT (parquet: its NAME.parquet files) that exists")
     p_export.add_argument("--steps", action="store_true",
                           help="fill the step field: label each message with its QEMU realize "
                           "step (holds each session's messages until it ends; -Y 'step ...' "
@@ -356,6 +363,8 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
 
 def cmd_trace_export(args: argparse.Namespace) -> int:
     _compile(args)
+    if args.format == "parquet":
+        return _export_parquet(args)
     to_stdout = args.output == "-"
     if not to_stdout:
         if is_directory(args.output):
@@ -375,6 +384,23 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
                     export.write_jsonl(kept, out)
                 else:
                     export.write_csv(kept, out)
+        return _warn_truncated(reader)
+
+
+def _export_parquet(args: argparse.Namespace) -> int:
+    """``trace export --format parquet -o OUTDIR``: the messages and events tables."""
+    if args.output == "-":
+        raise UsageError("--format parquet writes a directory: name it with -o OUTDIR")
+    if os.path.exists(args.output) and not is_directory(args.output):
+        raise UsageError(f"{args.output} is not a directory: -o names the directory "
+                         "--format parquet writes")
+    parquet.require_pyarrow()
+    for path in parquet.output_paths(args.output, os.path.basename(args.file)).values():
+        claim_file(path, force=args.force)
+    with _open(args.file) as reader:
+        _check_session(args)
+        kept = _selected_facts(reader, args, args.compiled, args.count)
+        parquet.write_parquet(kept, reader.header, os.path.basename(args.file), args.output)
         return _warn_truncated(reader)
 
 
