@@ -28,13 +28,14 @@ from typing import Any
 
 import attrs
 
+from recorder.reader import TraceReader
 from recorder.records import EventRecord, TraceHeader
 from vfioproxy.errors import UsageError
-from vfioproxy.trace.decoded import DecodedItem, DecodedMessage
-from vfioproxy.trace.filter import FIELDS, Facts, values
+from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, DecodedMessage, decoded_records
+from vfioproxy.trace.filter import FIELDS, Facts, select_facts, values
 
-__all__ = ["BATCH_ROWS", "EVENT_COLUMNS", "MESSAGE_COLUMNS", "ParquetCounts", "import_module",
-           "output_paths", "require_pyarrow", "write_parquet"]
+__all__ = ["BATCH_ROWS", "EVENT_COLUMNS", "MESSAGE_COLUMNS", "ParquetCounts", "export_trace",
+           "import_module", "output_paths", "require_pyarrow", "write_parquet"]
 
 #: rows held before a batch is written
 BATCH_ROWS = 10_000
@@ -189,6 +190,15 @@ def write_parquet(selected: Iterable[tuple[DecodedItem, Facts | None]], header: 
     finally:
         messages.close()
     return ParquetCounts(messages.rows, events.rows, paths["messages"], paths["events"])
+
+
+def export_trace(reader: TraceReader, outdir: str, *,
+                 max_open_sessions: int = MAX_OPEN_SESSIONS) -> ParquetCounts:
+    """Every message and event of ``reader`` to ``outdir`` (:func:`write_parquet`),
+    decoded as ``trace export`` decodes it by default."""
+    items = decoded_records(reader, max_open_sessions=max_open_sessions)
+    selected = select_facts(items, None, None, reader.header)
+    return write_parquet(selected, reader.header, os.path.basename(reader.path), outdir)
 
 
 def _json_default(value: Any) -> Any:
