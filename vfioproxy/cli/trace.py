@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from vfioproxy.replay.diff import (
     load_session,
     parse_operand,
 )
-from vfioproxy.trace import export, show, stats
+from vfioproxy.trace import export, parquet, query, show, stats, tables
 from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, decoded_records
 from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
 from vfioproxy.trace.merge import merge_traces
@@ -56,6 +58,18 @@ examples:
   vfioproxy trace stats -Y 'dir == c2s and region == config' session.trace
   vfioproxy trace stats -Y 'step matches "^R"' -c 100 session.trace"""
 
+QUERY_EXAMPLES = """\
+examples:
+  vfioproxy trace query "SELECT command, count(*) AS n FROM messages GROUP BY ALL \\
+      ORDER BY n DESC" traces/*.trace
+  vfioproxy trace query --csv "SELECT * FROM events WHERE kind = 'violation'" pq/
+  vfioproxy trace query --json "SELECT trace, max(latency) FROM messages GROUP BY ALL" a.trace
+
+messages: a row per message, a column per display filter field (fd.kind as
+fd_kinds, data left out) after host, trace and t_ns; events: a row per event
+record. The columns are trace export --format parquet's (README: SQL over
+traces)."""
+
 TIMELINE_EXAMPLES = """\
 examples:
   vfioproxy trace timeline traces/qemu-realize-qemu-server-e1000e-001.trace
@@ -74,9 +88,11 @@ examples:
       | jq 'select(.latency > 100)'
   vfioproxy trace export --format csv -o session.csv session.trace
   vfioproxy trace export --format csv --session 2 -c 100 -o - session.trace
+  vfioproxy trace export --format parquet -o pq session.trace   # pq/messages, pq/events
 
 jsonl: `trace show --json`'s object per record, each message's with "fields";
-pairs: one object per request with its reply; csv: one row per message. The
+pairs: one object per request with its reply; csv: one row per message;
+parquet: OUTDIR/messages/NAME.parquet and OUTDIR/events/NAME.parquet. The
 field names are the display filter's (README: Exporting)."""
 DIFF_EXAMPLES = """\
 examples:
@@ -180,15 +196,35 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     add_decode_options(p_export, json=False)
     p_export.add_argument("--format", choices=export.FORMATS, default="jsonl",
                           help="jsonl (default): one object per record; pairs: one per "
-                          "request with its reply; csv: one row per message")
+                          "request with its reply; csv: one row per message; parquet: "
+                          "typed messages and events tables in -o OUTDIR (needs "
+                          "vfioproxy[sql])")
     p_export.add_argument("-o", "--output", metavar="OUT", default="-",
-                          help="output file (default: - for stdout)")
-    p_export.add_argument("--force", action="store_true", help="replace an OUT that exists")
+                          help="output file (default: - for stdout); with --format "
+                          "parquet the directory written")
+    p_export.add_argument("--force", action="store_true",
+                          help="replace an OUT (parquet: its NAME.parquet files) that exists")
     p_export.add_argument("--steps", action="store_true",
                           help="fill the step field: label each message with its QEMU realize "
                           "step (holds each session's messages until it ends; -Y 'step ...' "
                           "implies it)")
     p_export.set_defaults(func=cmd_trace_export)
+
+    p_query = trace_commands.add_parser(
+        "query", help="SQL over traces (DuckDB): tables messages and events",
+        epilog=QUERY_EXAMPLES
+    )
+    p_query.add_argument("sql", metavar="SQL", help="the query, over the views messages and events")
+    p_query.add_argument("sources", metavar="TRACE_OR_DIR", nargs="+",
+                         help="a trace, or a directory trace export --format parquet wrote")
+    query_output = p_query.add_mutually_exclusive_group()
+    query_output.add_argument("--csv", action="store_true", help="CSV output")
+    query_output.add_argument("--json", action="store_true", help="JSON output, an object a row")
+    p_query.add_argument("--max-open-sessions", metavar="N", type=integer(1),
+                         default=MAX_OPEN_SESSIONS,
+                         help="decode at most N sessions of a trace open at once "
+                         "(default: %(default)s)")
+    p_query.set_defaults(func=cmd_trace_query)
 
     p_timeline = trace_commands.add_parser(
         "timeline", help="every message labelled with its QEMU step; per-step times, "
@@ -356,6 +392,8 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
 
 def cmd_trace_export(args: argparse.Namespace) -> int:
     _compile(args)
+    if args.format == "parquet":
+        return _export_parquet(args)
     to_stdout = args.output == "-"
     if not to_stdout:
         if is_directory(args.output):
@@ -376,6 +414,55 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
                 else:
                     export.write_csv(kept, out)
         return _warn_truncated(reader)
+
+
+def _export_parquet(args: argparse.Namespace) -> int:
+    """``trace export --format parquet -o OUTDIR``: the messages and events tables."""
+    if args.output == "-":
+        raise UsageError("--format parquet writes a directory: name it with -o OUTDIR")
+    if os.path.exists(args.output) and not is_directory(args.output):
+        raise UsageError(f"{args.output} is not a directory: -o names the directory "
+                         "--format parquet writes")
+    parquet.require_pyarrow()
+    for path in parquet.output_paths(args.output, os.path.basename(args.file)).values():
+        claim_file(path, force=args.force)
+    with _open(args.file) as reader:
+        _check_session(args)
+        kept = _selected_facts(reader, args, args.compiled, args.count)
+        parquet.write_parquet(kept, reader.header, os.path.basename(args.file), args.output)
+        return _warn_truncated(reader)
+
+
+def cmd_trace_query(args: argparse.Namespace) -> int:
+    """``trace query SQL TRACE_OR_DIR...``: traces exported to a temporary
+    directory, export directories read as they are, the result printed."""
+    for source in args.sources:
+        if os.path.isdir(source) and not query.is_export_directory(source):
+            raise UsageError(f"{source} is a directory without messages/: give a trace or "
+                             "a directory trace export --format parquet wrote")
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="vfioproxy-query-") as scratch:
+        directories = []
+        for index, source in enumerate(args.sources):
+            if os.path.isdir(source):
+                directories.append(source)
+                continue
+            parquet.require_pyarrow()
+            outdir = os.path.join(scratch, str(index))
+            with _open(source) as reader:
+                parquet.export_trace(reader, outdir, max_open_sessions=args.max_open_sessions)
+                status = max(status, _warn_truncated(reader))
+            directories.append(outdir)
+        result = query.run_query(args.sql, directories)
+    if args.csv:
+        query.write_csv(result, sys.stdout)
+    elif args.json:
+        query.write_json(result, sys.stdout)
+    else:
+        rows = [[query.cell(v) for v in row] for row in result.rows]
+        shown = tables.table(None, result.columns, rows, left=len(result.columns))
+        show.write_lines(tables.table_lines([shown]), sys.stdout)
+    return status
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
