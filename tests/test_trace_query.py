@@ -7,7 +7,7 @@ import io
 import json
 import shlex
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -16,6 +16,8 @@ from recorder.records import EventRecord
 from tests.realdata import TRACES
 from vfioproxy.cli import main
 from vfioproxy.trace import parquet
+from vfioproxy.trace.decoded import DecodedMessage, decoded_records
+from vfioproxy.trace.timeline.labels import label_messages
 
 ALL = sorted(TRACES.glob("*.trace"))
 BOOT = TRACES / "qemu-boot-qemu-server-e1000e-001.trace"
@@ -140,3 +142,28 @@ def test_the_readme_cookbook_prints_what_it_shows(capsys):
         code, out, err = run(capsys, *argv[1:], *ALL)
         assert (code, err) == (0, "")
         assert out.strip("\n") == shown.strip("\n"), command
+
+
+def test_steps_fill_the_step_column_of_the_traces_given(capsys):
+    sql = ("SELECT step, count(*) AS n FROM messages WHERE step IS NOT NULL "
+           "GROUP BY step ORDER BY step")
+    gpio = TRACES / "qemu-realize-gpio-001.trace"
+    code, out, _ = run(capsys, "trace", "query", "--csv", sql, gpio)
+    assert (code, out.splitlines()) == (0, ["step,n"])  # without --steps: no labels
+    code, out, _ = run(capsys, "trace", "query", "--csv", "--steps", sql, gpio)
+    with TraceReader(gpio) as reader:
+        messages = [i for i in decoded_records(reader) if isinstance(i, DecodedMessage)]
+    want = Counter(label.text() for _, label in label_messages(messages))
+    got = {row["step"]: int(row["n"]) for row in csv.DictReader(io.StringIO(out))}
+    assert code == 0 and got == dict(want)
+
+
+def test_the_readme_slowest_steps_query_prints_what_it_shows(capsys):
+    readme = (TRACES.parent / "README.md").read_text()
+    section = readme.split("### SQL over traces: Parquet and DuckDB\n", 1)[1].split("\n### ", 1)[0]
+    block = section.split("$ vfioproxy trace query --steps ", 1)[1].split("```", 1)[0]
+    command, _, shown = block.partition(" traces/qemu-realize-*.trace\n")
+    code, out, err = run(capsys, "trace", "query", "--steps", *shlex.split(command),
+                         *sorted(TRACES.glob("qemu-realize-*.trace")))
+    assert (code, err) == (0, "")
+    assert out.strip("\n") == shown.strip("\n")

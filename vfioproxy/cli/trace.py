@@ -224,6 +224,9 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                          default=MAX_OPEN_SESSIONS,
                          help="decode at most N sessions of a trace open at once "
                          "(default: %(default)s)")
+    p_query.add_argument("--steps", action="store_true",
+                         help="fill the step column of traces given (each message's QEMU realize "
+                         "step; holds each session's messages until it ends)")
     p_query.set_defaults(func=cmd_trace_query)
 
     p_timeline = trace_commands.add_parser(
@@ -450,7 +453,8 @@ def cmd_trace_query(args: argparse.Namespace) -> int:
             parquet.require_pyarrow()
             outdir = os.path.join(scratch, str(index))
             with _open(source) as reader:
-                parquet.export_trace(reader, outdir, max_open_sessions=args.max_open_sessions)
+                parquet.export_trace(reader, outdir, max_open_sessions=args.max_open_sessions,
+                                     steps=args.steps)
                 status = max(status, _warn_truncated(reader))
             directories.append(outdir)
         result = query.run_query(args.sql, directories)

@@ -193,11 +193,13 @@ def write_parquet(selected: Iterable[tuple[DecodedItem, Facts | None]], header: 
 
 
 def export_trace(reader: TraceReader, outdir: str, *,
-                 max_open_sessions: int = MAX_OPEN_SESSIONS) -> ParquetCounts:
+                 max_open_sessions: int = MAX_OPEN_SESSIONS,
+                 steps: bool = False) -> ParquetCounts:
     """Every message and event of ``reader`` to ``outdir`` (:func:`write_parquet`),
-    decoded as ``trace export`` decodes it by default."""
+    decoded as ``trace export`` decodes it by default; ``steps``: with each
+    message's realize step label (``--steps``)."""
     items = decoded_records(reader, max_open_sessions=max_open_sessions)
-    selected = select_facts(items, None, None, reader.header)
+    selected = select_facts(items, None, None, reader.header, steps=steps)
     return write_parquet(selected, reader.header, os.path.basename(reader.path), outdir)
 
 
