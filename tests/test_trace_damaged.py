@@ -297,7 +297,7 @@ def test_a_big_access_payload_decodes_the_same_from_a_view():
     assert type(decoded.body.data) is bytes and decoded.body.data == data
 
 
-def test_show_json_writes_big_bytes_as_the_same_lines(tmp_path):
+def test_show_json_writes_big_bytes_as_the_same_lines(tmp_path, monkeypatch):
     path = tmp_path / "big.trace"
     data = bytes(range(256)) * 1024
     with TraceWriter(path, TraceHeader.now("test")) as writer:
@@ -313,9 +313,14 @@ def test_show_json_writes_big_bytes_as_the_same_lines(tmp_path):
             self.pieces.append(text)
 
     with TraceReader(path) as reader:
-        expected = "".join(line + "\n" for line in show.json_lines(decoded_records(reader)))
         out = Out()
         show.write_json(map(show.json_object, decoded_records(reader)), out)  # type: ignore[arg-type]
+        with monkeypatch.context() as patched:  # every value whole: one line at a time
+            patched.setattr(show, "BIG_BYTES", 1 << 62)
+            whole = Out()
+            show.write_json(map(show.json_object, decoded_records(reader)), whole)  # type: ignore[arg-type]
+        expected = "".join(whole.pieces)
+        assert len(whole.pieces) == len(expected.splitlines())
     assert "".join(out.pieces) == expected
     assert max(len(piece) for piece in out.pieces) < len(data)
     assert json.loads(expected.splitlines()[-1])["body"]["data"] == data.hex()

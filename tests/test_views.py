@@ -48,6 +48,13 @@ def decoded(path):
         return list(decoded_records(reader))
 
 
+def json_objects(path):
+    """``trace show --json``'s objects of the trace at ``path``."""
+    out = io.StringIO()
+    show.write_json(map(show.json_object, decoded(path)), out)
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
 def shown(path, verbose=False):
     return list(show.text_lines(decoded(path), verbose=verbose))
 
@@ -158,7 +165,7 @@ async def test_a_rewritten_message_is_recorded_as_the_receiver_got_it_and_as_it_
                                     "at offset 16 (0x10)")
     verbose = shown(trace, verbose=True)
     assert any(text.strip() == "as it arrived: 32 bytes" for text in verbose)
-    objects = [json.loads(text) for text in show.json_lines(decoded(trace))]
+    objects = json_objects(trace)
     (obj,) = [o for o in objects if o.get("seq") == first.seq]
     assert obj["hex"] == first.data.hex() and obj["arrived"] == read_cmd(1, offset=0x10).hex()
     assert (obj["msg_id"], obj["index"]) == (1, 1)
@@ -200,8 +207,7 @@ async def test_a_violation_the_injection_caused_is_attributed_to_it(
         "server message s2c[1] (REGION_READ reply id=65)")
     (line,) = [text for text in shown(trace) if "!!!" in text]
     assert "caused by the proxy's injection (rule 1 corrupt msg_id mask=0x40)" in line
-    (obj,) = [json.loads(text) for text in show.json_lines(decoded(trace))
-              if json.loads(text).get("violations")]
+    (obj,) = [obj for obj in json_objects(trace) if obj.get("violations")]
     assert obj["violations"][0]["caused_by"] == "rule 1 corrupt msg_id mask=0x40"
 
 

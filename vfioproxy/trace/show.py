@@ -313,12 +313,6 @@ def fd_fields(fd: FdRecord) -> dict[str, Any]:
     }
 
 
-def json_lines(items: Iterable[DecodedItem]) -> Iterator[str]:
-    """One JSON object per record, for jq and other tools (:func:`json_object`)."""
-    for item in items:
-        yield json.dumps(_jsonable(json_object(item)))
-
-
 def write_json(objects: Iterable[dict[str, Any]], out: TextIO) -> None:
     """Write each of ``objects`` (as :func:`json_object` makes them: bytes still
     bytes) to ``out`` as one line of JSON, bytes in hex; the hex of large bytes
