@@ -15,6 +15,7 @@ Sans-IO apart from the text stream :func:`write_csv` writes to.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
@@ -26,7 +27,7 @@ from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice
 from vfioproxy.trace.filter import FIELDS, Facts, Filter, values
 from vfioproxy.trace.show import json_object, write_json
 
-__all__ = ["CSV_COLUMNS", "CSV_DATA_MAX", "FORMATS", "message_object", "pair_objects",
+__all__ = ["CSV_COLUMNS", "CSV_DATA_MAX", "FORMATS", "cell", "message_object", "pair_objects",
            "write_csv", "write_jsonl", "write_pairs"]
 
 FORMATS = ("jsonl", "pairs", "csv", "parquet")
@@ -175,16 +176,20 @@ def write_csv(selected: Selected, out: TextIO) -> int:
         if data is not None:
             cut = len(data) > CSV_DATA_MAX
             row["data"] = data[:CSV_DATA_MAX].hex() + "..." * cut
-        writer.writerow([*(_cell(row[spec.name]) for spec in FIELDS), item.text])
+        writer.writerow([*(cell(row[spec.name]) for spec in FIELDS), item.text])
         rows += 1
     return rows
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A plain value as one CSV (or table) cell: empty for None, ``true`` /
+    ``false``, lists space-separated, maps as JSON, the rest as text."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return " ".join(str(v) for v in value)
+        return " ".join(cell(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
     return str(value)

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import attrs
 
 from vfioproxy.errors import UsageError
-from vfioproxy.trace import parquet
+from vfioproxy.trace import export, parquet
 
 __all__ = ["TABLES", "QueryResult", "cell", "is_export_directory", "plain", "run_query",
            "write_csv", "write_json"]
@@ -96,18 +96,9 @@ def plain(value: Any) -> Any:
 
 
 def cell(value: Any) -> str:
-    """A DuckDB value as one table or CSV cell: empty for NULL, lists
-    space-separated, times in ISO 8601."""
-    value = plain(value)
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return " ".join(cell(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
+    """A DuckDB value as one table or CSV cell: :func:`~vfioproxy.trace.export.cell`
+    of its :func:`plain` value (times in ISO 8601)."""
+    return export.cell(plain(value))
 
 
 def write_csv(result: QueryResult, out: TextIO) -> None:
