@@ -33,6 +33,7 @@ from recorder.records import EventRecord, TraceHeader
 from vfioproxy.errors import UsageError
 from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, DecodedMessage, decoded_records
 from vfioproxy.trace.filter import FIELDS, Facts, select_facts, values
+from vfioproxy.trace.show import jsonable
 
 __all__ = ["BATCH_ROWS", "EVENT_COLUMNS", "MESSAGE_COLUMNS", "ParquetCounts", "export_trace",
            "import_module", "output_paths", "require_pyarrow", "write_parquet"]
@@ -183,8 +184,7 @@ def write_parquet(selected: Iterable[tuple[DecodedItem, Facts | None]], header: 
                     events.add({"host": host, "trace": trace_name, "seq": item.seq,
                                 "session": item.session, "t_ns": item.t_ns,
                                 "time": header.wall_time(item.t_ns), "kind": item.kind,
-                                "data": json.dumps(item.data, default=_json_default,
-                                                   sort_keys=True)})
+                                "data": json.dumps(jsonable(item.data), sort_keys=True)})
         finally:
             events.close()
     finally:
@@ -202,8 +202,3 @@ def export_trace(reader: TraceReader, outdir: str, *,
     selected = select_facts(items, None, None, reader.header, steps=steps)
     return write_parquet(selected, reader.header, os.path.basename(reader.path), outdir)
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -177,7 +177,7 @@ def _scalar(value: Any) -> str:
     if isinstance(value, bytes):
         return value.hex()
     if value is None or isinstance(value, (bool, dict, list, tuple)):
-        return json.dumps(_jsonable(value))
+        return json.dumps(jsonable(value))
     return str(value)
 
 
@@ -272,7 +272,7 @@ _MARK = f"\x00vfioproxy-bytes-{secrets.token_hex(8)}-"
 _MARKED = re.compile(re.escape(json.dumps(_MARK)[1:-1]) + r"(\d+)")
 
 
-def _jsonable(value: Any, big: list[bytes] | None = None) -> Any:
+def jsonable(value: Any, big: list[bytes] | None = None) -> Any:
     """``value`` as JSON-able data, bytes as hex; with ``big``, bytes longer
     than :data:`BIG_BYTES` are appended to it and stand as a mark instead."""
     if isinstance(value, bytes):
@@ -283,9 +283,9 @@ def _jsonable(value: Any, big: list[bytes] | None = None) -> Any:
     if isinstance(value, DmaLayout):
         return value.value
     if isinstance(value, dict):
-        return {str(k): _jsonable(v, big) for k, v in value.items()}
+        return {str(k): jsonable(v, big) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, big) for v in value]
+        return [jsonable(v, big) for v in value]
     if attrs.has(type(value)):
         return body_fields(value, big)
     return value
@@ -293,10 +293,10 @@ def _jsonable(value: Any, big: list[bytes] | None = None) -> Any:
 
 def body_fields(body: Any, big: list[bytes] | None = None) -> dict[str, Any]:
     """Every field of a body (views included) as JSON-able values, bytes as hex
-    (``big``: see :func:`_jsonable`)."""
+    (``big``: see :func:`jsonable`)."""
     out: dict[str, Any] = {"type": type(body).__name__}
     for field in attrs.fields(type(body)):
-        out[field.name] = _jsonable(getattr(body, field.name), big)
+        out[field.name] = jsonable(getattr(body, field.name), big)
     return out
 
 
@@ -319,7 +319,7 @@ def write_json(objects: Iterable[dict[str, Any]], out: TextIO) -> None:
     (a big message) is written piece by piece, not built whole first."""
     for obj in objects:
         big: list[bytes] = []
-        text = json.dumps(_jsonable(obj, big))
+        text = json.dumps(jsonable(obj, big))
         if not big:
             out.write(text + "\n")
             continue
@@ -367,7 +367,7 @@ def json_object(item: DecodedItem) -> dict[str, Any]:
             "session": item.session,
             "t_ns": item.t_ns,
             "kind": item.kind,
-            "data": _jsonable(item.data),
+            "data": jsonable(item.data),
         }
     else:
         record = item.record
