@@ -41,8 +41,10 @@ from rounds import median_rounds  # bench/rounds.py, beside this script
 from recorder.reader import TraceReader
 from recorder.records import MessageRecord
 from vfioproxy.protocol.listing import RequestTimes
+from vfioproxy.protocol.pci import Capability
+from vfioproxy.protocol.pci_view import PciView, describe
 from vfioproxy.protocol.session import Observation, SessionState
-from vfioproxy.proxy.live import MessageLog
+from vfioproxy.proxy.live import Accept, MessageLog
 from vfioproxy.side import Direction
 from vfioproxy.trace.filter import compile_filter
 
@@ -59,9 +61,8 @@ EXPRESSIONS = (
 
 #: (session, direction, data, fds, t_ns, seq) of one message as the proxy sees it
 Raw = tuple[int, Direction, bytes, tuple[int, ...], int, int]
-#: the arguments of one ``accept`` call
-Call = tuple[int, Observation, int, int, int | None, int]
-Accept = Callable[[int, Observation, int, int, int | None, int], bool]
+#: the arguments of one ``accept`` call (``Accept`` of the live view)
+Call = tuple[int, Observation, int, int, int | None, int, tuple[Capability, ...]]
 
 
 def load(paths: Sequence[Path]) -> list[Raw]:
@@ -91,18 +92,23 @@ def decode_all(raw: Sequence[Raw]) -> list[Observation]:
 
 
 def calls(raw: Sequence[Raw], observations: Sequence[Observation]) -> list[Call]:
-    """The ``accept`` calls the live view makes for these messages."""
+    """The ``accept`` calls the live view makes for these messages (each
+    session's PCI view taught by its messages, as the live view's is)."""
     times: dict[int, RequestTimes] = {}
     starts: dict[int, int] = {}
+    views: dict[int, PciView] = {}
     out: list[Call] = []
     for (session, _, _, _, t_ns, seq), obs in zip(raw, observations, strict=True):
         latency = times.setdefault(session, RequestTimes()).latency(obs, t_ns)
-        out.append((session, obs, t_ns, seq, latency, starts.setdefault(session, t_ns)))
+        pci = views.setdefault(session, PciView())
+        describe(obs, pci)
+        out.append((session, obs, t_ns, seq, latency, starts.setdefault(session, t_ns),
+                    pci.capabilities))
     return out
 
 
 def bare(session: int, obs: Observation, t_ns: int, seq: int, latency_ns: int | None,
-         start: int) -> bool:
+         start: int, caps: tuple[Capability, ...]) -> bool:
     """The cheapest function with ``accept``'s signature."""
     return True
 

@@ -415,7 +415,7 @@ class Field:
     name: str
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a key of the display filter's register-name cache
 class Capability:
     """One capability found by :func:`walk_capabilities`.
 
