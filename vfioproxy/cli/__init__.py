@@ -3,7 +3,8 @@
 Each command group registers itself: :mod:`~vfioproxy.cli.proxy` (``proxy``,
 ``record``, ``ctl``), :mod:`~vfioproxy.cli.peers` (``demo``,
 ``serve-device``, ``realize``), :mod:`~vfioproxy.cli.trace` (``trace``),
-``replay`` and ``experiment`` from their packages. :func:`build_parser`
+``replay`` and ``experiment`` from their packages, :mod:`~vfioproxy.cli.wireshark`
+(``wireshark``). :func:`build_parser`
 gives every command's ``--help`` the exit codes; :func:`main` runs one
 command through the error boundary (:mod:`~vfioproxy.cli.boundary`).
 """
@@ -19,6 +20,7 @@ from vfioproxy.cli.boundary import run_command
 from vfioproxy.cli.peers import add_peer_commands
 from vfioproxy.cli.proxy import add_ctl_command, add_proxy_commands
 from vfioproxy.cli.trace import add_trace_commands
+from vfioproxy.cli.wireshark import add_wireshark_command
 from vfioproxy.experiment.cli import add_experiment_command
 from vfioproxy.replay.cli import add_replay_commands
 from vfioproxy.usage.exits import EXIT_STATUS_HELP
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_peer_commands(verbs)
     add_replay_commands(verbs)
     add_trace_commands(verbs)
+    add_wireshark_command(verbs)
     for command in commands(parser):
         command.formatter_class = _HelpFormatter
         command.epilog = "\n\n".join(filter(None, [command.epilog, EXIT_STATUS_HELP]))
