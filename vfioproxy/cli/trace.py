@@ -23,7 +23,7 @@ from vfioproxy.replay.diff import (
     load_session,
     parse_operand,
 )
-from vfioproxy.trace import export, parquet, query, show, stats, tables
+from vfioproxy.trace import export, parquet, pcapng, query, show, stats, tables
 from vfioproxy.trace.decoded import MAX_OPEN_SESSIONS, DecodedItem, decoded_records
 from vfioproxy.trace.filter import Facts, Filter, compile_filter, select, select_facts
 from vfioproxy.trace.merge import merge_traces
@@ -89,11 +89,14 @@ examples:
   vfioproxy trace export --format csv -o session.csv session.trace
   vfioproxy trace export --format csv --session 2 -c 100 -o - session.trace
   vfioproxy trace export --format parquet -o pq session.trace   # pq/messages, pq/events
+  vfioproxy trace export --format pcapng -o session.pcapng session.trace
+  vfioproxy trace export --format pcapng --follow session.trace - | wireshark -k -i -
 
 jsonl: `trace show --json`'s object per record, each message's with "fields";
 pairs: one object per request with its reply; csv: one row per message;
-parquet: OUTDIR/messages/NAME.parquet and OUTDIR/events/NAME.parquet. The
-field names are the display filter's (README: Exporting)."""
+parquet: OUTDIR/messages/NAME.parquet and OUTDIR/events/NAME.parquet; pcapng:
+a packet per record for Wireshark and tshark (docs/pcapng.md). The field
+names are the display filter's (README: Exporting)."""
 DIFF_EXAMPLES = """\
 examples:
   vfioproxy trace diff traces/qemu-realize-gpio-001.trace traces/qemu-realize-gpio-002.trace
@@ -198,7 +201,8 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                           help="jsonl (default): one object per record; pairs: one per "
                           "request with its reply; csv: one row per message; parquet: "
                           "typed messages and events tables in -o OUTDIR (needs "
-                          "vfioproxy[sql])")
+                          "vfioproxy[sql]); pcapng: a packet per record, for Wireshark "
+                          "(docs/pcapng.md)")
     p_export.add_argument("-o", "--output", metavar="OUT", default="-",
                           help="output file (default: - for stdout); with --format "
                           "parquet the directory written")
@@ -397,6 +401,8 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
     _compile(args)
     if args.format == "parquet":
         return _export_parquet(args)
+    if args.format == "pcapng":
+        return _export_pcapng(args)
     to_stdout = args.output == "-"
     if not to_stdout:
         if is_directory(args.output):
@@ -416,6 +422,28 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
                     export.write_jsonl(kept, out)
                 else:
                     export.write_csv(kept, out)
+        return _warn_truncated(reader)
+
+
+def _export_pcapng(args: argparse.Namespace) -> int:
+    """``trace export --format pcapng``: binary, to -o OUT or to stdout when it
+    is not a terminal."""
+    to_stdout = args.output == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("pcapng is binary: not writing it to a terminal (-o FILE, or pipe "
+                         "it: | wireshark -k -i -)")
+    if not to_stdout:
+        if is_directory(args.output):
+            raise UsageError(f"{args.output} is a directory: -o names the one file written")
+        claim_file(args.output, force=args.force)
+    with _open(args.file) as reader:
+        _check_session(args)
+        with contextlib.ExitStack() as stack:
+            out = sys.stdout.buffer if to_stdout else stack.enter_context(
+                open(args.output, "wb"))
+            kept = _selected_facts(reader, args, args.compiled, args.count)
+            pcapng.write_pcapng(kept, reader.header, out)
+            out.flush()
         return _warn_truncated(reader)
 
 

@@ -86,7 +86,8 @@ def note_line(text: str) -> str:
 
 
 class RequestTimes:
-    """When each request of one session was sent, to give its reply a latency.
+    """When each request of one session was sent, to give its reply a latency
+    (and the seq of the request it answers).
 
     Remembers at most ``limit`` requests (by default as many as a session
     state keeps waiting in both directions): the oldest is forgotten first,
@@ -95,18 +96,25 @@ class RequestTimes:
 
     def __init__(self, limit: int = 2 * MAX_OUTSTANDING) -> None:
         # by id() of the request: its header (so that a reused id does not
-        # match another message) and when it was sent; oldest first
-        self._sent: OrderedDict[int, tuple[Header, int]] = OrderedDict()
+        # match another message), when it was sent and its seq; oldest first
+        self._sent: OrderedDict[int, tuple[Header, int, int]] = OrderedDict()
         self._limit = limit
+        #: the ``seq`` the request answered by the reply the last :meth:`latency`
+        #: gave a latency was noted with; None after any other call
+        self.request_seq: int | None = None
 
     def __len__(self) -> int:
         return len(self._sent)
 
-    def latency(self, obs: Observation, t_ns: int) -> int | None:
-        """Note a request sent at ``t_ns``, or return the latency of a reply (ns)."""
+    def latency(self, obs: Observation, t_ns: int, seq: int = 0) -> int | None:
+        """Note a request sent at ``t_ns`` (its trace ``seq``, if it has one), or
+        return the latency of a reply (ns), setting :attr:`request_seq` to its
+        request's seq (one attribute store: the proxy's live view, which has no
+        use for it, pays nothing more)."""
+        self.request_seq = None
         header = obs.message.header
         if header.is_command and not header.no_reply:
-            self._sent[id(obs.message)] = (header, t_ns)
+            self._sent[id(obs.message)] = (header, t_ns, seq)
             if len(self._sent) > self._limit:
                 self._sent.popitem(last=False)
             return None
@@ -114,6 +122,7 @@ class RequestTimes:
             sent = self._sent.pop(id(obs.request), None)
             if sent is None or sent[0] is not obs.request.header:
                 return None
+            self.request_seq = sent[2]
             return t_ns - sent[1]
         return None
 

@@ -223,6 +223,14 @@ class SessionState:
     def version(self) -> tuple[int, int] | None:
         return self.negotiation.version
 
+    @property
+    def known_dialects(self) -> Dialects | None:
+        """:attr:`dialects` once they are known: given, or detected from the
+        client's VERSION command; None before that VERSION when detecting."""
+        if self._auto_dialects and self.negotiation.client_caps is None:
+            return None
+        return self.dialects
+
     def max_data_xfer_size(self, receiver: Side) -> int:
         return self.negotiation.max_data_xfer_size(receiver)
 

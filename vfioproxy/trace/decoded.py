@@ -46,7 +46,10 @@ class DecodedMessage:
     ``arrived`` the message as it arrived when an injected action rewrote it
     (the record holds what the receiver got); ``caps`` the PCI capabilities
     of the session's config space as read up to this message (they name the
-    capability fields a config access covers)."""
+    capability fields a config access covers); ``request_seq`` the seq of
+    the request a reply answers, as the reader paired them (set with
+    ``latency_ns``); ``dialects`` the session's DMA_READ/DMA_WRITE layouts,
+    None while they are still to be detected (before the client's VERSION)."""
 
     record: MessageRecord
     observation: Observation
@@ -55,6 +58,8 @@ class DecodedMessage:
     injection: EventRecord | None = None
     arrived: bytes | None = None
     caps: tuple[Capability, ...] = ()
+    request_seq: int | None = None
+    dialects: Dialects | None = None
 
 
 @attrs.frozen
@@ -273,9 +278,10 @@ def _decode(
         arrived = arrived_bytes(record.data, injection.data["arrived"])
         cause = injection_cause(injection.data.get("applied"))
     obs = state.blame.observe(obs, cause)
-    latency = state.times.latency(obs, record.t_ns)
+    latency = state.times.latency(obs, record.t_ns, record.seq)
     text = describe(obs, state.pci)
-    yield DecodedMessage(record, obs, text, latency, injection, arrived, state.pci.capabilities)
+    yield DecodedMessage(record, obs, text, latency, injection, arrived, state.pci.capabilities,
+                         state.times.request_seq, state.state.known_dialects)
     if (
         not state.announced
         and message.command == Command.VERSION

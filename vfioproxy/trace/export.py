@@ -30,7 +30,7 @@ from vfioproxy.trace.show import json_object, write_json
 __all__ = ["CSV_COLUMNS", "CSV_DATA_MAX", "FORMATS", "cell", "message_object", "pair_objects",
            "write_csv", "write_jsonl", "write_pairs"]
 
-FORMATS = ("jsonl", "pairs", "csv", "parquet")
+FORMATS = ("jsonl", "pairs", "csv", "parquet", "pcapng")
 
 #: the CSV header: every filter field, then the one-line summary
 CSV_COLUMNS: tuple[str, ...] = (*(spec.name for spec in FIELDS), "summary")
