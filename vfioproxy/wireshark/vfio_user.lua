@@ -331,6 +331,9 @@ vfio_user.init = reset  -- a new capture file: forget the last one's
 -- ------------------------------------------------------------------ helpers
 
 local band = bit.band
+-- a Lua 5.3/5.4 float that holds an integer, as an integer (so that it prints
+-- as 26, not 26.0); Lua 5.2 has one number type, printed as 26 already
+local int = math.tointeger or function(n) return n end
 
 local function hex(value)
     -- a number or UInt64 as 0x..., without leading zeros
@@ -366,20 +369,25 @@ end
 -- info (a list of Info column words), plus what the header says.
 
 local function range(ctx, at, length)
-    return ctx.tvb(ctx.o + at, length)
+    -- payload bytes [at, at + length), as far as the packet holds them (the
+    -- export cuts a message longer than a packet may be: ctx.n is the
+    -- message's payload length, ctx.held what the packet has of it)
+    local held = math.max(0, math.min(length, ctx.held - at))
+    return ctx.tvb(ctx.o + math.min(at, ctx.held), held)
 end
 
-local function u32(ctx, at) return range(ctx, at, 4):le_uint() end
+local function u32(ctx, at) return int(range(ctx, at, 4):le_uint()) end
 local function u64(ctx, at) return range(ctx, at, 8):le_uint64() end
 
 local function add_bytes(ctx, tree, f, at, length)
     -- a bytes field of `length` payload bytes from `at`; none when empty
     -- (the filter's data is b"" then: `vfio_user.data` means there are some)
-    if length > 0 then tree:add(f, range(ctx, at, length)) end
+    local r = range(ctx, at, length)
+    if r:len() > 0 then tree:add(f, r) end
 end
 
 local function add_trailing(ctx, tree, at)
-    if ctx.n > at then tree:add(F.trailing, range(ctx, at, ctx.n - at)) end
+    if ctx.n > at then add_bytes(ctx, tree, F.trailing, at, ctx.n - at) end
 end
 
 local function add_flags(tree, f, r, subs)
@@ -392,7 +400,7 @@ local function version_body(ctx, tree)
     if ctx.n < 4 then return false end
     tree:add_le(F.major, range(ctx, 0, 2))
     tree:add_le(F.minor, range(ctx, 2, 2))
-    local major, minor = range(ctx, 0, 2):le_uint(), range(ctx, 2, 2):le_uint()
+    local major, minor = int(range(ctx, 0, 2):le_uint()), int(range(ctx, 2, 2):le_uint())
     ctx.info[#ctx.info + 1] = major .. "." .. minor
     if ctx.n > 4 then
         local rest = range(ctx, 4, ctx.n - 4)
@@ -431,7 +439,7 @@ local function dma_unmap_body(ctx, tree)
     if band(u32(ctx, 4), 1) ~= 0 and ctx.n >= 40 then
         tree:add_le(F.bitmap_pgsize, range(ctx, 24, 8))
         tree:add_le(F.bitmap_size, range(ctx, 32, 8))
-        local want = u64(ctx, 32):tonumber()
+        local want = int(u64(ctx, 32):tonumber())
         local have = math.min(want, ctx.n - 40)
         if have > 0 then tree:add(F.bitmap, range(ctx, 40, have)) end
         pos = 40 + have
@@ -465,7 +473,7 @@ local function region_caps(ctx, first)
             if #caps > 0 then break end
             return nil
         end
-        local id = range(ctx, pos, 2):le_uint()
+        local id = int(range(ctx, pos, 2):le_uint())
         local nxt = u32(ctx, pos + 4)
         local body = pos + 8
         if id == 1 then
@@ -635,7 +643,7 @@ local function dma_access_body(ctx, tree)
         count = u32(ctx, 8)
         tree:add(F.count, range(ctx, 8, 4), UInt64.new(count))
     else
-        count = u64(ctx, 8):tonumber()
+        count = int(u64(ctx, 8):tonumber())
         tree:add_le(F.count, range(ctx, 8, 8))
     end
     local data = math.min(count, ctx.n - head)
@@ -649,7 +657,7 @@ end
 local function write_multi_body(ctx, tree)
     if ctx.n < 8 then return false end
     tree:add_le(F.wr_cnt, range(ctx, 0, 8))
-    local wanted = u64(ctx, 0):tonumber()
+    local wanted = int(u64(ctx, 0):tonumber())
     local fit = math.floor((ctx.n - 8) / 24)
     local n = math.min(wanted, fit)
     ctx.info[#ctx.info + 1] = "writes=" .. tostring(wanted)
@@ -669,7 +677,7 @@ end
 local function write_multi_reply_body(ctx, tree)
     if ctx.n < 8 then return false end
     tree:add_le(F.wr_cnt, range(ctx, 0, 8))
-    ctx.info[#ctx.info + 1] = "done=" .. tostring(u64(ctx, 0):tonumber())
+    ctx.info[#ctx.info + 1] = "done=" .. tostring(int(u64(ctx, 0):tonumber()))
     add_trailing(ctx, tree, 8)
     return true
 end
@@ -680,7 +688,7 @@ local function feature_body(ctx, tree)
     tree:add_le(F.argsz, range(ctx, 0, 4))
     add_flags(tree, F.feat_flags, range(ctx, 4, 4),
         { F.feat_index, F.feat_get, F.feat_set, F.feat_probe })
-    local index = band(flags, 0xFFFF)
+    local index = int(band(flags, 0xFFFF))
     if index == 0 and ctx.is_reply and ctx.request_seq then
         index = feature_of_seq[ctx.request_seq] or 0
     end
@@ -756,8 +764,8 @@ local function read_tlvs(tvb, tree, first, stop)
     local found = { violations = {}, fds = {} }
     local pos = first
     while pos + 4 <= stop do
-        local kind = tvb(pos, 2):le_uint()
-        local length = tvb(pos + 2, 2):le_uint()
+        local kind = int(tvb(pos, 2):le_uint())
+        local length = int(tvb(pos + 2, 2):le_uint())
         if pos + 4 + length > stop then
             tree:add_proto_expert_info(E.pseudo, "TLV at " .. pos .. " runs past the TLVs")
             break
@@ -807,30 +815,30 @@ local function message_header(tvb, tree, at)
     add_flags(header, F.flags, tvb(at + 8, 4), { F.flags_type, F.flags_no_reply, F.flags_error })
     header:add_le(F.error_no, tvb(at + 12, 4))
     return {
-        msg_id = tvb(at, 2):le_uint(), command = tvb(at + 2, 2):le_uint(),
-        size = tvb(at + 4, 4):le_uint(), flags = tvb(at + 8, 4):le_uint(),
-        error = tvb(at + 12, 4):le_uint(),
+        msg_id = int(tvb(at, 2):le_uint()), command = int(tvb(at + 2, 2):le_uint()),
+        size = int(tvb(at + 4, 4):le_uint()), flags = int(tvb(at + 8, 4):le_uint()),
+        error = int(tvb(at + 12, 4):le_uint()),
     }
 end
 
 function vfio_user.dissector(tvb, pinfo, tree)
     pinfo.cols.protocol = "vfio-user"
     local root = tree:add(vfio_user, tvb())
-    local length = tvb:len()
+    local length = int(tvb:len())
     if length < PSEUDO_SIZE or tvb(0, 4):string() ~= "VFUP" then
         root:add_proto_expert_info(E.pseudo, "no vfioproxy pseudo-header (magic VFUP)")
         pinfo.cols.info = "not a vfioproxy record"
         return
     end
-    local version = tvb(4, 1):uint()
-    local record, dir_byte, rflags = tvb(5, 1):uint(), tvb(6, 1):uint(), tvb(7, 1):uint()
-    local session = tvb(8, 4):le_uint()
-    local seq = tvb(12, 8):le_uint64():tonumber()
-    local t_ns = tvb(20, 8):le_uint64():tonumber()
-    local request_seq = band(rflags, 8) ~= 0 and tvb(28, 8):le_uint64():tonumber() or nil
-    local dma_layout = tvb(40, 1):uint()
-    local nfds = tvb(41, 1):uint()
-    local tlv_length = tvb(44, 4):le_uint()
+    local version = int(tvb(4, 1):uint())
+    local record, dir_byte, rflags = int(tvb(5, 1):uint()), int(tvb(6, 1):uint()),
+        int(tvb(7, 1):uint())
+    local session = int(tvb(8, 4):le_uint())
+    local seq = int(tvb(12, 8):le_uint64():tonumber())
+    local t_ns = int(tvb(20, 8):le_uint64():tonumber())
+    local request_seq = band(rflags, 8) ~= 0 and int(tvb(28, 8):le_uint64():tonumber()) or nil
+    local dma_layout = int(tvb(40, 1):uint())
+    local tlv_length = int(tvb(44, 4):le_uint())
     local stop = math.min(PSEUDO_SIZE + tlv_length, length)
 
     local pseudo = root:add(F.pseudo, tvb(0, stop))
@@ -951,9 +959,9 @@ function vfio_user.dissector(tvb, pinfo, tree)
     end
     local latency_text = ""
     if tlv.latency then
-        local ns = tlv.latency:le_uint64():tonumber()
+        local ns = int(tlv.latency:le_uint64():tonumber())
         local secs = math.floor(ns / 1e9)
-        root:add(F.time, tlv.latency, NSTime.new(secs, ns - secs * 1e9))
+        root:add(F.time, tlv.latency, NSTime.new(int(secs), int(ns - secs * 1e9)))
         root:add(F.latency, tlv.latency, ns / 1e3)
         latency_text = string.format(" (+%.1f us)", ns / 1e3)
     end
@@ -962,8 +970,14 @@ function vfio_user.dissector(tvb, pinfo, tree)
     local info = {}
     local cut = band(rflags, 4) ~= 0
     local o, n = mo + HEADER_SIZE, mlen - HEADER_SIZE
-    local ctx = { tvb = tvb, o = o, n = n, info = info, is_reply = is_reply, seq = seq,
-                  request_seq = request_seq, dma_layout = dma_layout }
+    -- a whole record the export cut to fit a packet: decoded as the whole
+    -- message (its fixed fields come first), its data as far as it is here
+    local export_cut = not cut and not short and mlen < h.size and
+        h.size == tvb(36, 4):le_uint()
+    if export_cut then n = h.size - HEADER_SIZE end
+    local ctx = { tvb = tvb, o = o, n = n, held = mlen - HEADER_SIZE, info = info,
+                  is_reply = is_reply, seq = seq, request_seq = request_seq,
+                  dma_layout = dma_layout }
     local decode_error = false
     for _, violation in ipairs(tlv.violations) do
         if violation.text:find("^decode_error:") then decode_error = true end
@@ -971,11 +985,11 @@ function vfio_user.dissector(tvb, pinfo, tree)
     local raw_reason
     if short then
         raw_reason = "shorter than the 16-byte header"
-    elseif h.size ~= mlen then
+    elseif h.size ~= mlen and not export_cut then
         raw_reason = cut and "only the start of the message is recorded"
             or "header size does not match the message length"
     elseif is_reply and is_error then
-        if n > 0 then root:add(F.error_payload, tvb(o, n)) end
+        if n > 0 then root:add(F.error_payload, range(ctx, 0, n)) end
     elseif mtype > 1 then
         raw_reason = "invalid message type"
     elseif (is_reply and REPLY_BODIES or COMMAND_BODIES)[h.command] == nil then
@@ -985,7 +999,7 @@ function vfio_user.dissector(tvb, pinfo, tree)
     elseif is_reply and n == 0 then
         -- a header-only reply: nothing more
     else
-        local body = root:add(F.body, tvb(o, n))
+        local body = root:add(F.body, range(ctx, 0, n))
         local parse = (is_reply and REPLY_BODIES or COMMAND_BODIES)[h.command]
         if not parse(ctx, body) then
             raw_reason = "payload too short"
@@ -996,19 +1010,25 @@ function vfio_user.dissector(tvb, pinfo, tree)
     if raw_reason then
         -- the codec keeps such bytes raw: the filter's data is all of them
         if short then
-            add_bytes({ tvb = tvb, o = mo }, root, F.data, 0, mlen)
+            add_bytes({ tvb = tvb, o = mo, held = mlen }, root, F.data, 0, mlen)
         else
             add_bytes(ctx, root, F.data, 0, n)
         end
-        if n > 0 then root:add(F.raw, tvb(o, n)):append_text(" (" .. raw_reason .. ")") end
+        if n > 0 then
+            root:add(F.raw, range(ctx, 0, n)):append_text(" (" .. raw_reason .. ")")
+        end
         if short then
             root:add_proto_expert_info(E.malformed, "a " .. mlen ..
                 "-byte message, shorter than the 16-byte header")
         end
     end
+    if export_cut then
+        root:add(F.wire_length, tvb(36, 4)):append_text(
+            " (the export cut the message to fit a packet: " .. mlen .. " bytes here)")
+    end
     if cut then
         root:add_proto_expert_info(E.cut_short, "the record holds " .. mlen .. " of " ..
-            tvb(36, 4):le_uint() .. " bytes")
+            int(tvb(36, 4):le_uint()) .. " bytes")
     end
 
     -- columns
