@@ -228,10 +228,7 @@ def test_bundled_trace_fields(trace: Path, tmp_path: Path, capsys: pytest.Captur
     tshark()
     counts = compare(trace, tmp_path)
     assert counts.messages > 0 and counts.fields > 10 * counts.messages
-    capsys.readouterr()
-    record_property("compared", str(counts))
-    with capsys.disabled():
-        print(f"\n  {trace.name}: {counts}")
+    report(trace.name, counts, capsys, record_property)
 
 
 # ------------------------------------------------------------------ written traces
@@ -360,11 +357,22 @@ def write_qemu_dma(path: Path) -> None:
             w.write_message(1, direction, next(t), data)
 
 
-def test_violations_and_expert_info(tmp_path: Path) -> None:
+def report(name: str, counts: Counts, capsys: pytest.CaptureFixture[str],
+           record_property: Any) -> None:
+    """Say what a comparison covered (pytest's output and its junit XML)."""
+    capsys.readouterr()
+    record_property("compared", str(counts))
+    with capsys.disabled():
+        print(f"\n  {name}: {counts}")
+
+
+def test_violations_and_expert_info(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    record_property: Any) -> None:
     tshark()
     trace = tmp_path / "hostile.trace"
     write_hostile(trace)
     counts = compare(trace, tmp_path)
+    report("hostile (written)", counts, capsys, record_property)
     records = jsonl(tmp_path / "hostile.jsonl")
     violated = [r for r in records if r.get("violations")]
     assert len(violated) >= 8 and counts.experts >= len(violated)
@@ -378,11 +386,13 @@ def test_violations_and_expert_info(tmp_path: Path) -> None:
     assert len(injected) == 1
 
 
-def test_qemu_dma_layout(tmp_path: Path) -> None:
+def test_qemu_dma_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        record_property: Any) -> None:
     tshark()
     trace = tmp_path / "qemu-dma.trace"
     write_qemu_dma(trace)
     counts = compare(trace, tmp_path)
+    report("qemu DMA layout (written)", counts, capsys, record_property)
     assert counts.messages == 8
     packets = dissect(tmp_path / "qemu-dma.pcapng",
                       'vfio_user.command == "DMA_READ" && vfio_user.kind == "reply"')

@@ -489,7 +489,7 @@ local function region_caps(ctx, first)
     return caps
 end
 
-local function add_region_cap(ctx, tree, cap, last)
+local function add_region_cap(ctx, tree, cap)
     local body = cap.pos + 8
     local size
     if cap.id == 1 then
@@ -546,7 +546,7 @@ local function region_info_body(ctx, tree)
     local text = region_name(index)
     if ctx.is_reply then text = text .. " size=" .. hex(u64(ctx, 16)) end
     ctx.info[#ctx.info + 1] = text
-    for i, cap in ipairs(caps) do add_region_cap(ctx, tree, cap, i == #caps) end
+    for _, cap in ipairs(caps) do add_region_cap(ctx, tree, cap) end
     if #caps == 0 then add_trailing(ctx, tree, 32) end
     return true
 end
