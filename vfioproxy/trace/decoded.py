@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from recorder.reader import Paused
 from recorder.records import EventKind, EventRecord, MessageRecord, Record, arrived_bytes
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
@@ -142,7 +143,7 @@ class DecodedRecords(Iterator[DecodedItem]):
 
     def __init__(
         self,
-        records: Iterable[Record],
+        records: Iterable[Record | Paused],
         *,
         dialects: Dialects | None = None,
         session: int | None = None,
@@ -174,9 +175,15 @@ class DecodedRecords(Iterator[DecodedItem]):
                 for d in Direction),
         )
 
-    def _walk(self, records: Iterable[Record], only: int | None) -> Iterator[DecodedItem]:
+    def _walk(self, records: Iterable[Record | Paused], only: int | None,
+              ) -> Iterator[DecodedItem]:
         pending: MessageRecord | None = None
         for record in records:
+            if isinstance(record, Paused):  # a followed file stopped growing: let go
+                if pending is not None:
+                    yield from self._decode(pending, None)
+                    pending = None
+                continue
             if only is not None and record.session != only:
                 continue
             if pending is not None:
@@ -240,7 +247,7 @@ class DecodedRecords(Iterator[DecodedItem]):
 
 
 def decoded_records(
-    records: Iterable[Record],
+    records: Iterable[Record | Paused],
     *,
     dialects: Dialects | None = None,
     session: int | None = None,
@@ -255,6 +262,9 @@ def decoded_records(
     attributed to the injection (:attr:`Violation.caused_by`). At most
     ``max_open_sessions`` sessions' states are kept (see the module's
     docstring); :meth:`DecodedRecords.statistics` says how many are.
+    ``records`` may be :meth:`~recorder.reader.TraceReader.follow`'s: at each
+    :data:`~recorder.reader.PAUSED` the message held back to see an
+    ``inject`` event after it is decoded without one.
     """
     return DecodedRecords(records, dialects=dialects, session=session,
                           max_open_sessions=max_open_sessions)
