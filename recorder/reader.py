@@ -72,12 +72,12 @@ class _Following:
         self.gone = False
 
     def wait(self, fd: int, size: int) -> bool:
-        """Call ``idle``, then sleep ``poll`` seconds at a time until the file
-        holds more than ``size`` bytes (True), or its path names no file or
-        another one (False, once what it held then has been read)."""
-        if self.idle is not None:
-            self.idle()
+        """Sleep ``poll`` seconds at a time, calling ``idle`` before each sleep,
+        until the file holds more than ``size`` bytes (True), or its path names
+        no file or another one (False, once what it held then has been read)."""
         while not self.gone:
+            if self.idle is not None:
+                self.idle()
             time.sleep(self.poll)
             try:
                 st = os.stat(self.path)
@@ -203,12 +203,14 @@ class TraceReader(Closing):
         """The records, as iterating yields them, and then those a writer still
         appends: at the end of the file, or at a record not yet whole, it
         yields :data:`PAUSED` (a lenient reader first lets go of the record it
-        holds), calls ``idle`` (to flush what was written of them) and looks
-        again every ``poll`` seconds until the file grows. It ends when the
-        path is unlinked or names another file (after reading what the file
-        held then), or when the consumer stops; a signal's exception
-        (KeyboardInterrupt) raised while it sleeps propagates. Reading only:
-        the writer never waits for it."""
+        holds), then, when the consumer comes back, looks again every
+        ``poll`` seconds until the file grows, calling ``idle`` before each
+        sleep (to flush what was made of the records; what it raises ends
+        the iteration and propagates). It ends when the path is unlinked or
+        names another file (after reading what the file held then), or when
+        the consumer stops; a signal's exception (KeyboardInterrupt) raised
+        while it sleeps propagates. Reading only: the writer never waits for
+        it."""
         return self._records(_Following(self.path, self._file.fileno(), poll, idle))
 
     def _records(self, follow: _Following | None) -> Iterator[Record | Paused]:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO, cast
 
@@ -39,7 +39,7 @@ from vfioproxy.trace.timeline.html import write_html
 from vfioproxy.trace.timeline.model import SessionTimeline
 from vfioproxy.trace.timeline.png import PNG_HINT, have_matplotlib, write_png
 from vfioproxy.trace.timeline.table import session_lines
-from vfioproxy.usage.output import claim_file, is_directory
+from vfioproxy.usage.output import check_reader, claim_file, is_directory
 from vfioproxy.usage.types import integer, span
 
 __all__ = ["add_trace_commands"]
@@ -437,7 +437,7 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
             else:
                 out = sys.stdout if to_stdout else stack.enter_context(
                     open(args.output, "w", encoding="utf-8", newline=""))
-            records = reader.follow(idle=out.flush) if args.follow else None
+            records = reader.follow(idle=_flusher(out)) if args.follow else None
             try:
                 _export_to(reader, args, out, records)
             except KeyboardInterrupt:
@@ -445,6 +445,21 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
                     raise
                 return 0  # Ctrl-C is how a follower ends
         return _warn_truncated(reader)
+
+
+def _flusher(out: IO[Any]) -> Callable[[], None]:
+    """What a follower calls at each look at the trace: flush ``out`` (show
+    what came), and raise BrokenPipeError when no one reads it any more."""
+    try:
+        fd: int | None = out.fileno()
+    except (OSError, ValueError):  # a stream of no file (a test's)
+        fd = None
+
+    def idle() -> None:
+        out.flush()
+        if fd is not None:
+            check_reader(fd)
+    return idle
 
 
 def _export_to(reader: TraceReader, args: argparse.Namespace, out: IO[Any],
