@@ -417,3 +417,14 @@ def test_tshark_reads_every_record_at_its_time_on_its_interface(capsys, tmp_path
         assert interface == ("trace" if record.session is None else f"session {record.session}")
         assert (int(captured), int(length)) == (packet["captured"], packet["original"])
         assert dissector == "vfio_user"
+
+
+def test_a_session_resumed_after_its_state_was_dropped_keeps_its_known_dma_layout(
+        capsys, tmp_path):
+    trace = tmp_path / "t.trace"
+    with TraceWriter(trace, TraceHeader.now("test", {})) as writer:
+        version_exchange(writer)  # session 1: its layouts are known from here on
+        writer.append_message(2, Direction.C2S, 1, read_cmd(1), ())  # drops session 1
+        writer.append_message(1, Direction.C2S, 2, read_cmd(2), ())  # resumes it
+    packets = export(capsys, trace, tmp_path, "--max-open-sessions", "1").packets
+    assert [(p["session"], p["dma_layout"]) for p in packets] == [(1, 1), (1, 1), (2, 0), (1, 1)]

@@ -155,8 +155,9 @@ class DecodedRecords(Iterator[DecodedItem]):
         self._dialects = dialects
         # open sessions, the one idle the longest first
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
-        # dropped sessions: their message counts per direction and DMA layouts
-        self._evicted: OrderedDict[int, tuple[dict[Direction, int], Dialects, bool]] = (
+        # dropped sessions: their message counts per direction and DMA layouts (None:
+        # not known yet)
+        self._evicted: OrderedDict[int, tuple[dict[Direction, int], Dialects | None, bool]] = (
             OrderedDict())
         self._peak = 0
         self._evictions = 0
@@ -216,7 +217,7 @@ class DecodedRecords(Iterator[DecodedItem]):
         if len(self._sessions) >= self.max_open_sessions:
             gone, state = self._sessions.popitem(last=False)
             self._evictions += 1
-            self._evicted[gone] = (dict(state.state.counts), state.state.dialects,
+            self._evicted[gone] = (dict(state.state.counts), state.state.known_dialects,
                                    state.announced)
             if len(self._evicted) > EVICTED_MEMORY * self.max_open_sessions:
                 self._evicted.popitem(last=False)
@@ -225,13 +226,14 @@ class DecodedRecords(Iterator[DecodedItem]):
                 f"more than {self.max_open_sessions} sessions open at once "
                 f"(--max-open-sessions): the decoding state of session {gone}, idle the "
                 "longest, is dropped; if it goes on, it is decoded afresh", record.t_ns)
-        state = self._sessions[session] = _Session(self._dialects)
-        self._peak = max(self._peak, len(self._sessions))
         evicted = self._evicted.pop(session, None)
+        known = None if evicted is None else evicted[1]
+        # a DMA layout known before is kept (and known): the VERSION is not seen again
+        state = self._sessions[session] = _Session(self._dialects if known is None else known)
+        self._peak = max(self._peak, len(self._sessions))
         if evicted is not None:
-            counts, dialects, announced = evicted
+            counts, _, announced = evicted
             state.state.counts.update(counts)
-            state.state.dialects = dialects
             state.announced = announced
             yield SessionNotice(
                 session, "resumed",
