@@ -219,7 +219,8 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p_export.add_argument("--follow", action="store_true",
                           help="keep reading a trace that is still being recorded, writing "
                           "(and flushing) its records as they come, until the trace is "
-                          "removed or Ctrl-C (not with parquet)")
+                          "removed, the output pipe closes or Ctrl-C, each exit 0 (not with "
+                          "parquet)")
     p_export.set_defaults(func=cmd_trace_export)
 
     p_query = trace_commands.add_parser(
