@@ -254,6 +254,9 @@ def test_a_qemu_client_replies_in_the_qemu_dma_layout(capsys, tmp_path):
     packets = _messages(export(capsys, GPIO, tmp_path))
     assert {p["dma_layout"] for p in packets if p["dir"] == 0} == {2}
     assert {p["dma_layout"] for p in packets if p["dir"] == 1} == {1}
+    told = _messages(export(capsys, GPIO, tmp_path, "--client-dma", "spec", "--server-dma",
+                            "qemu"))
+    assert [p["dma_layout"] for p in told] == [1 if p["dir"] == 0 else 2 for p in told]
 
 
 def test_a_message_longer_than_a_packet_is_cut_and_says_so(capsys, tmp_path):
