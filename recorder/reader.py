@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Generator, Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, cast
 
 import attrs
 import msgpack  # type: ignore[import-untyped]
@@ -26,7 +27,7 @@ from recorder.records import (
     TraceHeader,
 )
 
-__all__ = ["DamagedRecord", "SessionSummary", "TraceReader"]
+__all__ = ["FOLLOW_POLL", "PAUSED", "DamagedRecord", "Paused", "SessionSummary", "TraceReader"]
 
 #: how much is read from the file at a time (more when a record is bigger)
 CHUNK = 256 * 1024
@@ -40,6 +41,52 @@ _RECORD_START = re.compile(rb"[\x80-\x8f]\xa1k\xa1[me]")
 
 #: the header's first map entry, "magic": "vfioproxy-trace", as msgpack bytes
 SIGNATURE = msgpack.packb("magic") + msgpack.packb(FORMAT_MAGIC)
+
+#: seconds :meth:`TraceReader.follow` waits between looks at a file that
+#: stopped growing
+FOLLOW_POLL = 0.1
+
+
+@attrs.frozen
+class Paused:
+    """What :meth:`TraceReader.follow` yields when it has read every whole
+    record the file holds and waits for more: a reader of its records that
+    holds one back (to see what follows it) lets it go now."""
+
+
+#: the one :class:`Paused`
+PAUSED = Paused()
+
+
+class _Following:
+    """How :meth:`TraceReader.follow` waits for the file to grow."""
+
+    def __init__(self, path: str, fd: int, poll: float, idle: Callable[[], None] | None) -> None:
+        if poll <= 0:
+            raise ValueError(f"poll must be positive, got {poll}")
+        self.path = path
+        self.poll = poll
+        self.idle = idle
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        self.gone = False
+
+    def wait(self, fd: int, size: int) -> bool:
+        """Sleep ``poll`` seconds at a time, calling ``idle`` before each sleep,
+        until the file holds more than ``size`` bytes (True), or its path names
+        no file or another one (False, once what it held then has been read)."""
+        while not self.gone:
+            if self.idle is not None:
+                self.idle()
+            time.sleep(self.poll)
+            try:
+                st = os.stat(self.path)
+                self.gone = (st.st_dev, st.st_ino) != self.identity
+            except FileNotFoundError:
+                self.gone = True
+            if os.fstat(fd).st_size > size:
+                return True
+        return False
 
 
 @attrs.frozen
@@ -148,6 +195,25 @@ class TraceReader(Closing):
         )
 
     def __iter__(self) -> Iterator[Record]:
+        # without following, no PAUSED is yielded
+        return cast(Iterator[Record], self._records(None))
+
+    def follow(self, *, poll: float = FOLLOW_POLL,
+               idle: Callable[[], None] | None = None) -> Iterator[Record | Paused]:
+        """The records, as iterating yields them, and then those a writer still
+        appends: at the end of the file, or at a record not yet whole, it
+        yields :data:`PAUSED` (a lenient reader first lets go of the record it
+        holds), then, when the consumer comes back, looks again every
+        ``poll`` seconds until the file grows, calling ``idle`` before each
+        sleep (to flush what was made of the records; what it raises ends
+        the iteration and propagates). It ends when the path is unlinked or
+        names another file (after reading what the file held then), or when
+        the consumer stops; a signal's exception (KeyboardInterrupt) raised
+        while it sleeps propagates. Reading only: the writer never waits for
+        it."""
+        return self._records(_Following(self.path, self._file.fileno(), poll, idle))
+
+    def _records(self, follow: _Following | None) -> Iterator[Record | Paused]:
         self.truncated_after = None
         self.trailing_bytes = 0
         self.skipped = 0
@@ -155,9 +221,13 @@ class TraceReader(Closing):
         self.damaged_count = 0
         self._last_seq = 0
         if self.skip_damaged:
-            yield from self._lenient()
+            yield from self._lenient(follow)
             return
-        for index, offset, size, wire in self._frames(self._body_offset, 1):
+        for frame in self._frames(self._body_offset, 1, follow):
+            if frame is None:
+                yield PAUSED
+                continue
+            index, offset, size, wire = frame
             try:
                 record = self._checked(wire, size)
             except TraceError as exc:
@@ -168,17 +238,27 @@ class TraceReader(Closing):
             self._last_seq = record.seq
             yield record
 
-    def _lenient(self) -> Iterator[Record]:
+    def _lenient(self, follow: _Following | None) -> Iterator[Record | Paused]:
         """The records past damage (``skip_damaged``), one record behind the file.
 
         A seq that does not increase is damage, but which one: a record whose
         seq jumped ahead, or the next whose seq went back? Each record is held
         until the next one is read: when the next one's seq is not above the
         held one's but is above the last yielded, the held one jumped ahead
-        and is skipped; otherwise the next one went back and is."""
+        and is skipped; otherwise the next one went back and is. When following,
+        the held record is let go at each pause (a next one whose seq is not
+        above it is then the damaged one)."""
         held: tuple[Record, int, int, int] | None = None  # record, index, offset, size
         yielded = 0
-        for index, offset, size, wire in self._frames(self._body_offset, 1):
+        for frame in self._frames(self._body_offset, 1, follow):
+            if frame is None:
+                if held is not None:
+                    yielded = held[0].seq
+                    yield held[0]
+                    held = None
+                yield PAUSED
+                continue
+            index, offset, size, wire = frame
             try:
                 record = self._record(wire, size)
             except TraceError as exc:
@@ -259,11 +339,13 @@ class TraceReader(Closing):
         self._check_signature()
         frames = self._frames(0, 0)
         try:
-            _, _, size, wire = next(frames)
+            frame = next(frames)
         except StopIteration:
             raise self._torn_header(self.trailing_bytes) from None
         finally:
             frames.close()
+        assert frame is not None  # only a follower pauses
+        _, _, size, wire = frame
         where: dict[str, Any] = {"path": self.path, "record": 0, "offset": 0}
         if size > self.limits.max_event_bytes:
             raise TraceLimitError(
@@ -320,12 +402,16 @@ class TraceReader(Closing):
             offset=0,
         )
 
-    def _frames(self, offset: int, index: int) -> Generator[tuple[int, int, int, Any], None, None]:
+    def _frames(self, offset: int, index: int, follow: _Following | None = None,
+                ) -> Generator[tuple[int, int, int, Any] | None, None, None]:
         """Yield (index, offset, size, decoded msgpack) of each whole record from ``offset``.
 
         At the end of the file, records a torn tail in the truncation
-        attributes. Bytes that do not frame as msgpack raise, or with
-        ``skip_damaged`` are skipped up to the next record (:meth:`_resync`).
+        attributes; with ``follow``, yields None first and waits for the file
+        to grow (a record not yet whole is not damage), and ends only when
+        :meth:`_Following.wait` says the file is gone. Bytes that do not frame
+        as msgpack raise, or with ``skip_damaged`` are skipped up to the next
+        record (:meth:`_resync`).
         """
         fd = self._file.fileno()
         limits = self.limits
@@ -347,8 +433,12 @@ class TraceReader(Closing):
                         ) from None
                     there = os.fstat(fd).st_size - (base + pos)  # bytes from the record on
                     if need > there or there == len(buf) - pos:
+                        if follow is not None and index:
+                            yield None
+                            if follow.wait(fd, base + pos + there):
+                                continue
                         found = None
-                        if index and there > 0 and self.skip_damaged:
+                        if index and there > 0 and self.skip_damaged and follow is None:
                             found = self._resync(base + pos + 1)
                         if found is not None:  # not a torn tail: damage before a record
                             self._damage(TraceFormatError(

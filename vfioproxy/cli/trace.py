@@ -8,11 +8,13 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import IO, Any, BinaryIO, TextIO, cast
 
 from recorder.errors import TraceFormatError
-from recorder.reader import TraceReader
+from recorder.reader import Paused, TraceReader
+from recorder.records import Record
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
 from vfioproxy.replay.cli import add_ignore_options, ignore_rules
@@ -37,7 +39,7 @@ from vfioproxy.trace.timeline.html import write_html
 from vfioproxy.trace.timeline.model import SessionTimeline
 from vfioproxy.trace.timeline.png import PNG_HINT, have_matplotlib, write_png
 from vfioproxy.trace.timeline.table import session_lines
-from vfioproxy.usage.output import claim_file, is_directory
+from vfioproxy.usage.output import check_reader, claim_file, is_directory
 from vfioproxy.usage.types import integer, span
 
 __all__ = ["add_trace_commands"]
@@ -203,7 +205,9 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                           "typed messages and events tables in -o OUTDIR (needs "
                           "vfioproxy[sql]); pcapng: a packet per record, for Wireshark "
                           "(docs/pcapng.md)")
-    p_export.add_argument("-o", "--output", metavar="OUT", default="-",
+    p_export.add_argument("out", metavar="OUT", nargs="?",
+                          help="output file, as -o OUT (- for stdout)")
+    p_export.add_argument("-o", "--output", metavar="OUT",
                           help="output file (default: - for stdout); with --format "
                           "parquet the directory written")
     p_export.add_argument("--force", action="store_true",
@@ -212,6 +216,11 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                           help="fill the step field: label each message with its QEMU realize "
                           "step (holds each session's messages until it ends; -Y 'step ...' "
                           "implies it)")
+    p_export.add_argument("--follow", action="store_true",
+                          help="keep reading a trace that is still being recorded, writing "
+                          "(and flushing) its records as they come, until the trace is "
+                          "removed, the output pipe closes or Ctrl-C, each exit 0 (not with "
+                          "parquet)")
     p_export.set_defaults(func=cmd_trace_export)
 
     p_query = trace_commands.add_parser(
@@ -333,13 +342,15 @@ def _selected(reader: TraceReader, args: argparse.Namespace) -> Iterator[Decoded
 
 
 def _selected_facts(reader: TraceReader, args: argparse.Namespace, flt: Filter | None,
-                    limit: int | None) -> Iterator[tuple[DecodedItem, Facts | None]]:
+                    limit: int | None, records: Iterable[Record | Paused] | None = None,
+                    ) -> Iterator[tuple[DecodedItem, Facts | None]]:
     """The items ``--session`` and ``flt`` keep (at most ``limit`` messages),
     each message's with its filter fields; step labels only with ``--steps``
     (or a filter on ``step``), which holds each session's messages until it
-    ends; the rest streams."""
-    items = decoded_records(reader, dialects=dialects(args), session=args.session,
-                            max_open_sessions=args.max_open_sessions)
+    ends; the rest streams. ``records``: the reader's, followed (default:
+    read once)."""
+    items = decoded_records(reader if records is None else records, dialects=dialects(args),
+                            session=args.session, max_open_sessions=args.max_open_sessions)
     steps = getattr(args, "steps", False) or (
         args.compiled is not None and "step" in args.compiled.fields)
     return select_facts(items, flt, limit, reader.header, steps=steps)
@@ -399,37 +410,17 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
 
 def cmd_trace_export(args: argparse.Namespace) -> int:
     _compile(args)
+    if args.out is not None and args.output is not None and args.out != args.output:
+        raise UsageError(f"two outputs: -o {args.output} and {args.out}")
+    args.output = args.out or args.output or "-"
     if args.format == "parquet":
+        if args.follow:
+            raise UsageError("--follow streams records as they come: --format parquet writes "
+                             "whole tables (export once the recording ends)")
         return _export_parquet(args)
-    if args.format == "pcapng":
-        return _export_pcapng(args)
+    binary = args.format == "pcapng"
     to_stdout = args.output == "-"
-    if not to_stdout:
-        if is_directory(args.output):
-            raise UsageError(f"{args.output} is a directory: -o names the one file written")
-        claim_file(args.output, force=args.force)
-    with _open(args.file) as reader:
-        _check_session(args)
-        with contextlib.ExitStack() as stack:
-            out = sys.stdout if to_stdout else stack.enter_context(
-                open(args.output, "w", encoding="utf-8", newline=""))
-            if args.format == "pairs":  # pairing reads every message; the filter picks pairs
-                every = _selected_facts(reader, args, None, None)
-                export.write_pairs(every, out, args.compiled, args.count)
-            else:
-                kept = _selected_facts(reader, args, args.compiled, args.count)
-                if args.format == "jsonl":
-                    export.write_jsonl(kept, out)
-                else:
-                    export.write_csv(kept, out)
-        return _warn_truncated(reader)
-
-
-def _export_pcapng(args: argparse.Namespace) -> int:
-    """``trace export --format pcapng``: binary, to -o OUT or to stdout when it
-    is not a terminal."""
-    to_stdout = args.output == "-"
-    if to_stdout and sys.stdout.isatty():
+    if binary and to_stdout and sys.stdout.isatty():
         raise UsageError("pcapng is binary: not writing it to a terminal (-o FILE, or pipe "
                          "it: | wireshark -k -i -)")
     if not to_stdout:
@@ -437,14 +428,58 @@ def _export_pcapng(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.output} is a directory: -o names the one file written")
         claim_file(args.output, force=args.force)
     with _open(args.file) as reader:
-        _check_session(args)
+        if not args.follow:  # a followed trace may hold the session later
+            _check_session(args)
         with contextlib.ExitStack() as stack:
-            out = sys.stdout.buffer if to_stdout else stack.enter_context(
-                open(args.output, "wb"))
-            kept = _selected_facts(reader, args, args.compiled, args.count)
-            pcapng.write_pcapng(kept, reader.header, out)
-            out.flush()
+            out: IO[Any]
+            if binary:  # buffered even when Python's own stdout is not (-u)
+                out = stack.enter_context(open(sys.stdout.fileno() if to_stdout else args.output,
+                                               "wb", closefd=not to_stdout))
+            else:
+                out = sys.stdout if to_stdout else stack.enter_context(
+                    open(args.output, "w", encoding="utf-8", newline=""))
+            records = reader.follow(idle=_flusher(out)) if args.follow else None
+            try:
+                _export_to(reader, args, out, records)
+            except KeyboardInterrupt:
+                if not args.follow:
+                    raise
+                return 0  # Ctrl-C is how a follower ends
         return _warn_truncated(reader)
+
+
+def _flusher(out: IO[Any]) -> Callable[[], None]:
+    """What a follower calls at each look at the trace: flush ``out`` (show
+    what came), and raise BrokenPipeError when no one reads it any more."""
+    try:
+        fd: int | None = out.fileno()
+    except (OSError, ValueError):  # a stream of no file (a test's)
+        fd = None
+
+    def idle() -> None:
+        out.flush()
+        if fd is not None:
+            check_reader(fd)
+    return idle
+
+
+def _export_to(reader: TraceReader, args: argparse.Namespace, out: IO[Any],
+               records: Iterable[Record | Paused] | None) -> None:
+    """Write the records of ``reader`` (``records``: followed) in ``--format``,
+    streaming, to ``out``."""
+    text = cast(TextIO, out)  # binary for pcapng only
+    if args.format == "pairs":  # pairing reads every message; the filter picks pairs
+        every = _selected_facts(reader, args, None, None, records)
+        export.write_pairs(every, text, args.compiled, args.count)
+    else:
+        kept = _selected_facts(reader, args, args.compiled, args.count, records)
+        if args.format == "pcapng":
+            pcapng.write_pcapng(kept, reader.header, cast(BinaryIO, out))
+        elif args.format == "jsonl":
+            export.write_jsonl(kept, text)
+        else:
+            export.write_csv(kept, text)
+    out.flush()
 
 
 def _export_parquet(args: argparse.Namespace) -> int:

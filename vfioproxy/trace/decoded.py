@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from recorder.reader import Paused
 from recorder.records import EventKind, EventRecord, MessageRecord, Record, arrived_bytes
 from vfioproxy.protocol.codec import Dialects
 from vfioproxy.protocol.header import Command
@@ -142,7 +143,7 @@ class DecodedRecords(Iterator[DecodedItem]):
 
     def __init__(
         self,
-        records: Iterable[Record],
+        records: Iterable[Record | Paused],
         *,
         dialects: Dialects | None = None,
         session: int | None = None,
@@ -154,8 +155,9 @@ class DecodedRecords(Iterator[DecodedItem]):
         self._dialects = dialects
         # open sessions, the one idle the longest first
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
-        # dropped sessions: their message counts per direction and DMA layouts
-        self._evicted: OrderedDict[int, tuple[dict[Direction, int], Dialects, bool]] = (
+        # dropped sessions: their message counts per direction and DMA layouts (None:
+        # not known yet)
+        self._evicted: OrderedDict[int, tuple[dict[Direction, int], Dialects | None, bool]] = (
             OrderedDict())
         self._peak = 0
         self._evictions = 0
@@ -174,9 +176,15 @@ class DecodedRecords(Iterator[DecodedItem]):
                 for d in Direction),
         )
 
-    def _walk(self, records: Iterable[Record], only: int | None) -> Iterator[DecodedItem]:
+    def _walk(self, records: Iterable[Record | Paused], only: int | None,
+              ) -> Iterator[DecodedItem]:
         pending: MessageRecord | None = None
         for record in records:
+            if isinstance(record, Paused):  # a followed file stopped growing: let go
+                if pending is not None:
+                    yield from self._decode(pending, None)
+                    pending = None
+                continue
             if only is not None and record.session != only:
                 continue
             if pending is not None:
@@ -209,7 +217,7 @@ class DecodedRecords(Iterator[DecodedItem]):
         if len(self._sessions) >= self.max_open_sessions:
             gone, state = self._sessions.popitem(last=False)
             self._evictions += 1
-            self._evicted[gone] = (dict(state.state.counts), state.state.dialects,
+            self._evicted[gone] = (dict(state.state.counts), state.state.known_dialects,
                                    state.announced)
             if len(self._evicted) > EVICTED_MEMORY * self.max_open_sessions:
                 self._evicted.popitem(last=False)
@@ -218,13 +226,14 @@ class DecodedRecords(Iterator[DecodedItem]):
                 f"more than {self.max_open_sessions} sessions open at once "
                 f"(--max-open-sessions): the decoding state of session {gone}, idle the "
                 "longest, is dropped; if it goes on, it is decoded afresh", record.t_ns)
-        state = self._sessions[session] = _Session(self._dialects)
-        self._peak = max(self._peak, len(self._sessions))
         evicted = self._evicted.pop(session, None)
+        known = None if evicted is None else evicted[1]
+        # a DMA layout known before is kept (and known): the VERSION is not seen again
+        state = self._sessions[session] = _Session(self._dialects if known is None else known)
+        self._peak = max(self._peak, len(self._sessions))
         if evicted is not None:
-            counts, dialects, announced = evicted
+            counts, _, announced = evicted
             state.state.counts.update(counts)
-            state.state.dialects = dialects
             state.announced = announced
             yield SessionNotice(
                 session, "resumed",
@@ -240,7 +249,7 @@ class DecodedRecords(Iterator[DecodedItem]):
 
 
 def decoded_records(
-    records: Iterable[Record],
+    records: Iterable[Record | Paused],
     *,
     dialects: Dialects | None = None,
     session: int | None = None,
@@ -255,6 +264,9 @@ def decoded_records(
     attributed to the injection (:attr:`Violation.caused_by`). At most
     ``max_open_sessions`` sessions' states are kept (see the module's
     docstring); :meth:`DecodedRecords.statistics` says how many are.
+    ``records`` may be :meth:`~recorder.reader.TraceReader.follow`'s: at each
+    :data:`~recorder.reader.PAUSED` the message held back to see an
+    ``inject`` event after it is decoded without one.
     """
     return DecodedRecords(records, dialects=dialects, session=session,
                           max_open_sessions=max_open_sessions)

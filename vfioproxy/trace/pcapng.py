@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
+import attrs
+
 from recorder.records import TOOL_VERSION, EventRecord, FdRecord, MessageRecord, TraceHeader
 from vfioproxy.protocol.bodies import DmaLayout
 from vfioproxy.side import Direction
@@ -177,7 +179,6 @@ class PcapngWriter:
         self.interfaces: dict[int, int] = {}
         #: packets written
         self.packets = 0
-        self._created = wall_ns(header, header.mono_ns)
         comments = [(_OPT_COMMENT, _cut(line)) for line in header_comments(header)]
         options = [(_SHB_USERAPPL, _cut(f"vfioproxy {TOOL_VERSION} trace export")), *comments]
         out.write(_block(_SHB, struct.pack("<IHHq", _BYTE_ORDER_MAGIC, 1, 0, -1)
@@ -202,8 +203,7 @@ class PcapngWriter:
             number = self.interfaces[session] = len(self.interfaces) + 1
             if first is not None and first.kind == "session_open":
                 peers = {k: v for k, v in first.data.items() if k not in _NOT_PEERS}
-                said = event_text(EventRecord(first.seq, first.session, first.t_ns, first.kind,
-                                              peers)) if peers else ""
+                said = event_text(attrs.evolve(first, data=peers)) if peers else ""
                 description = f"vfio-user session {session}" + (f": {said}" if said else "")
             else:
                 description = f"vfio-user session {session}"
@@ -259,7 +259,8 @@ class PcapngWriter:
         violation = item.violation
         tlvs = [_tlv(TLV_VIOLATION, _cut(f"{violation.kind}: {violation}")),
                 *(_fd_tlv(fd) for fd in record.fds), _tlv(TLV_TORN, _cut(item.text))]
-        head = pseudo_header(RECORD_TORN, DIRS[record.direction], FLAG_VIOLATION,
+        flags = FLAG_VIOLATION | (FLAG_CUT if record.length is not None else 0)
+        head = pseudo_header(RECORD_TORN, DIRS[record.direction], flags,
                              record.session, record.seq, record.t_ns, 0, record.wire_length, 0,
                              len(record.fds), tlvs)
         self._packet(record.session, None, record.t_ns, head, record)

@@ -9,14 +9,16 @@ the command itself writes there, never other files.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from vfioproxy.errors import UsageError
 
-__all__ = ["claim_directory", "claim_file", "fresh_file", "is_directory"]
+__all__ = ["check_reader", "claim_directory", "claim_file", "fresh_file", "is_directory"]
 
 
 def is_directory(text: str | os.PathLike[str]) -> bool:
@@ -69,3 +71,15 @@ def claim_directory(
             shutil.rmtree(target)
         else:
             target.unlink()
+
+
+def check_reader(fd: int) -> None:
+    """Raise :class:`BrokenPipeError` when the reader of the pipe or socket
+    ``fd`` writes to has gone (what a write would find, known without one:
+    a follower waiting for more to write ends at once). A file or terminal
+    never has."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    for _, events in poller.poll(0):
+        if events & (select.POLLERR | select.POLLHUP):
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
