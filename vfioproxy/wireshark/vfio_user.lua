@@ -904,6 +904,10 @@ function vfio_user.dissector(tvb, pinfo, tree)
             root:add_proto_expert_info(E.violation, violation.text)
         end
         root:add_proto_expert_info(E.torn, "torn message: " .. why)
+        if band(rflags, 4) ~= 0 then
+            root:add_proto_expert_info(E.cut_short, "the record holds " .. mlen .. " of the " ..
+                int(tvb(36, 4):le_uint()) .. " bytes that arrived")
+        end
         pinfo.cols.info = dir .. " #" .. seq .. " s" .. session .. " torn message: " .. why
         return
     end
