@@ -877,6 +877,7 @@ function vfio_user.dissector(tvb, pinfo, tree)
             root:add(F.event_data, tlv.event_data)
             data = " " .. tlv.event_data:string(ENC_UTF_8)
         end
+        pinfo.cols.src = "vfioproxy"
         pinfo.cols.info = "#" .. seq .. " s" .. session .. " --- " .. kind .. data
         root:append_text(", event " .. kind)
         return
@@ -884,6 +885,11 @@ function vfio_user.dissector(tvb, pinfo, tree)
 
     local dir = DIRECTIONS[dir_byte] or ("dir" .. dir_byte)
     root:add(F.dir, tvb(6, 1), dir)
+    -- the Source and Destination columns: who sent it, who received it
+    local sender, receiver = "client", "server"
+    if dir == "s2c" then sender, receiver = "server", "client" end
+    pinfo.cols.src = sender .. " s" .. session
+    pinfo.cols.dst = receiver .. " s" .. session
     for _, fd in ipairs(tlv.fds) do
         local sub = root:add(F.fd, fd.range)
         sub:add_le(F.fd_size, fd.size)
