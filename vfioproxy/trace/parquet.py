@@ -75,6 +75,10 @@ BATCH_ROWS = 10_000
 _LEFT_OUT = frozenset({"data"})
 _RENAMED = {"fd.kind": "fd_kinds"}
 
+#: the fields :func:`values` gives a ``messages`` row (``time`` is set apart:
+#: a datetime, not its ISO 8601 text)
+_ROW_FIELDS = tuple(spec for spec in FIELDS if spec.name not in _LEFT_OUT | {"time"})
+
 #: the ``messages`` columns, in order
 MESSAGE_COLUMNS: tuple[str, ...] = (
     "host", "trace", "t_ns",
@@ -212,25 +216,21 @@ class _Table:
         self.path = path
         self.schema = schema
         self.writer = pq.ParquetWriter(path, schema)
-        self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.pending: list[dict[str, Any]] = []
         self.rows = 0
-        self.pending = 0
 
     def add(self, row: dict[str, Any]) -> None:
-        for name, column in self.columns.items():
-            column.append(row[name])
-        self.pending += 1
-        if self.pending >= BATCH_ROWS:
+        """Hold ``row`` (its keys not in the schema are left out); a batch when full."""
+        self.pending.append(row)
+        if len(self.pending) >= BATCH_ROWS:
             self.flush()
 
     def flush(self) -> None:
         if self.pending:
-            batch = self.pa.RecordBatch.from_pydict(self.columns, schema=self.schema)
+            batch = self.pa.RecordBatch.from_pylist(self.pending, schema=self.schema)
             self.writer.write_batch(batch)
-            self.rows += self.pending
-            self.pending = 0
-            for column in self.columns.values():
-                column.clear()
+            self.rows += len(self.pending)
+            self.pending = []
 
     def close(self) -> None:
         self.flush()
@@ -303,7 +303,7 @@ def write_parquet(selected: Iterable[tuple[DecodedItem, Facts | None]], header: 
         try:
             for item, facts in selected:
                 if isinstance(item, DecodedMessage) and facts is not None:
-                    row = values(facts, raw_bytes=True)  # data: left out, not hexed
+                    row = values(facts, raw_bytes=True, fields=_ROW_FIELDS)
                     for name, new in _RENAMED.items():
                         row[new] = row.pop(name)
                     time = None if facts.wall is None else facts.wall(facts.t_ns)
