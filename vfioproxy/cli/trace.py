@@ -68,7 +68,8 @@ examples:
 messages: a row per message, a column per display filter field (fd.kind as
 fd_kinds, data left out) after host, trace and t_ns; events: a row per event
 record. The columns are trace export --format parquet's (README: SQL over
-traces)."""
+traces); a directory exported with --partition-by gets host and date from
+its paths."""
 
 TIMELINE_EXAMPLES = """\
 examples:
