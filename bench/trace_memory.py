@@ -139,13 +139,28 @@ def _templates() -> list[list[MessageRecord | EventRecord]]:
 
 def gen_realistic(path: Path, size: int) -> None:
     """The real traces' sessions over and over, one after the other, up to ``size`` bytes."""
+    write_realistic(path, size=size)
+
+
+def write_realistic(path: Path, *, size: int | None = None, messages: int | None = None,
+                    source: str = "bench realistic") -> int:
+    """Write the real traces' sessions over and over into ``path`` (renumbered,
+    one after the other, each opened and closed) until the file holds ``size``
+    bytes or ``messages`` messages (whichever comes first; one of them must be
+    given), stopping at the end of a session. Returns the messages written.
+    Importable: ``bench/sql_scale.py`` generates its traces with it."""
     from recorder.records import MessageRecord
 
+    if size is None and messages is None:
+        raise ValueError("write_realistic needs size or messages")
+    size_limit = size if size is not None else float("inf")
+    message_limit = messages if messages is not None else float("inf")
     templates = _templates()
     session = 0
     t_base = 0
-    with _writer(path, "bench realistic") as writer:
-        while writer.bytes_written < size:
+    written = 0
+    with _writer(path, source) as writer:
+        while writer.bytes_written < size_limit and written < message_limit:
             for template in templates:
                 session += 1
                 first = template[0].t_ns
@@ -154,11 +169,13 @@ def gen_realistic(path: Path, size: int) -> None:
                     if isinstance(record, MessageRecord):
                         writer.append_message(session, record.direction, t, record.data,
                                               record.fds, length=record.length, torn=record.torn)
+                        written += 1
                     else:
                         writer.append_event(session, record.kind, t, record.data)
                 t_base += template[-1].t_ns - first + 1000
-                if writer.bytes_written >= size:
+                if writer.bytes_written >= size_limit or written >= message_limit:
                     break
+    return written
 
 
 SHAPES: dict[str, Callable[[Path, int], None]] = {

@@ -81,12 +81,12 @@ def test_columns_are_typed(capsys, tmp_path):
     assert types["seq"] == types["t_ns"] == types["msg_id"] == pa.int64()
     assert types["offset"] == types["count"] == pa.uint64()
     assert types["latency"] == types["t"] == pa.float64()
-    assert types["time"] == pa.timestamp("ns", tz="UTC")
+    assert types["time"] == pa.timestamp("us", tz="UTC")
     assert types["fd_kinds"] == pa.list_(pa.string())
     assert types["violation"] == types["inject"] == pa.bool_()
     assert types["command"] == types["errno"] == pa.string()
     assert "data" not in types
-    assert events.schema.field("time").type == pa.timestamp("ns", tz="UTC")
+    assert events.schema.field("time").type == pa.timestamp("us", tz="UTC")
     # a message that carries fds lists their kinds
     kinds = {k for row in messages.column("fd_kinds").to_pylist() for k in row}
     assert "memfd" in kinds

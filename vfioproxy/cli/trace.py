@@ -70,7 +70,8 @@ examples:
 messages: a row per message, a column per display filter field (fd.kind as
 fd_kinds, data left out) after host, trace and t_ns; events: a row per event
 record. The columns are trace export --format parquet's (README: SQL over
-traces)."""
+traces); a directory exported with --partition-by gets host and date from
+its paths."""
 
 TIMELINE_EXAMPLES = """\
 examples:
@@ -91,14 +92,17 @@ examples:
   vfioproxy trace export --format csv -o session.csv session.trace
   vfioproxy trace export --format csv --session 2 -c 100 -o - session.trace
   vfioproxy trace export --format parquet -o pq session.trace   # pq/messages, pq/events
+  vfioproxy trace export --format parquet --partition-by host,date -o pq session.trace
   vfioproxy trace export --format pcapng -o session.pcapng session.trace
   vfioproxy trace export --format pcapng --follow session.trace - | wireshark -k -i -
 
 jsonl: `trace show --json`'s object per record, each message's with "fields";
 pairs: one object per request with its reply; csv: one row per message;
-parquet: OUTDIR/messages/NAME.parquet and OUTDIR/events/NAME.parquet; pcapng:
-a packet per record for Wireshark and tshark (docs/pcapng.md). The field
-names are the display filter's (README: Exporting)."""
+parquet: OUTDIR/messages/NAME.parquet and OUTDIR/events/NAME.parquet
+(--partition-by host,date: OUTDIR/messages/host=H/date=YYYY-MM-DD/NAME.parquet,
+Hive-style, as Spark and DuckDB read it); pcapng: a packet per record for
+Wireshark and tshark (docs/pcapng.md). The field names are the display
+filter's (README: Exporting)."""
 DIFF_EXAMPLES = """\
 examples:
   vfioproxy trace diff traces/qemu-realize-gpio-001.trace traces/qemu-realize-gpio-002.trace
@@ -212,6 +216,9 @@ def add_trace_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                           "parquet the directory written")
     p_export.add_argument("--force", action="store_true",
                           help="replace an OUT (parquet: its NAME.parquet files) that exists")
+    p_export.add_argument("--partition-by", metavar="KEYS",
+                          help="parquet: Hive-partition the tables by host, date (UTC) or "
+                          "host,date: OUTDIR/TABLE/host=H/date=YYYY-MM-DD/NAME.parquet")
     p_export.add_argument("--steps", action="store_true",
                           help="fill the step field: label each message with its QEMU realize "
                           "step (holds each session's messages until it ends; -Y 'step ...' "
@@ -418,6 +425,8 @@ def cmd_trace_export(args: argparse.Namespace) -> int:
             raise UsageError("--follow streams records as they come: --format parquet writes "
                              "whole tables (export once the recording ends)")
         return _export_parquet(args)
+    if args.partition_by is not None:
+        raise UsageError("--partition-by is for --format parquet")
     binary = args.format == "pcapng"
     to_stdout = args.output == "-"
     if binary and to_stdout and sys.stdout.isatty():
@@ -482,6 +491,16 @@ def _export_to(reader: TraceReader, args: argparse.Namespace, out: IO[Any],
     out.flush()
 
 
+def _partition_keys(text: str | None) -> tuple[str, ...]:
+    """``--partition-by``'s keys: ``host``, ``date`` or ``host,date`` (none without it)."""
+    if text is None:
+        return ()
+    keys = tuple(k.strip() for k in text.split(","))
+    if keys not in (("host",), ("date",), parquet.PARTITION_KEYS):
+        raise UsageError(f"--partition-by {text!r}: give host, date or host,date")
+    return keys
+
+
 def _export_parquet(args: argparse.Namespace) -> int:
     """``trace export --format parquet -o OUTDIR``: the messages and events tables."""
     if args.output == "-":
@@ -489,13 +508,18 @@ def _export_parquet(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not is_directory(args.output):
         raise UsageError(f"{args.output} is not a directory: -o names the directory "
                          "--format parquet writes")
+    partition_by = _partition_keys(args.partition_by)
     parquet.require_pyarrow()
-    for path in parquet.output_paths(args.output, os.path.basename(args.file)).values():
-        claim_file(path, force=args.force)
+    name = os.path.basename(args.file)
     with _open(args.file) as reader:
         _check_session(args)
+        existing = parquet.existing_outputs(args.output, name, reader.header.host, partition_by)
+        for path in existing:
+            claim_file(path, force=args.force)
+        for path in existing if partition_by else ():  # days this export may not write
+            os.remove(path)
         kept = _selected_facts(reader, args, args.compiled, args.count)
-        parquet.write_parquet(kept, reader.header, os.path.basename(args.file), args.output)
+        parquet.write_parquet(kept, reader.header, name, args.output, partition_by)
         return _warn_truncated(reader)
 
 

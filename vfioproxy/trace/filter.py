@@ -646,14 +646,15 @@ def select_facts(items: Iterable[DecodedItem], flt: Filter | None, limit: int | 
             return
 
 
-def values(facts: Facts, *, raw_bytes: bool = False) -> dict[str, Any]:
-    """Every field of :data:`FIELDS` of one message, by name, as plain data:
-    names for commands, regions and errnos, hex for bytes (``raw_bytes``:
-    bytes left as they are, for a writer that writes their hex piece by
-    piece or only part of it), ISO 8601 for ``time``, lists for
-    ``fd.kind``, None for what the message lacks. What ``trace export``
-    writes (README: Exporting)."""
-    return {spec.name: _plain(spec, spec.get(facts), raw_bytes) for spec in FIELDS}
+def values(facts: Facts, *, raw_bytes: bool = False,
+           fields: Sequence[FieldSpec] = FIELDS) -> dict[str, Any]:
+    """Every field of ``fields`` (default: :data:`FIELDS`) of one message, by
+    name, as plain data: names for commands, regions and errnos, hex for
+    bytes (``raw_bytes``: bytes left as they are, for a writer that writes
+    their hex piece by piece or only part of it), ISO 8601 for ``time``,
+    lists for ``fd.kind``, None for what the message lacks. What ``trace
+    export`` writes (README: Exporting)."""
+    return {spec.name: _plain(spec, spec.get(facts), raw_bytes) for spec in fields}
 
 
 def _plain(spec: FieldSpec, value: Any, raw_bytes: bool) -> Any:

@@ -3,14 +3,17 @@
 The views ``messages`` and ``events`` are the union of the Parquet tables
 ``trace export --format parquet`` writes (:mod:`vfioproxy.trace.parquet`) of
 every source: a directory such an export wrote (``DIR/messages/*.parquet``,
-``DIR/events/*.parquet``), or a trace, exported to a temporary directory
-first (by the caller). duckdb is imported when a query runs: it comes with
+``DIR/events/*.parquet``, or Hive-partitioned, ``DIR/messages/host=H/
+date=D/*.parquet``: the partition columns ``host`` and ``date`` read from
+the path), or a trace, exported to a temporary directory first (by the
+caller). duckdb is imported when a query runs: it comes with
 the ``vfioproxy[sql]`` extra.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 from collections.abc import Sequence
@@ -23,11 +26,15 @@ import attrs
 from vfioproxy.errors import UsageError
 from vfioproxy.trace import export, parquet
 
-__all__ = ["TABLES", "QueryResult", "cell", "is_export_directory", "plain", "run_query",
+__all__ = ["TABLES", "QueryResult", "cell", "is_export_directory", "layouts", "plain",
+           "run_query",
            "write_csv", "write_json"]
 
 #: the views a query sees
-TABLES = ("messages", "events")
+TABLES = parquet.TABLES
+
+#: the DuckDB type of each partition column
+_PARTITION_TYPES = {"host": "VARCHAR", "date": "DATE"}
 
 
 @attrs.frozen
@@ -48,10 +55,65 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def layouts(root: str) -> dict[tuple[str, ...], list[str]]:
+    """The Parquet files under one table's directory ``root``, as globs by
+    partition layout: ``()`` for ``ROOT/*.parquet``, ``("host", "date")``
+    for ``ROOT/host=*/date=*/*.parquet``, ... (only layouts that hold a file;
+    one directory may hold several)."""
+    found: dict[tuple[str, ...], list[str]] = {}
+
+    def visit(directory: str, keys: tuple[str, ...]) -> None:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(".parquet") and entry.is_file():
+                    found.setdefault(keys, [])
+                elif entry.is_dir() and "=" in entry.name:
+                    key = entry.name.split("=", 1)[0]
+                    if key in parquet.PARTITION_KEYS and key not in keys:
+                        visit(entry.path, (*keys, key))
+
+    visit(root, ())
+    for keys in found:
+        parts = [glob.escape(root), *(f"{key}=*" for key in keys), "*.parquet"]
+        found[keys] = [os.path.join(*parts)]
+    return found
+
+
+def _view(table: str, directories: Sequence[str]) -> str | None:
+    """The SELECT of the view ``table`` over ``directories``: a ``read_parquet``
+    per partition layout, unioned by name, ``host`` first; when some files are
+    partitioned by date, the others' ``date`` is their ``time``'s UTC date.
+    None when no file."""
+    by_layout: dict[tuple[str, ...], list[str]] = {}
+    for directory in directories:
+        root = os.path.join(directory, table)
+        if os.path.isdir(root):
+            for keys, globs in layouts(root).items():
+                by_layout.setdefault(keys, []).extend(globs)
+    if not by_layout:
+        return None
+    dated = any("date" in keys for keys in by_layout)
+    selects = []
+    for keys, globs in sorted(by_layout.items()):
+        files = ", ".join(_literal(g) for g in globs)
+        options = "union_by_name = true"
+        if keys:
+            types = ", ".join(f"{_literal(k)}: {_literal(_PARTITION_TYPES[k])}" for k in keys)
+            options += f", hive_partitioning = true, hive_types = {{{types}}}"
+        # files not partitioned by date get theirs from time, as the export computes it
+        date = (", CAST(timezone('UTC', time) AS DATE) AS date"
+                if dated and "date" not in keys else "")
+        selects.append(f"SELECT *{date} FROM read_parquet([{files}], {options})")
+    union = " UNION ALL BY NAME ".join(selects)
+    return f"SELECT host, * EXCLUDE (host) FROM ({union})"
+
+
 def run_query(sql: str, directories: Sequence[str]) -> QueryResult:
     """Run ``sql`` in a fresh in-memory DuckDB whose views ``messages`` and
-    ``events`` read ``DIR/TABLE/*.parquet`` of every directory of
-    ``directories`` (columns matched by name). A :class:`UsageError` with
+    ``events`` read the Parquet files of ``DIR/TABLE`` of every directory of
+    ``directories``, flat or Hive-partitioned (:func:`layouts`; columns
+    matched by name, partition columns from the paths; a table no directory
+    holds a file of is empty, with its columns). A :class:`UsageError` with
     DuckDB's message (its first line) when the SQL fails, and one naming the
     extra when duckdb is missing."""
     try:
@@ -60,11 +122,15 @@ def run_query(sql: str, directories: Sequence[str]) -> QueryResult:
         raise UsageError(f"SQL needs duckdb ({exc}): pip install 'vfioproxy[sql]'") from exc
     connection = duckdb.connect(":memory:")
     try:
-        for table in TABLES:
-            globs = ", ".join(_literal(os.path.join(d, table, "*.parquet")) for d in directories)
-            connection.execute(f"CREATE VIEW {table} AS SELECT * FROM "
-                               f"read_parquet([{globs}], union_by_name = true)")
         try:
+            for table in TABLES:
+                select = _view(table, directories)
+                if select is None:
+                    pa, _ = parquet.require_pyarrow()
+                    empty = parquet.schema(pa, table).empty_table()
+                    connection.from_arrow(empty).create_view(table)
+                else:
+                    connection.execute(f"CREATE VIEW {table} AS {select}")
             cursor = connection.execute(sql)
             if cursor.description is None:
                 return QueryResult((), [])
