@@ -80,6 +80,11 @@ def run_size(python: str, trace: Path, work: Path, messages: int,
 
     timed("stats (baseline)", [*vfio, "stats", str(trace)])
     timed("export csv", [*vfio, "export", "--format", "csv", str(trace)])
+    pcap = work / "trace.pcapng"  # the Wireshark export streams too: its cost beside parquet's
+    pcap.unlink(missing_ok=True)
+    timed("export pcapng", [*vfio, "export", "--format", "pcapng", "-o", str(pcap), str(trace)])
+    pcapng_bytes = pcap.stat().st_size if pcap.exists() else 0
+    pcap.unlink(missing_ok=True)
     outputs = {"flat": work / "flat", "host,date": work / "partitioned"}
     sizes = {}
     for layout, out in outputs.items():
@@ -97,7 +102,7 @@ def run_size(python: str, trace: Path, work: Path, messages: int,
     timed(f"query .trace: {next(iter(QUERIES))}",
           [*vfio, "query", "--csv", next(iter(QUERIES.values())), str(trace)])
     return {"messages": messages, "trace_bytes": trace.stat().st_size, "runs": runs,
-            "outputs": sizes}
+            "outputs": sizes, "pcapng_bytes": pcapng_bytes}
 
 
 def markdown(results: dict[str, Any]) -> list[str]:
@@ -120,6 +125,9 @@ def markdown(results: dict[str, Any]) -> list[str]:
         for layout, out in entry["outputs"].items():
             lines.append(f"- parquet {layout}: {out['bytes'] / MiB:.1f} MiB in {out['files']} "
                          f"files ({out['bytes'] / entry['trace_bytes']:.3f} × the trace)")
+        if entry.get("pcapng_bytes"):
+            lines.append(f"- pcapng: {entry['pcapng_bytes'] / MiB:.1f} MiB "
+                         f"({entry['pcapng_bytes'] / entry['trace_bytes']:.3f} × the trace)")
         lines.append("")
     if len(results["sizes"]) > 1:
         small, big = results["sizes"][0], results["sizes"][-1]

@@ -892,7 +892,8 @@ function vfio_user.dissector(tvb, pinfo, tree)
     pinfo.cols.dst = receiver .. " s" .. session
     for _, fd in ipairs(tlv.fds) do
         local sub = root:add(F.fd, fd.range)
-        sub:add_le(F.fd_size, fd.size)
+        local size_item = sub:add_le(F.fd_size, fd.size)
+        if fd.size:le_uint64() == UInt64.max() then size_item:append_text(" (not known)") end
         if fd.kind then
             sub:add(F.fd_kind, fd.kind)
             sub:append_text(": " .. fd.kind:string(ENC_UTF_8))
