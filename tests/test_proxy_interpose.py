@@ -21,8 +21,8 @@ from vfioproxy.interpose import (
     FORWARD,
     FdFate,
     FdPlan,
-    InterposeOptions,
     Interposed,
+    InterposeOptions,
     SessionInterposer,
 )
 from vfioproxy.io.fds import close_all, inspect_fd, make_memfd
