@@ -82,6 +82,7 @@ class TrapMmap:
 
     name: ClassVar[str] = "trap-mmap"
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.S2C})
+    commands: ClassVar[frozenset[int]] = frozenset({Command.DEVICE_GET_REGION_INFO})
 
     def message(self, direction: Direction, data: bytes, nfds: int) -> Interposed | None:
         """A DEVICE_GET_REGION_INFO reply that offers a mapping, rewritten not to,
