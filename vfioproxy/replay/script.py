@@ -34,7 +34,8 @@ from typing import Any, overload
 import attrs
 
 from recorder.records import EventKind, EventRecord, FdRecord, MessageRecord, Record
-from vfioproxy.errors import VfioProxyError
+from vfioproxy.errors import UsageError, VfioProxyError
+from vfioproxy.interpose import InterposeOptions
 from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.capabilities import Capabilities
 from vfioproxy.protocol.codec import Dialects, Message
@@ -166,8 +167,11 @@ class Script:
         span_ns: int,
         records: Sequence[Record] | None,
         steps: list[Step] | None = None,
+        interpose: InterposeOptions | None = None,
     ) -> None:
         self.path = path
+        #: the interposition modes the recording proxy had on (its ``session_open``)
+        self.interpose = InterposeOptions() if interpose is None else interpose
         self.session = session
         self.dialects = dialects
         self.client_caps = client_caps
@@ -517,6 +521,7 @@ class _Indexer:
         self.first: tuple[Direction, Header] | None = None
         self.t_first = self.t_last = 0
         self.early: list[tuple[MessageRecord, Message]] | None = []
+        self.interpose: Any = None  # session_open's interpose map, if any
 
     def tap(self, records: Iterable[Record]) -> Iterator[Record]:
         """``records``, each fed on its way."""
@@ -529,6 +534,8 @@ class _Indexer:
             return
         if isinstance(record, EventRecord):
             self.closed = self.closed or record.kind == EventKind.SESSION_CLOSE
+            if record.kind == EventKind.SESSION_OPEN:
+                self.interpose = record.data.get("interpose")
             return
         if self.stopped:
             return
@@ -583,6 +590,16 @@ class _Indexer:
             kind = "reply" if header.is_reply else "cmd"
             notes.append(f"the session does not start with the client's VERSION "
                          f"({header.command_name} {kind})")
+        interpose = None
+        if isinstance(self.interpose, dict):
+            try:
+                interpose = InterposeOptions.from_dict(self.interpose,
+                                                       "session_open's interpose")
+            except UsageError as exc:
+                notes.append(f"{exc}: replayed as if no mode had been on")
+        elif self.interpose is not None:
+            notes.append("session_open's interpose is not a map: replayed as if no mode "
+                         "had been on")
         index, state = self.index, self.state
         return Script(
             path=path,
@@ -601,6 +618,7 @@ class _Indexer:
                      message, None if index.answers[p] < 0 else index.answers[p],
                      None if index.replies[p] < 0 else index.replies[p])
                 for p, (record, message) in enumerate(self.early)],
+            interpose=interpose,
         )
 
 
