@@ -1,0 +1,123 @@
+"""``--trap-dma``: the server gets DMA windows without an fd, so device DMA is messages.
+
+A DMA_MAP command (client to server) whose window ``[iova, iova + size)``
+overlaps one of the trapped IOVA ranges (every window when no range is
+given) has its fd withheld: the proxy closes its copy and the server gets
+the command without one. The spec says a window without an fd is reached
+with DMA_READ/DMA_WRITE messages, which the client answers from guest
+memory (QEMU through ``pci_dma_read``/``pci_dma_write``), so every device
+access to that window becomes a message the proxy records.
+
+A window that overlaps a range only in part is trapped whole: a window is
+one mapping, the server reaches all of it the same way.
+
+What changes in the command's bytes: only the libvfio-user access-mode flags
+``MMAP`` (0x4) and ``FILE_IO`` (0x8), which say how to use the fd and which
+libvfio-user refuses (EINVAL) on a window without one; QEMU never sets them.
+``offset`` (the window's place in the fd) is kept: it means nothing without
+an fd, servers ignore it then (libvfio-user keeps it only for mmap; QEMU's
+own fd-less ROM windows carry non-zero offsets), and an identical re-map of
+the same window stays identical. ``READ``/``WRITE`` and everything else are
+kept. DMA_UNMAP needs nothing: it names the window by iova and size alone.
+
+Servers differ in what they do with such a window (README, "--trap-dma"):
+libvfio-user serves the DMA_READ/DMA_WRITE calls of its device code
+(``vfu_sgl_read``/``vfu_sgl_write``) by message but a direct access
+(``vfu_sgl_get``, ``vfu_addr_to_sgl`` + mmap'd pointers) finds no mapping;
+QEMU's own vfio-user server drops fd-less windows (``dma_register`` returns
+when there is no ``vaddr``), so its device models' DMA to them goes nowhere.
+Trap only the windows such a server does not touch directly (a range per
+window); the ``interpose`` event of each trapped DMA_MAP says which window
+was trapped and which fd was withheld.
+
+A DMA_MAP that carries no fd, that does not decode, or that is a reply is
+left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from vfioproxy.errors import ProtocolError
+from vfioproxy.interpose import FdFate, FdPlan, Interposed, IovaRange
+from vfioproxy.protocol.bodies import DmaMapBody
+from vfioproxy.protocol.constants import DmaMapFlags
+from vfioproxy.protocol.header import HEADER_SIZE, Command, Header
+from vfioproxy.side import Direction
+
+__all__ = ["TrapDma", "trapped_ranges"]
+
+#: the access-mode flags that need an fd (libvfio-user: EINVAL without one)
+_FD_ONLY = int(DmaMapFlags.MMAP | DmaMapFlags.FILE_IO)
+_WITHHOLD = FdPlan(FdFate.WITHHOLD)
+
+
+def trapped_ranges(ranges: tuple[IovaRange, ...], iova: int,
+                   size: int) -> tuple[IovaRange, ...] | None:
+    """The ranges ``[iova, iova + size)`` overlaps (``()`` when ``ranges`` is
+    empty: every window is trapped); None when the window is not trapped.
+    A window that wraps past 2^64 is judged by its addresses below 2^64."""
+    if not ranges:
+        return ()
+    end = min(iova + size, 1 << 64)
+    hit = tuple(r for r in ranges if size and r.overlaps(iova, end - iova))
+    return hit or None
+
+
+class TrapDma:
+    """The ``trap-dma`` mode of one session (see the module docstring).
+
+    ``ranges``: the trapped IOVA ranges, every window when empty.
+    :attr:`trapped` lists the windows trapped so far, as (iova, size)."""
+
+    name: ClassVar[str] = "trap-dma"
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.C2S})
+
+    def __init__(self, ranges: tuple[IovaRange, ...] = ()) -> None:
+        self.ranges = ranges
+        self.trapped: list[tuple[int, int]] = []
+
+    def message(self, direction: Direction, data: bytes, nfds: int) -> Interposed | None:
+        """A DMA_MAP command with an fd, for a trapped window: the fds withheld
+        and the fd-only access flags cleared; None for anything else (a window
+        outside the ranges, a map without fd, what does not decode)."""
+        if direction is not Direction.C2S or nfds == 0 or len(data) < HEADER_SIZE:
+            return None
+        try:
+            header = Header.parse(data)
+        except ProtocolError:
+            return None
+        if header.command != Command.DMA_MAP or not header.is_command or header.size != len(data):
+            return None
+        try:
+            body = DmaMapBody.parse(data[HEADER_SIZE:])
+        except (ProtocolError, ValueError):
+            return None
+        hit = trapped_ranges(self.ranges, body.iova, body.size)
+        if hit is None:
+            return None
+        note: dict[str, Any] = {"iova": body.iova, "size": body.size}
+        if hit:
+            note["ranges"] = [str(r) for r in hit]
+            if not _covered(hit, body.iova, body.size):
+                note["whole"] = "the window overlaps the ranges in part; trapped whole"
+        out = data
+        if body.flags & _FD_ONLY:
+            flags = body.flags & ~_FD_ONLY
+            note["flags"] = [body.flags, flags]
+            new = DmaMapBody(body.argsz, flags, body.offset, body.iova, body.size, body.trailing)
+            out = data[:HEADER_SIZE] + new.serialize()
+        self.trapped.append((body.iova, body.size))
+        return Interposed(out, (_WITHHOLD,) * nfds, self.name, note)
+
+
+def _covered(ranges: tuple[IovaRange, ...], iova: int, size: int) -> bool:
+    """Whether the ranges together cover ``[iova, iova + size)``."""
+    at, end = iova, iova + size
+    for r in sorted(ranges):
+        if r.start > at:
+            return False
+        at = max(at, r.end)
+        if at >= end:
+            return True
+    return at >= end
