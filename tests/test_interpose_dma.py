@@ -22,10 +22,10 @@ def dma_map(iova: int, size: int, flags: int = 3, offset: int = 0, msg_id: int =
 
 def test_every_window_with_an_fd_is_trapped_when_no_range_is_given() -> None:
     mode = TrapDma()
-    data = dma_map(0, 0x20000000, offset=0x1000)
+    data = dma_map(0, 0x20000000)
     done = mode.message(C2S, data, 1)
     assert done is not None
-    assert done.data == data  # READ|WRITE and the offset stay as they were
+    assert done.data == data  # READ|WRITE, offset 0: nothing to change
     assert [p.fate for p in done.fds] == [FdFate.WITHHOLD]
     assert done.mode == "trap-dma"
     assert done.note == {"iova": 0, "size": 0x20000000}
@@ -53,7 +53,7 @@ def test_a_window_inside_a_range_is_trapped_and_names_it() -> None:
 def test_a_window_overlapping_a_range_in_part_is_trapped_whole() -> None:
     mode = TrapDma((IovaRange.parse("0xc0000-0xd0000"),))
     done = mode.message(C2S, dma_map(0, 0x20000000), 1)
-    assert done is not None and done.data == dma_map(0, 0x20000000)
+    assert done is not None and done.data == dma_map(0, 0x20000000)  # nothing to change
     assert done.note["ranges"] == ["0xc0000-0xd0000"]
     assert "trapped whole" in done.note["whole"]
 
@@ -65,12 +65,20 @@ def test_ranges_that_together_cover_a_window_are_not_a_partial_overlap() -> None
     assert done.note["ranges"] == ["0x0-0x1000", "0x1000-0x3000"]
 
 
+def test_the_offset_is_zeroed_as_a_client_without_fd_sends_it() -> None:
+    data = dma_map(0x100000, 0x1ff00000, offset=0x100000)
+    done = TrapDma().message(C2S, data, 1)
+    assert done is not None
+    assert done.data == dma_map(0x100000, 0x1ff00000)
+    assert done.note == {"iova": 0x100000, "size": 0x1ff00000, "offset": [0x100000, 0]}
+
+
 def test_the_fd_only_access_flags_are_cleared_and_noted() -> None:
     data = dma_map(0, 4096, flags=0x1 | 0x4, offset=0x2000)
     done = TrapDma().message(C2S, data, 1)
     assert done is not None
     body = DmaMapBody.parse(done.data[16:])
-    assert (body.flags, body.offset, body.iova, body.size) == (0x1, 0x2000, 0, 4096)
+    assert (body.flags, body.offset, body.iova, body.size) == (0x1, 0, 0, 4096)
     assert Header.parse(done.data) == Header.parse(data)  # same size: nothing else moves
     assert done.note["flags"] == [0x5, 0x1]
     done = TrapDma().message(C2S, dma_map(0, 4096, flags=0x2 | 0x8), 1)

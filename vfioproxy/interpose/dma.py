@@ -11,14 +11,18 @@ access to that window becomes a message the proxy records.
 A window that overlaps a range only in part is trapped whole: a window is
 one mapping, the server reaches all of it the same way.
 
-What changes in the command's bytes: only the libvfio-user access-mode flags
-``MMAP`` (0x4) and ``FILE_IO`` (0x8), which say how to use the fd and which
-libvfio-user refuses (EINVAL) on a window without one; QEMU never sets them.
-``offset`` (the window's place in the fd) is kept: it means nothing without
-an fd, servers ignore it then (libvfio-user keeps it only for mmap; QEMU's
-own fd-less ROM windows carry non-zero offsets), and an identical re-map of
-the same window stays identical. ``READ``/``WRITE`` and everything else are
+What changes in the command's bytes is what a window without an fd must
+say: ``offset`` (the window's place in the fd) becomes 0, as the spec asks
+of a window that cannot be mapped and as QEMU writes it when it has no fd
+(``vfio_user_dma_map``), so the server gets the very command a client
+without a shareable memory backend would send; and the libvfio-user
+access-mode flags ``MMAP`` (0x4) and ``FILE_IO`` (0x8), which say how to use
+the fd and which libvfio-user refuses (EINVAL) without one, are cleared
+(QEMU never sets them). ``READ``/``WRITE``, argsz and any trailing bytes are
 kept. DMA_UNMAP needs nothing: it names the window by iova and size alone.
+The ``interpose`` event's note gives the window (``iova``, ``size``), the
+ranges it overlaps, and the fields changed as [arrived, sent] pairs
+(``offset``, ``flags``); its ``withheld`` list the fd.
 
 Servers differ in what they do with such a window (README, "--trap-dma"):
 libvfio-user serves the DMA_READ/DMA_WRITE calls of its device code
@@ -78,8 +82,8 @@ class TrapDma:
         self.trapped: list[tuple[int, int]] = []
 
     def message(self, direction: Direction, data: bytes, nfds: int) -> Interposed | None:
-        """A DMA_MAP command with an fd, for a trapped window: the fds withheld
-        and the fd-only access flags cleared; None for anything else (a window
+        """A DMA_MAP command with an fd, for a trapped window: the fds withheld,
+        the offset zeroed and the fd-only access flags cleared; None for anything else (a window
         outside the ranges, a map without fd, what does not decode)."""
         if direction is not Direction.C2S or nfds == 0 or len(data) < HEADER_SIZE:
             return None
@@ -101,12 +105,13 @@ class TrapDma:
             note["ranges"] = [str(r) for r in hit]
             if not _covered(hit, body.iova, body.size):
                 note["whole"] = "the window overlaps the ranges in part; trapped whole"
-        out = data
-        if body.flags & _FD_ONLY:
-            flags = body.flags & ~_FD_ONLY
+        flags = body.flags & ~_FD_ONLY
+        if flags != body.flags:
             note["flags"] = [body.flags, flags]
-            new = DmaMapBody(body.argsz, flags, body.offset, body.iova, body.size, body.trailing)
-            out = data[:HEADER_SIZE] + new.serialize()
+        if body.offset:
+            note["offset"] = [body.offset, 0]
+        new = DmaMapBody(body.argsz, flags, 0, body.iova, body.size, body.trailing)
+        out = data[:HEADER_SIZE] + new.serialize()
         self.trapped.append((body.iova, body.size))
         return Interposed(out, (_WITHHOLD,) * nfds, self.name, note)
 
