@@ -242,3 +242,51 @@ async def test_a_trapped_session_records_which_windows_and_modes(tmp_path, trap)
     _, records = await run(tmp_path, trap, attrs.evolve(RealizeOptions(), reset=False))
     opened = [r for r in records if isinstance(r, EventRecord) and r.kind == "session_open"]
     assert opened[0].data["interpose"] == {"trap-dma": [str(r) for r in trap]}
+
+
+# ------------------------------------------------------------------- command line, rules files
+
+def interpose_of(*argv: str) -> InterposeOptions:
+    from vfioproxy.cli import build_parser
+    from vfioproxy.cli.proxy import _injector
+
+    args = build_parser().parse_args(["record", "--listen", "p", "--server", "s", "-o", "t",
+                                      *argv])
+    return _injector(args)[1]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ((), None),
+    (("--trap-dma",), ()),
+    (("--trap-dma", "0x0-0x80000000", "--trap-dma", "0x100000000+0x1000"),
+     (IovaRange(0, 0x80000000), IovaRange(0x100000000, 0x100001000))),
+    (("--trap-dma", "0x1000+0x1000", "--trap-dma"), ()),  # one without a range: every window
+    (("--trap-dma", "4096-8192", "--trap-mmap"), (IovaRange(4096, 8192),)),
+])
+def test_trap_dma_flag(argv, expected):
+    assert interpose_of(*argv).trap_dma == expected
+
+
+@pytest.mark.parametrize("table, flags, expected", [
+    ("trap-dma = true", (), ()),
+    ('trap-dma = ["0x0-0xc0000"]', (), (IovaRange(0, 0xc0000),)),
+    ('trap-dma = ["0x0-0xc0000"]', ("--trap-dma", "0x100000+0x1000"),
+     (IovaRange(0, 0xc0000), IovaRange(0x100000, 0x101000))),
+    ('trap-dma = ["0x0-0xc0000"]', ("--trap-dma",), ()),
+    ("trap-dma = false", (), None),
+])
+def test_trap_dma_in_a_rules_file(tmp_path, table, flags, expected):
+    rules = tmp_path / "r.toml"
+    rules.write_text(f"[interpose]\n{table}\n")
+    assert interpose_of("--rules", str(rules), *flags).trap_dma == expected
+
+
+@pytest.mark.parametrize("text", ["0x10-0x5", "nope", "0x0+0"])
+def test_a_bad_iova_range_is_a_one_line_usage_error(capsys, text):
+    from vfioproxy.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["record", "--listen", "p", "--server", "s", "-o", "t", "--trap-dma", text])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vfioproxy record: error: argument --trap-dma: IOVA range")

@@ -229,4 +229,7 @@ def session_interposer(options: InterposeOptions) -> SessionInterposer | None:
     if options.trap_mmap:
         from vfioproxy.interpose.mmap import TrapMmap
         modes.append(TrapMmap())
+    if options.trap_dma is not None:
+        from vfioproxy.interpose.dma import TrapDma
+        modes.append(TrapDma(options.trap_dma))
     return SessionInterposer(modes) if modes else None
