@@ -121,3 +121,47 @@ def test_a_window_wrapping_past_2_64_is_judged_by_its_addresses_below() -> None:
     assert trapped_ranges((top,), (1 << 64) - 4096, 2 * 4096) == (top,)
     assert trapped_ranges((IovaRange(0, 4096),), (1 << 64) - 4096, 2 * 4096) is None
     assert trapped_ranges((IovaRange(0, GIB),), GIB, GIB) is None
+
+
+def unmap(iova: int, size: int, flags: int = 0) -> bytes:
+    return encode(build_command(Command.DMA_UNMAP, 7, DmaUnmapBody(24, flags, iova, size)))[0]
+
+
+def test_a_server_closing_with_trapped_windows_mapped_gets_a_warning() -> None:
+    mode = TrapDma()
+    assert mode.closing("server") is None  # nothing trapped
+    mode.message(C2S, dma_map(0, 0x1000), 1)
+    mode.message(C2S, dma_map(0x100000, 0x1000), 1)
+    assert mode.closing("client") is None and mode.closing("proxy") is None
+    text = mode.closing("server")
+    assert text is not None
+    assert text.startswith("the server closed the session with 2 trapped DMA window(s) mapped "
+                           "([0x0, 0x1000), [0x100000, 0x101000))")
+    assert "--trap-dma IOVA-RANGE" in text
+    assert mode.message(C2S, unmap(0, 0x1000), 0) is None  # unmaps pass unchanged
+    assert mode.mapped == {(0x100000, 0x1000)}
+    mode.message(C2S, unmap(0x100000, 0x800), 0)  # not the window: libvfio-user refuses it
+    assert mode.mapped == {(0x100000, 0x1000)}
+    mode.message(C2S, unmap(0, 0, flags=0x2), 0)  # UNMAP_ALL
+    assert mode.closing("server") is None
+    assert mode.trapped == [(0, 0x1000), (0x100000, 0x1000)]  # what was trapped, still
+
+
+def test_the_warning_names_four_windows_and_counts_the_rest() -> None:
+    mode = TrapDma()
+    for i in range(6):
+        mode.message(C2S, dma_map(i * 0x1000, 0x1000), 1)
+    text = mode.closing("server")
+    assert text is not None and "6 trapped DMA window(s)" in text
+    assert "[0x3000, 0x4000) and 2 more)" in text
+
+
+def test_a_session_interposer_collects_what_the_modes_say_at_the_end() -> None:
+    from vfioproxy.interpose import InterposeOptions, session_interposer
+
+    chain = session_interposer(InterposeOptions(trap_dma=()))
+    assert chain is not None
+    assert chain.closing("server") == []
+    chain.message(C2S, dma_map(0, 0x1000), 1)
+    ((mode, text),) = chain.closing("server")
+    assert mode == "trap-dma" and text.startswith("the server closed the session")

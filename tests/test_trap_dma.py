@@ -290,3 +290,37 @@ def test_a_bad_iova_range_is_a_one_line_usage_error(capsys, text):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("vfioproxy record: error: argument --trap-dma: IOVA range")
+
+
+async def test_a_server_leaving_a_session_with_trapped_windows_is_noted(tmp_path, caplog):
+    from vfioproxy.peers.client import open_realize_client
+
+    trace = tmp_path / "t.trace"
+    sink = TraceSink(trace)
+    options = ProxyOptions(interpose=InterposeOptions(trap_dma=(IovaRange(0, PC_ROM_IOVA),)))
+    device = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with device:
+            async with open_device_server(tmp_path / "dev.sock"):
+                task_status.started()
+                await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve)
+        async with open_proxy(tmp_path / "p.sock", tmp_path / "dev.sock", sink=sink,
+                              options=options) as proxy, \
+                open_realize_client(tmp_path / "p.sock", RealizeOptions()) as client:
+            await client.realize()
+            device.cancel()  # the server goes away, the client stays
+            with trio.fail_after(5):
+                await proxy.wait_sessions()
+    sink.close()
+    with TraceReader(trace) as reader:
+        events = [r for r in reader if isinstance(r, EventRecord)]
+    (note,) = [e for e in events if e.kind == "note"]
+    assert note.data["mode"] == "trap-dma"
+    assert note.data["text"].startswith(
+        "the server closed the session with 1 trapped DMA window(s) mapped ([0x0, 0x20000000))")
+    assert events[-1].kind == "session_close" and events[-1].data["closed_by"] == "server"
+    assert "trap-dma: the server closed the session" in caplog.text

@@ -218,6 +218,20 @@ class SessionInterposer:
                     return done
         return None
 
+    def closing(self, closed_by: str) -> list[tuple[str, str]]:
+        """What the modes have to say as the session ends (``closed_by``:
+        ``client``, ``server`` or ``proxy``), as (mode, text) pairs: a mode
+        with a ``closing(closed_by) -> str | None`` method may warn about
+        what its rewrite may have caused (the proxy logs and records each as
+        a ``note`` event)."""
+        out = []
+        for mode in self.modes:
+            closing = getattr(mode, "closing", None)
+            text = closing(closed_by) if closing is not None else None
+            if text:
+                out.append((mode.name, text))
+        return out
+
 
 def session_interposer(options: InterposeOptions) -> SessionInterposer | None:
     """The modes ``options`` turns on, fresh for one session (each keeps its

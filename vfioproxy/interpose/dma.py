@@ -32,7 +32,11 @@ QEMU's own vfio-user server drops fd-less windows (``dma_register`` returns
 when there is no ``vaddr``), so its device models' DMA to them goes nowhere.
 Trap only the windows such a server does not touch directly (a range per
 window); the ``interpose`` event of each trapped DMA_MAP says which window
-was trapped and which fd was withheld.
+was trapped and which fd was withheld. The proxy cannot see a direct access
+fail, only its outcome: when the server ends a session while trapped
+windows are mapped (DMA_UNMAP commands taken into account), the mode says
+so at the end (:meth:`TrapDma.closing`: the proxy logs a warning and
+records a ``note`` event naming the windows).
 
 A DMA_MAP that carries no fd, that does not decode, or that is a reply is
 left alone.
@@ -44,8 +48,8 @@ from typing import Any, ClassVar
 
 from vfioproxy.errors import ProtocolError
 from vfioproxy.interpose import FdFate, FdPlan, Interposed, IovaRange
-from vfioproxy.protocol.bodies import DmaMapBody
-from vfioproxy.protocol.constants import DmaMapFlags
+from vfioproxy.protocol.bodies import DmaMapBody, DmaUnmapBody
+from vfioproxy.protocol.constants import DmaMapFlags, DmaUnmapFlags
 from vfioproxy.protocol.header import HEADER_SIZE, Command, Header
 from vfioproxy.side import Direction
 
@@ -54,6 +58,7 @@ __all__ = ["TrapDma", "trapped_ranges"]
 #: the access-mode flags that need an fd (libvfio-user: EINVAL without one)
 _FD_ONLY = int(DmaMapFlags.MMAP | DmaMapFlags.FILE_IO)
 _WITHHOLD = FdPlan(FdFate.WITHHOLD)
+_UNMAP_ALL = int(DmaUnmapFlags.ALL)
 
 
 def trapped_ranges(ranges: tuple[IovaRange, ...], iova: int,
@@ -80,18 +85,41 @@ class TrapDma:
     def __init__(self, ranges: tuple[IovaRange, ...] = ()) -> None:
         self.ranges = ranges
         self.trapped: list[tuple[int, int]] = []
+        #: the trapped windows not unmapped since (as far as DMA_UNMAP commands say)
+        self.mapped: set[tuple[int, int]] = set()
+
+    def closing(self, closed_by: str) -> str | None:
+        """A warning when the server ends a session in which trapped windows
+        were mapped: the proxy cannot tell from the wire why it left, but a
+        server that reaches a window directly finds no memory in a trapped
+        one, and some exit then. None otherwise."""
+        if closed_by != "server" or not self.mapped:
+            return None
+        windows = ", ".join(f"[{iova:#x}, {iova + size:#x})"
+                            for iova, size in sorted(self.mapped)[:4])
+        more = f" and {len(self.mapped) - 4} more" if len(self.mapped) > 4 else ""
+        return (f"the server closed the session with {len(self.mapped)} trapped DMA "
+                f"window(s) mapped ({windows}{more}); a server that reaches a window "
+                "directly rather than by DMA_READ/DMA_WRITE (libvfio-user's vfu_sgl_get, "
+                "QEMU's own vfio-user server) finds no memory there: see its log, and trap "
+                "only the windows it reaches by message (--trap-dma IOVA-RANGE)")
 
     def message(self, direction: Direction, data: bytes, nfds: int) -> Interposed | None:
         """A DMA_MAP command with an fd, for a trapped window: the fds withheld,
         the offset zeroed and the fd-only access flags cleared; None for anything else (a window
         outside the ranges, a map without fd, what does not decode)."""
-        if direction is not Direction.C2S or nfds == 0 or len(data) < HEADER_SIZE:
+        if direction is not Direction.C2S or len(data) < HEADER_SIZE:
             return None
         try:
             header = Header.parse(data)
         except ProtocolError:
             return None
+        if header.command == Command.DMA_UNMAP and header.is_command:
+            self._unmapped(data)
+            return None
         if header.command != Command.DMA_MAP or not header.is_command or header.size != len(data):
+            return None
+        if nfds == 0:
             return None
         try:
             body = DmaMapBody.parse(data[HEADER_SIZE:])
@@ -113,7 +141,20 @@ class TrapDma:
         new = DmaMapBody(body.argsz, flags, 0, body.iova, body.size, body.trailing)
         out = data[:HEADER_SIZE] + new.serialize()
         self.trapped.append((body.iova, body.size))
+        self.mapped.add((body.iova, body.size))
         return Interposed(out, (_WITHHOLD,) * nfds, self.name, note)
+
+
+    def _unmapped(self, data: bytes) -> None:
+        """Forget the windows a DMA_UNMAP command names (all with UNMAP_ALL)."""
+        try:
+            body = DmaUnmapBody.parse(data[HEADER_SIZE:])
+        except (ProtocolError, ValueError):
+            return
+        if body.flags & _UNMAP_ALL:
+            self.mapped.clear()
+        else:
+            self.mapped.discard((body.iova, body.size))
 
 
 def _covered(ranges: tuple[IovaRange, ...], iova: int, size: int) -> bool:
