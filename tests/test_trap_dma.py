@@ -38,6 +38,7 @@ from vfioproxy.proxy import ProxyOptions, open_proxy
 from vfioproxy.replay.report import ReplayReport
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
 from vfioproxy.side import Direction
+from vfioproxy.trace.decoded import DecodedMessage, decoded_records
 
 pytestmark = FD_HYGIENE
 
@@ -137,6 +138,16 @@ async def test_every_device_dma_of_the_workload_arrives_as_a_message(tmp_path):
     assert result.dma_answers == {"DMA_READ ok": seen["DMA_READ"],
                                   "DMA_WRITE ok": seen["DMA_WRITE"]}
     assert seen["DMA_READ bytes"] + seen["DMA_WRITE bytes"] == device_dma_bytes(result)
+    # both layouts decode: the server's commands in the spec's, the client's replies in QEMU's
+    with TraceReader(tmp_path / "t.trace") as reader:
+        decoded = [d for d in decoded_records(reader) if isinstance(d, DecodedMessage)]
+    dma = [d for d in decoded if d.observation.message.header.command in (
+        Command.DMA_READ, Command.DMA_WRITE)]
+    assert len(dma) == 2 * (seen["DMA_READ"] + seen["DMA_WRITE"])
+    assert all(not d.observation.violations for d in dma)
+    read_replies = [d for d in dma if d.record.direction is Direction.C2S
+                    and d.observation.message.header.command == Command.DMA_READ]
+    assert read_replies and all("[qemu layout]" in d.text for d in read_replies)
 
 
 async def test_a_window_outside_the_ranges_keeps_its_fd(tmp_path):
