@@ -25,7 +25,7 @@ from recorder.sink import TraceSink
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
 from vfioproxy.inject import Injector, Rule, load_rules_file, parse_rule
-from vfioproxy.interpose import InterposeOptions
+from vfioproxy.interpose import InterposeOptions, IovaRange
 from vfioproxy.proxy import (
     DEFAULT_GRACE,
     DEFAULT_MAX_MESSAGE_BUFFER,
@@ -64,6 +64,8 @@ examples:
       --capture-fd-contents 64k
   vfioproxy record --listen /tmp/proxy.sock --server /tmp/device.sock -o session.trace \\
       -Y 'kind == error or violation or latency > 1000'
+  vfioproxy record --listen /tmp/proxy.sock --server /tmp/device.sock -o session.trace \\
+      --trap-dma 0x0-0xc0000 --trap-dma 0x100000+0x1ff00000
 
 -o TRACE writes every session into one file (an existing one only with --force);
 -o DIR/ (or an existing directory) writes one new file per session.
@@ -143,6 +145,12 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                                help="map no region: every BAR access becomes a REGION_READ/"
                                "REGION_WRITE message (REGION_INFO replies lose MMAP and "
                                "sparse-mmap, their fds are withheld)")
+        interpose.add_argument("--trap-dma", nargs="?", action="append", type=_iova_range,
+                               metavar="IOVA-RANGE",
+                               help="DMA_MAP windows lose their fd, so the server reaches "
+                               "guest memory with DMA_READ/DMA_WRITE messages: every window, "
+                               "or those overlapping IOVA-RANGE (START-END or START+SIZE, "
+                               "repeatable; a window is trapped whole)")
         inject.add_argument("--control", metavar="CTL_SOCK",
                             help="control socket: change rules while running (vfioproxy ctl)")
 
@@ -203,12 +211,31 @@ def _injector(args: argparse.Namespace) -> tuple[Injector | None, InterposeOptio
         tables = _merge_interpose(tables, merged.to_dict())
     flags = InterposeOptions(
         trap_mmap=args.trap_mmap,
+        trap_dma=_trap_dma(args.trap_dma),
     )
     interpose = InterposeOptions.from_dict(_merge_interpose(tables, flags.to_dict()))
     rules.extend(parse_rule(text) for text in args.rule)
     if not rules and args.control is None and args.seed is None:
         return None, interpose
     return Injector(rules, seed=args.seed or 0), interpose
+
+
+def _iova_range(text: str) -> IovaRange:
+    """An argparse type: an IOVA range (:meth:`IovaRange.parse`)."""
+    try:
+        return IovaRange.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _trap_dma(given: list[IovaRange | None] | None) -> tuple[IovaRange, ...] | None:
+    """``--trap-dma`` as :attr:`InterposeOptions.trap_dma`: None when absent,
+    every window (``()``) when one of them names no range."""
+    if given is None:
+        return None
+    if any(r is None for r in given):
+        return ()
+    return tuple(r for r in given if r is not None)
 
 
 def _merge_interpose(one: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:

@@ -241,6 +241,20 @@ class SessionInterposer:
                     return done
         return None
 
+    def closing(self, closed_by: str) -> list[tuple[str, str]]:
+        """What the modes have to say as the session ends (``closed_by``:
+        ``client``, ``server`` or ``proxy``), as (mode, text) pairs: a mode
+        with a ``closing(closed_by) -> str | None`` method may warn about
+        what its rewrite may have caused (the proxy logs and records each as
+        a ``note`` event)."""
+        out = []
+        for mode in self.modes:
+            closing = getattr(mode, "closing", None)
+            text = closing(closed_by) if closing is not None else None
+            if text:
+                out.append((mode.name, text))
+        return out
+
 
 def _commands_of(mode: Mode) -> frozenset[int] | None:
     """A mode's ``commands`` (see :class:`Mode`), None when it has none."""
@@ -258,4 +272,7 @@ def session_interposer(options: InterposeOptions) -> SessionInterposer | None:
     if options.trap_mmap:
         from vfioproxy.interpose.mmap import TrapMmap
         modes.append(TrapMmap())
+    if options.trap_dma is not None:
+        from vfioproxy.interpose.dma import TrapDma
+        modes.append(TrapDma(options.trap_dma))
     return SessionInterposer(modes) if modes else None

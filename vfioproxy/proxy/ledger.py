@@ -342,6 +342,10 @@ class SessionLedger:
             self.checks.flush(now)
         if self.injector is not None:
             self.injector.forget(self.id)
+        if self.interposer is not None:
+            for mode, text in self.interposer.closing(self.closed_by or "proxy"):
+                log.warning("session %d: %s: %s", self.id, mode, text)
+                self.event("note", {"mode": mode, "text": text}, now)
         data: dict[str, Any] = {"closed_by": self.closed_by or "proxy",
                                 "reason": self.reason or "proxy shut down"}
         if unread:
