@@ -17,7 +17,9 @@ a run of valid fds is sent with its fds, a run of ``-1`` as a SET_IRQS with
 
 - interposes every fd of a ``DATA_EVENTFD|ACTION_TRIGGER`` SET_IRQS that
   carries exactly ``count`` fds; a vector it already stood in for is
-  released (its old substitute and kept fd are closed);
+  swapped (not in :attr:`~vfioproxy.interpose.Interposed.release`: the
+  proxy's substitutes close the old substitute and kept fd when they take
+  the new one, whatever order the relay calls them in);
 - releases the vectors a SET_IRQS disables: ``DATA_EVENTFD`` with no fd
   (``[start, start + count)``), ``DATA_NONE|ACTION_TRIGGER`` with count 0
   (every vector of the index);
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from vfioproxy.errors import ProtocolError
 from vfioproxy.interpose import FdFate, FdPlan, Interposed
 from vfioproxy.protocol.bodies import IrqSetBody
 from vfioproxy.protocol.constants import (
@@ -85,7 +88,7 @@ class InterposeIrqs:
             return None
         try:
             body = IrqSetBody.parse(data[HEADER_SIZE:header.size])
-        except Exception:  # noqa: BLE001 - a body that does not decode is left alone
+        except ProtocolError:  # a body that does not decode is left alone
             return None
         action = body.flags & IRQ_SET_ACTION_MASK
         kind = body.flags & IRQ_SET_DATA_MASK
@@ -93,10 +96,10 @@ class InterposeIrqs:
             return None
         if kind == _EVENTFD and nfds and nfds == body.count:
             vectors = [(body.index, body.start + j) for j in range(nfds)]
-            released = tuple(v for v in vectors if v in self.interposed)
+            swapped = [v for v in vectors if v in self.interposed]
             self.interposed.update(vectors)
             plans = tuple(FdPlan(FdFate.INTERPOSE, irq=v) for v in vectors)
-            return self._done(data, plans, body, vectors, released)
+            return self._done(data, plans, body, vectors, (), swapped)
         if (kind == _EVENTFD and nfds == 0) or (kind == _NONE and body.count == 0 and nfds == 0):
             if body.count == 0:
                 released = tuple(sorted(v for v in self.interposed if v[0] == body.index))
@@ -107,15 +110,17 @@ class InterposeIrqs:
             if not released:
                 return None
             self.interposed.difference_update(released)
-            return self._done(data, (), body, [], released)
+            return self._done(data, (), body, [], released, [])
         return None
 
     def _done(self, data: bytes, plans: tuple[FdPlan, ...], body: IrqSetBody,
-              vectors: list[tuple[int, int]], released: tuple[tuple[int, int], ...]
-              ) -> Interposed:
+              vectors: list[tuple[int, int]], released: tuple[tuple[int, int], ...],
+              swapped: list[tuple[int, int]]) -> Interposed:
         note: dict[str, Any] = {"index": body.index, "start": body.start, "count": body.count}
         if vectors:
             note["interposed"] = [vector_name(i, v) for i, v in vectors]
+        if swapped:
+            note["swapped"] = [vector_name(i, v) for i, v in swapped]
         if released:
             note["released"] = [vector_name(i, v) for i, v in released]
         return Interposed(data=data, fds=plans, mode=self.name,
