@@ -4,7 +4,7 @@ which vectors it releases, what it leaves alone."""
 from __future__ import annotations
 
 from vfioproxy.interpose import FdFate
-from vfioproxy.interpose.irqs import InterposeIrqs, vector_name
+from vfioproxy.interpose.irqs import InterposeIrqs
 from vfioproxy.protocol.bodies import IrqSetBody
 from vfioproxy.protocol.codec import build_command, build_reply, encode
 from vfioproxy.protocol.constants import IrqIndex, IrqSetFlags
@@ -92,6 +92,8 @@ def test_what_it_leaves_alone() -> None:
 
 
 def test_vector_names() -> None:
-    assert vector_name(2, 5) == "MSIX[5]"
-    assert vector_name(0, 0) == "INTX[0]"
-    assert vector_name(9, 1) == "IRQ9[1]"
+    from vfioproxy.protocol.constants import irq_vector_name
+    assert irq_vector_name(2, 5) == "MSIX[5]"
+    assert irq_vector_name(0, 0) == "INTX[0]"
+    assert irq_vector_name(9, 1) == "IRQ9[1]"
+    assert irq_vector_name(2, None) == "MSIX"

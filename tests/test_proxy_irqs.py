@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from vfioproxy.inject import Injector, IrqDecision
 from vfioproxy.interpose import FdFate, FdPlan
 from vfioproxy.io.fds import OwnedFd
-from vfioproxy.proxy.irqs import IrqFate, IrqWatcher
+from vfioproxy.proxy.irqs import IrqWatcher
 
 MSIX = 2
 
@@ -68,10 +69,10 @@ def test_server_signals_reach_the_client_and_are_recorded() -> None:
     assert [e[0] for e in events.items] == [
         {"index": MSIX, "vector": 3, "count": 1, "fate": "signalled"}] * 2
     assert events.items[0][1] <= events.items[1][1]
-    assert (watcher.read, watcher.signalled, watcher.dropped) == (2, 2, 0)
     to_server.close()
     watcher.close()
     watcher.close()
+    assert (watcher.read, watcher.signalled, watcher.dropped) == (2, 2, 0)
     os.close(client)
     assert open_fds() == before
 
@@ -137,14 +138,11 @@ def test_coalesced_signals_are_one_read_with_their_count() -> None:
 
 def test_injected_drop_and_delay_keep_order_per_vector() -> None:
     events = Events()
-    fates = {0: IrqFate(drop=True, delay=0.0, rule=1, text="drop"),
-             1: IrqFate(drop=False, delay=0.15, rule=2, text="delay fixed(150ms)")}
-    asked: list[tuple[int, int]] = []
+    # vector 0 dropped; vector 1: its first interrupt delayed, the second not
+    injector = Injector(["irq MSIX[0] drop", "irq MSIX[1] index=0 delay fixed(150ms)"])
 
-    def decide(index: int, vector: int, now: float) -> IrqFate | None:
-        asked.append((index, vector))
-        # vector 1: the first interrupt delayed, the second not
-        return fates[0] if vector == 0 else fates[1] if len(asked) == 2 else None
+    def decide(index: int, vector: int, now: float) -> IrqDecision | None:
+        return injector.irq(5, index, vector, now)
 
     watcher = IrqWatcher(events, decide)
     h0, c0 = client_eventfd()
@@ -163,8 +161,11 @@ def test_injected_drop_and_delay_keep_order_per_vector() -> None:
     assert waited >= 0.14
     fate = [(e[0]["vector"], e[0]["fate"]) for e in events.items]
     assert fate == [(0, "dropped"), (1, "delayed"), (1, "delayed")]
-    assert events.items[1][0]["rule"] == 2 and events.items[1][0]["delay"] == pytest.approx(
-        0.15, abs=0.01)
+    assert events.items[1][0]["applied"] == [
+        {"rule": 2, "action": "delay", "text": "delay fixed(150ms)", "value": 0.15}]
+    assert events.items[1][0]["delay"] == pytest.approx(0.15, abs=0.01)
+    assert "applied" not in events.items[2][0]  # held behind the first, not delayed by a rule
+    assert events.items[0][0]["applied"][0]["action"] == "drop"
     assert not readable(c0, 0.05)  # the dropped one never reached the client
     assert watcher.dropped == 1
     for fd in (s0, s1):
@@ -176,7 +177,8 @@ def test_injected_drop_and_delay_keep_order_per_vector() -> None:
 
 def test_close_with_a_delay_pending_closes_everything() -> None:
     before = open_fds()
-    watcher = IrqWatcher(Events(), lambda i, v, now: IrqFate(False, 60.0, 1, "delay"))
+    injector = Injector(["irq * delay fixed(60s)"])
+    watcher = IrqWatcher(Events(), lambda i, v, now: injector.irq(1, i, v, now))
     handed, client = client_eventfd()
     to_server = watcher.interpose(handed, plan(0))
     os.eventfd_write(to_server.fileno(), 1)

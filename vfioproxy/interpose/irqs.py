@@ -45,26 +45,17 @@ from vfioproxy.protocol.bodies import IrqSetBody
 from vfioproxy.protocol.constants import (
     IRQ_SET_ACTION_MASK,
     IRQ_SET_DATA_MASK,
-    IrqIndex,
     IrqSetFlags,
+    irq_vector_name,
 )
 from vfioproxy.protocol.header import HEADER_SIZE, Command, Header
 from vfioproxy.side import Direction
 
-__all__ = ["InterposeIrqs", "vector_name"]
+__all__ = ["InterposeIrqs"]
 
 _TRIGGER = int(IrqSetFlags.ACTION_TRIGGER)
 _EVENTFD = int(IrqSetFlags.DATA_EVENTFD)
 _NONE = int(IrqSetFlags.DATA_NONE)
-
-
-def vector_name(index: int, vector: int) -> str:
-    """``MSIX[3]``, ``INTX[0]``, ``IRQ7[0]`` for an index with no name."""
-    try:
-        name = IrqIndex(index).name
-    except ValueError:
-        name = f"IRQ{index}"
-    return f"{name}[{vector}]"
 
 
 class InterposeIrqs:
@@ -118,10 +109,10 @@ class InterposeIrqs:
               swapped: list[tuple[int, int]]) -> Interposed:
         note: dict[str, Any] = {"index": body.index, "start": body.start, "count": body.count}
         if vectors:
-            note["interposed"] = [vector_name(i, v) for i, v in vectors]
+            note["interposed"] = [irq_vector_name(i, v) for i, v in vectors]
         if swapped:
-            note["swapped"] = [vector_name(i, v) for i, v in swapped]
+            note["swapped"] = [irq_vector_name(i, v) for i, v in swapped]
         if released:
-            note["released"] = [vector_name(i, v) for i, v in released]
+            note["released"] = [irq_vector_name(i, v) for i, v in released]
         return Interposed(data=data, fds=plans, mode=self.name,
                           note=note, release=released)

@@ -40,14 +40,18 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from vfioproxy.inject import IrqDecision
 from vfioproxy.interpose import FdPlan
 from vfioproxy.io.fds import OwnedFd
 
-__all__ = ["MAX_WATCHERS", "IrqFate", "IrqWatcher"]
+if TYPE_CHECKING:
+    from vfioproxy.proxy.ledger import SessionLedger
+
+__all__ = ["MAX_WATCHERS", "IrqWatcher", "irq_watcher"]
 
 log = logging.getLogger("vfioproxy.proxy")
 
@@ -58,19 +62,9 @@ MAX_WATCHERS = 64
 _watchers = threading.BoundedSemaphore(MAX_WATCHERS)
 
 
-class IrqFate(NamedTuple):
-    """What fault injection does with one interrupt: ``drop`` it, or signal
-    it ``delay`` seconds late; ``rule`` and ``text`` name the rule."""
-
-    drop: bool
-    delay: float
-    rule: int
-    text: str
-
-
 #: asks fault injection about an interrupt of (index, vector) read at a time
 #: (``time.monotonic`` seconds); None: signal it now
-Decide = Callable[[int, int, float], IrqFate | None]
+Decide = Callable[[int, int, float], IrqDecision | None]
 #: records an ``irq`` event: its data and time (monotonic ns)
 Record = Callable[[dict[str, Any], int], object]
 
@@ -256,7 +250,7 @@ class IrqWatcher:
         data: dict[str, Any] = {"index": entry.index, "vector": entry.vector, "count": value}
         fate = None if self._decide is None else self._decide(entry.index, entry.vector, now)
         if fate is not None:
-            data.update(rule=fate.rule, text=fate.text)
+            data.update(fate.to_dict())
         if fate is not None and fate.drop:
             data["fate"] = "dropped"
             self.dropped += 1
@@ -297,3 +291,20 @@ def _read(fd: int) -> int:
         return os.eventfd_read(fd)
     except (BlockingIOError, OSError):
         return 0
+
+
+def irq_watcher(ledger: SessionLedger) -> IrqWatcher:
+    """A session's watcher: ``irq`` events recorded through its ledger, its
+    fault injector (if any) asked about every interrupt."""
+    injector = ledger.injector
+    session = ledger.id
+
+    def record(data: dict[str, Any], t_ns: int) -> int:
+        return ledger.event("irq", data, t_ns)
+
+    decide: Decide | None = None
+    if injector is not None:
+        def decide(index: int, vector: int, now: float) -> IrqDecision | None:
+            return injector.irq(session, index, vector, now)
+
+    return IrqWatcher(record, decide)
