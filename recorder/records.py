@@ -78,6 +78,7 @@ class EventKind(enum.StrEnum):
     VIOLATION = "violation"
     DECODE_ERROR = "decode_error"
     INJECT = "inject"
+    INTERPOSE = "interpose"
     RULES_CHANGED = "rules_changed"
     ERROR = "error"
     NOTE = "note"

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -23,7 +24,8 @@ from recorder.reader import TraceReader
 from recorder.sink import TraceSink
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
-from vfioproxy.inject import Injector, Rule, load_rules, parse_rule
+from vfioproxy.inject import Injector, Rule, load_rules_file, parse_rule
+from vfioproxy.interpose import InterposeOptions
 from vfioproxy.proxy import (
     DEFAULT_GRACE,
     DEFAULT_MAX_MESSAGE_BUFFER,
@@ -134,6 +136,13 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                             help="injection rules from a TOML file (repeatable)")
         inject.add_argument("--seed", type=integer(), metavar="N",
                             help="seed of every random draw (default 0)")
+        interpose = p.add_argument_group(
+            "interposition", "rewrite the session so that what does not cross the socket "
+            "does (also an [interpose] table in a --rules file)")
+        interpose.add_argument("--trap-mmap", action="store_true",
+                               help="map no region: every BAR access becomes a REGION_READ/"
+                               "REGION_WRITE message (REGION_INFO replies lose MMAP and "
+                               "sparse-mmap, their fds are withheld)")
         inject.add_argument("--control", metavar="CTL_SOCK",
                             help="control socket: change rules while running (vfioproxy ctl)")
 
@@ -181,15 +190,37 @@ def add_ctl_command(commands: argparse._SubParsersAction[argparse.ArgumentParser
     p_ctl.set_defaults(func=cmd_ctl)
 
 
-def _injector(args: argparse.Namespace) -> Injector | None:
-    """The rules of ``--rules`` files then ``--rule``s; None when injection is off."""
+def _injector(args: argparse.Namespace) -> tuple[Injector | None, InterposeOptions]:
+    """The rules of ``--rules`` files then ``--rule``s (None when injection is
+    off), and the interposition modes the flags and the files' ``[interpose]``
+    tables turn on (a mode on in any of them is on)."""
     rules: list[Rule] = []
+    tables: dict[str, Any] = {}
     for path in args.rules:
-        rules.extend(load_rules(path))
+        file_rules, table = load_rules_file(path)
+        rules.extend(file_rules)
+        merged = InterposeOptions.from_dict(table, f"{path}: [interpose]")
+        tables = _merge_interpose(tables, merged.to_dict())
+    flags = InterposeOptions(
+        trap_mmap=args.trap_mmap,
+    )
+    interpose = InterposeOptions.from_dict(_merge_interpose(tables, flags.to_dict()))
     rules.extend(parse_rule(text) for text in args.rule)
     if not rules and args.control is None and args.seed is None:
-        return None
-    return Injector(rules, seed=args.seed or 0)
+        return None, interpose
+    return Injector(rules, seed=args.seed or 0), interpose
+
+
+def _merge_interpose(one: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Two ``[interpose]`` maps as one: a mode on in either is on; IOVA ranges
+    add up (every window when either traps every window)."""
+    out = dict(one)
+    for key, value in other.items():
+        if key == "trap-dma" and key in out:
+            out[key] = [] if not (out[key] and value) else out[key] + value
+        else:
+            out[key] = value
+    return out
 
 
 async def _serve_proxy(
@@ -200,7 +231,7 @@ async def _serve_proxy(
     once the socket listens: a start that fails replaces no earlier trace."""
     tune_allocator()
     raise_fd_limit()
-    injector = _injector(args)
+    injector, interpose = _injector(args)
     options = ProxyOptions(
         strict=args.strict,
         capture_fd_contents=getattr(args, "capture_fd_contents", 0),
@@ -213,6 +244,7 @@ async def _serve_proxy(
         max_message_buffer=args.max_message_buffer,
         max_queue=args.max_queue,
         connect_timeout=args.connect_timeout,
+        interpose=interpose,
     )
     if args.no_decode and args.verbose and args.filter is None:
         print("vfioproxy: --no-decode: nothing is decoded on the path, so -v prints no "

@@ -39,7 +39,14 @@ from vfioproxy.inject.engine import (
 )
 from vfioproxy.inject.errors import InjectError, RuleSyntaxError
 from vfioproxy.inject.rules import Kind, Match, Rule
-from vfioproxy.inject.syntax import load_rules, loads_rules, parse_rule, rule_from_dict
+from vfioproxy.inject.syntax import (
+    load_rules,
+    load_rules_file,
+    loads_rules,
+    loads_rules_file,
+    parse_rule,
+    rule_from_dict,
+)
 from vfioproxy.inject.values import IntRange, format_duration, parse_duration
 
 __all__ = [
@@ -74,7 +81,9 @@ __all__ = [
     "Uniform",
     "format_duration",
     "load_rules",
+    "load_rules_file",
     "loads_rules",
+    "loads_rules_file",
     "parse_distribution",
     "parse_duration",
     "parse_rule",

@@ -58,6 +58,8 @@ filters ``direction``, ``command`` (a name, number or list), ``kind``,
 ``action``; and the action's parameters: ``distribution`` (delay), ``rate``
 (bandwidth), ``errno`` (error), ``when`` (close), ``field`` and ``mask``
 (corrupt), ``duration`` (stall). :meth:`Rule.to_dict` produces that form.
+A rules file may also hold an ``[interpose]`` table (the interposition
+modes it turns on, read by :mod:`vfioproxy.interpose`; kept as it is here).
 
 Every error is a :class:`RuleSyntaxError` naming the bad token and its
 position in the rule text; from files also the file, the rule number and
@@ -429,14 +431,25 @@ def _rule_from_text(table: Mapping[str, Any]) -> Rule:
 
 def loads_rules(text: str, source: str = "<rules>") -> tuple[Rule, ...]:
     """The rules of a TOML document (``[[rule]]`` tables); ``source`` names it in errors."""
+    return loads_rules_file(text, source)[0]
+
+
+def loads_rules_file(text: str, source: str = "<rules>",
+                     ) -> tuple[tuple[Rule, ...], dict[str, Any]]:
+    """The rules of a TOML document (``[[rule]]`` tables) and its ``[interpose]``
+    table (empty when it has none; read by :class:`vfioproxy.interpose.InterposeOptions`,
+    which says what is wrong in it); ``source`` names the document in errors."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RuleSyntaxError(f"not valid TOML: {exc}", source=source) from None
     for key in document:
-        if key != "rule":
-            raise RuleSyntaxError("unknown top-level key (use [[rule]] tables)", source=source,
-                                  key=key)
+        if key not in ("rule", "interpose"):
+            raise RuleSyntaxError("unknown top-level key (use [[rule]] tables and an "
+                                  "[interpose] table)", source=source, key=key)
+    interpose = document.get("interpose", {})
+    if not isinstance(interpose, dict):
+        raise RuleSyntaxError("expected an [interpose] table", source=source, key="interpose")
     tables = document.get("rule", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise RuleSyntaxError("expected [[rule]] tables", source=source, key="rule")
@@ -446,7 +459,7 @@ def loads_rules(text: str, source: str = "<rules>") -> tuple[Rule, ...]:
             rules.append(rule_from_dict(table))
         except RuleSyntaxError as exc:
             raise exc.located(source=source, rule_number=number) from None
-    return tuple(rules)
+    return tuple(rules), interpose
 
 
 def load_rules(path: str | os.PathLike[str]) -> tuple[Rule, ...]:
@@ -455,6 +468,13 @@ def load_rules(path: str | os.PathLike[str]) -> tuple[Rule, ...]:
     Raises :class:`RuleSyntaxError` naming the file, the rule number and the
     key, and :class:`InjectError` when the file cannot be read.
     """
+    return load_rules_file(path)[0]
+
+
+def load_rules_file(path: str | os.PathLike[str],
+                    ) -> tuple[tuple[Rule, ...], dict[str, Any]]:
+    """The rules of a TOML rule file and its ``[interpose]`` table (see
+    :func:`loads_rules_file`); errors as :func:`load_rules`'s."""
     source = os.fspath(path)
     try:
         text = Path(source).read_text(encoding="utf-8")
@@ -462,4 +482,4 @@ def load_rules(path: str | os.PathLike[str]) -> tuple[Rule, ...]:
         raise InjectError(f"{source}: cannot read rules: {os_reason(exc)}") from exc
     except UnicodeDecodeError as exc:
         raise InjectError(f"{source}: cannot read rules: {exc}") from exc
-    return loads_rules(text, source)
+    return loads_rules_file(text, source)

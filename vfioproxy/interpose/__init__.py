@@ -48,6 +48,7 @@ __all__ = [
     "IovaRange",
     "Mode",
     "SessionInterposer",
+    "session_interposer",
 ]
 
 #: the modes, in the order they act on a message (names as flags and TOML keys spell them)
@@ -216,3 +217,16 @@ class SessionInterposer:
                 if done is not None:
                     return done
         return None
+
+
+def session_interposer(options: InterposeOptions) -> SessionInterposer | None:
+    """The modes ``options`` turns on, fresh for one session (each keeps its
+    own state); None when none is on. Each mode's module adds its line here,
+    in :data:`MODES` order."""
+    if not options.enabled:
+        return None
+    modes: list[Mode] = []
+    if options.trap_mmap:
+        from vfioproxy.interpose.mmap import TrapMmap
+        modes.append(TrapMmap())
+    return SessionInterposer(modes) if modes else None

@@ -39,6 +39,7 @@ import trio
 from recorder.sink import TraceSink
 from recorder.writer import TraceWriter
 from vfioproxy.inject import Injector
+from vfioproxy.interpose import session_interposer
 from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.proxy.checks import LiveChecks, MessageObserver
 from vfioproxy.proxy.ledger import Numbering, SessionLedger
@@ -51,6 +52,7 @@ from vfioproxy.proxy.model import (
 )
 from vfioproxy.proxy.refusal import LoopGuard, check_not_itself, close_cleanly, server_problem
 from vfioproxy.proxy.relay import Relay
+from vfioproxy.proxy.substitutes import SubstitutesFactory
 from vfioproxy.proxy.tasks import TaskForwarder
 from vfioproxy.proxy.threaded import ThreadForwarder
 from vfioproxy.side import Direction
@@ -76,6 +78,9 @@ class Proxy:
     threaded forwarding). ``injector`` injects faults (delays, errors,
     drops...): against the monotonic clock on threads, or on trio's clock
     (a ``MockClock`` in tests) with ``options.threads`` off.
+    ``options.interpose`` turns interposition modes on; ``substitutes``
+    makes each session's keeper of the fds forwarded in place of those a
+    mode interposes on (:mod:`vfioproxy.proxy.substitutes`).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class Proxy:
         options: ProxyOptions = ProxyOptions(),
         observer: MessageObserver | None = None,
         injector: Injector | None = None,
+        substitutes: SubstitutesFactory | None = None,
     ) -> None:
         self.server_path = os.fspath(server_path)
         self.sink = sink
@@ -94,6 +100,7 @@ class Proxy:
         #: with nothing recorded, the live view numbers messages as a trace would
         self._numbering = Numbering() if sink is None and observer is not None else None
         self.injector = injector
+        self.substitutes = substitutes
         self.max_sessions = options.max_sessions or default_max_sessions()
         self.sessions: dict[int, SessionLedger] = {}
         self._next_session = 1
@@ -250,9 +257,10 @@ class Proxy:
             except OSError as exc:  # e.g. out of fds or disk for a per-session file
                 log.error("session %d: cannot open its trace: %s; forwarding it unrecorded",
                           sid, exc)
-        ledger = SessionLedger(sid, writer=writer, injector=self.injector,
-                               numbering=self._numbering)
         options = self.options
+        ledger = SessionLedger(sid, writer=writer, injector=self.injector,
+                               numbering=self._numbering,
+                               interposer=session_interposer(options.interpose))
         if self.checks_live:
             ledger.checks = LiveChecks(
                 ledger,
@@ -271,6 +279,8 @@ class Proxy:
                 "seed": self.injector.seed,
                 "rules": [rule.to_dict() for rule in self.injector.rules],
             }
+        if options.interpose.enabled:  # what replay and the reader look at
+            info["interpose"] = options.interpose.to_dict()
         ledger.event("session_open", info)
         return ledger
 
@@ -390,6 +400,7 @@ class Proxy:
                 clock=time.monotonic if threaded else trio.current_time,
                 capture_fd_contents=options.capture_fd_contents,
                 spawn_twin=spawn_twin,
+                substitutes=None if self.substitutes is None else self.substitutes(ledger),
             )
             try:
                 if threaded:
@@ -466,12 +477,14 @@ async def open_proxy(
     options: ProxyOptions = ProxyOptions(),
     observer: MessageObserver | None = None,
     injector: Injector | None = None,
+    substitutes: SubstitutesFactory | None = None,
 ) -> AsyncIterator[Proxy]:
     """A running proxy on ``listen_path`` for the body of the ``async with``.
 
     On exit it stops accepting and cancels the sessions still running.
     """
-    proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector)
+    proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector,
+                  substitutes=substitutes)
     listener = await open_proxy_listener(listen_path, server_path, mode=options.mode)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve, listener)
@@ -489,10 +502,12 @@ async def serve_proxy(
     options: ProxyOptions = ProxyOptions(),
     observer: MessageObserver | None = None,
     injector: Injector | None = None,
+    substitutes: SubstitutesFactory | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a proxy on ``listen_path`` until cancelled (``task_status`` gets the Proxy)."""
-    proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector)
+    proxy = Proxy(server_path, sink=sink, options=options, observer=observer, injector=injector,
+                  substitutes=substitutes)
     listener = await open_proxy_listener(listen_path, server_path, mode=options.mode)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve, listener)

@@ -26,6 +26,7 @@ from recorder.errors import TraceError
 from recorder.records import EventPacker, FdRecord, rewritten
 from recorder.writer import Event, TraceWriter
 from vfioproxy.inject import Applied, Decision, Injector
+from vfioproxy.interpose import SessionInterposer
 from vfioproxy.protocol.negotiation import Negotiation, TwinSocket
 from vfioproxy.protocol.session import injection_cause
 from vfioproxy.proxy.checks import LiveChecks
@@ -70,7 +71,9 @@ class SessionLedger:
     ``injector`` decides faults (None: every message is forwarded at once,
     and :meth:`decide` is not even asked); ``checks`` decodes and checks on
     the path (None: nothing is decoded but VERSION); ``numbering`` numbers
-    what is not recorded as a trace would (the live view of ``proxy -v``).
+    what is not recorded as a trace would (the live view of ``proxy -v``);
+    ``interposer`` the interposition modes that are on (None: none), which act
+    on each message before the fault injector does.
     """
 
     def __init__(
@@ -81,8 +84,10 @@ class SessionLedger:
         injector: Injector | None = None,
         checks: LiveChecks | None = None,
         numbering: Numbering | None = None,
+        interposer: SessionInterposer | None = None,
     ) -> None:
         self.id = session
+        self.interposer = interposer
         self.writer = writer
         #: numbers records as a trace would when there is no ``writer``
         self.numbering = None if writer is not None else numbering
@@ -147,11 +152,15 @@ class SessionLedger:
         length: int | None = None,
         torn: bool = False,
         decision: Decision | None = None,
+        interposed: dict[str, Any] | None = None,
     ) -> int:
         """Account for one message that arrived (``length``: its size on the wire
         when ``data`` holds only its start; ``nfds``: how many fds it carried
         when ``fds`` are not inspected; ``decision``: the injector's, whose
-        applied actions are recorded with it). Counters count what is
+        applied actions are recorded with it; ``interposed``: the ``interpose``
+        event of an interposition mode that acted on it, recorded with it
+        before any ``inject`` event: ``data`` is then the message as the mode
+        made it, which the injector decided on). Counters count what is
         forwarded. Returns its trace ``seq`` (0: not recorded). Live checks
         may set :attr:`stop_reason`."""
         if decision is None or decision.forward:
@@ -172,15 +181,17 @@ class SessionLedger:
                 rewritten_by = injection_cause(applied)
         writer = self.writer
         if writer is not None:
-            events: Sequence[Event] = ()
+            events: list[Event] = []
+            if interposed is not None:
+                events.append(("interpose", interposed))
             if arrived is not None:
                 assert decision is not None
-                events = [("inject", {"direction": direction.value, "index": decision.index,
-                                      "applied": applied,
-                                      "arrived": rewritten(arrived, data)})]
+                events.append(("inject", {"direction": direction.value,
+                                          "index": decision.index, "applied": applied,
+                                          "arrived": rewritten(arrived, data)}))
             elif decision is not None and decision.applied:
-                events = [self._inject_event(writer, direction, decision.applied,
-                                             decision.index)]
+                events.append(self._inject_event(writer, direction, decision.applied,
+                                                 decision.index))
             try:
                 seq = writer.append_message(
                     self.id, direction, t_ns, data, fds, length=length, torn=torn, events=events
@@ -190,7 +201,8 @@ class SessionLedger:
             if not seq:
                 self._unrecorded(writer)
         elif self.numbering is not None:
-            seq = self.numbering.take(2 if decision is not None and decision.applied else 1)
+            seq = self.numbering.take(1 + (decision is not None and bool(decision.applied))
+                                      + (interposed is not None))
         checks = self.checks
         if checks is not None:
             reason = checks.observe(direction, data, fds or range(nfds), t_ns, seq,

@@ -6,6 +6,7 @@ import resource
 
 import attrs
 
+from vfioproxy.interpose import InterposeOptions
 from vfioproxy.protocol.codec import Dialects
 
 __all__ = [
@@ -70,7 +71,9 @@ class ProxyOptions:
     records the contents of memfds up to that many bytes; ``dialects``
     fixes the DMA layouts of the live decoding. ``threads`` forwards each
     session on a thread of its own (the fast path); without it on trio tasks
-    (needed where forwarding must follow trio's clock).
+    (needed where forwarding must follow trio's clock). ``interpose``: the
+    interposition modes that are on (:mod:`vfioproxy.interpose`: each session
+    gets its own; recorded in its ``session_open``).
 
     Limits: ``max_sessions`` sessions at once (None: what the fd limit
     allows, :func:`default_max_sessions`; more clients wait in the listen
@@ -91,6 +94,7 @@ class ProxyOptions:
     max_message_buffer: int = attrs.field(default=DEFAULT_MAX_MESSAGE_BUFFER, validator=_buffer)
     max_queue: int = attrs.field(default=DEFAULT_MAX_QUEUE, validator=_positive)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    interpose: InterposeOptions = attrs.field(factory=InterposeOptions)
 
 
 @attrs.frozen

@@ -43,12 +43,14 @@ from typing import Any, NamedTuple
 
 import trio
 
-from recorder.records import FdRecord
+from recorder.records import FdRecord, rewritten
 from vfioproxy.inject import Decision
+from vfioproxy.interpose import FdFate, Interposed
 from vfioproxy.io.fds import OwnedFd, close_all, fd_record
 from vfioproxy.protocol.negotiation import TwinSocket, is_version
 from vfioproxy.proxy import fastpath
 from vfioproxy.proxy.ledger import SessionLedger
+from vfioproxy.proxy.substitutes import Substitutes
 from vfioproxy.proxy.wire import (
     Message,
     MessageReader,
@@ -139,6 +141,9 @@ class Relay:
     ``capture_fd_contents`` records memfd contents up to that size (read
     before the send, as they passed); fd metadata is taken after the send
     otherwise. ``spawn_twin`` starts the relay of a twin socket.
+    ``substitutes`` makes and keeps the fds forwarded in place of those an
+    interposition mode interposes on (None: such fds are forwarded as they
+    are); it is closed with the session.
     """
 
     def __init__(
@@ -152,8 +157,10 @@ class Relay:
         clock: Callable[[], float] = time.monotonic,
         capture_fd_contents: int = 0,
         spawn_twin: SpawnTwin | None = None,
+        substitutes: Substitutes | None = None,
     ) -> None:
         self.ledger = ledger
+        self.substitutes = substitutes
         self.client = Leg(Side.CLIENT, client, buffer_limit=buffer_limit, queue_limit=queue_limit)
         self.server = Leg(Side.SERVER, server, buffer_limit=buffer_limit, queue_limit=queue_limit)
         self.client.peer, self.server.peer = self.server, self.client
@@ -247,13 +254,22 @@ class Relay:
                                        and type(writer.appender) is fastpath.Appender):
             return None
         injector = ledger.injector
-        if injector is None:
-            return _PLAIN
-        now = self.clock()
+        interposer = ledger.interposer
+        # the directions an interposition mode must see come back to Python
         handback = 0
+        if interposer is not None:
+            handback = sum(1 << bit for bit, direction in enumerate((Direction.C2S, Direction.S2C))
+                           if direction in interposer.directions)
+        if injector is None:
+            if handback == 3:
+                return None
+            return _PLAIN if not handback else LanePlan(handback, None, None, 0, 0)
+        now = self.clock()
         events: list[tuple[bytes, bytes, bytes, bytes] | None] = [None, None]
         indexes = [0, 0]
         for bit, direction in enumerate((Direction.C2S, Direction.S2C)):
+            if handback & (1 << bit):
+                continue
             applied = injector.unchanged(ledger.id, direction, now)
             if applied is None:
                 handback |= 1 << bit
@@ -321,6 +337,13 @@ class Relay:
         if version and fds:  # a twin socket must be swapped before the reply goes on
             version = False
             self._version(direction, data, fds)
+        length = message.length  # on the wire (more than ``data`` when streamed on)
+        interposed: dict[str, Any] | None = None
+        if ledger.interposer is not None and length == len(data) and offered is None:
+            done = ledger.interposer.message(direction, data, len(fds))
+            if done is not None:
+                data, interposed = self._interpose(direction, data, fds, done)
+                length = len(data)
         # (a message the C lane sent is of a direction whose decisions forward at
         # once, unchanged: the decision records that; rules changed meanwhile
         # cannot take back or rewrite what was sent)
@@ -334,13 +357,13 @@ class Relay:
             fd_records = self._fd_records(fds)  # contents as they passed; held fds now
         item = None
         if decision is None:
-            item = self._send(dst, data, fds, None, length=message.length, offered=offered)
+            item = self._send(dst, data, fds, None, length=length, offered=offered)
         elif decision.forward:
             close_after = None
             if decision.close_after:
                 close_after = f"injected close after {self._where(direction, decision)}"
             item = self._send(dst, decision.data, fds, decision.release_at,
-                              length=message.length, close_after=close_after,
+                              length=length, close_after=close_after,
                               offered=offered)
         else:
             close_all(fds)
@@ -350,15 +373,15 @@ class Relay:
             if self.inspect_fds and not fd_records:
                 fd_records = self._fd_records(fds)  # after the send, before the close
             dst.outbox.close_sent()
-        if message.length > len(data):
+        if length > len(data):
             forward = decision is None or decision.forward
             release_at = None if decision is None else decision.release_at
-            src.stream = _Stream(data, message.length, t_ns, fd_records, forward, release_at,
+            src.stream = _Stream(data, length, t_ns, fd_records, forward, release_at,
                                  decision)
             seq = 0
         else:
             seq = ledger.record(direction, t_ns, data, fd_records, nfds=len(fds),
-                                decision=decision)
+                                decision=decision, interposed=interposed)
         self._recorded(item, dst, seq)
         if message.fds_dropped or message.fds_truncated:
             ledger.fds_dropped(direction, seq, message.fds_dropped, message.fds_truncated)
@@ -369,6 +392,65 @@ class Relay:
                 ledger.stop(f"injected close before {self._where(direction, decision)}")
         if dst.outbox.items:
             self._check_full(dst)
+
+    def _interpose(self, direction: Direction, data: bytes, fds: list[OwnedFd],
+                   done: Interposed) -> tuple[bytes, dict[str, Any] | None]:
+        """Apply what an interposition mode made of a message that arrived as
+        ``data`` with ``fds``: ``fds`` becomes what the receiver gets (withheld
+        ones closed, interposed ones swapped for their substitutes); returns the
+        bytes it gets and the ``interpose`` event's data (FORMAT.md §6). A plan
+        that does not fit the fds (another count) changes nothing; an fd no
+        substitute can be made for is forwarded as it is, which the event says."""
+        if len(done.fds) != len(fds):
+            return data, None
+        event: dict[str, Any] = {"mode": done.mode, "direction": direction.value,
+                                 "note": done.note}
+        if done.data != data:
+            event["arrived"] = rewritten(data, done.data)
+        withheld: list[dict[str, Any]] = []
+        swapped: list[dict[str, Any]] = []
+        kept: list[OwnedFd] = []
+        for position, (fd, plan) in enumerate(zip(fds, done.fds, strict=True)):
+            if plan.fate is FdFate.FORWARD:
+                kept.append(fd)
+                continue
+            entry = self._fd_entry(fd, position)
+            if plan.fate is FdFate.WITHHOLD:
+                fd.close()
+                withheld.append(entry)
+                continue
+            if plan.irq is not None:
+                entry["irq"] = list(plan.irq)
+            substitute = None
+            if self.substitutes is not None:
+                try:
+                    substitute = self.substitutes.interpose(fd, plan)
+                except OSError as exc:
+                    entry["failed"] = str(exc)
+            else:
+                entry["failed"] = "no substitutes in this proxy"
+            kept.append(fd if substitute is None else substitute)
+            swapped.append(entry)
+        fds[:] = kept
+        if withheld:
+            event["withheld"] = withheld
+        if swapped:
+            event["interposed"] = swapped
+        if done.release and self.substitutes is not None:
+            self.substitutes.release(done.release)
+            event["released"] = [list(irq) for irq in done.release]
+        return done.data, event
+
+    def _fd_entry(self, fd: OwnedFd, position: int) -> dict[str, Any]:
+        """What the ``interpose`` event says of an fd the receiver does not get
+        (its metadata as a message record's fds hold it; ``position``: its
+        place in the message as it arrived)."""
+        if not self.inspect_fds:
+            return {"i": position}
+        try:
+            return fd_record(fd, position, contents_limit=self.capture_fd_contents).to_wire()
+        except (OSError, ValueError):
+            return {"i": position}
 
     def _piece(self, src: Leg, piece: Piece) -> None:
         stream = src.stream
@@ -563,6 +645,8 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        if self.substitutes is not None:
+            self.substitutes.close()
         unread = {}
         for leg in self.legs:
             pending = _unread_bytes(leg.sock)

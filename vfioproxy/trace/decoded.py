@@ -44,8 +44,10 @@ class DecodedMessage:
     """A message record with its decoding; ``latency_ns`` is set on replies.
 
     ``injection`` is the ``inject`` event recorded with the message, if any;
-    ``arrived`` the message as it arrived when an injected action rewrote it
-    (the record holds what the receiver got); ``caps`` the PCI capabilities
+    ``interposition`` its ``interpose`` event (an interposition mode acted on
+    it: FORMAT.md §6); ``arrived`` the message as it arrived from its sender
+    when the proxy rewrote it, by either (the record holds what the receiver
+    got); ``caps`` the PCI capabilities
     of the session's config space as read up to this message (they name the
     capability fields a config access covers); ``request_seq`` the seq of
     the request a reply answers, as the reader paired them (set with
@@ -61,6 +63,7 @@ class DecodedMessage:
     caps: tuple[Capability, ...] = ()
     request_seq: int | None = None
     dialects: Dialects | None = None
+    interposition: EventRecord | None = None
 
 
 @attrs.frozen
@@ -126,13 +129,18 @@ class DecodeStatistics:
     waiting_requests: int
 
 
-def _injection_of(record: MessageRecord, event: Record | None) -> EventRecord | None:
-    """``event`` when it is the ``inject`` event written with message ``record``."""
+def _written_with(record: MessageRecord, event: Record | None,
+                  attached: list[EventRecord]) -> EventRecord | None:
+    """``event`` when it is an event written with message ``record``, after the
+    ``attached`` ones: its ``interpose`` event (first), its ``inject`` event."""
     if (
         isinstance(event, EventRecord)
-        and event.kind == "inject"
         and event.session == record.session
         and event.data.get("direction") == record.direction.value
+        and (
+            (event.kind == "interpose" and not attached)
+            or (event.kind == "inject" and all(e.kind != "inject" for e in attached))
+        )
     ):
         return event
     return None
@@ -179,20 +187,26 @@ class DecodedRecords(Iterator[DecodedItem]):
     def _walk(self, records: Iterable[Record | Paused], only: int | None,
               ) -> Iterator[DecodedItem]:
         pending: MessageRecord | None = None
+        attached: list[EventRecord] = []  # the events written with ``pending`` so far
         for record in records:
             if isinstance(record, Paused):  # a followed file stopped growing: let go
                 if pending is not None:
-                    yield from self._decode(pending, None)
+                    yield from self._decode(pending, attached)
                     pending = None
+                    attached = []
                 continue
             if only is not None and record.session != only:
                 continue
             if pending is not None:
-                injection = _injection_of(pending, record)
-                yield from self._decode(pending, injection)
+                event = _written_with(pending, record, attached)
+                if event is not None:
+                    attached.append(event)
+                    if event.kind != "inject":  # an inject event may follow
+                        continue
+                yield from self._decode(pending, attached)
                 pending = None
-                if injection is not None:
-                    yield injection
+                attached = []
+                if event is not None:
                     continue
             if isinstance(record, EventRecord):
                 yield record
@@ -201,11 +215,11 @@ class DecodedRecords(Iterator[DecodedItem]):
                         self._closed += 1
                     self._evicted.pop(record.session, None)
             elif record.torn:
-                yield from self._decode(record, None)
+                yield from self._decode(record, [])
             else:
                 pending = record
         if pending is not None:
-            yield from self._decode(pending, None)
+            yield from self._decode(pending, attached)
 
     def _state(self, record: MessageRecord) -> Iterator[DecodedItem]:
         """Make sure ``record``'s session has a state (dropping the one idle the
@@ -242,10 +256,19 @@ class DecodedRecords(Iterator[DecodedItem]):
                 "defaults (its DMA layout is kept)", record.t_ns)
 
     def _decode(
-        self, record: MessageRecord, injection: EventRecord | None
+        self, record: MessageRecord, attached: list[EventRecord]
     ) -> Iterator[DecodedItem]:
+        """The decoded message, then the events written with it."""
         yield from self._state(record)
-        yield from _decode(self._sessions[record.session], record, injection, self._dialects)
+        injection = interposition = None
+        for event in attached:
+            if event.kind == "inject":
+                injection = event
+            else:
+                interposition = event
+        yield from _decode(self._sessions[record.session], record, injection, interposition,
+                           self._dialects)
+        yield from attached
 
 
 def decoded_records(
@@ -265,8 +288,8 @@ def decoded_records(
     ``max_open_sessions`` sessions' states are kept (see the module's
     docstring); :meth:`DecodedRecords.statistics` says how many are.
     ``records`` may be :meth:`~recorder.reader.TraceReader.follow`'s: at each
-    :data:`~recorder.reader.PAUSED` the message held back to see an
-    ``inject`` event after it is decoded without one.
+    :data:`~recorder.reader.PAUSED` the message held back to see the
+    events after it is decoded with those seen so far.
     """
     return DecodedRecords(records, dialects=dialects, session=session,
                           max_open_sessions=max_open_sessions)
@@ -276,6 +299,7 @@ def _decode(
     state: _Session,
     record: MessageRecord,
     injection: EventRecord | None,
+    interposition: EventRecord | None,
     dialects: Dialects | None,
 ) -> Iterator[DecodedItem]:
     if record.torn:
@@ -289,11 +313,17 @@ def _decode(
     if injection is not None and "arrived" in injection.data:
         arrived = arrived_bytes(record.data, injection.data["arrived"])
         cause = injection_cause(injection.data.get("applied"))
+    if interposition is not None and "arrived" in interposition.data:
+        # what the mode made of it is what the injector saw (or the record itself)
+        before = arrived_bytes(record.data if arrived is None else arrived,
+                               interposition.data["arrived"])
+        if before is not None:
+            arrived = before
     obs = state.blame.observe(obs, cause)
     latency = state.times.latency(obs, record.t_ns, record.seq)
     text = describe(obs, state.pci)
     yield DecodedMessage(record, obs, text, latency, injection, arrived, state.pci.capabilities,
-                         state.times.request_seq, state.state.known_dialects)
+                         state.times.request_seq, state.state.known_dialects, interposition)
     if (
         not state.announced
         and message.command == Command.VERSION

@@ -11,7 +11,8 @@ from typing import Any, TextIO
 
 import attrs
 
-from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader
+from recorder.errors import TraceError
+from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader, arrived_bytes
 from vfioproxy.protocol.bodies import DmaLayout, VersionBody
 from vfioproxy.protocol.header import HEADER_SIZE
 from vfioproxy.protocol.listing import (
@@ -89,15 +90,20 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False,
             )
             continue
         record = item.record
-        if item.injection is not None:
-            injected[item.injection.seq] = record.seq
+        for event in (item.interposition, item.injection):
+            if event is not None:
+                injected[event.seq] = record.seq
         yield message_line(
             record.seq, record.t_ns, origin, record.direction, record.session,
             item.observation.message.header, item.text,
             fds=", ".join(describe_fd(fd) for fd in record.fds), latency_ns=item.latency_ns,
         )
-        if item.arrived is not None and item.injection is not None:
-            yield note_line(f"~~~ {rewrite_text(record.data, item.arrived, item.injection)}")
+        if item.interposition is not None:
+            yield note_line(f"~~~ {interpose_text(item.interposition)}")
+        injected_arrived = None if item.injection is None else arrived_bytes(
+            record.data, item.injection.data.get("arrived"))
+        if injected_arrived is not None and item.injection is not None:
+            yield note_line(f"~~~ {rewrite_text(record.data, injected_arrived, item.injection)}")
         for violation in item.observation.violations:
             yield note_line(f"!!! {violation}")
         if verbose:
@@ -131,6 +137,36 @@ def rewrite_text(sent: bytes, arrived: bytes, injection: EventRecord) -> str:
             f"{now.hex(' ') or 'nothing'} was sent")
 
 
+def interpose_text(event: EventRecord) -> str:
+    """``interposed by the proxy (trap-mmap): region=1 flags=[15, 11] ...;
+    withheld fd[0] file 4 KiB``: what an interposition mode did to a message
+    (its ``interpose`` event, FORMAT.md §6)."""
+    data = event.data
+    note = data.get("note")
+    parts = [f"interposed by the proxy ({data.get('mode')})"]
+    if isinstance(note, dict) and note:
+        parts.append(" ".join(f"{k}={_scalar(v)}" for k, v in note.items()))
+    text = ": ".join(parts)
+    for key in ("withheld", "interposed"):
+        entries = data.get(key)
+        if isinstance(entries, list) and entries:
+            shown = []
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    continue
+                try:
+                    fd = FdRecord.from_wire(entry)
+                except TraceError:  # an entry with no metadata: its position only
+                    shown.append(f"fd[{entry.get('i')}]")
+                    continue
+                irq = f" irq {entry['irq']}" if "irq" in entry else ""
+                shown.append(f"fd[{fd.position}] {describe_fd(fd)}{irq}")
+            text += f"; {key} " + ", ".join(shown)
+    if "arrived" in data:
+        text += "; the bytes were rewritten"
+    return text
+
+
 def _applied_value(action: Any, value: Any) -> str | None:
     """An applied action's value as a reader wants it: a corrupt's byte offset
     as an offset, an error's errno with its name, seconds as microseconds."""
@@ -148,9 +184,12 @@ def _applied_value(action: Any, value: Any) -> str | None:
 
 
 def event_text(event: EventRecord, message_seq: int | None = None) -> str:
-    """The text of an event line; ``message_seq``: the message an ``inject`` event is about."""
+    """The text of an event line; ``message_seq``: the message an ``inject`` or
+    ``interpose`` event is about."""
     data = event.data
     applied = data.get("applied")
+    if event.kind == "interpose" and message_seq is not None:
+        return f"#{message_seq} {data.get('direction')}: {interpose_text(event)}"
     if event.kind == "inject" and isinstance(applied, list):
         # "#11 s2c[4]: rule 1 delay fixed(200us) = 203.1 us; rule 2 corrupt offset at offset 40"
         actions = []
