@@ -242,8 +242,8 @@ class IrqWatcher:
             log.exception("IRQ watcher failed: interposed interrupts are no longer passed on")
 
     def _interrupt(self, entry: _Vector, value: int) -> None:
-        """One read of a substitute (the lock held): record it, then signal the
-        client now, later, or not at all."""
+        """One read of a substitute (the lock held): signal the client now (then
+        record it), later, or not at all."""
         now = self._clock()
         t_ns = time.monotonic_ns()
         self.read += 1
@@ -265,9 +265,8 @@ class IrqWatcher:
                 heapq.heappush(self._due, (due, self._order, entry, value))
             else:
                 data["fate"] = "signalled"
+                self._signal(entry, value)  # first: the client waits; the record can
         self._record(data, t_ns)
-        if data["fate"] == "signalled":
-            self._signal(entry, value)
 
     def _signal_due(self) -> None:
         """Signal the delayed interrupts whose time has come (the lock held)."""
