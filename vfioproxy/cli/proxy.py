@@ -143,6 +143,10 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                                help="map no region: every BAR access becomes a REGION_READ/"
                                "REGION_WRITE message (REGION_INFO replies lose MMAP and "
                                "sparse-mmap, their fds are withheld)")
+        interpose.add_argument("--interpose-irqs", action="store_true",
+                               help="stand in for every SET_IRQS eventfd: each interrupt is "
+                               "recorded as an irq event, then passed on to the client "
+                               "(irq rules can delay or drop it)")
         inject.add_argument("--control", metavar="CTL_SOCK",
                             help="control socket: change rules while running (vfioproxy ctl)")
 
@@ -203,6 +207,7 @@ def _injector(args: argparse.Namespace) -> tuple[Injector | None, InterposeOptio
         tables = _merge_interpose(tables, merged.to_dict())
     flags = InterposeOptions(
         trap_mmap=args.trap_mmap,
+        interpose_irqs=args.interpose_irqs,
     )
     interpose = InterposeOptions.from_dict(_merge_interpose(tables, flags.to_dict()))
     rules.extend(parse_rule(text) for text in args.rule)

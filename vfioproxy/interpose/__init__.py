@@ -229,4 +229,7 @@ def session_interposer(options: InterposeOptions) -> SessionInterposer | None:
     if options.trap_mmap:
         from vfioproxy.interpose.mmap import TrapMmap
         modes.append(TrapMmap())
+    if options.interpose_irqs:
+        from vfioproxy.interpose.irqs import InterposeIrqs
+        modes.append(InterposeIrqs())
     return SessionInterposer(modes) if modes else None
