@@ -61,7 +61,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: the relays, in table order; "direct" has no relay
 BASE_CONFIGS = ("direct", "c-relay", "bare-trio", "bare-threads", "proxy", "proxy-trio",
-                "record", "record-live", "record-inject")
+                "record", "record-live", "record-inject", "proxy-trap-mmap", "record-trap-mmap")
+#: what a run measures unless --configs says (the interposition modes only when asked)
+DEFAULT_CONFIGS = tuple(c for c in BASE_CONFIGS if "trap" not in c)
 
 #: the injection rule of ``record-inject``: every command delayed by nothing
 ZERO_DELAY_RULE = "c2s * delay fixed(0us)"
@@ -273,6 +275,10 @@ class Processes:
             return [VFIOPROXY, "record", *ends, "-o", trace, "--check-live"]
         if name == "record-inject":
             return [VFIOPROXY, "record", *ends, "-o", trace, "--rule", ZERO_DELAY_RULE]
+        if name == "proxy-trap-mmap":
+            return [VFIOPROXY, "proxy", *ends, "--trap-mmap"]
+        if name == "record-trap-mmap":
+            return [VFIOPROXY, "record", *ends, "-o", trace, "--trap-mmap"]
         raise ValueError(f"unknown relay configuration {name!r} (known: {BASE_CONFIGS})")
 
     def stop(self) -> None:
@@ -738,8 +744,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short run (well under a minute)")
     parser.add_argument("--only", default="a,ref,b,c,d",
                         help="experiments to run, of a,ref,b,c,d (default all)")
-    parser.add_argument("--configs", default=",".join(BASE_CONFIGS),
-                        help="relay configurations to measure (default all)")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help="relay configurations to measure (default all but the "
+                        "interposition ones, proxy-trap-mmap and record-trap-mmap)")
     parser.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
     parser.add_argument("--sets", type=int, help="(b): fresh sets of server and relay "
                         "processes the rounds are split over (default 3, --quick 1)")

@@ -6,6 +6,8 @@ what arrived. Real sockets, both forwarders (threads with the C lane, trio)."""
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import ClassVar
 
 import pytest
@@ -41,6 +43,7 @@ from vfioproxy.protocol.constants import RegionFlags
 from vfioproxy.protocol.header import Command, Header
 from vfioproxy.proxy import ProxyOptions, open_proxy
 from vfioproxy.proxy import core as proxy_core
+from vfioproxy.proxy.relay import ALL_COMMANDS, command_mask
 from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedMessage, decoded_records
 from vfioproxy.trace.show import text_lines
@@ -288,3 +291,36 @@ async def test_a_plan_that_does_not_fit_the_fds_changes_nothing(region_server, t
                 await client.receive_message()
     assert region_server.received[0][1] == 1
 
+
+
+def test_the_c_lane_hands_back_only_the_commands_a_mode_acts_on():
+    """With trap-mmap on, the server's REGION_READ replies stay in the C lane;
+    only DEVICE_GET_REGION_INFO (and VERSION, as always) come back."""
+    _fastpath = pytest.importorskip("vfioproxy.proxy._fastpath")
+    mask = command_mask(frozenset({Command.DEVICE_GET_REGION_INFO}))
+    assert mask == 1 << 5 and command_mask(None) == ALL_COMMANDS
+    assert command_mask(frozenset({70})) == 1 << 63
+    client, client_proxy = socket.socketpair()
+    server_proxy, device = socket.socketpair()
+    wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        for sock in (client_proxy, server_proxy):
+            sock.setblocking(False)
+        read_reply = encode(build_reply(build_command(Command.REGION_READ, 1,
+                                                      RegionAccessBody(0, 1, 4)),
+                                        RegionAccessBody(0, 1, 4, b"\xab" * 4)))
+        info_reply = encode(build_reply(
+            build_command(Command.DEVICE_GET_REGION_INFO, 2, RegionInfoBody.request(1)),
+            RegionInfoBody.build(index=1, flags=RW | RegionFlags.MMAP, size=BAR_SIZE)))
+        device.sendall(read_reply + info_reply)
+        result = _fastpath.relay(client_proxy.fileno(), server_proxy.fileno(), wake, 1 << 20,
+                                 1 << 20, None, None, None, None, None, 0, 0, 2, 64, 10,
+                                 ALL_COMMANDS, mask)
+        assert result[0] == 1 and result[5] == 1  # the server's REGION_INFO header, back
+        assert result[3:5] == (1, len(read_reply))  # the REGION_READ reply went in C
+        assert client.recv(100) == read_reply
+        assert result[6] == info_reply[:16]
+    finally:
+        os.close(wake)
+        for sock in (client, client_proxy, server_proxy, device):
+            sock.close()

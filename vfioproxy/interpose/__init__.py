@@ -185,7 +185,13 @@ class Interposed:
 
 
 class Mode(Protocol):
-    """One interposition mode's state in one session (sans-IO)."""
+    """One interposition mode's state in one session (sans-IO).
+
+    A mode may also have a class attribute ``commands``
+    (``frozenset[int]``): the only commands (header command numbers) whose
+    messages it acts on, in its directions. The C lane then hands back only
+    those (the others stay as fast as without the mode) and the mode sees
+    no other; without it the mode sees every message of its directions."""
 
     name: ClassVar[str]
     #: the directions whose messages it must see (the C lane hands them back)
@@ -206,17 +212,40 @@ class SessionInterposer:
         self.modes = tuple(modes)
         #: the directions some mode must see
         self.directions = frozenset(d for mode in self.modes for d in mode.directions)
+        self._commands = {mode.name: _commands_of(mode) for mode in self.modes}
+
+    def commands(self, direction: Direction) -> frozenset[int] | None:
+        """The commands whose messages of ``direction`` some mode must see
+        (None: every message; empty: none)."""
+        out: set[int] = set()
+        for mode in self.modes:
+            if direction in mode.directions:
+                commands = self._commands[mode.name]
+                if commands is None:
+                    return None
+                out |= commands
+        return frozenset(out)
 
     def message(self, direction: Direction, data: bytes, nfds: int) -> Interposed | None:
         """What the receiver gets of a message (None: it as it arrived)."""
         if direction not in self.directions:
             return None
+        command = int.from_bytes(data[2:4], "little") if len(data) >= 4 else None
         for mode in self.modes:
             if direction in mode.directions:
+                commands = self._commands[mode.name]
+                if commands is not None and command not in commands:
+                    continue
                 done = mode.message(direction, data, nfds)
                 if done is not None:
                     return done
         return None
+
+
+def _commands_of(mode: Mode) -> frozenset[int] | None:
+    """A mode's ``commands`` (see :class:`Mode`), None when it has none."""
+    commands = getattr(mode, "commands", None)
+    return None if commands is None else frozenset(int(c) for c in commands)
 
 
 def session_interposer(options: InterposeOptions) -> SessionInterposer | None:

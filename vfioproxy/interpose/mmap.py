@@ -68,6 +68,9 @@ def trap_region_info(payload: bytes) -> tuple[bytes, dict[str, Any]] | None:
         note["dropped"] = [cap.describe() for cap in sparse]
         note["argsz"] = [body.argsz, new.argsz]
         return new.serialize(), note
+    if body.flags & _CAPS and body.cap_offset and not (
+            RegionInfoBody.FIXED.size <= body.cap_offset < body.argsz):
+        return None  # a short reply whose chain pointer lies past the size it asks for
     # no chain, or a short reply whose chain the client will ask for again
     rewritten = RegionInfoBody(body.argsz, flags, body.index, body.cap_offset, body.size,
                                body.offset, body.extra)
@@ -79,6 +82,7 @@ class TrapMmap:
 
     name: ClassVar[str] = "trap-mmap"
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.S2C})
+    commands: ClassVar[frozenset[int]] = frozenset({Command.DEVICE_GET_REGION_INFO})
 
     def message(self, direction: Direction, data: bytes, nfds: int) -> Interposed | None:
         """A DEVICE_GET_REGION_INFO reply that offers a mapping, rewritten not to,

@@ -336,8 +336,8 @@ static char *kept_buffer(void)
  * recorded whole (counted), 0 when there was nothing to read, -1 when `h`
  * holds a handoff. */
 static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_limit,
-                int handback, Appender *app, const Parts *parts, Event *event, char *buf,
-                Handoff *h)
+                int handback, unsigned long long commands, Appender *app, const Parts *parts,
+                Event *event, char *buf, Handoff *h)
 {
     struct iovec iov = {h->chunk, HEADER_SIZE};
     struct msghdr msg;
@@ -367,8 +367,11 @@ static int step(int leg, int src, int dst, unsigned int max_size, size_t buffer_
     if (k != HEADER_SIZE || msg.msg_controllen || (msg.msg_flags & MSG_CTRUNC))
         return -1; /* short, fds, EOF: the Python reader's slow way */
     const unsigned char *hdr = (const unsigned char *)h->chunk;
-    if ((handback & (1 << leg)) || (hdr[2] == VERSION_COMMAND && hdr[3] == 0))
-        return -1; /* fault rules decide this direction's messages; VERSION */
+    unsigned int command = (unsigned int)hdr[2] | (unsigned int)hdr[3] << 8;
+    if ((handback & (1 << leg)) && (commands >> (command < 63 ? command : 63) & 1))
+        return -1; /* fault rules or an interposition mode decide this message */
+    if (command == VERSION_COMMAND)
+        return -1; /* VERSION */
     uint32_t size = (uint32_t)hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 |
                     (uint32_t)hdr[7] << 24;
     if (size < HEADER_SIZE || size > max_size || size > buffer_limit || size > KEEP)
@@ -516,7 +519,7 @@ static void close_fds(const Handoff *h)
 PyDoc_STRVAR(relay_doc,
 "relay(client_fd, server_fd, wake_fd, max_message_size, buffer_limit, appender, c2s_parts,\n"
 "      s2c_parts, c2s_event, s2c_event, c2s_index, s2c_index, handback, max_messages,\n"
-"      idle_ms) -> tuple\n"
+"      idle_ms[, c2s_commands, s2c_commands]) -> tuple\n"
 "\n"
 "Forward and record plain messages between two non-blocking sockets until\n"
 "something is not plain, wake_fd is readable, max_messages were handled, or\n"
@@ -525,7 +528,9 @@ PyDoc_STRVAR(relay_doc,
 "The events (None, or EventPacker.parts()) are written with each message of\n"
 "their direction, numbered from its index (fault injection's zero delays).\n"
 "handback: bit 0 (c2s), bit 1 (s2c): hand every header of that direction back\n"
-"(fault rules decide its messages).\n"
+"(fault rules decide its messages) whose command is in that direction's\n"
+"commands: a mask, bit N for command N (bit 63 for 63 and above); all when\n"
+"not given (an interposition mode sees only the commands it acts on).\n"
 "\n"
 "Returns (code, c2s_messages, c2s_bytes, s2c_messages, s2c_bytes, leg, ...):\n"
 "  (0, counts..., pending): returned; pending is -1, 3 when wake_fd is\n"
@@ -545,11 +550,12 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
     unsigned int max_size;
     Py_ssize_t buffer_limit;
     unsigned long long index[2];
+    unsigned long long commands[2] = {~0ULL, ~0ULL};
     PyObject *app_obj, *parts_obj[2], *event_obj[2];
-    if (!PyArg_ParseTuple(args, "iiiInOOOOOKKiii", &fds[0], &fds[1], &wake, &max_size,
+    if (!PyArg_ParseTuple(args, "iiiInOOOOOKKiii|KK", &fds[0], &fds[1], &wake, &max_size,
                           &buffer_limit, &app_obj, &parts_obj[0], &parts_obj[1], &event_obj[0],
                           &event_obj[1], &index[0], &index[1], &handback, &max_messages,
-                          &idle_ms))
+                          &idle_ms, &commands[0], &commands[1]))
         return NULL;
     Event events[2];
     if (!get_event(event_obj[0], index[0], &events[0]) ||
@@ -598,7 +604,7 @@ static PyObject *fastpath_relay(PyObject *module, PyObject *args)
             if (!p[leg].revents)
                 continue;
             int got = step(leg, fds[leg], fds[1 - leg], max_size, (size_t)buffer_limit,
-                           handback, app, &parts[leg], &events[leg], buf, h);
+                           handback, commands[leg], app, &parts[leg], &events[leg], buf, h);
             if (got > 0) {
                 count[leg][0] += 1;
                 count[leg][1] += (long long)h->length;

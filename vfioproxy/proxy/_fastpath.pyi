@@ -30,5 +30,7 @@ def relay(
     handback: int,
     max_messages: int,
     idle_ms: int,
+    c2s_commands: int = ...,
+    s2c_commands: int = ...,
     /,
 ) -> tuple[Any, ...]: ...

@@ -78,20 +78,36 @@ LANE_IDLE_MS = 50
 LANE_WOKEN = 3
 
 
+#: every command (a C lane command mask)
+ALL_COMMANDS = (1 << 64) - 1
+
+
 class LanePlan(NamedTuple):
     """What the C lane does with each direction (:meth:`Relay.lane_plan`):
     ``handback`` bit 0 (c2s) / bit 1 (s2c): hand its messages back for the
-    fault rules to decide; else forward them, writing the inject event whose
-    parts are given with each (None: none), numbered from the index given."""
+    fault rules or an interposition mode to decide, those of the commands
+    in that direction's mask (``c2s_commands``, ``s2c_commands``: bit N for
+    command N, bit 63 for 63 and above); else forward them, writing the
+    inject event whose parts are given with each (None: none), numbered from
+    the index given."""
 
     handback: int
     c2s_event: tuple[bytes, bytes, bytes, bytes] | None
     s2c_event: tuple[bytes, bytes, bytes, bytes] | None
     c2s_index: int
     s2c_index: int
+    c2s_commands: int = ALL_COMMANDS
+    s2c_commands: int = ALL_COMMANDS
 
 
 _PLAIN = LanePlan(0, None, None, 0, 0)
+
+
+def command_mask(commands: frozenset[int] | None) -> int:
+    """The C lane's mask of ``commands`` (None: every command)."""
+    if commands is None:
+        return ALL_COMMANDS
+    return sum({1 << min(command, 63) for command in commands})
 
 
 class _Stream:
@@ -255,30 +271,35 @@ class Relay:
             return None
         injector = ledger.injector
         interposer = ledger.interposer
-        # the directions an interposition mode must see come back to Python
+        # the messages an interposition mode must see come back to Python
         handback = 0
+        masks = [ALL_COMMANDS, ALL_COMMANDS]
         if interposer is not None:
-            handback = sum(1 << bit for bit, direction in enumerate((Direction.C2S, Direction.S2C))
-                           if direction in interposer.directions)
+            for bit, direction in enumerate((Direction.C2S, Direction.S2C)):
+                if direction in interposer.directions:
+                    handback |= 1 << bit
+                    masks[bit] = command_mask(interposer.commands(direction))
         if injector is None:
-            if handback == 3:
+            if handback == 3 and masks == [ALL_COMMANDS, ALL_COMMANDS]:
                 return None
-            return _PLAIN if not handback else LanePlan(handback, None, None, 0, 0)
+            if not handback:
+                return _PLAIN
+            return LanePlan(handback, None, None, 0, 0, masks[0], masks[1])
         now = self.clock()
         events: list[tuple[bytes, bytes, bytes, bytes] | None] = [None, None]
         indexes = [0, 0]
         for bit, direction in enumerate((Direction.C2S, Direction.S2C)):
-            if handback & (1 << bit):
-                continue
             applied = injector.unchanged(ledger.id, direction, now)
-            if applied is None:
+            if applied is None:  # the fault rules decide every message of it
                 handback |= 1 << bit
+                masks[bit] = ALL_COMMANDS
             else:
                 events[bit] = ledger.inject_parts(direction, applied)
                 indexes[bit] = injector.next_index(ledger.id, direction)
-        if handback == 3:
+        if handback == 3 and masks == [ALL_COMMANDS, ALL_COMMANDS]:
             return None
-        return LanePlan(handback, events[0], events[1], indexes[0], indexes[1])
+        return LanePlan(handback, events[0], events[1], indexes[0], indexes[1], masks[0],
+                        masks[1])
 
     def run_lane(self, lane: Callable[..., tuple[Any, ...]], wake_fd: int, plan: LanePlan) -> int:
         """Let the C lane forward and record plain messages as ``plan`` says
@@ -298,7 +319,8 @@ class Relay:
         result = lane(self.client.fd, self.server.fd, wake_fd, self.max_message_size,
                       self.client.reader.buffer_limit, appender, c2s_parts, s2c_parts,
                       plan.c2s_event, plan.s2c_event, plan.c2s_index, plan.s2c_index,
-                      plan.handback, LANE_BATCH, LANE_IDLE_MS)
+                      plan.handback, LANE_BATCH, LANE_IDLE_MS, plan.c2s_commands,
+                      plan.s2c_commands)
         code, c2s_messages, c2s_bytes, s2c_messages, s2c_bytes, index = result[:6]
         if c2s_messages:
             ledger.forwarded(Direction.C2S, c2s_messages, c2s_bytes)
