@@ -66,12 +66,12 @@ def test_server_signals_reach_the_client_and_are_recorded() -> None:
     assert wait_value(client) == 1
     os.eventfd_write(to_server.fileno(), 1)
     assert wait_value(client) == 1
+    to_server.close()
+    watcher.close()  # the client is signalled first, then the event recorded: wait
+    watcher.close()
     assert [e[0] for e in events.items] == [
         {"index": MSIX, "vector": 3, "count": 1, "fate": "signalled"}] * 2
     assert events.items[0][1] <= events.items[1][1]
-    to_server.close()
-    watcher.close()
-    watcher.close()
     assert (watcher.read, watcher.signalled, watcher.dropped) == (2, 2, 0)
     os.close(client)
     assert open_fds() == before
@@ -130,9 +130,9 @@ def test_coalesced_signals_are_one_read_with_their_count() -> None:
         for _ in range(3):
             os.eventfd_write(to_server.fileno(), 1)
     assert wait_value(client) == 3
-    assert events.items[0][0]["count"] == 3
     to_server.close()
     watcher.close()
+    assert events.items[0][0]["count"] == 3
     os.close(client)
 
 

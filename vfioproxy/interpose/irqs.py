@@ -64,6 +64,8 @@ class InterposeIrqs:
 
     name: ClassVar[str] = "interpose-irqs"
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.C2S})
+    #: the C lane hands back only these (every other c2s message stays in C)
+    commands: ClassVar[frozenset[int]] = frozenset({Command.DEVICE_SET_IRQS})
 
     def __init__(self) -> None:
         #: (index, vector) of every vector whose eventfd the proxy stands in for now

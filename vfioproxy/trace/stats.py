@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,6 +16,9 @@ from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice, 
 from vfioproxy.trace.tables import table, table_lines
 from vfioproxy.trace.timeline.model import SessionTimeline
 from vfioproxy.trace.timeline.table import session_lines
+
+#: c2s messages kept per session to find the one just before an interrupt
+_RECENT_C2S = 8
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -119,8 +122,9 @@ class TraceStats:
     #: when that message was a REGION_WRITE (a doorbell, if the device has one)
     irq_latencies: dict[str, LatencySample] = attrs.field(
         factory=lambda: defaultdict(LatencySample))
-    #: per session: the time and command of its last c2s message so far
-    _last_c2s: dict[int, tuple[int, str]] = attrs.field(factory=dict)
+    #: per session: the times and commands of its last c2s messages so far
+    #: (an ``irq`` event may be written after messages that came later than it)
+    _last_c2s: dict[int, deque[tuple[int, str]]] = attrs.field(factory=dict)
 
     def add(self, item: DecodedItem) -> None:
         if isinstance(item, EventRecord):
@@ -144,8 +148,11 @@ class TraceStats:
             kind = "error" if header.is_error else "reply"
         else:
             kind = "posted" if header.no_reply else "command"
-        if record.direction.value == "c2s" and record.session is not None:
-            self._last_c2s[record.session] = (record.t_ns, header.command_name)
+        if record.direction.value == "c2s":
+            recent = self._last_c2s.get(record.session)
+            if recent is None:
+                recent = self._last_c2s[record.session] = deque(maxlen=_RECENT_C2S)
+            recent.append((record.t_ns, header.command_name))
         key = (header.command_name, record.direction.value, kind)
         row = self.traffic.setdefault(key, [0, 0])
         row[0] += 1
@@ -161,7 +168,8 @@ class TraceStats:
 
     def _irq(self, event: EventRecord) -> None:
         """Count an ``irq`` event, and time it from the c2s REGION_WRITE just
-        before it in its session (the last c2s message, if that is one)."""
+        before it in its session (the last c2s message by time, if that is
+        one and among the session's last few)."""
         data = event.data
         index, vector, count = data.get("index"), data.get("vector"), data.get("count")
         if not isinstance(index, int) or not isinstance(vector, int):
@@ -172,9 +180,10 @@ class TraceStats:
         row[1] += count if isinstance(count, int) else 0
         row[2] += data.get("fate") == "dropped"
         row[3] += data.get("fate") == "delayed"
-        last = None if event.session is None else self._last_c2s.get(event.session)
-        if last is not None and last[1] == "REGION_WRITE" and event.t_ns >= last[0]:
-            self.irq_latencies[name].add(event.t_ns - last[0])
+        recent = None if event.session is None else self._last_c2s.get(event.session)
+        before = [m for m in recent or () if m[0] <= event.t_ns]
+        if before and before[-1][1] == "REGION_WRITE":
+            self.irq_latencies[name].add(event.t_ns - before[-1][0])
 
     def _count(self, record: MessageRecord) -> None:
         self.sessions.add(record.session)
