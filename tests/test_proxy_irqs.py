@@ -190,3 +190,27 @@ def test_close_with_a_delay_pending_closes_everything() -> None:
     assert not readable(client, 0)
     os.close(client)
     assert open_fds() == before
+
+
+def test_beyond_the_watcher_limit_no_fd_is_taken(monkeypatch) -> None:
+    import threading
+
+    from vfioproxy.proxy import irqs
+
+    monkeypatch.setattr(irqs, "_watchers", threading.BoundedSemaphore(1))
+    before = open_fds()
+    first, second = IrqWatcher(Events()), IrqWatcher(Events())
+    handed, client = client_eventfd()
+    to_server = first.interpose(handed, plan(0))
+    other, other_client = client_eventfd()
+    with pytest.raises(OSError, match="already have an IRQ watcher"):
+        second.interpose(other, plan(0))
+    assert not other.closed  # not taken: the relay forwards it as it is
+    first.close()
+    second.interpose(other, plan(0)).close()  # the slot is free again
+    second.close()
+    for fd in (to_server,):
+        fd.close()
+    os.close(client)
+    os.close(other_client)
+    assert open_fds() == before
