@@ -214,3 +214,22 @@ def test_beyond_the_watcher_limit_no_fd_is_taken(monkeypatch) -> None:
     os.close(client)
     os.close(other_client)
     assert open_fds() == before
+
+
+def test_short_delays_are_kept_to_well_under_a_millisecond() -> None:
+    injector = Injector(["irq * delay fixed(300us)"])
+    watcher = IrqWatcher(Events(), lambda i, v, now: injector.irq(1, i, v, now))
+    handed, client = client_eventfd()
+    to_server = watcher.interpose(handed, plan(0))
+    waited = []
+    for _ in range(15):
+        start = time.monotonic()
+        os.eventfd_write(to_server.fileno(), 1)
+        wait_value(client)
+        waited.append(time.monotonic() - start)
+    to_server.close()
+    watcher.close()
+    os.close(client)
+    waited.sort()
+    assert waited[0] >= 0.0003
+    assert waited[len(waited) // 2] < 0.0003 + 0.0007  # epoll alone would give >= 1 ms

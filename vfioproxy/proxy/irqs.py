@@ -15,7 +15,8 @@ would have seen, later by the time that takes (bench/RESULTS.md).
 With fault injection, the thread asks for each interrupt what to do
 (``decide``, :meth:`vfioproxy.inject.Injector.irq`): drop it (the client is
 not signalled; the event says so) or delay it. A delayed interrupt is
-signalled when its time comes (the epoll timeout keeps the time), and holds
+signalled when its time comes (the epoll timeout, armed a little early, then
+a short spin: right to a few microseconds), and holds
 later interrupts of its vector behind it, as a delayed message holds later
 messages.
 
@@ -60,6 +61,9 @@ log = logging.getLogger("vfioproxy.proxy")
 MAX_WATCHERS = 64
 
 _watchers = threading.BoundedSemaphore(MAX_WATCHERS)
+#: a delayed interrupt's last seconds are waited by spinning (epoll's timeout
+#: is in milliseconds): delays are right to a few microseconds
+_SPIN = 0.002
 
 
 #: asks fault injection about an interrupt of (index, vector) read at a time
@@ -219,8 +223,8 @@ class IrqWatcher:
                         return
                     epoll = self._epoll
                     timeout = -1.0
-                    if self._due:
-                        timeout = max(0.0, self._due[0][0] - self._clock())
+                    if self._due:  # epoll counts in ms: wake early, spin the rest
+                        timeout = max(0.0, self._due[0][0] - self._clock() - _SPIN)
                 try:
                     ready = epoll.poll(timeout)
                 except (OSError, ValueError):  # closed under us: close() is under way
