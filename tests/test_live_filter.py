@@ -89,7 +89,7 @@ def test_readme_field_table_says_which_fields_the_live_view_takes():
     rows = re.findall(r"^\| `([^`]+)` \| \w+ \| (yes|no) \|", section, re.MULTILINE)
     assert [name for name, _ in rows] == [f.name for f in FIELDS]
     for name, live in rows:
-        expr = f"{name} == 1" if name not in ("violation", "inject") else name
+        expr = f"{name} == 1" if name not in ("violation", "inject", "interpose") else name
         if name in ("dir", "kind", "fd.kind", "register", "step"):
             expr = f'{name} matches "x"'
         if name == "time":

@@ -46,6 +46,7 @@ from vfioproxy.proxy import core as proxy_core
 from vfioproxy.proxy.relay import ALL_COMMANDS, command_mask
 from vfioproxy.side import Direction
 from vfioproxy.trace.decoded import DecodedMessage, decoded_records
+from vfioproxy.trace.filter import compile_filter, facts_of
 from vfioproxy.trace.show import text_lines
 
 pytestmark = FD_HYGIENE
@@ -175,6 +176,9 @@ async def test_trap_mmap_region_info_maps_nothing(region_server, tmp_path, threa
     original = decode(replies[1].arrived).body
     assert original.flags & RegionFlags.MMAP and original.caps == (SPARSE, TypeCap(1, 2))
     assert all(d.arrived is None for d in decoded if d.interposition is None)
+    wanted = compile_filter("interpose and dir == s2c")
+    assert [d.record.seq for d in decoded if wanted.test(facts_of(d))] == [
+        d.record.seq for d in replies]
     shown = "\n".join(text_lines(decoded_records(recs)))
     assert "interposed by the proxy (trap-mmap)" in shown
     assert "withheld fd[0] memfd" in shown

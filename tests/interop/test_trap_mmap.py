@@ -8,7 +8,9 @@ rest of the device is as without the flag; the server is unchanged (it exits
 0 after its one client, as always). The trace holds what the client got and,
 in the ``interpose`` events, what the server sent and the fd the proxy closed.
 Replayed as server, the trapped recording gives the realize client the view
-it had live.
+it had live; replayed as client against a fresh samples/server (which offers
+the mapping, as always), the replay makes of the live replies what the proxy
+made of them (``session_open`` says which modes were on) and nothing diverges.
 
 With ``VFIOPROXY_QEMU``: QEMU realizes samples/server through ``record`` with
 and without the flag; its own ``-trace vfio_region_mmap`` shows two mappings
@@ -33,6 +35,7 @@ from tests.interop.test_realize import SERVERS, realize_json, start_server
 from tests.interop.tracecheck import read_recording
 from vfioproxy.protocol.bodies import RegionInfoBody
 from vfioproxy.protocol.constants import RegionFlags
+from vfioproxy.replay.client import replay_client
 from vfioproxy.replay.report import ReplayReport
 from vfioproxy.replay.server import ServerReplayOptions, serve_replay
 from vfioproxy.side import Direction
@@ -116,11 +119,22 @@ async def test_realize_through_trap_mmap_maps_nothing_and_replays(
     assert report.ok and report.matched == report.compared, report.text()
     replayed = json.loads(realize.stdout)
     assert without(replayed, "timings") == without(view, "timings")
+
+    # replayed as client against a fresh samples/server (which offers the mapping
+    # again): the replay makes of the live replies what the proxy made of them
+    fresh = sockdir / "fresh.sock"
+    fresh_server = start_server(peers, SAMPLES_SERVER, lvu, fresh, "server-fresh")
+    with trio.fail_after(30):
+        as_client = await replay_client(trace, fresh)
+    assert as_client.ok and as_client.matched == as_client.compared, as_client.text()
+    assert as_client.compared > 0 and as_client.divergences == ()
+    assert fresh_server.wait(timeout=10) == 0, fresh_server.describe()
     SUMMARY.append(
         f"realize through record --trap-mmap vs samples/server: BAR1 mapped nothing "
         f"(direct: 2 sparse areas mmapped), 1 region fd withheld, "
         f"{len(recording.messages)} messages; "
-        f"replayed as server: the same view, no divergence"
+        f"replayed as server: the same view; as client against a fresh samples/server: "
+        f"no divergence ({as_client.compared} replies compared)"
     )
 
 

@@ -47,6 +47,7 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError, os_reason
+from vfioproxy.interpose import FdFate, session_interposer
 from vfioproxy.io.fds import OwnedFd, close_all
 from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.protocol.bodies import DmaAccessBody, DmaMapBody, DmaUnmapBody
@@ -152,6 +153,9 @@ class _ClientReplay(Replay):
         #: live server commands the replay answers at their recorded reply's place,
         #: with the recorded command
         self.live_commands: dict[int, tuple[Message, Message]] = {}
+        #: the recording proxy's interposition modes: the live server's messages
+        #: become what the recorded client got before they are compared
+        self.interposer = session_interposer(script.interpose)
 
     # ------------------------------------------------------------- running
 
@@ -302,12 +306,31 @@ class _ClientReplay(Replay):
                 return
             self.received += 1
             try:
+                if self.interposer is not None:
+                    data, fds = self._interposed(data, fds)
                 if Header.parse(data).is_reply:
                     self._on_reply(data, fds)
                 else:
                     await self._on_server_command(data, fds)
             finally:
                 close_all(fds)
+
+    def _interposed(self, data: bytes, fds: list[OwnedFd]) -> tuple[bytes, list[OwnedFd]]:
+        """A live server message as the recording proxy's modes made it (the
+        recorded client got that): its bytes, and its fds less those withheld
+        (closed now). Fds a mode interposed on stay as they are (no substitute
+        here)."""
+        assert self.interposer is not None
+        done = self.interposer.message(Direction.S2C, data, len(fds))
+        if done is None or len(done.fds) != len(fds):
+            return data, fds
+        kept = []
+        for fd, plan in zip(fds, done.fds, strict=True):
+            if plan.fate is FdFate.WITHHOLD:
+                fd.close()
+            else:
+                kept.append(fd)
+        return done.data, kept
 
     def _arrive(self, position: int) -> None:
         if self.waiting is not None and position >= self.waiting:

@@ -34,7 +34,8 @@ from typing import Any, overload
 import attrs
 
 from recorder.records import EventKind, EventRecord, FdRecord, MessageRecord, Record
-from vfioproxy.errors import VfioProxyError
+from vfioproxy.errors import UsageError, VfioProxyError
+from vfioproxy.interpose import InterposeOptions
 from vfioproxy.protocol.bodies import RegionAccessBody
 from vfioproxy.protocol.capabilities import Capabilities
 from vfioproxy.protocol.codec import Dialects, Message
@@ -182,11 +183,14 @@ class Script:
         records: Sequence[Record] | None,
         steps: list[Step] | None = None,
         irqs: tuple[IrqMark, ...] = (),
+        interpose: InterposeOptions | None = None,
     ) -> None:
         self.path = path
         #: the interrupts the recorded server raised, in order (none unless
         #: recorded with ``--interpose-irqs``)
         self.irqs = irqs
+        #: the interposition modes the recording proxy had on (its ``session_open``)
+        self.interpose = InterposeOptions() if interpose is None else interpose
         self.session = session
         self.dialects = dialects
         self.client_caps = client_caps
@@ -540,6 +544,7 @@ class _Indexer:
         #: (position, time) of the last messages: an ``irq`` event is written
         #: once its client is signalled, maybe after messages that came later
         self.recent: deque[tuple[int, int]] = deque(maxlen=16)
+        self.interpose: Any = None  # session_open's interpose map, if any
 
     def tap(self, records: Iterable[Record]) -> Iterator[Record]:
         """``records``, each fed on its way."""
@@ -552,6 +557,8 @@ class _Indexer:
             return
         if isinstance(record, EventRecord):
             self.closed = self.closed or record.kind == EventKind.SESSION_CLOSE
+            if record.kind == EventKind.SESSION_OPEN:
+                self.interpose = record.data.get("interpose")
             if record.kind == EventKind.IRQ and not self.stopped:
                 self._irq(record)
             return
@@ -622,6 +629,16 @@ class _Indexer:
             kind = "reply" if header.is_reply else "cmd"
             notes.append(f"the session does not start with the client's VERSION "
                          f"({header.command_name} {kind})")
+        interpose = None
+        if isinstance(self.interpose, dict):
+            try:
+                interpose = InterposeOptions.from_dict(self.interpose,
+                                                       "session_open's interpose")
+            except UsageError as exc:
+                notes.append(f"{exc}: replayed as if no mode had been on")
+        elif self.interpose is not None:
+            notes.append("session_open's interpose is not a map: replayed as if no mode "
+                         "had been on")
         index, state = self.index, self.state
         return Script(
             path=path,
@@ -641,6 +658,7 @@ class _Indexer:
                      None if index.replies[p] < 0 else index.replies[p])
                 for p, (record, message) in enumerate(self.early)],
             irqs=tuple(sorted(self.irqs, key=lambda mark: mark.after)),
+            interpose=interpose,
         )
 
 

@@ -47,14 +47,14 @@ class Facts:
     :class:`~vfioproxy.trace.decoded.DecodedMessage` (:func:`facts_of`), the
     proxy's live view from what it sees on the path."""
 
-    __slots__ = ("caps", "direction", "fds", "injected", "latency_ns", "observation", "seq",
-                 "session", "session_start_ns", "step", "t_ns", "wall")
+    __slots__ = ("caps", "direction", "fds", "injected", "interposed", "latency_ns",
+                 "observation", "seq", "session", "session_start_ns", "step", "t_ns", "wall")
 
     def __init__(self, seq: int, session: int, direction: Direction, t_ns: int,
                  fds: Sequence[Any], observation: Observation, latency_ns: int | None = None,
                  injected: bool = False, session_start_ns: int = 0, step: str | None = None,
                  wall: Callable[[int], datetime] | None = None,
-                 caps: tuple[Capability, ...] = ()) -> None:
+                 caps: tuple[Capability, ...] = (), interposed: bool = False) -> None:
         self.seq = seq
         self.session = session
         self.direction = direction
@@ -67,6 +67,7 @@ class Facts:
         self.step = step
         self.wall = wall
         self.caps = caps
+        self.interposed = interposed
 
 
 def facts_of(message: DecodedMessage, *, session_start_ns: int = 0, step: str | None = None,
@@ -77,7 +78,7 @@ def facts_of(message: DecodedMessage, *, session_start_ns: int = 0, step: str | 
     return Facts(record.seq, record.session, record.direction, record.t_ns, record.fds,
                  message.observation, message.latency_ns, message.injection is not None,
                  session_start_ns, step, None if header is None else header.wall_time,
-                 message.caps)
+                 message.caps, message.interposition is not None)
 
 
 Getter = Callable[[Facts], Any]
@@ -204,6 +205,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("inject", "bool", "a fault-injection rule acted on the message",
               lambda c: c.injected,
               live="the live view does not see which rules acted (filter the trace)"),
+    FieldSpec("interpose", "bool", "an interposition mode (--trap-mmap, ...) rewrote the "
+              "message", lambda c: c.interposed,
+              live="the live view does not see what the modes did (filter the trace)"),
     FieldSpec("register", "text",
               "config-space register a config access covers: header registers (command, "
               "ROM BAR), capability fields as the session's config names them "

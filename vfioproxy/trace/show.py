@@ -85,6 +85,8 @@ def text_lines(items: Iterable[DecodedItem], *, verbose: bool = False,
         if isinstance(item, EventRecord):
             if item.kind in _DERIVED:
                 continue  # the same violations are shown under their messages
+            if item.kind == "interpose" and injected.pop(item.seq, None) is not None:
+                continue  # its message's ~~~ line says it all
             yield (
                 f"{prefix(item.seq, item.t_ns, origin)} --- s{item.session} "
                 f"{item.kind} {event_text(item, injected.pop(item.seq, None))}"
@@ -146,7 +148,7 @@ def interpose_text(event: EventRecord) -> str:
     note = data.get("note")
     parts = [f"interposed by the proxy ({data.get('mode')})"]
     if isinstance(note, dict) and note:
-        parts.append(" ".join(f"{k}={_scalar(v)}" for k, v in note.items()))
+        parts.append(" ".join(f"{k}={_change(k, v)}" for k, v in note.items()))
     text = ": ".join(parts)
     for key in ("withheld", "interposed"):
         entries = data.get(key)
@@ -169,6 +171,16 @@ def interpose_text(event: EventRecord) -> str:
     if "arrived" in data:
         text += "; the bytes were rewritten"
     return text
+
+
+def _change(key: str, value: Any) -> str:
+    """A note's value; ``[before, after]`` of ints as ``before->after`` (flags in hex)."""
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return "->".join(f"{v:#x}" if key == "flags" else str(v) for v in value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "; ".join(value)
+    return _scalar(value)
 
 
 def _applied_value(action: Any, value: Any) -> str | None:
