@@ -89,6 +89,7 @@ class EventKind(enum.StrEnum):
     RECORDING_RESUMED = "recording_resumed"
     VIOLATIONS_REPEATED = "violations_repeated"
     MERGED_FROM = "merged_from"
+    IRQ = "irq"
 
 
 # --- field validators (attrs signature: instance, attribute, value) ---------

@@ -151,6 +151,10 @@ def add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                                "guest memory with DMA_READ/DMA_WRITE messages: every window, "
                                "or those overlapping IOVA-RANGE (START-END or START+SIZE, "
                                "repeatable; a window is trapped whole)")
+        interpose.add_argument("--interpose-irqs", action="store_true",
+                               help="stand in for every SET_IRQS eventfd: each interrupt is "
+                               "recorded as an irq event, then passed on to the client "
+                               "(irq rules can delay or drop it)")
         inject.add_argument("--control", metavar="CTL_SOCK",
                             help="control socket: change rules while running (vfioproxy ctl)")
 
@@ -212,6 +216,7 @@ def _injector(args: argparse.Namespace) -> tuple[Injector | None, InterposeOptio
     flags = InterposeOptions(
         trap_mmap=args.trap_mmap,
         trap_dma=_trap_dma(args.trap_dma),
+        interpose_irqs=args.interpose_irqs,
     )
     interpose = InterposeOptions.from_dict(_merge_interpose(tables, flags.to_dict()))
     rules.extend(parse_rule(text) for text in args.rule)

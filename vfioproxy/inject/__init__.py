@@ -34,6 +34,7 @@ from vfioproxy.inject.engine import (
     Decision,
     Injector,
     InjectorStatistics,
+    IrqDecision,
     RuleStatistics,
 )
 from vfioproxy.inject.errors import InjectError, RuleSyntaxError
@@ -66,6 +67,7 @@ __all__ = [
     "Injector",
     "InjectorStatistics",
     "IntRange",
+    "IrqDecision",
     "Jittered",
     "Kind",
     "LogNormal",

@@ -61,6 +61,17 @@ replies of the other direction by region or offset (and from then on, even
 after that rule is removed); a reply to a request forwarded before is
 matched by its own body.
 
+Interrupts (``irq`` rules, :meth:`Injector.irq`): the proxy's IRQ watcher
+asks about each interrupt it reads (``--interpose-irqs``). In rule order,
+each irq rule whose filters match counts as matched and fires with its
+probability; the first firing drop drops the interrupt (the client is not
+signalled); else the firing delays add their drawn seconds. The watcher signals
+a delayed interrupt when due and holds later interrupts of its vector
+behind it, so a vector's interrupts stay in order. Each (seed, session,
+IRQ index, vector, rule id) has its own random stream. The watcher's
+thread asks; :meth:`Injector.irq` locks what it shares with the message
+path (the rules it reads are an immutable tuple).
+
 Cost and threads: each rule's filters are compiled once, when it is added,
 into a predicate over the header fields (:meth:`Match.predicate
 <vfioproxy.inject.rules.Match.predicate>`), which are read from the bytes
@@ -86,6 +97,7 @@ import attrs
 
 from vfioproxy.inject.actions import (
     Action,
+    Delay,
     Fate,
     FateAction,
     HoldAction,
@@ -93,6 +105,7 @@ from vfioproxy.inject.actions import (
     RewriteAction,
     TimingAction,
 )
+from vfioproxy.inject.distributions import capped
 from vfioproxy.inject.errors import InjectError
 from vfioproxy.inject.rules import Kind, Predicate, Rule
 from vfioproxy.inject.syntax import parse_rule
@@ -108,7 +121,8 @@ from vfioproxy.protocol.offsets import (
 from vfioproxy.protocol.pairing import MAX_OUTSTANDING, Outstanding
 from vfioproxy.side import Direction
 
-__all__ = ["Applied", "Decision", "Injector", "InjectorStatistics", "RuleStatistics"]
+__all__ = ["Applied", "Decision", "Injector", "InjectorStatistics", "IrqDecision",
+           "RuleStatistics"]
 
 _MAX_PENDING_PER_ID = 64
 _C2S = Direction.C2S
@@ -192,6 +206,21 @@ _decision = tuple.__new__
 
 
 @attrs.frozen
+class IrqDecision:
+    """What to do with one interrupt: ``drop`` it (the client is not
+    signalled), or signal it ``delay`` seconds late; ``applied``: the
+    actions that took effect (drawn delays, the drop)."""
+
+    drop: bool
+    delay: float
+    applied: tuple[Applied, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``irq`` event's keys: ``applied`` as an ``inject`` event's."""
+        return {"applied": [a.to_dict() for a in self.applied]}
+
+
+@attrs.frozen
 class RuleStatistics:
     """Counters of one rule: filters matched, actions applied, seconds of delay added."""
 
@@ -258,8 +287,8 @@ class _Compiled:
     """
 
     __slots__ = (
-        "always", "commands", "effect", "fixed", "phase", "probability", "reads_header", "regions",
-        "retired", "rule", "test",
+        "always", "commands", "effect", "fixed", "irq_counts", "phase", "probability",
+        "reads_header", "regions", "retired", "rule", "test",
     )
 
     def __init__(self, rule: Rule) -> None:
@@ -286,10 +315,14 @@ class _Compiled:
             if self.commands is None and self.test is None and self.probability >= 1.0:
                 self.always = record, seconds
         self.retired = _Counts()
+        #: the counters of its interrupts (an irq rule)
+        self.irq_counts = _Counts()
 
     def serves(self, session: int, direction: Direction) -> bool:
         """Whether the rule's direction and session filters admit this session direction."""
         match = self.rule.match
+        if match.irq is not None:  # an irq rule: no message
+            return False
         return (match.direction is None or match.direction is direction) and (
             match.session is None or match.session == session
         )
@@ -433,6 +466,10 @@ class Injector:
         self._s2c: dict[int, _Lane] = {}
         #: messages of forgotten sessions
         self._retired_messages = 0
+        #: per (session, IRQ index, vector): interrupts asked about so far
+        self._irq_counts: dict[tuple[int, int, int], int] = {}
+        #: per (session, IRQ index, vector, rule id): the random stream
+        self._irq_streams: dict[tuple[int, int, int, int], random.Random] = {}
         for rule in rules:
             self.add(rule)
 
@@ -502,6 +539,7 @@ class Injector:
             for compiled in self._compiled:
                 totals[compiled] = counts = _Counts()
                 counts.add(compiled.retired)
+                counts.add(compiled.irq_counts)
             messages = self._retired_messages
             for lane in self._lanes():
                 for entry in lane.plan.entries:
@@ -523,6 +561,10 @@ class Injector:
         Its messages and counters stay in :meth:`statistics`.
         """
         with self._lock:
+            for key in [k for k in self._irq_counts if k[0] == session]:
+                del self._irq_counts[key]
+            for stream in [k for k in self._irq_streams if k[0] == session]:
+                del self._irq_streams[stream]
             for lanes in (self._c2s, self._s2c):
                 lane = lanes.pop(session, None)
                 if lane is not None:
@@ -562,6 +604,54 @@ class Injector:
                 self._plan(s2c)
                 self._c2s[session], self._s2c[session] = c2s, s2c
             return (self._c2s if direction is _C2S else self._s2c)[session]
+
+    # ----------------------------------------------------------------- interrupts
+
+    def irq(self, session: int, index: int, vector: int, now: float) -> IrqDecision | None:
+        """What becomes of an interrupt of (``index``, ``vector``) read at
+        ``now`` (None: no irq rule acts: signal it now); see the module
+        docstring. Safe from any thread."""
+        rules = self._compiled
+        if not any(compiled.rule.match.irq is not None for compiled in rules):
+            return None
+        with self._lock:
+            key = (session, index, vector)
+            count = self._irq_counts.get(key, 0)
+            self._irq_counts[key] = count + 1
+            fired: list[tuple[_Compiled, random.Random]] = []
+            for compiled in rules:
+                rule = compiled.rule
+                if not rule.match.irq_matches(session, index, vector, count):
+                    continue
+                compiled.irq_counts.matched += 1
+                probability = compiled.probability
+                stream = self._irq_streams.get((*key, rule.id))
+                if stream is None:
+                    stream = random.Random(
+                        f"vfioproxy.inject/{self.seed}/{session}/irq/{index}.{vector}/{rule.id}")
+                    self._irq_streams[(*key, rule.id)] = stream
+                if probability < 1.0 and (probability <= 0.0 or stream.random() >= probability):
+                    continue
+                fired.append((compiled, stream))
+            # the first firing drop decides; delays apply to what is not dropped
+            drops = [c for c, _ in fired if c.phase is _FATE][:1]
+            applied: list[Applied] = []
+            delay = 0.0
+            for compiled in drops:
+                compiled.irq_counts.applied += 1
+                applied.append(Applied(compiled.rule.id, compiled.rule.action))
+            for compiled, stream in [] if drops else fired:
+                action = compiled.rule.action
+                if not isinstance(action, Delay):  # pragma: no cover - Rule checks it
+                    continue
+                seconds, note = capped(action.distribution.draw(stream))
+                compiled.irq_counts.applied += 1
+                compiled.irq_counts.injected_delay += seconds
+                delay += seconds
+                applied.append(Applied(compiled.rule.id, action, seconds, note))
+        if not applied:
+            return None
+        return IrqDecision(bool(drops), delay, tuple(applied))
 
     # ----------------------------------------------------------------- deciding
 

@@ -28,6 +28,14 @@ Matching. Every filter left at None matches anything:
 A message shorter than the 16-byte header has no command, kind, region or
 offset: only rules without those filters can match it.
 
+Interrupts. A rule whose ``irq`` is set (rule text ``irq VECTORS ...``)
+matches no message: it applies to the interrupts the proxy passes on with
+``--interpose-irqs`` (:meth:`~vfioproxy.inject.engine.Injector.irq`), by IRQ
+index and vector (``MSIX[0]``, ``INTX``: every vector of an index, ``*``:
+every interrupt), ``session``, ``index`` (the interrupt's 0-based index
+among its vector's in its session) and ``probability``; its action is
+``delay`` or ``drop``.
+
 The actions, one class each, are in :mod:`vfioproxy.inject.actions`.
 """
 
@@ -49,18 +57,23 @@ from vfioproxy.inject.values import (
     parse_uint,
 )
 from vfioproxy.inject.view import MessageView
+from vfioproxy.protocol.constants import IrqIndex, irq_vector_name
 from vfioproxy.protocol.header import Command, MessageType
 from vfioproxy.protocol.offsets import ACCESS_COMMANDS
 from vfioproxy.protocol.pci import Region
 from vfioproxy.side import Direction
 
 __all__ = [
+    "IRQ_ACTIONS",
+    "IrqVector",
     "Kind",
     "Match",
     "Predicate",
     "Rule",
     "command_token",
+    "irq_token",
     "parse_command",
+    "parse_irq_vectors",
     "parse_region",
 ]
 
@@ -183,6 +196,65 @@ def _to_region(value: int | str | None) -> int | None:
     return parse_region(value) if isinstance(value, str) else value
 
 
+# --------------------------------------------------------------------- interrupts
+
+#: an interrupt selector: IRQ index and vector (None: every vector of the index)
+IrqVector = tuple[int, int | None]
+#: the actions an irq rule may take
+IRQ_ACTIONS = ("delay", "drop")
+
+
+def _irq_vector(text: str) -> IrqVector:
+    name, bracket, rest = text.partition("[")
+    upper = name.upper()
+    if upper in IrqIndex.__members__:
+        index = int(IrqIndex[upper])
+    elif upper.startswith("IRQ") and upper[3:].isdigit():
+        index = int(upper[3:])
+    else:
+        raise RuleSyntaxError(
+            "unknown IRQ (use INTX, MSI, MSIX, ERR, REQ or IRQn, with [vector] or without "
+            "for every vector)", token=text, position=0)
+    if not bracket:
+        return index, None
+    if not rest.endswith("]"):
+        raise RuleSyntaxError("an IRQ vector is written MSIX[3]", token=text, position=0)
+    return index, parse_uint(rest[:-1], "IRQ vector", U32_MAX)
+
+
+def parse_irq_vectors(text: str) -> tuple[IrqVector, ...]:
+    """``*`` (every interrupt: an empty tuple) or a comma-separated list of
+    ``MSIX[0]``, ``INTX`` (every vector of an index), ``IRQ7[1]``."""
+    if text == "*":
+        return ()
+    vectors = []
+    for piece in text.split(","):
+        if not piece:
+            raise RuleSyntaxError("empty IRQ in the list", token=text, position=0)
+        vectors.append(_irq_vector(piece))
+    return tuple(sorted(set(vectors), key=lambda v: (v[0], -1 if v[1] is None else v[1])))
+
+
+def irq_token(vectors: tuple[IrqVector, ...]) -> str:
+    """The rule text of an irq rule's vectors (``*`` for every interrupt)."""
+    if not vectors:
+        return "*"
+    return ",".join(irq_vector_name(index, vector) for index, vector in vectors)
+
+
+def _to_irq(value: str | Iterable[Any] | None) -> tuple[IrqVector, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_irq_vectors(value)
+    if isinstance(value, tuple) and all(
+            isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], int) for v in value):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return parse_irq_vectors(",".join(value)) if value else ()
+    raise RuleSyntaxError(f"irq vectors are '*' or names such as 'MSIX[0]', got {value!r}")
+
+
 def _optional_uint(instance: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, int) or value < 0
@@ -224,8 +296,15 @@ class Match:
     )
     offset: IntRange | None = attrs.field(default=None, converter=_to_range)
     probability: float = attrs.field(default=1.0, converter=float, validator=_probability)
+    #: None: the rule matches messages; else the interrupts it matches (empty: all)
+    irq: tuple[IrqVector, ...] | None = attrs.field(default=None, converter=_to_irq)
 
     def __attrs_post_init__(self) -> None:
+        if self.irq is not None and any(
+                value is not None
+                for value in (self.direction, self.command, self.kind, self.region, self.offset)):
+            raise RuleSyntaxError(
+                "an irq rule takes only session=, index=, p= and id= filters")
         access = self.region is not None or self.offset is not None
         if access and self.command is not None and not self.command & ACCESS_COMMANDS:
             raise RuleSyntaxError(
@@ -248,6 +327,8 @@ class Match:
         self, view: MessageView, session: int, direction: Direction, index: int
     ) -> bool:
         """Whether the filters (not the probability) accept this message."""
+        if self.irq is not None:
+            return False
         if self.direction is not None and direction is not self.direction:
             return False
         if self.session is not None and session != self.session:
@@ -322,6 +403,18 @@ class Match:
 
         return test
 
+    def irq_matches(self, session: int, index: int, vector: int, count: int) -> bool:
+        """Whether the filters (not the probability) of an irq rule accept the
+        ``count``-th (0-based) interrupt of (``index``, ``vector``) in ``session``."""
+        if self.irq is None or (self.session is not None and session != self.session):
+            return False
+        if self.index is not None and not (
+                count >= self.index.start
+                and (self.index.stop is None or count < self.index.stop)):
+            return False
+        return not self.irq or any(
+            index == i and (v is None or v == vector) for i, v in self.irq)
+
     def command_text(self) -> str:
         """``*`` or the commands, comma-separated in number order."""
         if self.command is None:
@@ -348,6 +441,10 @@ class Match:
     def to_dict(self) -> dict[str, Any]:
         """The filters that are set, as a rule file's structured keys."""
         result: dict[str, Any] = {}
+        if self.irq is not None:
+            result["direction"] = "irq"
+            if self.irq:
+                result["vectors"] = irq_token(self.irq).split(",")
         if self.direction is not None:
             result["direction"] = self.direction.value
         if self.command is not None:
@@ -373,6 +470,8 @@ class Match:
 def _check_action(instance: Rule, attribute: attrs.Attribute[Action], action: Action) -> None:
     if not isinstance(action, Action) or type(action) not in ACTIONS.values():
         raise RuleSyntaxError(f"not an action: {action!r}")
+    if instance.match.irq is not None and action.name not in IRQ_ACTIONS:
+        raise RuleSyntaxError(f"an irq rule's action is delay or drop, not {action.name}")
     action.check(instance.match)
 
 
@@ -406,8 +505,11 @@ class Rule:
 
     def to_text(self) -> str:
         """Canonical rule syntax; ``parse_rule(rule.to_text()) == rule``."""
-        direction = self.match.direction.value if self.match.direction else "*"
-        parts = [direction, self.match.command_text(), *self.match.filter_texts()]
+        if self.match.irq is not None:
+            parts = ["irq", irq_token(self.match.irq), *self.match.filter_texts()]
+        else:
+            direction = self.match.direction.value if self.match.direction else "*"
+            parts = [direction, self.match.command_text(), *self.match.filter_texts()]
         if self.id:
             parts.append(f"id={self.id}")
         parts.append(self.action.to_text())

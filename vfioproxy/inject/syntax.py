@@ -7,7 +7,13 @@ directions, command names, keywords, kinds, errno and region names are
 case-insensitive)::
 
     rule      := direction commands filter* action
+               | "irq" vectors irqfilter* ("delay" DIST | "drop")
     direction := "c2s" | "s2c" | "*"
+    vectors   := "*" | vector ("," vector)*    interrupts (--interpose-irqs)
+    vector    := IRQ ["[" INT "]"]             MSIX[0]; MSIX: every vector of MSI-X
+    IRQ       := "INTX" | "MSI" | "MSIX" | "ERR" | "REQ" | "IRQ" INT
+    irqfilter := "session=" INT | "index=" RANGE | "p=" PROB | "id=" INT
+                                                index: among its vector's interrupts
     commands  := "*" | command ("," command)*
     command   := NAME | NUMBER                  REGION_READ, region_read, 9
     filter    := "request" | "reply"            the message kind
@@ -40,11 +46,15 @@ Examples::
     c2s * session=2 index=10.. close before
     s2c * bandwidth 10MiB/s
     c2s * stall 5ms
+    irq MSIX[0] delay fixed(100us)
+    irq * p=0.01 drop
 
 Rule files are TOML: an array of ``[[rule]]`` tables, each either
 ``rule = "<text>"`` (plus an optional ``id``) or structured keys: the
 filters ``direction``, ``command`` (a name, number or list), ``kind``,
-``session``, ``index``, ``region``, ``offset``, ``probability``, ``id``;
+``session``, ``index``, ``region``, ``offset``, ``probability``, ``id``
+(an irq rule: ``direction = "irq"`` and ``vectors``, a list such as
+``["MSIX[0]"]``, every interrupt when left out);
 ``action``; and the action's parameters: ``distribution`` (delay), ``rate``
 (bandwidth), ``errno`` (error), ``when`` (close), ``field`` and ``mask``
 (corrupt), ``duration`` (stall). :meth:`Rule.to_dict` produces that form.
@@ -69,7 +79,7 @@ import attrs
 from vfioproxy.errors import os_reason
 from vfioproxy.inject.actions import ACTIONS, Action, Param
 from vfioproxy.inject.errors import InjectError, RuleSyntaxError
-from vfioproxy.inject.rules import Match, Rule, parse_command, parse_region
+from vfioproxy.inject.rules import Match, Rule, parse_command, parse_irq_vectors, parse_region
 from vfioproxy.inject.values import (
     parse_probability,
     parse_range,
@@ -156,11 +166,17 @@ class _RuleParser:
         return token
 
     def parse(self) -> Rule:
-        direction = self.next("direction (c2s, s2c or *)")
-        commands = self.next("command (a name, a number or *)")
-        match_args: dict[str, Any] = {"direction": self.value(direction, 0, _direction)}
-        if commands.text != "*":
-            match_args["command"] = self.commands(commands)
+        direction = self.next("direction (c2s, s2c, * or irq)")
+        irq = direction.text.lower() == "irq"
+        commands = self.next("IRQ vectors (MSIX[0], INTX or *)" if irq
+                             else "command (a name, a number or *)")
+        match_args: dict[str, Any]
+        if irq:
+            match_args = {"irq": self.value(commands, 0, parse_irq_vectors)}
+        else:
+            match_args = {"direction": self.value(direction, 0, _direction)}
+            if commands.text != "*":
+                match_args["command"] = self.commands(commands)
         seen: dict[str, _Token] = {}
         rule_id = 0
         while True:
@@ -193,7 +209,8 @@ class _RuleParser:
         try:
             match = Match(**match_args)
         except RuleSyntaxError as exc:
-            blame = seen.get("region") or seen.get("offset") or commands
+            blame = (seen.get("region") or seen.get("offset") or seen.get("kind")
+                     or commands)
             raise exc.located(offset=blame.position, text=self.text, token=blame.text) from None
         action = self.action(action_token)
         if self.pos < len(self.tokens):
@@ -254,7 +271,8 @@ class _RuleParser:
 
 def _direction(text: str) -> str | None:
     if text.lower() not in ("c2s", "s2c", "*"):
-        raise RuleSyntaxError("unknown direction (use c2s, s2c or *)", token=text, position=0)
+        raise RuleSyntaxError("unknown direction (use c2s, s2c, * or irq)", token=text,
+                              position=0)
     return None if text == "*" else text.lower()
 
 
@@ -284,7 +302,7 @@ def parse_rule(text: str, *, id: int | None = None) -> Rule:
 # --------------------------------------------------------------------- structured form
 
 _MATCH_KEYS = ("direction", "command", "kind", "session", "index", "region", "offset",
-               "probability")
+               "probability", "vectors")
 
 
 def _typed(key: str, value: Any, types: tuple[type, ...], what: str) -> Any:
@@ -304,7 +322,10 @@ def _match_key(key: str) -> Callable[[Any], Any]:
 
 #: structured key -> (accepted types, description, validating conversion)
 _KEY_TYPES: dict[str, tuple[tuple[type, ...], str, Callable[[Any], Any]]] = {
-    "direction": ((str,), "a string (c2s, s2c or *)", _match_key("direction")),
+    "direction": ((str,), "a string (c2s, s2c, * or irq)",
+                  lambda v: "irq" if v.lower() == "irq" else _match_key("direction")(v)),
+    "vectors": ((list,), "a list of IRQ vectors such as ['MSIX[0]', 'INTX']",
+                lambda v: Match(irq=v).irq),
     "command": ((str, int, list), "a command name, number or a list of them",
                 _match_key("command")),
     "kind": ((str,), "request or reply", _match_key("kind")),
@@ -359,10 +380,16 @@ def rule_from_dict(table: Mapping[str, Any]) -> Rule:
             raise RuleSyntaxError(f"not a parameter of action {action_name!r}", key=key)
         raise RuleSyntaxError("unknown key", key=key)
     match_args = {key: _read(table, key) for key in _MATCH_KEYS if key in table}
+    if match_args.get("direction") == "irq":
+        del match_args["direction"]
+        match_args["irq"] = match_args.pop("vectors", ())
+    elif "vectors" in match_args:
+        raise RuleSyntaxError("vectors is for irq rules (direction = \"irq\")", key="vectors")
     try:
         match = Match(**match_args)
-    except RuleSyntaxError as exc:  # region/offset on commands without them
-        blame = "region" if "region" in table else "offset"
+    except RuleSyntaxError as exc:  # region/offset on commands without them, irq filters
+        blame = ("direction" if match_args.get("irq") is not None
+                 else "region" if "region" in table else "offset")
         raise exc.located(key=blame) from None
     for param in kind.params:
         if param.key not in table and not param.optional:

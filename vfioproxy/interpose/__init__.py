@@ -275,4 +275,7 @@ def session_interposer(options: InterposeOptions) -> SessionInterposer | None:
     if options.trap_dma is not None:
         from vfioproxy.interpose.dma import TrapDma
         modes.append(TrapDma(options.trap_dma))
+    if options.interpose_irqs:
+        from vfioproxy.interpose.irqs import InterposeIrqs
+        modes.append(InterposeIrqs())
     return SessionInterposer(modes) if modes else None

@@ -38,6 +38,19 @@ class IrqIndex(enum.IntEnum):
     REQ = 4
 
 
+def irq_name(index: int) -> str:
+    """``MSIX``, ``INTX``..., ``IRQ7`` for an index with no name."""
+    try:
+        return IrqIndex(index).name
+    except ValueError:
+        return f"IRQ{index}"
+
+
+def irq_vector_name(index: int, vector: int | None) -> str:
+    """``MSIX[3]``, ``INTX[0]``, ``IRQ7[0]``; ``MSIX`` for every vector (None)."""
+    return irq_name(index) if vector is None else f"{irq_name(index)}[{vector}]"
+
+
 class IrqInfoFlags(enum.IntFlag):
     EVENTFD = 0x1
     MASKABLE = 0x2

@@ -42,6 +42,7 @@ from vfioproxy.inject import Injector
 from vfioproxy.interpose import session_interposer
 from vfioproxy.io.unix import open_unix_listener
 from vfioproxy.proxy.checks import LiveChecks, MessageObserver
+from vfioproxy.proxy.irqs import irq_watcher
 from vfioproxy.proxy.ledger import Numbering, SessionLedger
 from vfioproxy.proxy.model import (
     DEFAULT_GRACE,
@@ -80,7 +81,9 @@ class Proxy:
     (a ``MockClock`` in tests) with ``options.threads`` off.
     ``options.interpose`` turns interposition modes on; ``substitutes``
     makes each session's keeper of the fds forwarded in place of those a
-    mode interposes on (:mod:`vfioproxy.proxy.substitutes`).
+    mode interposes on (:mod:`vfioproxy.proxy.substitutes`); by default,
+    with ``interpose-irqs`` on, each session's IRQ watcher
+    (:mod:`vfioproxy.proxy.irqs`).
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class Proxy:
         #: with nothing recorded, the live view numbers messages as a trace would
         self._numbering = Numbering() if sink is None and observer is not None else None
         self.injector = injector
+        if substitutes is None and options.interpose.interpose_irqs:
+            substitutes = irq_watcher
         self.substitutes = substitutes
         self.max_sessions = options.max_sessions or default_max_sessions()
         self.sessions: dict[int, SessionLedger] = {}

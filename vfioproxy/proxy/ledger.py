@@ -18,6 +18,7 @@ that could not be recorded are counted in the session's close.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -56,11 +57,13 @@ class Numbering:
 
     def __init__(self) -> None:
         self.last = 0
+        self._lock = threading.Lock()  # an IRQ watcher's thread numbers its events too
 
     def take(self, records: int) -> int:
-        """Number ``records`` records; returns the first one's seq."""
-        first = self.last + 1
-        self.last += records
+        """Number ``records`` records; returns the first one's seq (any thread)."""
+        with self._lock:
+            first = self.last + 1
+            self.last += records
         return first
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "INDEX_BYTES",
     "Cursor",
+    "IrqMark",
     "ReplayError",
     "Script",
     "Step",
@@ -75,6 +76,20 @@ _C2S, _COMMAND, _NO_REPLY, _REPLY = 1, 2, 4, 8  # bits of the index's kind byte
 #: ids of live recorded commands kept while pairing, before dropping those the
 #: session state forgot (it keeps MAX_OUTSTANDING per direction, and posted ones)
 _PAIRING_PRUNE = 4 * (MAX_OUTSTANDING + POSTED_MEMORY)
+
+
+@attrs.frozen
+class IrqMark:
+    """An interrupt the recorded server raised (an ``irq`` event, recorded with
+    ``--interpose-irqs``): ``after`` is the position of the last message
+    recorded before it by time (-1: before any), ``fate`` whether the client
+    got it (``dropped``: not)."""
+
+    after: int
+    index: int
+    vector: int
+    count: int
+    fate: str
 
 
 class ReplayError(VfioProxyError):
@@ -167,9 +182,13 @@ class Script:
         span_ns: int,
         records: Sequence[Record] | None,
         steps: list[Step] | None = None,
+        irqs: tuple[IrqMark, ...] = (),
         interpose: InterposeOptions | None = None,
     ) -> None:
         self.path = path
+        #: the interrupts the recorded server raised, in order (none unless
+        #: recorded with ``--interpose-irqs``)
+        self.irqs = irqs
         #: the interposition modes the recording proxy had on (its ``session_open``)
         self.interpose = InterposeOptions() if interpose is None else interpose
         self.session = session
@@ -521,6 +540,10 @@ class _Indexer:
         self.first: tuple[Direction, Header] | None = None
         self.t_first = self.t_last = 0
         self.early: list[tuple[MessageRecord, Message]] | None = []
+        self.irqs: list[IrqMark] = []
+        #: (position, time) of the last messages: an ``irq`` event is written
+        #: once its client is signalled, maybe after messages that came later
+        self.recent: deque[tuple[int, int]] = deque(maxlen=16)
         self.interpose: Any = None  # session_open's interpose map, if any
 
     def tap(self, records: Iterable[Record]) -> Iterator[Record]:
@@ -536,6 +559,8 @@ class _Indexer:
             self.closed = self.closed or record.kind == EventKind.SESSION_CLOSE
             if record.kind == EventKind.SESSION_OPEN:
                 self.interpose = record.data.get("interpose")
+            if record.kind == EventKind.IRQ and not self.stopped:
+                self._irq(record)
             return
         if self.stopped:
             return
@@ -570,6 +595,20 @@ class _Indexer:
         if self.first is None:
             self.first, self.t_first = (record.direction, header), record.t_ns
         self.t_last = record.t_ns
+        self.recent.append((position, record.t_ns))
+
+    def _irq(self, event: EventRecord) -> None:
+        """Place an ``irq`` event after the last message recorded before it."""
+        data = event.data
+        index, vector, count = data.get("index"), data.get("vector"), data.get("count")
+        if not (isinstance(index, int) and isinstance(vector, int) and isinstance(count, int)):
+            return
+        after = self.recent[0][0] - 1 if self.recent else -1
+        for position, t_ns in reversed(self.recent):
+            if t_ns <= event.t_ns:
+                after = position
+                break
+        self.irqs.append(IrqMark(after, index, vector, count, str(data.get("fate", ""))))
 
     def finish(self, found: TraceSessions, *, path: str, session: int | None,
                records: Sequence[Record] | None) -> Script:
@@ -618,6 +657,7 @@ class _Indexer:
                      message, None if index.answers[p] < 0 else index.answers[p],
                      None if index.replies[p] < 0 else index.replies[p])
                 for p, (record, message) in enumerate(self.early)],
+            irqs=tuple(sorted(self.irqs, key=lambda mark: mark.after)),
             interpose=interpose,
         )
 

@@ -43,6 +43,7 @@ import attrs
 import trio
 
 from vfioproxy.errors import ConnectionClosedError, TransportError
+from vfioproxy.interpose.irqs import InterposeIrqs
 from vfioproxy.io.fds import OwnedFd, close_all
 from vfioproxy.io.transport import FdStream, open_unix_fd_stream
 from vfioproxy.io.unix import open_unix_listener
@@ -110,7 +111,10 @@ async def serve_replay(
     ``task_status.started()`` once the socket listens; the socket is removed
     when the client is accepted. ``stream_factory`` wraps the accepted
     socket (a subclass of FdStream can act beside the replay, e.g. raise the
-    interrupts a real server signals through eventfds, which no trace holds). Raises
+    interrupts a real server signals through eventfds, which a trace holds
+    only when recorded with ``--interpose-irqs``: then the replay raises them
+    itself, on the eventfds the live client gives in DEVICE_SET_IRQS, each
+    after the message recorded just before it). Raises
     :class:`~vfioproxy.replay.script.ReplayError` (or a ``TraceError``) when
     the trace has nothing to replay. Cancellation closes everything.
     """
@@ -163,12 +167,19 @@ class _ServerReplay(Replay):
         self.deferred: deque[Live] = deque()
         self.client_version: bytes | None = None
         self.passthrough: FdStream | None = None
+        #: with recorded interrupts: the client's SET_IRQS eventfds, by (index,
+        #: vector), followed as the proxy's interpose-irqs mode follows them
+        self.irq_mode = InterposeIrqs() if script.irqs else None
+        self.irq_fds: dict[tuple[int, int], OwnedFd] = {}
+        self.irqs_raised = 0  # the next recorded interrupt (index into script.irqs)
 
     # ------------------------------------------------------------- running
 
     def _release(self) -> None:
         for data_fds in [*self.deferred, *self._drain_inbox()]:
             close_all(data_fds[1])
+        close_all(list(self.irq_fds.values()))
+        self.irq_fds.clear()
         self.reader.close()
         self.outbound.close()
         self.script.hold(-len(self.unused))
@@ -324,8 +335,10 @@ class _ServerReplay(Replay):
         if match is None:
             await self._unmatched(live, flat, data, fds)
             return
+        self._keep_irq_fds(data, fds)
         close_all(fds)
         self._use(match.position)
+        self._raise_irqs(match.position)
         self.compared += 1
         self.replayed += 1
         diffs = self._diffs(flat, match, matching=False)
@@ -346,7 +359,43 @@ class _ServerReplay(Replay):
             await self._send(reply.with_id(live.msg_id),
                              self.fds.fresh(Direction.S2C, reply.fds))
             self.replayed += 1
+            self._raise_irqs(match.reply)
         await self._server_commands_after(end)
+
+    def _keep_irq_fds(self, data: bytes, fds: list[OwnedFd]) -> None:
+        """Keep the eventfds of a SET_IRQS (taken out of ``fds``) when the
+        recording has interrupts to raise; close those it re-points or disables."""
+        if self.irq_mode is None:
+            return
+        done = self.irq_mode.message(Direction.C2S, data, len(fds))
+        if done is None:
+            return
+        for irq in done.release:
+            old = self.irq_fds.pop(irq, None)
+            if old is not None:
+                old.close()
+        kept = [fd for fd, plan in zip(fds, done.fds, strict=True) if plan.irq is not None]
+        for fd, plan in zip(fds, done.fds, strict=True):
+            if plan.irq is not None:
+                old = self.irq_fds.pop(plan.irq, None)
+                if old is not None:
+                    old.close()
+                self.irq_fds[plan.irq] = fd
+        fds[:] = [fd for fd in fds if fd not in kept]
+
+    def _raise_irqs(self, position: int) -> None:
+        """Signal the recorded interrupts placed up to ``position`` (those the
+        client got live: a dropped one is not raised), on the eventfds the
+        live client gave for their vectors, in recorded order."""
+        marks = self.script.irqs
+        while self.irqs_raised < len(marks) and marks[self.irqs_raised].after <= position:
+            mark = marks[self.irqs_raised]
+            self.irqs_raised += 1
+            fd = self.irq_fds.get((mark.index, mark.vector))
+            if fd is None or mark.fate == "dropped":
+                continue
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.eventfd_write(fd.fileno(), mark.count)
 
     async def _unmatched(
         self, live: Message, flat: dict[str, Any], data: bytes, fds: list[OwnedFd]
@@ -418,6 +467,7 @@ class _ServerReplay(Replay):
         if self.sent_steps[position]:
             return
         self.sent_steps[position] = 1
+        self._raise_irqs(position - 1)
         step = self.outbound.get(position)
         await self._send(step.data, self.fds.fresh(Direction.S2C, step.fds))
         self.replayed += 1

@@ -14,6 +14,7 @@ import attrs
 from recorder.errors import TraceError
 from recorder.records import EventRecord, FdRecord, MessageRecord, TraceHeader, arrived_bytes
 from vfioproxy.protocol.bodies import DmaLayout, VersionBody
+from vfioproxy.protocol.constants import irq_vector_name
 from vfioproxy.protocol.header import HEADER_SIZE
 from vfioproxy.protocol.listing import (
     describe_fd,
@@ -161,7 +162,10 @@ def interpose_text(event: EventRecord) -> str:
                 except TraceError:  # an entry with no metadata: its position only
                     shown.append(f"fd[{entry.get('i')}]")
                     continue
-                irq = f" irq {entry['irq']}" if "irq" in entry else ""
+                irq = entry.get("irq")
+                irq = (f" for {irq_vector_name(irq[0], irq[1])}" if isinstance(irq, list)
+                       and len(irq) == 2 and all(isinstance(i, int) for i in irq)
+                       else f" irq {irq}" if irq is not None else "")
                 shown.append(f"fd[{fd.position}] {describe_fd(fd)}{irq}")
             text += f"; {key} " + ", ".join(shown)
     if "arrived" in data:
@@ -204,22 +208,47 @@ def event_text(event: EventRecord, message_seq: int | None = None) -> str:
         return f"#{message_seq} {data.get('direction')}: {interpose_text(event)}"
     if event.kind == "inject" and isinstance(applied, list):
         # "#11 s2c[4]: rule 1 delay fixed(200us) = 203.1 us; rule 2 corrupt offset at offset 40"
-        actions = []
-        for entry in applied:
-            if not isinstance(entry, dict):
-                continue
-            text = f"rule {entry.get('rule')} {entry.get('text')}"
-            shown = _applied_value(entry.get("action"), entry.get("value"))
-            if shown is not None:
-                text += f" {shown}"
-            if entry.get("note"):
-                text += f" ({entry['note']})"
-            actions.append(text)
         where = f"{data.get('direction')}[{data.get('index')}]"
         if message_seq is not None:
             where = f"#{message_seq} {where}"
-        return f"{where}: " + "; ".join(actions)
+        return f"{where}: " + "; ".join(_applied_texts(applied))
+    if event.kind == "irq" and isinstance(data.get("index"), int) \
+            and isinstance(data.get("vector"), int):
+        return irq_text(data)
     return " ".join(f"{k}={_scalar(v)}" for k, v in data.items())
+
+
+def irq_text(data: dict[str, Any]) -> str:
+    """``MSIX[0] count=1``, ``MSIX[0] count=1 delayed 100.0 us: rule 1 delay
+    fixed(100us) = 100.0 us``, ``INTX[0] count=1 dropped: rule 2 drop``: an
+    ``irq`` event (FORMAT.md §6)."""
+    text = f"{irq_vector_name(data['index'], data['vector'])} count={data.get('count')}"
+    fate = data.get("fate")
+    if fate == "delayed" and isinstance(data.get("delay"), (int, float)):
+        text += f" delayed {data['delay'] * 1e6:.1f} us"
+    elif fate not in (None, "signalled"):
+        text += f" {fate}"
+    applied = data.get("applied")
+    if isinstance(applied, list) and applied:
+        text += ": " + "; ".join(_applied_texts(applied))
+    return text
+
+
+def _applied_texts(applied: list[Any]) -> list[str]:
+    """``rule 1 delay fixed(200us) = 203.1 us``: each applied action of an
+    ``inject`` or ``irq`` event."""
+    actions = []
+    for entry in applied:
+        if not isinstance(entry, dict):
+            continue
+        text = f"rule {entry.get('rule')} {entry.get('text')}"
+        shown = _applied_value(entry.get("action"), entry.get("value"))
+        if shown is not None:
+            text += f" {shown}"
+        if entry.get("note"):
+            text += f" ({entry['note']})"
+        actions.append(text)
+    return actions
 
 
 def _scalar(value: Any) -> str:

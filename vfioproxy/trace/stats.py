@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 
 from recorder.records import EventRecord, MessageRecord
+from vfioproxy.protocol.constants import irq_vector_name
 from vfioproxy.trace.decoded import DecodedItem, DecodedMessage, SessionNotice, TornMessage
 from vfioproxy.trace.tables import table, table_lines
 from vfioproxy.trace.timeline.model import SessionTimeline
 from vfioproxy.trace.timeline.table import session_lines
+
+#: c2s messages kept per session to find the one just before an interrupt
+_RECENT_C2S = 8
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -111,10 +115,22 @@ class TraceStats:
     undecoded: int = 0
     #: the reader's own notices (SessionNotice.kind: evicted, resumed)
     notices: Counter[str] = attrs.field(factory=Counter)
+    #: per interrupt vector (``MSIX[0]``) of ``irq`` events: [events, signals
+    #: (the eventfd counts summed), dropped, delayed]
+    irqs: dict[str, list[int]] = attrs.field(factory=dict)
+    #: per vector: the time from the last c2s message before each interrupt,
+    #: when that message was a REGION_WRITE (a doorbell, if the device has one)
+    irq_latencies: dict[str, LatencySample] = attrs.field(
+        factory=lambda: defaultdict(LatencySample))
+    #: per session: the times and commands of its last c2s messages so far
+    #: (an ``irq`` event may be written after messages that came later than it)
+    _last_c2s: dict[int, deque[tuple[int, str]]] = attrs.field(factory=dict)
 
     def add(self, item: DecodedItem) -> None:
         if isinstance(item, EventRecord):
             self.events[item.kind] += 1
+            if item.kind == "irq":
+                self._irq(item)
             return
         if isinstance(item, SessionNotice):
             self.notices[item.kind] += 1
@@ -132,6 +148,11 @@ class TraceStats:
             kind = "error" if header.is_error else "reply"
         else:
             kind = "posted" if header.no_reply else "command"
+        if record.direction.value == "c2s":
+            recent = self._last_c2s.get(record.session)
+            if recent is None:
+                recent = self._last_c2s[record.session] = deque(maxlen=_RECENT_C2S)
+            recent.append((record.t_ns, header.command_name))
         key = (header.command_name, record.direction.value, kind)
         row = self.traffic.setdefault(key, [0, 0])
         row[0] += 1
@@ -144,6 +165,25 @@ class TraceStats:
             self.violations[violation.kind] += 1
         if not item.observation.message.decoded:
             self.undecoded += 1
+
+    def _irq(self, event: EventRecord) -> None:
+        """Count an ``irq`` event, and time it from the c2s REGION_WRITE just
+        before it in its session (the last c2s message by time, if that is
+        one and among the session's last few)."""
+        data = event.data
+        index, vector, count = data.get("index"), data.get("vector"), data.get("count")
+        if not isinstance(index, int) or not isinstance(vector, int):
+            return
+        name = irq_vector_name(index, vector)
+        row = self.irqs.setdefault(name, [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += count if isinstance(count, int) else 0
+        row[2] += data.get("fate") == "dropped"
+        row[3] += data.get("fate") == "delayed"
+        recent = None if event.session is None else self._last_c2s.get(event.session)
+        before = [m for m in recent or () if m[0] <= event.t_ns]
+        if before and before[-1][1] == "REGION_WRITE":
+            self.irq_latencies[name].add(event.t_ns - before[-1][0])
 
     def _count(self, record: MessageRecord) -> None:
         self.sessions.add(record.session)
@@ -174,6 +214,13 @@ class TraceStats:
             "violations": dict(sorted(self.violations.items())),
             "events": dict(sorted(self.events.items())),
             "notices": dict(sorted(self.notices.items())),
+            "irqs": [
+                {"vector": name, "events": n, "signals": signals, "dropped": dropped,
+                 "delayed": delayed, "per_second": n / (span / 1e9) if span else None,
+                 "after_region_write": (attrs.asdict(LatencyStats.of(self.irq_latencies[name]))
+                                        if self.irq_latencies[name].count else None)}
+                for name, (n, signals, dropped, delayed) in sorted(self.irqs.items())
+            ],
         }
 
 
@@ -223,6 +270,21 @@ def text_report(stats: TraceStats) -> list[str]:
                             sorted(stats.violations.items())))
     if stats.events:
         tables.append(table("events", ("kind", "count"), sorted(stats.events.items())))
+    if stats.irqs:
+        rows = []
+        for name, (n, signals, dropped, delayed) in sorted(stats.irqs.items()):
+            after = stats.irq_latencies[name]
+            timed = LatencyStats.of(after) if after.count else None
+            rows.append((name, n, signals, dropped, delayed,
+                         f"{n / (span / 1e9):.1f}" if span else "",
+                         timed.count if timed else 0,
+                         *((_us(timed.p50_ns), _us(timed.p90_ns), _us(timed.max_ns))
+                           if timed else ("", "", ""))))
+        tables.append(table(
+            "interrupts (--interpose-irqs); after: us since the last c2s message before "
+            "the interrupt, when that was a REGION_WRITE",
+            ("vector", "irqs", "signals", "dropped", "delayed", "per s", "after n",
+             "p50", "p90", "max"), rows))
     notes = []
     sizes = sorted({sample.size for sample in stats.latencies.values() if not sample.exact})
     if sizes:
