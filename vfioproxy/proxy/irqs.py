@@ -158,12 +158,7 @@ class IrqWatcher:
             for irq in list(self._vectors):
                 self._drop_vector(irq)
             self._due.clear()
-            if self._epoll is not None:
-                self._epoll.close()
-                self._epoll = None
-            if self._wake is not None:
-                self._wake.close()
-                self._wake = None
+            self._close_poll()
             if thread is not None:
                 _watchers.release()
                 self._thread = None
@@ -189,15 +184,19 @@ class IrqWatcher:
             thread = threading.Thread(target=self._run, name="vfioproxy-irqs", daemon=True)
             thread.start()
         except BaseException:
-            if self._epoll is not None:
-                self._epoll.close()
-                self._epoll = None
-            if self._wake is not None:
-                self._wake.close()
-                self._wake = None
+            self._close_poll()
             _watchers.release()
             raise
         self._thread = thread
+
+    def _close_poll(self) -> None:
+        """Close the epoll and the wake-up fd, if open (the lock held)."""
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._wake is not None:
+            self._wake.close()
+            self._wake = None
 
     def _drop_vector(self, irq: tuple[int, int]) -> None:
         """Forget and close one vector's fds (the lock held)."""
