@@ -155,7 +155,7 @@ def test_a_new_action_gets_errors_naming_the_token_and_the_key(registered):
     with pytest.raises(RuleSyntaxError, match=r"value must be 0\.\.255") as info:
         parse_rule("c2s * poke 3 value=300")
     assert info.value.token == "value=300"
-    with pytest.raises(RuleSyntaxError, match="nothing may follow"):
+    with pytest.raises(RuleSyntaxError, match="only filters may follow"):
         parse_rule("c2s * poke 3 extra")
     with pytest.raises(RuleSyntaxError) as info:
         rule_from_dict({"action": "poke", "at": 1, "value": -1})

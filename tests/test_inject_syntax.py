@@ -162,8 +162,10 @@ def test_rule_text_is_kept_but_not_compared():
         ("c2s * corrupt flags mask=zz", "zz", 25, "expected an integer for mask"),
         ("c2s * stall 0ms", "0ms", 12, "duration must be > 0"),
         ("c2s * stall soon", "soon", 12, "expected a duration"),
-        ("c2s * drop now", "now", 11, "nothing may follow"),
-        ("c2s * drop p=0.5", "p=0.5", 11, "filters go before the action"),
+        ("c2s * drop now", "now", 11, "only filters may follow"),
+        ("c2s * drop p=0.5 now", "now", 17, "only filters may follow"),
+        ("c2s * drop p=0.5 p=0.2", "p=0.2", 17, "probability given twice"),
+        ("c2s * close maybe", "maybe", 12, "must be 'before' or 'after'"),
         ("c2s REGION_READ reply error EINVAL", "error", 22, "only matches replies"),
         ("c2s DMA_MAP region=1 drop", "region=1", 12, "only match REGION_READ"),
         ("c2s DMA_MAP corrupt region", "corrupt", 12, "has a field region"),
@@ -347,3 +349,20 @@ def test_uniform_in_text_and_table_agree():
     assert rule_from_dict({"action": "delay", "distribution": "uniform(1us,2us)"}).action == (
         Delay(Uniform(1e-6, 2e-6))
     )
+
+
+@pytest.mark.parametrize(("after", "before"), [
+    ("c2s * drop p=0.5", "c2s * p=0.5 drop"),
+    ("irq * drop p=0.01", "irq * p=0.01 drop"),
+    ("irq MSIX[0] delay fixed(100us) session=2", "irq MSIX[0] session=2 delay fixed(100us)"),
+    ("c2s REGION_READ error EINVAL request id=4", "c2s REGION_READ request id=4 error EINVAL"),
+    ("c2s * close reply", "c2s * reply close"),
+    ("c2s * close after session=1", "c2s * session=1 close after"),
+    ("c2s DMA_MAP corrupt offset mask=0x4 p=25%", "c2s DMA_MAP p=25% corrupt offset mask=0x4"),
+])
+def test_filters_may_follow_the_action(after: str, before: str) -> None:
+    """``irq * drop p=0.01`` (as a user writes it) is ``irq * p=0.01 drop``: the
+    same rule, written back with its filters first."""
+    a, b = parse_rule(after), parse_rule(before)
+    assert (a.match, a.action, a.id) == (b.match, b.action, b.id)
+    assert a.to_text() == b.to_text()

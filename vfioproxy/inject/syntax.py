@@ -6,8 +6,10 @@ keywords, names and units are matched as written below, except that
 directions, command names, keywords, kinds, errno and region names are
 case-insensitive)::
 
-    rule      := direction commands filter* action
-               | "irq" vectors irqfilter* ("delay" DIST | "drop")
+    rule      := direction commands filter* action filter*
+               | "irq" vectors irqfilter* ("delay" DIST | "drop") irqfilter*
+                                                filters before or after the action:
+                                                "c2s * drop p=0.5" is "c2s * p=0.5 drop"
     direction := "c2s" | "s2c" | "*"
     vectors   := "*" | vector ("," vector)*    interrupts (--interpose-irqs)
     vector    := IRQ ["[" INT "]"]             MSIX[0]; MSIX: every vector of MSI-X
@@ -178,17 +180,14 @@ class _RuleParser:
             if commands.text != "*":
                 match_args["command"] = self.commands(commands)
         seen: dict[str, _Token] = {}
-        rule_id = 0
         while True:
             token = self.next("action (" + ", ".join(ACTIONS) + ")")
             word = token.text.lower()
             if word in ACTIONS:
                 action_token = token
                 break
-            key, equals, _ = word.partition("=")
-            if not equals and word in _KINDS:
-                key = "kind"
-            elif key not in _FILTER_KEYS or not equals:
+            key = _filter_key(word)
+            if key is None:
                 raise self.error(
                     "unknown filter or action (filters: request, reply, "
                     + ", ".join(f"{k}=" for k in _FILTER_KEYS)
@@ -197,32 +196,43 @@ class _RuleParser:
                     + ")",
                     token,
                 )
-            name = _FILTER_KEYS[key]
-            if name in seen:
-                raise self.error(f"{name} given twice", token)
-            seen[name] = token
-            skip = len(key) + 1 if equals else 0
-            if name == "id":
-                rule_id = self.value(token, skip, lambda t: parse_uint(t, "rule id"))
-            else:
-                match_args[name] = self.value(token, skip, _FILTER_PARSERS[name])
+            self.filter(token, key, match_args, seen)
+        action = self.action(action_token)
+        while self.pos < len(self.tokens):  # filters may follow the action too
+            token = self.tokens[self.pos]
+            key = _filter_key(token.text.lower())
+            if key is None:
+                raise self.error("unexpected token after the action (only filters may "
+                                 "follow it)", token)
+            self.pos += 1
+            self.filter(token, key, match_args, seen)
+        rule_id = match_args.pop("id", 0)
         try:
             match = Match(**match_args)
         except RuleSyntaxError as exc:
             blame = (seen.get("region") or seen.get("offset") or seen.get("kind")
                      or commands)
             raise exc.located(offset=blame.position, text=self.text, token=blame.text) from None
-        action = self.action(action_token)
-        if self.pos < len(self.tokens):
-            extra = self.tokens[self.pos]
-            hint = "filters go before the action" if "=" in extra.text else "nothing may follow"
-            raise self.error(f"unexpected token after the action ({hint})", extra)
         try:
             return Rule(match, action, rule_id, " ".join(t.text for t in self.tokens))
         except RuleSyntaxError as exc:
             raise exc.located(
                 offset=action_token.position, text=self.text, token=action_token.text
             ) from None
+
+    def filter(self, token: _Token, key: str, match_args: dict[str, Any],
+               seen: dict[str, _Token]) -> None:
+        """One filter token (``key``: its :data:`_FILTER_KEYS` key) into
+        ``match_args`` (the rule id under ``id``)."""
+        name = _FILTER_KEYS[key]
+        if name in seen:
+            raise self.error(f"{name} given twice", token)
+        seen[name] = token
+        skip = len(key) + 1 if "=" in token.text else 0
+        if name == "id":
+            match_args["id"] = self.value(token, skip, lambda t: parse_uint(t, "rule id"))
+        else:
+            match_args[name] = self.value(token, skip, _FILTER_PARSERS[name])
 
     def commands(self, token: _Token) -> frozenset[int]:
         numbers: set[int] = set()
@@ -256,7 +266,8 @@ class _RuleParser:
                 skip = len(param.key) + 1
                 if following is None or not following.text.lower().startswith(param.key + "="):
                     continue
-            elif param.optional and following is None:
+            elif param.optional and (following is None
+                                     or _filter_key(following.text.lower()) is not None):
                 continue
             token = self.next(param.hint or param.what)
             first = first or token
@@ -267,6 +278,15 @@ class _RuleParser:
             if first is None:
                 raise
             raise exc.located(offset=first.position, text=self.text, token=first.text) from None
+
+
+def _filter_key(word: str) -> str | None:
+    """The :data:`_FILTER_KEYS` key of a filter token (``request``/``reply``:
+    ``kind``), or None when the token is not a filter."""
+    key, equals, _ = word.partition("=")
+    if not equals:
+        return "kind" if word in _KINDS else None
+    return key if key in _FILTER_KEYS else None
 
 
 def _direction(text: str) -> str | None:
