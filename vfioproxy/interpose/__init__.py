@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Protocol
 import attrs
 
 from vfioproxy.errors import UsageError
+from vfioproxy.protocol.offsets import COMMAND
 from vfioproxy.side import Direction
 
 __all__ = [
@@ -230,7 +231,8 @@ class SessionInterposer:
         """What the receiver gets of a message (None: it as it arrived)."""
         if direction not in self.directions:
             return None
-        command = int.from_bytes(data[2:4], "little") if len(data) >= 4 else None
+        command = (int.from_bytes(data[COMMAND.offset:COMMAND.end], "little")
+                   if len(data) >= COMMAND.end else None)
         for mode in self.modes:
             if direction in mode.directions:
                 commands = self._commands[mode.name]

@@ -47,7 +47,7 @@ import attrs
 
 from vfioproxy.inject import IrqDecision
 from vfioproxy.interpose import FdPlan
-from vfioproxy.io.fds import OwnedFd
+from vfioproxy.io.fds import OwnedFd, make_eventfd
 
 if TYPE_CHECKING:
     from vfioproxy.proxy.ledger import SessionLedger
@@ -124,7 +124,7 @@ class IrqWatcher:
                 raise OSError("the session's IRQ watcher is closed")
             self._start()
             assert self._epoll is not None
-            substitute = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            substitute = make_eventfd()
             try:
                 forwarded = OwnedFd(os.dup(substitute.fileno()))
             except OSError:
@@ -179,7 +179,7 @@ class IrqWatcher:
             raise OSError(f"{MAX_WATCHERS} sessions already have an IRQ watcher")
         try:
             self._epoll = select.epoll()
-            self._wake = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            self._wake = make_eventfd()
             self._epoll.register(self._wake.fileno(), select.EPOLLIN)
             thread = threading.Thread(target=self._run, name="vfioproxy-irqs", daemon=True)
             thread.start()
