@@ -673,6 +673,12 @@ class TraceHeader:
         """The UTC wall-clock time of a record's monotonic ``t_ns``."""
         return self.created + timedelta(microseconds=(t_ns - self.mono_ns) // 1000)
 
+    def wall_ns(self, t_ns: int) -> int:
+        """A record's monotonic ``t_ns`` as ns since the Unix epoch (``created``,
+        whole microseconds, plus ``t_ns - mono_ns``): the clock :meth:`wall_time`
+        reads, without its rounding to microseconds."""
+        return (self.created - _EPOCH) // timedelta(microseconds=1) * 1000 + t_ns - self.mono_ns
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "magic": FORMAT_MAGIC,

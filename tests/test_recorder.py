@@ -149,6 +149,10 @@ def test_the_header_anchors_wall_clock_to_monotonic_time() -> None:
     assert header.wall_time(header.mono_ns + 1_500_000) == header.created + timedelta(
         microseconds=1500
     )
+    epoch_ns = round(header.created.timestamp() * 1_000_000) * 1000
+    assert header.wall_ns(header.mono_ns) == epoch_ns
+    assert header.wall_ns(header.mono_ns + 1_500_001) == epoch_ns + 1_500_001  # ns kept
+    assert header.wall_ns(header.mono_ns - 7) == epoch_ns - 7
 
 
 def test_a_message_larger_than_a_read_chunk_round_trips(tmp_path: Path) -> None:

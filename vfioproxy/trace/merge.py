@@ -30,7 +30,6 @@ import heapq
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
@@ -50,12 +49,7 @@ __all__ = ["SEQ_WINDOW", "MergeResult", "merge_traces"]
 #: how many recent messages of each input an event's ``a.seq`` is looked up in
 SEQ_WINDOW = 1 << 14
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SOURCE = "vfioproxy trace merge"
-
-
-def _epoch_ns(when: datetime) -> int:
-    return (when - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 @attrs.frozen
@@ -77,7 +71,7 @@ class _Input:
         self.reader = reader
         header = reader.header
         self.host = header.host or ""
-        self.offset = _epoch_ns(header.created) - header.mono_ns
+        self.offset = header.wall_ns(0)
         self.starts: dict[int, int] = {}
         for record in reader:
             if record.session is not None and record.session not in self.starts:
@@ -176,7 +170,7 @@ def merge_traces(
             "info": header.info,
         })
     header = _header(inputs, entries)
-    zero = _epoch_ns(header.created) - header.mono_ns
+    zero = header.wall_ns(0)
     records = messages = 0
     merged = heapq.merge(*(source.keyed() for source in inputs), key=lambda pair: pair[0])
     announced: set[int] = set()

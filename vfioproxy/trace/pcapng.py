@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 import attrs
@@ -80,7 +79,6 @@ _IF_NAME, _IF_DESCRIPTION, _IF_TSRESOL = 2, 3, 9
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFF_FFFF
 _U64 = struct.Struct("<Q")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: what a text value longer than a 16-bit length allows ends with, cut
 _CUT = "..."
 #: the FIELDS getter of ``register`` (the filter's one way to name it)
@@ -104,8 +102,7 @@ def wall_ns(header: TraceHeader, t_ns: int) -> int:
     """A record's wall-clock time in ns since the epoch: the header's
     ``created`` (microseconds) plus ``t_ns`` minus ``mono_ns``; 0 for a time
     before the epoch (a pcapng timestamp is unsigned)."""
-    created = (header.created - _EPOCH) // timedelta(microseconds=1) * 1000
-    return max(0, created + t_ns - header.mono_ns)
+    return max(0, header.wall_ns(t_ns))
 
 
 def _cut(text: str) -> bytes:
