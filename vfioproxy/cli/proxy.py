@@ -11,9 +11,7 @@ import resource
 import signal
 import stat
 import sys
-import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import trio
 
 from recorder.errors import TraceError
 from recorder.reader import TraceReader
+from recorder.records import TraceHeader
 from recorder.sink import TraceSink
 from vfioproxy.cli.args import LAYOUTS, dialects
 from vfioproxy.errors import UsageError
@@ -353,11 +352,8 @@ def _live_filter(args: argparse.Namespace) -> None:
         raise UsageError("-Y filters the decoded -v lines: --no-decode decodes nothing")
     flt = compile_filter(args.filter, live=True)
     args.verbose = True
-    created, mono_ns = datetime.now(UTC), time.monotonic_ns()
-
-    def wall(t_ns: int) -> datetime:
-        return created + timedelta(microseconds=(t_ns - mono_ns) // 1000)
-    args.accept = flt.on_observations(wall)
+    # the wall clock of the live view's times, anchored now as a trace header anchors its own
+    args.accept = flt.on_observations(TraceHeader.now("live view").wall_time)
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
