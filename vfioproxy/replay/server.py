@@ -370,17 +370,15 @@ class _ServerReplay(Replay):
         done = self.irq_mode.message(Direction.C2S, data, len(fds))
         if done is None:
             return
-        for irq in done.release:
+        # a released vector's fd, or the one a vector is re-pointed from, is closed
+        re_pointed = [(plan.irq, fd) for fd, plan in zip(fds, done.fds, strict=True)
+                      if plan.irq is not None]
+        for irq in (*done.release, *(irq for irq, _ in re_pointed)):
             old = self.irq_fds.pop(irq, None)
             if old is not None:
                 old.close()
-        kept = [fd for fd, plan in zip(fds, done.fds, strict=True) if plan.irq is not None]
-        for fd, plan in zip(fds, done.fds, strict=True):
-            if plan.irq is not None:
-                old = self.irq_fds.pop(plan.irq, None)
-                if old is not None:
-                    old.close()
-                self.irq_fds[plan.irq] = fd
+        self.irq_fds.update(re_pointed)
+        kept = [fd for _, fd in re_pointed]
         fds[:] = [fd for fd in fds if fd not in kept]
 
     def _raise_irqs(self, position: int) -> None:
